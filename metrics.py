@@ -1,0 +1,48 @@
+"""Prometheus metrics, one registry per app (so tests can run several apps in one process)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("flux_requests_total", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("flux_request_seconds", "End-to-end request latency", ["endpoint"],
+                                 buckets=STAGE_BUCKETS, registry=r)
+        self.stage = Histogram("flux_stage_seconds", "Generation time per stage", ["stage"],
+                               buckets=STAGE_BUCKETS, registry=r)
+        self.queue_wait = Histogram("flux_queue_wait_seconds", "Time a job waited for the GPU worker",
+                                    buckets=STAGE_BUCKETS, registry=r)
+        self.queue_depth = Gauge("flux_queue_depth", "Jobs waiting for the GPU worker", registry=r)
+        self.in_flight = Gauge("flux_in_flight", "Jobs running on the GPU worker", registry=r)
+        self.steps = Counter("flux_transformer_steps_total", "Transformer evaluations", ["kind"], registry=r)
+        self.gpu_memory = Gauge("flux_gpu_memory_bytes", "GPU memory", ["kind"], registry=r)
+        self.ready = Gauge("flux_ready", "1 when the service is ready to serve", registry=r)
+
+    def observe_result(self, timings_ms: dict, computed: int, skipped: int) -> None:
+        for stage in ("text_encode", "image_encode", "transformer", "vae_decode", "glue", "total"):
+            if stage in timings_ms:
+                self.stage.labels(stage).observe(timings_ms[stage] / 1000)
+        self.steps.labels("computed").inc(computed)
+        self.steps.labels("skipped").inc(skipped)
+
+    def render(self, engine=None, ready: bool = False) -> bytes:
+        if engine is not None:
+            self.queue_depth.set(engine.queue_depth)
+            self.in_flight.set(engine.in_flight)
+        self.ready.set(1 if ready else 0)
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                self.gpu_memory.labels("allocated").set(torch.cuda.memory_allocated())
+                self.gpu_memory.labels("reserved").set(torch.cuda.memory_reserved())
+                self.gpu_memory.labels("peak_allocated").set(torch.cuda.max_memory_allocated())
+        except Exception:  # pragma: no cover
+            pass
+        return generate_latest(self.registry)

@@ -1,0 +1,43 @@
+"""FA3-class attention: the fastest attention kernel this machine has, through diffusers' attention dispatcher.
+
+Preference: FA3 (`flash_attn_interface`) > cuDNN SDPA. flash-attn is not installable on our GPU machines
+(DESIGN.md), and torch 2.11's cuDNN SDPA measured at FA3 level on Hopper, so the usual result there is cuDNN.
+flash-attn-4 is not offered: diffusers 0.42.1 reaches it only as a hub kernel (`flash_4_hub`, a download at run
+time), which our machines cannot do. The backend is set on the transformer's attention processors at load time (before
+compilation), so compiled graphs contain the kernel directly: no graph break per call.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+from .base import DeviceInfo, Optimization
+
+
+def _importable(mod: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def best_backend(device: DeviceInfo) -> tuple[str, str]:
+    """(diffusers backend name, human description)."""
+    if _importable("flash_attn_interface") and device.capability and device.capability[0] == 9:
+        return "_flash_3", "FlashAttention-3 (flash_attn_interface)"
+    return "_native_cudnn", "cuDNN SDPA (FA3 not importable; cuDNN measured at FA3 level on Hopper)"
+
+
+class Attention(Optimization):
+    name, flag, load_time = "attention", "use_flash_attention", True
+    toggle = False
+
+    def available(self, device: DeviceInfo) -> str | None:
+        if not device.is_cuda:
+            return "FA3-class kernels need a CUDA GPU; CPU uses PyTorch's default SDPA"
+        return None
+
+    def prepare(self, service) -> str:
+        backend, desc = best_backend(service.device_info)
+        service.transformer_variants[("bf16", False)].set_attention_backend(backend)
+        self.backend = backend
+        return f"{desc}; diffusers backend {backend!r} (load-time, always on)"

@@ -1,0 +1,63 @@
+"""Low-precision GEMMs (`use_mxfp4`): the fastest low-precision matmul path this GPU has, via torchao.
+
+- sm_89 / sm_90 (Ada, Hopper): float8 e4m3, row-wise dynamic scales for activations and weights
+  (`Float8DynamicActivationFloat8WeightConfig(PerRow())`). Hopper has no FP4 tensor cores.
+- sm_100+ (Blackwell): MXFP4 through `torchao.prototype.mx_formats`.
+- anywhere else: unavailable, with the reason. torchmx is not used (DESIGN.md: pins old deps, emulates only).
+
+The quantised transformer is a separate copy: the bf16 weights stay, so a request without the flag gets the
+exact bf16 model. Lossy: fidelity against bf16 is reported by the benchmark and the GPU tests.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .base import DeviceInfo, Optimization
+
+
+def quant_config(capability: tuple[int, int]):
+    if capability >= (10, 0):
+        from torchao.prototype.mx_formats import MXDynamicActivationMXWeightConfig
+
+        return MXDynamicActivationMXWeightConfig(activation_dtype=torch.float4_e2m1fn_x2,
+                                                 weight_dtype=torch.float4_e2m1fn_x2), "MXFP4 (torchao mx_formats)"
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), \
+        "float8 e4m3, row-wise dynamic activation + weight scales (torchao)"
+
+
+def skip_module(module: torch.nn.Module, fqn: str) -> bool:
+    """Keep the tiny / precision-critical linears in bf16: the embedders and the final projection."""
+    if not isinstance(module, torch.nn.Linear):
+        return True
+    if any(p in fqn for p in ("time_text_embed", "x_embedder", "context_embedder", "proj_out", "norm_out")):
+        return True
+    # fp8 GEMMs need dimensions divisible by 16
+    return module.in_features % 16 != 0 or module.out_features % 16 != 0
+
+
+class LowPrecision(Optimization):
+    name, flag, load_time, lossy = "low_precision", "use_mxfp4", True, True
+    toggle = True
+
+    def available(self, device: DeviceInfo) -> str | None:
+        if not device.is_cuda:
+            return "low-precision GEMMs need a CUDA GPU (fp8 needs sm_89+, MXFP4 sm_100+)"
+        if device.capability < (8, 9):
+            return f"{device.name} (sm_{device.capability[0]}{device.capability[1]}) has no fp8 or fp4 tensor cores"
+        return None
+
+    def prepare(self, service) -> str:
+        from torchao.quantization import quantize_
+
+        cfg, desc = quant_config(service.device_info.capability)
+        bf16 = service.transformer_variants[("bf16", False)]
+        q = copy.deepcopy(bf16)
+        quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
+        service.transformer_variants[("fp8", False)] = q
+        service.fp8_prepared = True
+        self.description = desc
+        return f"{desc}; separate copy, bf16 kept for exact requests"

@@ -1,0 +1,374 @@
+"""FluxService: load -> optimise -> generate. Runs only on the engine's worker thread (one owner of the device)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+import model_sources
+from optimizations.base import DeviceInfo, RunContext
+from optimizations.compile_cache import CompileCache, cache_key
+from optimizations.cuda_graphs import CudaGraphTransformer
+from optimizations.registry import STACK_ORDER, build_registry, resolve_names
+from schemas import DEFAULT_DPM_STEPS, DEFAULT_STEPS, MAX_SEED, InferenceRequest
+from utils import StageTimer, default_size_for
+
+log = logging.getLogger("flux.service")
+
+
+@dataclass
+class ServiceConfig:
+    model: str = model_sources.TINY
+    device: str | None = None  # None: cuda if available, else cpu
+    optimizations: str = "auto"  # all | none | auto | comma list (see optimizations/registry.py)
+    compile_mode: str = "default"
+    cache_dir: Path | None = None
+    warmup_sizes: list[tuple[int, int]] = field(default_factory=list)  # compiled shapes to warm at start-up
+
+
+@dataclass
+class Decision:
+    requested: bool
+    applied: bool
+    detail: str
+
+
+class StrictError(ValueError):
+    """`strict: true` and a requested optimisation would not run. Maps to 422."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems  # (request field, reason)
+        super().__init__("; ".join(f"{f}: {r}" for f, r in problems))
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images (or numpy arrays with output_type="np")
+    seed: int
+    width: int
+    height: int
+    steps: int
+    steps_computed: int
+    steps_skipped: int
+    timings_ms: dict[str, float]
+    optimizations: dict[str, Decision]
+    warnings: list[str]
+    latents: Any = None  # final packed latents (for fidelity checks; not sent over HTTP)
+
+
+class _Timed:
+    """Stand-in for the transformer that times each call; everything else is the wrapped object's."""
+
+    def __init__(self, inner, timer: StageTimer, stage: str):
+        self._inner, self._timer, self._stage = inner, timer, stage
+
+    def __call__(self, *args, **kwargs):
+        self._timer.start(self._stage)
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            self._timer.stop(self._stage)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class _TimedVAE:
+    """Stand-in for the VAE: times encode and decode, and routes decode to the eager or compiled version."""
+
+    def __init__(self, vae, decode_impl: Callable, timer: StageTimer):
+        self._vae, self._decode, self._timer = vae, decode_impl, timer
+
+    def encode(self, *args, **kwargs):
+        self._timer.start("image_encode")
+        try:
+            return self._vae.encode(*args, **kwargs)
+        finally:
+            self._timer.stop("image_encode")
+
+    def decode(self, *args, **kwargs):
+        self._timer.start("vae_decode")
+        try:
+            return self._decode(*args, **kwargs)
+        finally:
+            self._timer.stop("vae_decode")
+
+    def __getattr__(self, name):
+        return getattr(self._vae, name)
+
+
+@contextlib.contextmanager
+def _swap(pipe, name: str, value):
+    """Use `value` as pipeline component `name` for one call. A plain attribute swap on purpose: the pipeline's
+    register_modules bookkeeping (its saved config) must keep naming the real component."""
+    old = pipe.__dict__[name]
+    pipe.__dict__[name] = value
+    try:
+        yield
+    finally:
+        pipe.__dict__[name] = old
+
+
+class FluxService:
+    def __init__(self, config: ServiceConfig | None = None):
+        self.config = config or ServiceConfig()
+        device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device
+        self.device_info = DeviceInfo.detect(device)
+        self.registry = build_registry(self.config.compile_mode)
+        self.state = "loading"
+        self.error: str | None = None
+        self.model: model_sources.LoadedModel | None = None
+        self.pipe = None
+        self.prepared: dict[str, str] = {}  # name -> detail
+        self.prepare_seconds: dict[str, float] = {}
+        self.transformer_variants: dict[tuple[str, bool], Any] = {}  # (precision, compiled) -> module
+        self.fp8_prepared = False
+        self.vae_decode_eager = None
+        self.vae_decode_compiled = None
+        self.compile_cache: CompileCache | None = None
+        self.cuda_graph_runners: dict = {}
+        self._warm: set = set()
+        self._text_timer: StageTimer | None = None
+        self.warmup_ms_total = 0.0
+
+    # ------------------------------------------------------------------------------------------------------
+    # 1. load
+    # ------------------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        try:
+            cache_dir = self.config.cache_dir or model_sources.default_cache_dir()
+            self.model = model_sources.load_model(self.config.model, self.device, cache_dir)
+            self.pipe = self.model.pipe
+            self.transformer_variants[("bf16", False)] = self.pipe.transformer
+            self.vae_decode_eager = self.pipe.vae.decode
+            for enc in (self.pipe.text_encoder, self.pipe.text_encoder_2):
+                enc.register_forward_pre_hook(lambda *_: self._text_timer and self._text_timer.start("text_encode"))
+                enc.register_forward_hook(lambda *_: self._text_timer and self._text_timer.stop("text_encode"))
+            names = resolve_names(self.config.optimizations, self.registry, self.device_info)
+            self.prepare(names)
+            for w, h in self.config.warmup_sizes:
+                self.warm_up(w, h)
+            self.state = "ready"
+        except Exception as exc:
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+
+    # ------------------------------------------------------------------------------------------------------
+    # 2. optimise (additive: the benchmark prepares stage by stage on one loaded model)
+    # ------------------------------------------------------------------------------------------------------
+    def prepare(self, names: list[str]) -> None:
+        names = [n for n in names if n not in self.prepared]
+        for name in names:
+            reason = self.registry[name].available(self.device_info)
+            if reason:
+                raise ValueError(f"cannot prepare {name!r} on {self.device_info.name}: {reason}")
+        if "compile" in names:
+            self._open_compile_cache(sorted(set(self.prepared) | set(names)))
+        for name in names:
+            t0 = time.perf_counter()
+            self.prepared[name] = self.registry[name].prepare(self)
+            self.prepare_seconds[name] = time.perf_counter() - t0
+            log.info("prepared %s in %.1f s: %s", name, self.prepare_seconds[name], self.prepared[name])
+
+    def _open_compile_cache(self, names: list[str]) -> None:
+        cfg = dict(self.pipe.transformer.config)
+        key = cache_key(self.device_info.name, {k: v for k, v in cfg.items() if not k.startswith("_")}
+                        | {"source": self.model.source}, names, self.config.compile_mode)
+        cache_dir = (self.config.cache_dir or model_sources.default_cache_dir()) / "compile"
+        self.compile_cache = CompileCache(cache_dir, key)
+        self.compile_cache.load()
+
+    # ------------------------------------------------------------------------------------------------------
+    # 3. plan: what a request gets, decided before it is queued (strict errors are 422s, not worker failures)
+    # ------------------------------------------------------------------------------------------------------
+    def plan(self, req: InferenceRequest) -> dict[str, Decision]:
+        flags = req.flags()
+        field_of = {o.name: o.flag for o in self.registry.values()}
+        plan: dict[str, Decision] = {}
+        problems: list[tuple[str, str]] = []
+        for name in STACK_ORDER:
+            opt, flag = self.registry[name], flags[name]
+            prepared = name in self.prepared
+            default_on = prepared and not opt.lossy
+            want = default_on if flag is None else flag
+            suffix = " (server default)" if flag is None and want else ""
+            if not prepared:
+                why = opt.available(self.device_info) or "not prepared at start-up (see --optimizations)"
+                plan[name] = Decision(want, False, why)
+            elif not opt.toggle:
+                note = "; requested off, but it is load-time and stays on once prepared" if flag is False else ""
+                if flag is False:
+                    problems.append((field_of[name], "load-time optimisation cannot be turned off per request"))
+                plan[name] = Decision(want, True, self.prepared[name] + note + suffix)
+            else:
+                plan[name] = Decision(want, want, (self.prepared[name] + suffix) if want else "not requested")
+        # Combinations that cannot run together: the step cache decides per step on the host.
+        if plan["first_block_cache"].applied:
+            for other in ("compile", "cuda_graphs"):
+                if plan[other].applied:
+                    plan[other] = Decision(plan[other].requested, False,
+                                           "not combinable with the first-block cache (data-dependent block skipping)")
+        for name, d in plan.items():
+            if d.requested and not d.applied and flags[name] is True:
+                problems.append((field_of[name], d.detail))
+        if req.strict and problems:
+            raise StrictError(problems)
+        return plan
+
+    # ------------------------------------------------------------------------------------------------------
+    # 4. generate
+    # ------------------------------------------------------------------------------------------------------
+    def _transformer_for(self, plan: dict[str, Decision]):
+        precision = "fp8" if plan["low_precision"].applied else "bf16"
+        compiled = plan["compile"].applied
+        module = self.transformer_variants[(precision, compiled)]
+        if plan["cuda_graphs"].applied:
+            key = (precision, compiled)
+            if key not in self.cuda_graph_runners:
+                self.cuda_graph_runners[key] = CudaGraphTransformer(module, self.cuda_graph_pool)
+            module = self.cuda_graph_runners[key]
+        return precision, module
+
+    def generate(self, req: InferenceRequest, image: Image.Image | None = None,
+                 should_stop: Callable[[], Exception | None] | None = None, output_type: str = "pil",
+                 plan: dict[str, Decision] | None = None) -> GenerationResult:
+        if self.state != "ready":
+            raise RuntimeError(f"service is {self.state}")
+        t_total = time.perf_counter()
+        plan = plan or self.plan(req)
+        dpm = plan["dpm_solver"].applied
+        seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
+        default_w, default_h = default_size_for(image)
+        width, height = req.width or default_w, req.height or default_h
+        steps = req.steps or (DEFAULT_DPM_STEPS if dpm else DEFAULT_STEPS)
+        if image is not None and image.size != (width, height):
+            # The reference image is encoded at the output size: its tokens line up with the output's.
+            image = image.resize((width, height), Image.LANCZOS)
+        do_cfg = req.true_cfg_scale > 1.0
+        call = dict(prompt=req.prompt, image=image, width=width, height=height, num_inference_steps=steps,
+                    guidance_scale=req.guidance_scale, true_cfg_scale=req.true_cfg_scale,
+                    negative_prompt=req.negative_prompt if do_cfg else None, num_images_per_prompt=req.num_images,
+                    max_area=width * height, _auto_resize=False, output_type=output_type)
+        warnings: list[str] = []
+        if self.model.synthetic:
+            warnings.append(f"model {self.model.source!r} has random weights: the images carry no meaning")
+
+        precision, transformer = self._transformer_for(plan)
+        warm_key = (precision, plan["compile"].applied, plan["cuda_graphs"].applied, width, height,
+                    image is not None, req.num_images, do_cfg)
+        timings: dict[str, float] = {}
+        if (plan["compile"].applied or plan["cuda_graphs"].applied) and warm_key not in self._warm:
+            # First call at this shape compiles / captures: a reported cold-start cost, not part of the timing.
+            t0 = time.perf_counter()
+            self._run(req, plan, precision, transformer, dict(call, num_inference_steps=2), seed, None)
+            timings["cold_start"] = (time.perf_counter() - t0) * 1000
+            self.warmup_ms_total += timings["cold_start"]
+            self._warm.add(warm_key)
+            self._save_compile_cache()
+
+        t0 = time.perf_counter()
+        images, timer_ms, counts, stats, latents = self._run(req, plan, precision, transformer, call, seed, should_stop)
+        wall = (time.perf_counter() - t0) * 1000
+        stage_keys = ("text_encode", "image_encode", "transformer", "vae_decode")
+        for k in stage_keys:
+            timings[k] = timer_ms.get(k, 0.0)
+        calls = counts.get("transformer", 0)
+        timings["transformer_per_step"] = timings["transformer"] / max(1, calls // (2 if do_cfg else 1))
+        timings["glue"] = max(0.0, wall - sum(timings[k] for k in stage_keys))
+        timings["total"] = wall
+        timings["service_total"] = (time.perf_counter() - t_total) * 1000
+        computed = stats.computed if stats is not None else calls
+        skipped = stats.skipped if stats is not None else 0
+        return GenerationResult(images=images, seed=seed, width=width, height=height, steps=steps,
+                                steps_computed=computed, steps_skipped=skipped,
+                                timings_ms={k: round(v, 3) for k, v in timings.items()}, optimizations=plan,
+                                warnings=warnings, latents=latents)
+
+    def _run(self, req, plan, precision, transformer, call, seed, should_stop):
+        timer = StageTimer(cuda=self.device_info.is_cuda)
+        run = RunContext(service=self, request=req, call_kwargs=call)
+        run.precision = precision
+        decode = self.vae_decode_compiled if plan["compile"].applied and self.vae_decode_compiled else \
+            self.vae_decode_eager
+        generator = torch.Generator(self.device).manual_seed(seed)
+
+        final = {}
+
+        def on_step_end(pipe, i, t, kwargs):
+            final["latents"] = kwargs.get("latents")
+            if should_stop is not None:
+                err = should_stop()
+                if err is not None:
+                    raise err  # ends the denoising loop now; the engine answers with the error's status
+            return {}
+
+        stats = None
+        with contextlib.ExitStack() as stack:
+            for name in STACK_ORDER:
+                if plan[name].applied:
+                    ctx, _detail = self.registry[name].activate(run)
+                    value = stack.enter_context(ctx)
+                    if name == "first_block_cache":
+                        stats = value
+            stack.enter_context(_swap(self.pipe, "transformer", _Timed(transformer, timer, "transformer")))
+            stack.enter_context(_swap(self.pipe, "vae", _TimedVAE(self.pipe.vae, decode, timer)))
+            self._text_timer = timer
+            stack.callback(setattr, self, "_text_timer", None)
+            with torch.inference_mode():
+                out = self.pipe(**call, generator=generator, callback_on_step_end=on_step_end)
+        images = list(out.images)
+        return images, timer.finish(), dict(timer.counts), stats, final.get("latents")
+
+    def warm_up(self, width: int, height: int, edit: bool = False) -> float:
+        """Compile / capture the default request shape ahead of traffic (start-up cost, reported in /health)."""
+        img = Image.new("RGB", (width, height), (128, 128, 128)) if edit else None
+        req = InferenceRequest(prompt="warm-up", width=width, height=height, steps=2, seed=0)
+        t0 = time.perf_counter()
+        self.state, prev = "ready", self.state
+        try:
+            self.generate(req, img)
+        finally:
+            self.state = prev
+        return (time.perf_counter() - t0) * 1000
+
+    def _save_compile_cache(self) -> None:
+        if self.compile_cache is not None:
+            try:
+                self.compile_cache.save()
+            except Exception as exc:  # saving is an optimisation; never fail a request for it
+                log.warning("could not save compile cache: %s", exc)
+
+    # ------------------------------------------------------------------------------------------------------
+    # health
+    # ------------------------------------------------------------------------------------------------------
+    def health(self) -> dict:
+        info: dict[str, Any] = {"status": self.state, "device": self.device, "device_name": self.device_info.name}
+        if self.error:
+            info["error"] = self.error
+        if self.model is not None:
+            info["model"] = {"source": self.model.source, "synthetic": self.model.synthetic,
+                             "description": self.model.description, "load_seconds": round(self.model.load_seconds, 2)}
+            info["dtype"] = str(self.pipe.transformer.dtype).replace("torch.", "")
+        info["optimizations"] = {
+            name: {"prepared": name in self.prepared,
+                   "detail": self.prepared.get(name) or self.registry[name].available(self.device_info)
+                   or "not prepared at start-up",
+                   "prepare_seconds": round(self.prepare_seconds.get(name, 0.0), 2)}
+            for name in STACK_ORDER}
+        info["transformer_variants"] = sorted(f"{p}{'+compiled' if c else ''}" for p, c in self.transformer_variants)
+        if self.compile_cache is not None:
+            info["compile_cache"] = {"key": self.compile_cache.key, "loaded": self.compile_cache.loaded,
+                                     "detail": self.compile_cache.load_detail,
+                                     "saved_bytes": self.compile_cache.saved_bytes}
+        info["warmup_ms_total"] = round(self.warmup_ms_total, 1)
+        if self.device_info.is_cuda:
+            info["gpu_memory_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+        return info

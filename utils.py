@@ -1,0 +1,126 @@
+"""Small shared helpers: image codec (decode untrusted input safely, encode output) and stage timing."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+# Limits on untrusted images. The byte limit bounds memory before decoding; the pixel limit stops
+# decompression bombs (a tiny PNG that expands to gigabytes) before any pixel data is decoded.
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGE_SIDE = 16384
+ALLOWED_INPUT_FORMATS = {"PNG", "JPEG", "WEBP"}
+OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+class ImageInputError(ValueError):
+    """The input image is unusable; `status` is the HTTP status to answer with (422, or 413 when too big)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image(data: str) -> Image.Image:
+    """base64 or data-URL string -> RGB PIL image, or ImageInputError saying what is wrong."""
+    if data.startswith("data:"):
+        header, _, data = data.partition(",")
+        if ";base64" not in header:
+            raise ImageInputError("data URL must be base64-encoded (data:image/png;base64,...)")
+    # base64 inflates by 4/3: reject oversize input before decoding it.
+    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 8:
+        raise ImageInputError(f"image is larger than the {MAX_IMAGE_BYTES // (1024 * 1024)} MB limit", status=413)
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageInputError("image is not valid base64") from None
+    if len(raw) > MAX_IMAGE_BYTES:
+        raise ImageInputError(f"image is larger than the {MAX_IMAGE_BYTES // (1024 * 1024)} MB limit", status=413)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(raw), formats=sorted(ALLOWED_INPUT_FORMATS))
+            w, h = img.size  # header only: no pixel data decoded yet
+            if w < 1 or h < 1 or w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+                raise ImageInputError(
+                    f"image is {w}x{h}; at most {MAX_IMAGE_PIXELS} pixels and {MAX_IMAGE_SIDE} per side are accepted")
+            img.load()  # decodes now, so truncated data fails here and not inside the GPU worker
+            return img.convert("RGB")
+    except ImageInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageInputError("image declares too many pixels (decompression bomb)") from None
+    except Exception as exc:  # PIL raises many types for bad data (UnidentifiedImageError, OSError, SyntaxError...)
+        raise ImageInputError(f"image could not be decoded as PNG, JPEG or WebP: {exc}") from None
+
+
+def encode_image(img: Image.Image, fmt: str) -> str:
+    buf = io.BytesIO()
+    pil_fmt = OUTPUT_FORMATS[fmt]
+    kwargs = {"quality": 95} if pil_fmt in ("JPEG", "WEBP") else {}
+    img.save(buf, format=pil_fmt, **kwargs)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def default_size_for(image: Image.Image | None, area: int = 1024 * 1024, lo: int = 256, hi: int = 2048,
+                     multiple: int = 16) -> tuple[int, int]:
+    """(width, height): the input's aspect ratio at about `area` pixels, clamped and snapped; 1024x1024 without one."""
+    if image is None:
+        side = int(math.sqrt(area)) // multiple * multiple
+        return side, side
+    aspect = image.width / image.height
+    w = math.sqrt(area * aspect)
+    h = math.sqrt(area / aspect)
+    snap = lambda v: max(lo, min(hi, int(round(v / multiple)) * multiple))  # noqa: E731
+    return snap(w), snap(h)
+
+
+@dataclass
+class StageTimer:
+    """Accumulates per-stage device time without synchronising inside the hot loop.
+
+    On CUDA each mark records an event; `finish()` synchronises once and sums elapsed times. On CPU marks
+    are host clock readings (the work is synchronous there).
+    """
+
+    cuda: bool
+    _open: dict = field(default_factory=dict)
+    _spans: list = field(default_factory=list)  # (stage, start_mark, end_mark)
+    counts: dict = field(default_factory=dict)
+
+    def _mark(self):
+        if self.cuda:
+            import torch
+
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def start(self, stage: str) -> None:
+        self._open[stage] = self._mark()
+
+    def stop(self, stage: str) -> None:
+        begin = self._open.pop(stage, None)
+        if begin is not None:
+            self._spans.append((stage, begin, self._mark()))
+            self.counts[stage] = self.counts.get(stage, 0) + 1
+
+    def finish(self) -> dict[str, float]:
+        """Milliseconds per stage (summed over calls)."""
+        if self.cuda and self._spans:
+            import torch
+
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for stage, a, b in self._spans:
+            ms = a.elapsed_time(b) if self.cuda else (b - a) * 1000.0
+            out[stage] = out.get(stage, 0.0) + ms
+        return out
