@@ -29,8 +29,13 @@ class ServiceConfig:
     device: str | None = None  # None: cuda if available, else cpu
     optimizations: str = "auto"  # all | none | auto | comma list (see optimizations/registry.py)
     compile_mode: str = "default"
+    compile_vae: bool = True
     cache_dir: Path | None = None
     warmup_sizes: list[tuple[int, int]] = field(default_factory=list)  # compiled shapes to warm at start-up
+
+    def __post_init__(self):
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
 
 
 @dataclass
@@ -122,7 +127,7 @@ class FluxService:
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = device
         self.device_info = DeviceInfo.detect(device)
-        self.registry = build_registry(self.config.compile_mode)
+        self.registry = build_registry(self.config.compile_mode, self.config.compile_vae)
         self.state = "loading"
         self.error: str | None = None
         self.model: model_sources.LoadedModel | None = None
@@ -367,7 +372,8 @@ class FluxService:
         if self.compile_cache is not None:
             info["compile_cache"] = {"key": self.compile_cache.key, "loaded": self.compile_cache.loaded,
                                      "detail": self.compile_cache.load_detail,
-                                     "saved_bytes": self.compile_cache.saved_bytes}
+                                     "saved_bytes": self.compile_cache.saved_bytes,
+                                     **self.compile_cache.counters()}
         info["warmup_ms_total"] = round(self.warmup_ms_total, 1)
         if self.device_info.is_cuda:
             info["gpu_memory_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)

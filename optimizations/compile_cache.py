@@ -59,6 +59,14 @@ class CompileCache:
             f"{self.path.name} held no usable artifacts"
         return self.loaded
 
+    @staticmethod
+    def counters() -> dict:
+        """Inductor's own cache counters for this process: hits mean compiled code came from the cache."""
+        from torch._dynamo.utils import counters
+
+        c = counters["inductor"]
+        return {k: int(c.get(k, 0)) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+
     def save(self) -> int:
         result = torch.compiler.save_cache_artifacts()
         if result is None:

@@ -1,0 +1,1 @@
+"""Narrow, documented fixes for upstream library bugs."""
