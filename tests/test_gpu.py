@@ -1,0 +1,152 @@
+"""GPU checks (marked `gpu`; skipped without CUDA). Run on the device machine:
+
+    python -m pytest -q -m gpu tests/test_gpu.py -s
+
+`synthetic-full` (full architecture, random weights) at a small shape: fp8 error against bf16 on the same
+inputs, CUDA-graph replay against eager, cuDNN attention against the default kernel. Figures are printed and,
+when $OUT is set, written to $OUT/gpu_checks.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from schemas import InferenceRequest
+
+pytestmark = pytest.mark.gpu
+FIGURES: dict = {}
+
+
+def _record(name, value):
+    FIGURES[name] = value
+    print(f"{name}: {value}")
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "gpu_checks.json"), "w") as f:
+            json.dump(FIGURES, f, indent=1)
+
+
+@pytest.fixture(scope="module")
+def full_service(cache_dir):
+    from service import FluxService, ServiceConfig
+
+    svc = FluxService(ServiceConfig(model="synthetic-full", device="cuda", cache_dir=cache_dir,
+                                    optimizations="qkv_fusion,channels_last,attention,low_precision,dpm_solver,"
+                                                  "cuda_graphs"))
+    svc.load()
+    _record("full_service_prepared", svc.prepared)
+    return svc
+
+
+def _transformer_inputs(transformer, n_img=1024, n_txt=512, seed=0):
+    g = torch.Generator("cuda").manual_seed(seed)
+    side = int(n_img**0.5)
+    ids = torch.zeros(side, side, 3, device="cuda")
+    ids[..., 1] = torch.arange(side, device="cuda")[:, None]
+    ids[..., 2] = torch.arange(side, device="cuda")[None, :]
+    cfg = transformer.config
+    bf = torch.bfloat16
+    return dict(hidden_states=torch.randn(1, n_img, cfg.in_channels, generator=g, device="cuda", dtype=bf),
+                encoder_hidden_states=torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g, device="cuda",
+                                                  dtype=bf),
+                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g, device="cuda", dtype=bf),
+                timestep=torch.full((1,), 0.7, device="cuda", dtype=bf), img_ids=ids.reshape(-1, 3),
+                txt_ids=torch.zeros(n_txt, 3, device="cuda"), guidance=torch.full((1,), 2.5, device="cuda"),
+                return_dict=False)
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
+def test_fp8_transformer_relative_error_against_bf16(full_service):
+    bf16 = full_service.transformer_variants[("bf16", False)]
+    fp8 = full_service.transformer_variants[("fp8", False)]
+    inp = _transformer_inputs(bf16)
+    with torch.inference_mode():
+        ref = bf16(**inp)[0]
+        out = fp8(**inp)[0]
+    rel = _rel(out, ref)
+    _record("fp8_vs_bf16_transformer_rel_error", round(rel, 5))
+    assert torch.isfinite(out).all()
+    assert rel < 0.1  # random weights: an fp8 step stays within a few percent of bf16
+
+
+def test_fp8_end_to_end_fidelity_reported(full_service):
+    req = dict(prompt="make the car red", width=512, height=512, steps=4, seed=3)
+    a = full_service.generate(InferenceRequest(**req, use_mxfp4=False), output_type="latent")
+    b = full_service.generate(InferenceRequest(**req, use_mxfp4=True), output_type="latent")
+    assert b.optimizations["low_precision"].applied and not a.optimizations["low_precision"].applied
+    rel = _rel(b.latents, a.latents)
+    _record("fp8_vs_bf16_latents_rel_error_512_t2i_4steps", round(rel, 5))
+    assert torch.isfinite(b.latents).all() and 0 < rel < 0.2
+
+
+def test_cuda_graph_output_equals_eager(full_service):
+    req = dict(prompt="make the car red", width=512, height=512, steps=4, seed=5, use_mxfp4=False)
+    eager = full_service.generate(InferenceRequest(**req, use_cuda_graphs=False), output_type="latent")
+    graph = full_service.generate(InferenceRequest(**req, use_cuda_graphs=True), output_type="latent")
+    assert graph.optimizations["cuda_graphs"].applied and "cold_start" in graph.timings_ms
+    again = full_service.generate(InferenceRequest(**req, use_cuda_graphs=True), output_type="latent")
+    assert "cold_start" not in again.timings_ms  # captured once per shape
+    diff = float((graph.latents.float() - eager.latents.float()).abs().max())
+    _record("cuda_graph_vs_eager_max_abs_latent_diff", diff)
+    _record("cuda_graph_capture_ms_512_t2i", graph.timings_ms["cold_start"])
+    _record("per_step_ms_eager_vs_graph_512_t2i", [eager.timings_ms["transformer_per_step"],
+                                                   again.timings_ms["transformer_per_step"]])
+    assert torch.equal(graph.latents, again.latents)
+    assert diff == 0.0  # same kernels, same order: replay is bit-identical to eager
+
+
+def test_cudnn_attention_matches_default_attention(full_service):
+    tr = full_service.transformer_variants[("bf16", False)]
+    inp = _transformer_inputs(tr, seed=1)
+    with torch.inference_mode():
+        out_cudnn = tr(**inp)[0]
+        tr.set_attention_backend("_native_flash")
+        try:
+            out_flash = tr(**inp)[0]
+        finally:
+            tr.set_attention_backend(full_service.registry["attention"].backend)
+    rel = _rel(out_cudnn, out_flash)
+    _record("cudnn_vs_flash2_attention_rel_diff", round(rel, 6))
+    assert rel < 2e-2  # bf16 kernels with different accumulation orders
+
+
+def test_dpm_and_fp8_and_graphs_together_are_finite(full_service):
+    res = full_service.generate(InferenceRequest(prompt="x", width=512, height=512, seed=1, use_mxfp4=True,
+                                                 use_dpm_solver=True, use_cuda_graphs=True), output_type="np")
+    assert res.steps == 14 and all(res.optimizations[n].applied for n in ("low_precision", "dpm_solver",
+                                                                            "cuda_graphs"))
+    import numpy as np
+
+    assert np.isfinite(res.images[0]).all()
+    _record("fast_tier_512_t2i_timings_ms", res.timings_ms)
+
+
+def test_compile_cache_hit_on_second_start_gpu(tmp_path):
+    """Tiny model on the GPU (a full-size compile takes minutes): the second process loads the saved artifacts."""
+    import subprocess
+    import sys
+
+    from tests.test_optimizations import COMPILE_SCRIPT
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = COMPILE_SCRIPT.format(root=root, cache=str(tmp_path)).replace('device="cpu"', 'device="cuda"')
+    results = []
+    for i in range(2):
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor-{i}"))
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=500)
+        assert out.returncode == 0, out.stderr[-3000:]
+        line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+        results.append(json.loads(line[len("RESULT "):]))
+    first, second = results
+    _record("compile_cache_gpu_tiny", {"first_ready_s": round(first["ready_s"], 1),
+                                       "second_ready_s": round(second["ready_s"], 1),
+                                       "first": first["cache"], "second": second["cache"]})
+    assert second["cache"]["loaded"] and second["cache"]["fxgraph_cache_miss"] == 0
+    assert second["cache"]["fxgraph_cache_hit"] > 0
