@@ -41,6 +41,7 @@ def config_from_env() -> tuple[ServiceConfig, ServerSettings]:
     cfg = ServiceConfig(
         model=env.get("FLUX_MODEL", "tiny"), device=env.get("FLUX_DEVICE") or None,
         optimizations=env.get("FLUX_OPTIMIZATIONS", "auto"), compile_mode=env.get("FLUX_COMPILE_MODE", "default"),
+        compile_scope=env.get("FLUX_COMPILE_SCOPE", "regional"),
         cache_dir=Path(env["FLUX_CACHE_DIR"]) if env.get("FLUX_CACHE_DIR") else None,
         warmup_sizes=_parse_sizes(env.get("FLUX_WARMUP_SIZES")))
     settings = ServerSettings(
@@ -78,11 +79,16 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str = "auto") -> N
                         "attention,low_precision,dpm_solver,cuda_graphs")
     p.add_argument("--compile-mode", default=os.environ.get("FLUX_COMPILE_MODE", "default"),
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    p.add_argument("--compile-scope", default=os.environ.get("FLUX_COMPILE_SCOPE", "regional"),
+                   choices=["regional", "full"], help="compile each transformer block (fast to compile) or one graph")
+    p.add_argument("--no-inductor-flags", action="store_true",
+                   help="leave inductor's defaults (the seed's flags include coordinate-descent tuning: slower compile)")
     p.add_argument("--cache-dir", default=os.environ.get("FLUX_CACHE_DIR"))
 
 
 def _service_config(a) -> ServiceConfig:
     return ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations, compile_mode=a.compile_mode,
+                         compile_scope=a.compile_scope, inductor_flags=not a.no_inductor_flags,
                          cache_dir=Path(a.cache_dir) if a.cache_dir else None,
                          warmup_sizes=_parse_sizes(getattr(a, "warmup", None)))
 

@@ -30,6 +30,8 @@ class ServiceConfig:
     optimizations: str = "auto"  # all | none | auto | comma list (see optimizations/registry.py)
     compile_mode: str = "default"
     compile_vae: bool = True
+    compile_scope: str = "regional"  # regional (per block) | full (one graph)
+    inductor_flags: bool = True  # the seed's inductor flags (coordinate descent tuning etc.)
     cache_dir: Path | None = None
     warmup_sizes: list[tuple[int, int]] = field(default_factory=list)  # compiled shapes to warm at start-up
 
@@ -71,10 +73,12 @@ class GenerationResult:
 class _Timed:
     """Stand-in for the transformer that times each call; everything else is the wrapped object's."""
 
-    def __init__(self, inner, timer: StageTimer, stage: str):
-        self._inner, self._timer, self._stage = inner, timer, stage
+    def __init__(self, inner, timer: StageTimer, stage: str, observer: Callable | None = None):
+        self._inner, self._timer, self._stage, self._observer = inner, timer, stage, observer
 
     def __call__(self, *args, **kwargs):
+        if self._observer is not None:
+            self._observer(kwargs)  # the benchmark records real step inputs for its per-step fidelity check
         self._timer.start(self._stage)
         try:
             return self._inner(*args, **kwargs)
@@ -127,14 +131,15 @@ class FluxService:
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = device
         self.device_info = DeviceInfo.detect(device)
-        self.registry = build_registry(self.config.compile_mode, self.config.compile_vae)
+        self.registry = build_registry(self.config.compile_mode, self.config.compile_vae, self.config.compile_scope,
+                                       self.config.inductor_flags)
         self.state = "loading"
         self.error: str | None = None
         self.model: model_sources.LoadedModel | None = None
         self.pipe = None
         self.prepared: dict[str, str] = {}  # name -> detail
         self.prepare_seconds: dict[str, float] = {}
-        self.transformer_variants: dict[tuple[str, bool], Any] = {}  # (precision, compiled) -> module
+        self.transformer_variants: dict[str, Any] = {}  # precision ("bf16", "fp8") -> transformer module
         self.fp8_prepared = False
         self.vae_decode_eager = None
         self.vae_decode_compiled = None
@@ -142,6 +147,7 @@ class FluxService:
         self.cuda_graph_runners: dict = {}
         self._warm: set = set()
         self._text_timer: StageTimer | None = None
+        self.transformer_call_observer: Callable | None = None  # benchmark only: sees each transformer call's kwargs
         self.warmup_ms_total = 0.0
 
     # ------------------------------------------------------------------------------------------------------
@@ -152,7 +158,7 @@ class FluxService:
             cache_dir = self.config.cache_dir or model_sources.default_cache_dir()
             self.model = model_sources.load_model(self.config.model, self.device, cache_dir)
             self.pipe = self.model.pipe
-            self.transformer_variants[("bf16", False)] = self.pipe.transformer
+            self.transformer_variants["bf16"] = self.pipe.transformer
             self.vae_decode_eager = self.pipe.vae.decode
             for enc in (self.pipe.text_encoder, self.pipe.text_encoder_2):
                 enc.register_forward_pre_hook(lambda *_: self._text_timer and self._text_timer.start("text_encode"))
@@ -177,6 +183,9 @@ class FluxService:
                 raise ValueError(f"cannot prepare {name!r} on {self.device_info.name}: {reason}")
         if "compile" in names:
             self._open_compile_cache(sorted(set(self.prepared) | set(names)))
+        if names:  # compiled code and captured graphs may now be stale: warm up and capture again
+            self._warm.clear()
+            self.cuda_graph_runners.clear()
         for name in names:
             t0 = time.perf_counter()
             self.prepared[name] = self.registry[name].prepare(self)
@@ -215,12 +224,15 @@ class FluxService:
                 plan[name] = Decision(want, True, self.prepared[name] + note + suffix)
             else:
                 plan[name] = Decision(want, want, (self.prepared[name] + suffix) if want else "not requested")
-        # Combinations that cannot run together: the step cache decides per step on the host.
+        # Combinations that cannot run together: the step cache decides per step on the host, so it cannot live
+        # inside one captured graph (CUDA graphs) or one whole-model compiled graph.
         if plan["first_block_cache"].applied:
-            for other in ("compile", "cuda_graphs"):
-                if plan[other].applied:
-                    plan[other] = Decision(plan[other].requested, False,
-                                           "not combinable with the first-block cache (data-dependent block skipping)")
+            if plan["cuda_graphs"].applied:
+                plan["cuda_graphs"] = Decision(plan["cuda_graphs"].requested, False,
+                                               "not combinable with the first-block cache (data-dependent skipping)")
+            if plan["compile"].applied and self.registry["compile"].scope == "full":
+                plan["first_block_cache"] = Decision(True, False, "not combinable with full-graph compile "
+                                                     "(start the server with --compile-scope regional)")
         for name, d in plan.items():
             if d.requested and not d.applied and flags[name] is True:
                 problems.append((field_of[name], d.detail))
@@ -233,10 +245,9 @@ class FluxService:
     # ------------------------------------------------------------------------------------------------------
     def _transformer_for(self, plan: dict[str, Decision]):
         precision = "fp8" if plan["low_precision"].applied else "bf16"
-        compiled = plan["compile"].applied
-        module = self.transformer_variants[(precision, compiled)]
+        module = self.transformer_variants[precision]
         if plan["cuda_graphs"].applied:
-            key = (precision, compiled)
+            key = precision
             if key not in self.cuda_graph_runners:
                 self.cuda_graph_runners[key] = CudaGraphTransformer(module, self.cuda_graph_pool)
             module = self.cuda_graph_runners[key]
@@ -267,8 +278,8 @@ class FluxService:
             warnings.append(f"model {self.model.source!r} has random weights: the images carry no meaning")
 
         precision, transformer = self._transformer_for(plan)
-        warm_key = (precision, plan["compile"].applied, plan["cuda_graphs"].applied, width, height,
-                    image is not None, req.num_images, do_cfg)
+        warm_key = (precision, plan["compile"].applied, plan["cuda_graphs"].applied,
+                    plan["first_block_cache"].applied, width, height, image is not None, req.num_images, do_cfg)
         timings: dict[str, float] = {}
         if (plan["compile"].applied or plan["cuda_graphs"].applied) and warm_key not in self._warm:
             # First call at this shape compiles / captures: a reported cold-start cost, not part of the timing.
@@ -323,7 +334,8 @@ class FluxService:
                     value = stack.enter_context(ctx)
                     if name == "first_block_cache":
                         stats = value
-            stack.enter_context(_swap(self.pipe, "transformer", _Timed(transformer, timer, "transformer")))
+            stack.enter_context(_swap(self.pipe, "transformer", _Timed(transformer, timer, "transformer",
+                                                                       self.transformer_call_observer)))
             stack.enter_context(_swap(self.pipe, "vae", _TimedVAE(self.pipe.vae, decode, timer)))
             self._text_timer = timer
             stack.callback(setattr, self, "_text_timer", None)
@@ -368,7 +380,7 @@ class FluxService:
                    or "not prepared at start-up",
                    "prepare_seconds": round(self.prepare_seconds.get(name, 0.0), 2)}
             for name in STACK_ORDER}
-        info["transformer_variants"] = sorted(f"{p}{'+compiled' if c else ''}" for p, c in self.transformer_variants)
+        info["transformer_variants"] = sorted(self.transformer_variants)
         if self.compile_cache is not None:
             info["compile_cache"] = {"key": self.compile_cache.key, "loaded": self.compile_cache.loaded,
                                      "detail": self.compile_cache.load_detail,

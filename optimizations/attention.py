@@ -38,6 +38,7 @@ class Attention(Optimization):
 
     def prepare(self, service) -> str:
         backend, desc = best_backend(service.device_info)
-        service.transformer_variants[("bf16", False)].set_attention_backend(backend)
+        for module in service.transformer_variants.values():
+            module.set_attention_backend(backend)
         self.backend = backend
         return f"{desc}; diffusers backend {backend!r} (load-time, always on)"

@@ -53,11 +53,19 @@ class LowPrecision(Optimization):
     def prepare(self, service) -> str:
         from torchao.quantization import quantize_
 
+        from .compile import restore_compiled, strip_compiled
+
         cfg, desc = quant_config(service.device_info.capability)
-        bf16 = service.transformer_variants[("bf16", False)]
-        q = copy.deepcopy(bf16)
+        bf16 = service.transformer_variants["bf16"]
+        saved = strip_compiled(bf16)  # copy the weights, not bf16's compiled code
+        try:
+            q = copy.deepcopy(bf16)  # an installed first-block cache is copied as its own (see its __deepcopy__)
+        finally:
+            restore_compiled(saved)
         quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
-        service.transformer_variants[("fp8", False)] = q
+        if "compile" in service.prepared:  # prepared after compile (the benchmark's stage order): compile it too
+            service.registry["compile"].compile_transformer(q)
+        service.transformer_variants["fp8"] = q
         service.fp8_prepared = True
         self.description = desc
         return f"{desc}; separate copy, bf16 kept for exact requests"

@@ -16,6 +16,6 @@ class QKVFusion(Optimization):
     def prepare(self, service) -> str:
         if service.fp8_prepared:
             raise RuntimeError("QKV fusion must be prepared before the low-precision copy is made")
-        service.transformer_variants[("bf16", False)].fuse_qkv_projections()
+        service.transformer_variants["bf16"].fuse_qkv_projections()
         service.pipe.vae.fuse_qkv_projections()
         return "transformer and VAE attention projections fused (load-time, always on)"

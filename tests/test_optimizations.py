@@ -91,12 +91,16 @@ def test_load_time_optimisation_cannot_be_switched_off_and_says_so(tiny_service)
         tiny_service.plan(InferenceRequest(**BASE, use_qkv_fusion=False, strict=True))
 
 
-def test_cache_excludes_compile_and_graphs_with_reason():
+def test_cache_combines_with_regional_compile_but_not_graphs_or_full_compile():
     svc = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="none"))
-    svc.prepared = {"compile": "x", "first_block_cache": "y"}
-    plan = svc.plan(InferenceRequest(**BASE, use_first_block_cache=True, use_compile=True))
-    assert plan["first_block_cache"].applied and not plan["compile"].applied
-    assert "first-block cache" in plan["compile"].detail
+    svc.prepared = {"compile": "x", "first_block_cache": "y", "cuda_graphs": "z"}
+    plan = svc.plan(InferenceRequest(**BASE, use_first_block_cache=True))
+    assert plan["first_block_cache"].applied and plan["compile"].applied
+    assert not plan["cuda_graphs"].applied and "first-block cache" in plan["cuda_graphs"].detail
+    full = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="none", compile_scope="full"))
+    full.prepared = dict(svc.prepared)
+    plan = full.plan(InferenceRequest(**BASE, use_first_block_cache=True))
+    assert not plan["first_block_cache"].applied and "full-graph" in plan["first_block_cache"].detail
 
 
 # ---- lossless optimisations are lossless ------------------------------------------------------------------------
@@ -167,20 +171,23 @@ COMPILE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from service import FluxService, ServiceConfig
     from schemas import InferenceRequest
-    t0 = time.perf_counter()
-    # VAE decode stays eager here only to keep this CPU test short; the transformer is what is compiled.
-    svc = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="compile", cache_dir={cache!r},
-                                    compile_vae=False, warmup_sizes=[(256, 256)]))
+    # VAE decode stays eager here only to keep this CPU test short; the transformer blocks are what is compiled.
+    svc = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="none", cache_dir={cache!r},
+                                    compile_vae=False))
     svc.load()
+    req = InferenceRequest(prompt="a red car", width=256, height=256, steps=2, seed=1)
+    eager = svc.generate(req, output_type="latent")
+    t0 = time.perf_counter()
+    svc.prepare(["compile"])
+    svc.warm_up(256, 256)
     ready = time.perf_counter() - t0
-    res = svc.generate(InferenceRequest(prompt="a red car", width=256, height=256, steps=2, seed=1,
-                                        use_compile=True), output_type="latent")
-    eager = svc.generate(InferenceRequest(prompt="a red car", width=256, height=256, steps=2, seed=1,
-                                          use_compile=False), output_type="latent")
+    res = svc.generate(req, output_type="latent")
     print("RESULT", json.dumps(dict(ready_s=ready, cache=svc.health()["compile_cache"],
           applied=res.optimizations["compile"].applied, eager_applied=eager.optimizations["compile"].applied,
+          compiled_blocks=sum(m._compiled_call_impl is not None for m in svc.pipe.transformer.modules()),
           max_diff=float((res.latents - eager.latents).abs().max()))))
 """)
+
 
 
 @pytest.mark.slow
@@ -200,6 +207,7 @@ def test_compile_and_cache_artifacts_are_reused_by_a_second_process(tmp_path, ca
 
     first = run(env)
     assert first["applied"] and not first["eager_applied"]
+    assert first["compiled_blocks"] == 3  # regional: the tiny model's 1 double + 2 single blocks
     assert first["cache"]["loaded"] is False and "miss" in first["cache"]["detail"]
     assert first["cache"]["saved_bytes"] > 0
     assert first["max_diff"] < 1e-4  # compiled output matches eager
