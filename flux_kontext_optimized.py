@@ -41,7 +41,7 @@ def config_from_env() -> tuple[ServiceConfig, ServerSettings]:
     cfg = ServiceConfig(
         model=env.get("FLUX_MODEL", "tiny"), device=env.get("FLUX_DEVICE") or None,
         optimizations=env.get("FLUX_OPTIMIZATIONS", "auto"), compile_mode=env.get("FLUX_COMPILE_MODE", "default"),
-        compile_scope=env.get("FLUX_COMPILE_SCOPE", "regional"),
+        compile_scope=env.get("FLUX_COMPILE_SCOPE", "regional"), inductor_flags=env.get("FLUX_INDUCTOR_FLAGS", "light"),
         cache_dir=Path(env["FLUX_CACHE_DIR"]) if env.get("FLUX_CACHE_DIR") else None,
         warmup_sizes=_parse_sizes(env.get("FLUX_WARMUP_SIZES")))
     settings = ServerSettings(
@@ -70,7 +70,7 @@ class _LazyApp:
 app = _LazyApp()
 
 
-def _add_model_args(p: argparse.ArgumentParser, default_opts: str = "auto") -> None:
+def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto") -> None:
     p.add_argument("--model", default=os.environ.get("FLUX_MODEL", "tiny"),
                    help="tiny | synthetic-full | hub id | local directory (env FLUX_MODEL)")
     p.add_argument("--device", default=os.environ.get("FLUX_DEVICE"), help="cuda, cuda:1, cpu (default: auto)")
@@ -81,14 +81,16 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str = "auto") -> N
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     p.add_argument("--compile-scope", default=os.environ.get("FLUX_COMPILE_SCOPE", "regional"),
                    choices=["regional", "full"], help="compile each transformer block (fast to compile) or one graph")
-    p.add_argument("--no-inductor-flags", action="store_true",
-                   help="leave inductor's defaults (the seed's flags include coordinate-descent tuning: slower compile)")
+    p.add_argument("--inductor-flags", default=os.environ.get("FLUX_INDUCTOR_FLAGS", "light"),
+                   choices=["none", "light", "seed"],
+                   help="light: the seed's flags without coordinate-descent tuning (default); seed: all of them "
+                        "(much slower compile)")
     p.add_argument("--cache-dir", default=os.environ.get("FLUX_CACHE_DIR"))
 
 
 def _service_config(a) -> ServiceConfig:
     return ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations, compile_mode=a.compile_mode,
-                         compile_scope=a.compile_scope, inductor_flags=not a.no_inductor_flags,
+                         compile_scope=a.compile_scope, inductor_flags=a.inductor_flags,
                          cache_dir=Path(a.cache_dir) if a.cache_dir else None,
                          warmup_sizes=_parse_sizes(getattr(a, "warmup", None)))
 
@@ -202,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("benchmark", help="stage table (--workload) or unoptimised vs optimised")
-    _add_model_args(b)
+    _add_model_args(b, default_opts=None)
     b.add_argument("--workload", choices=["edit-1024", "t2i-1024", "edit-512"])
     b.add_argument("--stages", help="comma list of stage names (default: all)")
     b.add_argument("--runs", type=int, default=5)
@@ -213,6 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out-dir", default=os.environ.get("FLUX_BENCH_DIR", "benchmarks/latest"))
     b.set_defaults(fn=cmd_benchmark)
     a = p.parse_args(argv)
+    if a.cmd == "benchmark" and a.optimizations is None:
+        # The stage table starts from the naive model and prepares stage by stage; the request benchmark compares
+        # what a server started with `auto` would have.
+        a.optimizations = "none" if a.workload else "auto"
+    if a.cmd == "benchmark" and a.workload and a.optimizations != "none":
+        p.error("--workload prepares optimisations stage by stage: leave --optimizations unset (or none)")
     if a.cmd == "benchmark" and a.steps is None:
         a.steps = 28 if a.workload else 4
     if a.cmd == "benchmark" and not a.workload and a.runs == 5:

@@ -31,7 +31,7 @@ class ServiceConfig:
     compile_mode: str = "default"
     compile_vae: bool = True
     compile_scope: str = "regional"  # regional (per block) | full (one graph)
-    inductor_flags: bool = True  # the seed's inductor flags (coordinate descent tuning etc.)
+    inductor_flags: str = "light"  # inductor flag preset: none | light | seed (adds coordinate-descent tuning)
     cache_dir: Path | None = None
     warmup_sizes: list[tuple[int, int]] = field(default_factory=list)  # compiled shapes to warm at start-up
 

@@ -18,15 +18,21 @@ import torch
 from .base import Optimization
 
 # The seed's inductor flags (flux-fast uses the same set). conv_1x1_as_mm helps the VAE's 1x1 convolutions;
-# coordinate descent tunes tile sizes further; epilogue fusion off avoids slow fused epilogues on some shapes.
-INDUCTOR_FLAGS = dict(conv_1x1_as_mm=True, coordinate_descent_tuning=True,
-                      coordinate_descent_check_all_directions=True, epilogue_fusion=False, shape_padding=True)
+# epilogue fusion off avoids slow fused epilogues on some shapes; shape padding aligns GEMM shapes. Coordinate
+# descent tuning searches tile sizes per kernel: on the full model it multiplied compile time (a regional compile
+# of edit-512 took 257 s with it on an H200, see BENCHMARKS.md), so it is opt-in ("seed").
+INDUCTOR_PRESETS = {
+    "none": {},
+    "light": dict(conv_1x1_as_mm=True, epilogue_fusion=False, shape_padding=True),
+    "seed": dict(conv_1x1_as_mm=True, epilogue_fusion=False, shape_padding=True, coordinate_descent_tuning=True,
+                 coordinate_descent_check_all_directions=True),
+}
 
 
-def apply_inductor_flags(flags: dict = INDUCTOR_FLAGS) -> None:
+def apply_inductor_flags(preset: str) -> None:
     import torch._inductor.config as ic
 
-    for k, v in flags.items():
+    for k, v in INDUCTOR_PRESETS[preset].items():
         setattr(ic, k, v)
 
 
@@ -50,10 +56,12 @@ class Compile(Optimization):
     name, flag, load_time = "compile", "use_compile", True
     toggle = False  # compiled in place: the server either prepared it or not
 
-    def __init__(self, mode: str = "default", inductor_flags: bool = True, compile_vae: bool = True,
+    def __init__(self, mode: str = "default", inductor_flags: str = "light", compile_vae: bool = True,
                  scope: str = "regional"):
         if scope not in ("regional", "full"):
             raise ValueError(f"compile scope must be 'regional' or 'full', not {scope!r}")
+        if inductor_flags not in INDUCTOR_PRESETS:
+            raise ValueError(f"inductor flags preset must be one of {sorted(INDUCTOR_PRESETS)}")
         self.mode, self.inductor_flags, self.compile_vae, self.scope = mode, inductor_flags, compile_vae, scope
 
     def compile_transformer(self, module: torch.nn.Module) -> None:
@@ -64,8 +72,7 @@ class Compile(Optimization):
             module.compile(**kwargs)
 
     def prepare(self, service) -> str:
-        if self.inductor_flags:
-            apply_inductor_flags()
+        apply_inductor_flags(self.inductor_flags)
         # Static shapes: one specialised graph per resolution (the fastest kernels); a server sees few sizes.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for module in service.transformer_variants.values():
@@ -73,5 +80,5 @@ class Compile(Optimization):
         if self.compile_vae:
             service.vae_decode_compiled = torch.compile(service.vae_decode_eager, mode=self.mode, dynamic=False)
         return (f"torch.compile {self.scope} (mode={self.mode}, fullgraph, static shapes; inductor flags "
-                + ("seed set" if self.inductor_flags else "default") + ")"
+                + self.inductor_flags + ")"
                 + ("; VAE decode compiled" if self.compile_vae else "") + " (load-time, always on)")
