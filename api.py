@@ -53,14 +53,21 @@ def _clean_errors(errors) -> list[dict]:
     """pydantic errors without the raw input (it may be huge, binary or unserialisable)."""
     out = []
     for e in errors:
+        kind = str(e.get("type", "value_error"))
+        msg = str(e.get("msg", "invalid"))
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-        out.append({"field": ".".join(loc) or "body", "message": str(e.get("msg", "invalid")),
-                    "type": str(e.get("type", "value_error"))})
+        if kind == "json_invalid":  # its location is a character offset, not a field
+            msg, loc = f"{msg} at character {loc[-1] if loc else '?'}", []
+        out.append({"field": ".".join(loc) or "body", "message": msg, "type": kind})
     return out
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 before a huge body is buffered (with or without Content-Length)."""
+    """ASGI middleware: 413 before a huge body is buffered, with or without Content-Length.
+
+    A chunked body that grows past the limit is cut off: the app sees the client as gone (so nothing raises
+    through FastAPI's body parser, which would turn it into a 400), its own answer is dropped, and the client
+    gets the 413."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -77,31 +84,81 @@ class BodySizeLimit:
                 if too_big:
                     return await self._reject(send)
         seen = 0
+        exceeded = False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge()
+                    exceeded = True
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
+        async def guarded_send(message):
+            if not exceeded:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+        if exceeded:
             await self._reject(send)
 
     async def _reject(self, send):
-        body = json.dumps({"error": "payload_too_large",
-                           "message": f"request body is larger than {self.max_bytes} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, 413, {"error": "payload_too_large",
+                                     "message": f"request body is larger than {self.max_bytes} bytes"})
 
 
-class _BodyTooLarge(Exception):
-    pass
+async def _send_json(send, status: int, body: dict, extra_headers: list | None = None) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
+    await send({"type": "http.response.body", "body": data})
+
+
+class RequestContext:
+    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes): a request id on
+    every response, metrics, one log line per request, and a JSON 500 for anything a route did not handle."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-request-id"), "")
+        rid = rid if REQUEST_ID_RE.match(rid) else uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        rid_header = (b"x-request-id", rid.encode())
+        status = {"code": None}
+        t0 = time.perf_counter()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message = dict(message, headers=list(message.get("headers", [])) + [rid_header])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # noqa: BLE001 - last resort: still JSON, still counted, still logged
+            log.exception("request %s: unhandled error on %s", rid, scope.get("path"))
+            if status["code"] is None:
+                status["code"] = 500
+                await _send_json(send, 500, {"error": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
+                                 [rid_header])
+        finally:
+            path = scope.get("path", "")
+            label = path if path in KNOWN_PATHS else "other"
+            code = status["code"] or 499  # no answer sent: the client went away
+            elapsed = time.perf_counter() - t0
+            self.metrics.requests.labels(label, str(code)).inc()
+            self.metrics.latency.labels(label).observe(elapsed)
+            if not state.get("logged"):  # /inference logs its own, richer line
+                log.info("request %s %s %s status=%s ms=%.0f", rid, scope.get("method"), path, code, elapsed * 1000)
 
 
 def create_app(service: FluxService, settings: ServerSettings | None = None) -> FastAPI:
@@ -140,7 +197,7 @@ def create_app(service: FluxService, settings: ServerSettings | None = None) -> 
                 threading.Thread(target=load, name="model-loader", daemon=True).start()
             else:
                 await run_in_threadpool(load)
-        _chain_sigterm(engine)
+        _chain_sigterm(engine, settings.shutdown_grace)
         yield
         # Shutdown: queued and running work gets the grace period, then a clear 503.
         finished = await run_in_threadpool(engine.drain, settings.shutdown_grace)
@@ -149,6 +206,7 @@ def create_app(service: FluxService, settings: ServerSettings | None = None) -> 
     app = FastAPI(title="FLUX.1-Kontext inference server", version="1.0", lifespan=lifespan)
     app.state.service, app.state.engine, app.state.metrics, app.state.settings = service, engine, metrics, settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, metrics=metrics)  # added last = outermost: the 413 gets an id too
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -159,24 +217,6 @@ def create_app(service: FluxService, settings: ServerSettings | None = None) -> 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, "http_error", str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception):  # last resort: still JSON, still logged
-        log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
-
-    @app.middleware("http")
-    async def request_id_and_metrics(request: Request, call_next):
-        rid = request.headers.get("x-request-id", "")
-        rid = rid if REQUEST_ID_RE.match(rid) else uuid.uuid4().hex[:16]
-        request.state.request_id = rid
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = rid
-        path = request.url.path if request.url.path in KNOWN_PATHS else "other"
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        metrics.latency.labels(path).observe(time.perf_counter() - t0)
-        return response
 
     def engine_error_response(exc: eng.EngineError) -> JSONResponse:
         headers = None
@@ -223,6 +263,7 @@ def create_app(service: FluxService, settings: ServerSettings | None = None) -> 
             job, result = await submit_and_wait(
                 request, {"kind": "generate", "request": body, "image": image, "plan": plan}, rid)
         except eng.EngineError as exc:
+            request.state.logged = True
             log.info("request %s prompt_len=%d size=%sx%s steps=%s outcome=%s %s", rid, len(body.prompt),
                      body.width, body.height, body.steps, exc.status, exc.code)
             return engine_error_response(exc)
@@ -231,6 +272,7 @@ def create_app(service: FluxService, settings: ServerSettings | None = None) -> 
         timings["queue_wait"] = round(((job.started_at or job.enqueued_at) - job.enqueued_at) * 1000, 3)
         timings["request_total"] = round((time.perf_counter() - t0) * 1000, 3)
         metrics.observe_result(timings, result.steps_computed, result.steps_skipped)
+        request.state.logged = True
         log.info("request %s size=%dx%d steps=%d images=%d edit=%s timings_ms=%s outcome=200", rid, result.width,
                  result.height, result.steps, len(images), image is not None,
                  {k: round(v) for k, v in timings.items()})
@@ -267,7 +309,7 @@ def create_app(service: FluxService, settings: ServerSettings | None = None) -> 
                                  steps: int = Query(4, ge=1, le=50), width: int = Query(256, ge=256, le=2048),
                                  height: int = Query(256, ge=256, le=2048), edit: bool = Query(False)):
         if width % 16 or height % 16:
-            field = "width" if width % 16 else "height"
+            field = "query.width" if width % 16 else "query.height"
             return error_response(422, "validation_error", f"{field}: must be a multiple of 16",
                                   [{"field": field, "message": "must be a multiple of 16", "type": "value_error"}])
         if service.state != "ready":
@@ -286,14 +328,19 @@ def create_app(service: FluxService, settings: ServerSettings | None = None) -> 
 KNOWN_PATHS = {"/inference", "/health", "/live", "/metrics", "/benchmark"}
 
 
-def _chain_sigterm(engine: eng.Engine) -> None:
-    """On SIGTERM stop accepting at once (health turns 503), then let the server's own handler shut down."""
+def _chain_sigterm(engine: eng.Engine, grace: float) -> None:
+    """On SIGTERM: stop accepting at once (health turns 503), give running work `grace` seconds, then interrupt
+    what is left so its client gets a JSON 503 before the server's own shutdown timeout; then hand the signal
+    to the server's handler (uvicorn closes the socket and waits for open requests)."""
     if threading.current_thread() is not threading.main_thread():
         return
     previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum, frame):
         engine.stop_accepting()
+        timer = threading.Timer(grace, engine.drain, args=(0.0,))
+        timer.daemon = True
+        timer.start()
         if callable(previous):
             previous(signum, frame)
         elif previous == signal.SIG_DFL:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import gc
 import logging
+import statistics
 import threading
 import time
 import uuid
@@ -117,9 +118,10 @@ class Engine:
         return self._accepting
 
     def retry_after_seconds(self) -> int:
-        """A client's fair wait: the queue ahead times the recent mean job time (at least 1 s)."""
-        mean = sum(self._recent_durations) / len(self._recent_durations) if self._recent_durations else 1.0
-        return max(1, int(round(mean * (self.queue_depth + 1))))
+        """A client's fair wait: the queue ahead times the recent typical job time (at least 1 s)."""
+        # median: a few cold-start (compile) jobs must not inflate every estimate
+        typical = statistics.median(self._recent_durations) if self._recent_durations else 1.0
+        return max(1, int(round(typical * (self.queue_depth + 1))))
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -115,8 +116,13 @@ def cmd_serve(a) -> None:
             svc.load()
         except ModelLoadError as exc:
             sys.exit(f"error: {exc}")
+    # uvicorn re-raises SIGTERM after its graceful shutdown; this handler, restored by then, makes a clean drain
+    # exit with status 0 instead of dying of the signal.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Work still running after the grace period is interrupted by the app (JSON 503); the margin lets that answer
+    # reach the client before uvicorn's own timeout cancels the handlers.
     uvicorn.run(create_app(svc, settings), host=a.host, port=a.port, log_level=a.log_level,
-                timeout_graceful_shutdown=int(a.shutdown_grace))
+                timeout_graceful_shutdown=int(a.shutdown_grace) + 5)
 
 
 def cmd_generate(a) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16
 MAX_STEPS = 100
@@ -41,7 +41,7 @@ class InferenceRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Default 28 (14 with use_dpm_solver)")
     guidance_scale: float = Field(2.5, ge=0.0, le=30.0, allow_inf_nan=False)
     true_cfg_scale: float = Field(1.0, ge=1.0, le=30.0, allow_inf_nan=False)
-    negative_prompt: str | None = Field(None, max_length=4000)
+    negative_prompt: str | None = Field(None, max_length=4000, validate_default=True)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_images: int = Field(1, ge=1, le=4)
     output_format: Literal["png", "jpeg", "webp"] = "png"
@@ -76,11 +76,13 @@ class InferenceRequest(BaseModel):
     def _height_multiple(cls, v):
         return _check_side("height", v)
 
-    @model_validator(mode="after")
-    def _negative_prompt_needs_cfg(self):
-        if self.true_cfg_scale > 1.0 and not (self.negative_prompt and self.negative_prompt.strip()):
-            raise ValueError("true_cfg_scale > 1 needs a non-empty negative_prompt")
-        return self
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt_for_cfg(cls, v, info: ValidationInfo):
+        # A field validator (after true_cfg_scale is validated) so the 422 names negative_prompt.
+        if info.data.get("true_cfg_scale", 1.0) > 1.0 and not (v and v.strip()):
+            raise ValueError("a non-empty negative_prompt is needed when true_cfg_scale > 1")
+        return v
 
     def flags(self) -> dict[str, bool | None]:
         """Optimisation name -> what the request said (True/False/None = server default)."""

@@ -224,9 +224,6 @@ def test_one_log_line_per_inference_request(server, load_report):
         assert f"outcome={req['status']}" in lines[0], lines[0]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: api.py logs the per-request line only in the /inference handler after "
-                   "validation (lines 226/234); 422/413 rejections, /benchmark and unhandled errors leave no line "
-                   "with the request id (uvicorn's access log has no id and is off at --log-level warning)")
 def test_log_line_for_rejected_request(server):
     rid = "log-check-422"
     r = httpx.post(server.url + "/inference", json={"prompt": "x", "width": 300}, headers={"X-Request-ID": rid},
@@ -243,13 +240,7 @@ def step_ms(server):
     return ms
 
 
-_DISCONNECT_BUG = ("bug: api.py:168 request_id_and_metrics is an @app.middleware('http') (Starlette "
-                   "BaseHTTPMiddleware); under it request.is_disconnected() (api.py:194) never reports a disconnect, "
-                   "so submit_and_wait never cancels the job of a client that went away (it runs to completion, "
-                   "or waits in the queue)")
 
-
-@pytest.mark.xfail(strict=True, reason=_DISCONNECT_BUG)
 def test_disconnect_mid_generation_frees_worker(server, step_ms):
     assert wait_idle(server.url, 60)
     long_steps = steps_for(5.0, step_ms)  # about 5 s of denoising
@@ -270,7 +261,6 @@ def test_disconnect_mid_generation_frees_worker(server, step_ms):
     assert waited_ms <= budget_ms
 
 
-@pytest.mark.xfail(strict=True, reason=_DISCONNECT_BUG)
 def test_disconnect_while_queued_removes_job(server, step_ms):
     assert wait_idle(server.url, 60)
     long_steps = steps_for(5.0, step_ms)
@@ -344,9 +334,6 @@ def test_sigterm_drains_running_request(sigterm_run):
     assert "shutdown: drained all work" in run["log"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: after a clean drain the process dies of the re-raised SIGTERM "
-                   "(exit status -15 / 143), not 0: uvicorn's capture_signals restores SIG_DFL and re-raises the "
-                   "captured signal; api._chain_sigterm's SystemExit(0) branch (api.py:300) never runs")
 def test_sigterm_exit_status_zero(sigterm_run):
     assert sigterm_run["rc"] == 0
 
@@ -356,10 +343,6 @@ def sigterm_overrun(cache_dir):
     return _sigterm_scenario(cache_dir, grace=2, run_seconds=10.0)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: flux_kontext_optimized.py:117 passes shutdown_grace to uvicorn's "
-                   "timeout_graceful_shutdown, which cancels the handler first: a request still running at the end of "
-                   "the grace gets uvicorn's text/plain 500 instead of api's JSON 503 shutting_down, and the engine "
-                   "drain then waits a second grace period")
 def test_sigterm_request_past_grace_gets_json_503(sigterm_overrun):
     run = sigterm_overrun
     print({k: v for k, v in run.items() if k not in ("log", "observations")})
@@ -471,9 +454,6 @@ def test_generation_exception(svc, monkeypatch):
         assert sample_value(samples, "flux_requests_total", endpoint="/inference", status="500") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an exception escaping a route passes through the BaseHTTPMiddleware "
-                   "request_id_and_metrics without being caught (api.py line 174), so the JSON 500 from on_unexpected "
-                   "has no X-Request-ID and is not counted in flux_requests_total")
 def test_unhandled_error_has_request_id_and_is_counted(svc, monkeypatch):
     def broken():
         raise RuntimeError("injected health failure")

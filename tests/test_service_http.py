@@ -287,18 +287,12 @@ BAD_JSON = [  # body, field the 422 must name
     pytest.param({**OK, "image": _gif()}, "image", id="image-gif"),
     pytest.param({**OK, "image": "data:image/png," + png_b64(16, 16)}, "image", id="image-data-url-not-base64"),
     pytest.param({**OK, "use_complie": True}, "use_complie", id="unknown-field"),
-    pytest.param({**OK, "true_cfg_scale": 2}, "negative_prompt", id="true_cfg-without-negative",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "bug: the cross-field check is a model_validator, so detail[].field is 'body', not "
-                     "'negative_prompt' (the message does name it)"))),
+    pytest.param({**OK, "true_cfg_scale": 2}, "negative_prompt", id="true_cfg-without-negative"),
 ]
 BAD_RAW = [  # raw body, field
     pytest.param(b'{"prompt": "a cat", "guidance_scale": NaN}', "guidance_scale", id="guidance-nan"),
     pytest.param(b'["a cat"]', "body", id="not-an-object"),
-    pytest.param(b'{"prompt": "a cat", ', "body", id="malformed-json",
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "bug: api._clean_errors turns the json_invalid loc ('body', <char offset>) into "
-                     "field '<offset>' (e.g. '20') instead of 'body'"))),
+    pytest.param(b'{"prompt": "a cat", ', "body", id="malformed-json"),
 ]
 
 
@@ -313,7 +307,7 @@ def test_bad_raw_body_is_422_naming_field(client, raw, field):
 
 
 def test_cross_field_and_malformed_json_are_still_422(client):
-    """The two xfail cases above, minus the field name: they are rejected as JSON 422s with a useful message."""
+    """The two cross-field / syntax cases above also carry a useful message, not just the field."""
     body = check_error(client.post("/inference", json={**OK, "true_cfg_scale": 2}), 422, "validation_error")
     assert "negative_prompt" in body["message"]
     body = check_error(raw_post(client, b'{"prompt": "a cat", '), 422, "validation_error")
@@ -344,9 +338,6 @@ def test_body_over_limit_is_413(client):
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: api.BodySizeLimit raises _BodyTooLarge from receive(); FastAPI's body reader catches it and answers "
-    "400 'There was an error parsing the body', so a chunked (no Content-Length) oversize body never gets 413"))
 def test_chunked_body_over_limit_is_413(client):
     big = json.dumps({**OK, "image": "A" * (ServerSettings().max_body_bytes + 10)}).encode()
 
@@ -600,9 +591,6 @@ def test_benchmark_rejects_bad_params(client, query):
     assert any(d["field"] in (name, f"query.{name}") for d in body["detail"]), body
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: benchmark.psnr returns float('inf') when a row's image equals stage 0's (on CPU the 'default' row "
-    "always does); starlette's JSONResponse refuses inf (allow_nan=False) -> 500 internal_error"))
 def test_benchmark_endpoint(client):
     c = TestClient(client.app, raise_server_exceptions=False)  # same app and engine; a 500 comes back as JSON
     r = c.get("/benchmark", params=dict(runs=1, steps=2))
