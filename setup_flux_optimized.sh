@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv and install the pinned requirements (idempotent: a second run only checks).
+# CPU machines get torch 2.13.0 (CPU build). CUDA users: install the CUDA build of torch into .venv first, e.g.
+#   .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130
+# then run this script; pip keeps the installed torch because the version matches.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.requirements.sha256
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import diffusers, torch, fastapi" 2>/dev/null; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements.txt
+echo "$want" > "$stamp"
+.venv/bin/python -c "import torch, diffusers, transformers; print('setup: torch', torch.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
