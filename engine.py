@@ -120,7 +120,9 @@ class Engine:
     def retry_after_seconds(self) -> int:
         """A client's fair wait: the queue ahead times the recent typical job time (at least 1 s)."""
         # median: a few cold-start (compile) jobs must not inflate every estimate
-        typical = statistics.median(self._recent_durations) if self._recent_durations else 1.0
+        if not self._recent_durations:
+            return 1  # nothing measured yet: a short wait, not a guess multiplied by the queue
+        typical = statistics.median(self._recent_durations)
         return max(1, int(round(typical * (self.queue_depth + 1))))
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
