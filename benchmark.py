@@ -164,7 +164,7 @@ def _finish_rows(rows: list[dict], ref_key: str = "0") -> None:
 
 
 def run_request_benchmark(service, runs: int = 3, steps: int = 4, width: int = 256, height: int = 256,
-                          edit: bool = False, should_stop=None) -> dict:
+                          edit: bool = False, should_stop=None, progress=None) -> dict:
     """Unoptimised vs the server's default vs everything it prepared, on the loaded model."""
     image = _test_image(width, height) if edit else None
     base = dict(prompt="a red car on a mountain road, photo", width=width, height=height, steps=steps, seed=1234)
@@ -174,6 +174,8 @@ def run_request_benchmark(service, runs: int = 3, steps: int = 4, width: int = 2
                  {f: True for f in FLAG_TO_OPTIMIZATION})]
     rows = []
     for key, label, flags in variants:
+        if progress:
+            progress(label)
         req = InferenceRequest(**base, **flags)
         if key == "all" and req.use_dpm_solver and service.registry["dpm_solver"].name in service.prepared:
             req = req.model_copy(update={"steps": max(1, steps // 2)})  # the solver's point: half the steps

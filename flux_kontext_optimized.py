@@ -148,24 +148,23 @@ def cmd_benchmark(a) -> None:
     svc = _load_or_exit(_service_config(a))
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stages = a.stages.split(",") if a.stages else None
+    n = len([s for s in benchmark.stage_plan() if stages is None or s.name in stages]) if a.workload else 3
+    bar = tqdm(total=n, desc=a.workload or "benchmark", file=sys.stderr)
+
+    def progress(msg: str) -> None:  # called as each stage starts: the bar counts stages started
+        bar.update(1)
+        bar.set_postfix_str(msg[:50])
+
     if a.workload:
-        stages = a.stages.split(",") if a.stages else None
-        n = len([s for s in benchmark.stage_plan() if stages is None or s.name in stages])
-        bar = tqdm(total=n, desc=a.workload, file=sys.stderr)
-
-        def progress(msg):
-            bar.set_postfix_str(msg[:60])
-            bar.update(0 if msg.startswith("stage 0") and bar.n == 0 else 1) if False else None
-
-        result = benchmark.run_stage_benchmark(svc, a.workload, runs=a.runs, steps=a.steps,
-                                               progress=lambda m: (bar.set_postfix_str(m[:50]), bar.update(1)),
+        result = benchmark.run_stage_benchmark(svc, a.workload, runs=a.runs, steps=a.steps, progress=progress,
                                                stages=stages)
-        bar.close()
-        name = f"{a.workload}"
+        name = a.workload
     else:
         result = benchmark.run_request_benchmark(svc, runs=a.runs, steps=a.steps, width=a.width, height=a.height,
-                                                 edit=a.edit)
+                                                 edit=a.edit, progress=progress)
         name = "request-benchmark"
+    bar.close()
     md = benchmark.to_markdown(result)
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     benchmark.bar_chart(result, str(out_dir / f"{name}.png"))

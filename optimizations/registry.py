@@ -20,9 +20,10 @@ STACK_ORDER = ["compile", "qkv_fusion", "channels_last", "first_block_cache", "a
                "dpm_solver", "cuda_graphs"]
 PREPARE_ORDER = ["qkv_fusion", "channels_last", "attention", "low_precision", "compile", "first_block_cache",
                  "dpm_solver", "cuda_graphs"]
-# What `--optimizations auto` prepares: everything the device supports, except compile on CPU (minutes of
-# compile for no benefit at tiny size; ask for it explicitly).
-NOT_AUTO_ON_CPU = {"compile"}
+# What `--optimizations auto` prepares: everything the device supports; on CPU none of the load-time ones
+# (they change the loaded model for no benefit at tiny size: ask for them by name). The per-request ones
+# (step cache, DPM-Solver++) stay available everywhere.
+NOT_AUTO_ON_CPU = {"compile", "qkv_fusion", "channels_last"}
 
 
 def build_registry(compile_mode: str = "default", compile_vae: bool = True, compile_scope: str = "regional",

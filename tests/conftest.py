@@ -48,7 +48,8 @@ def tiny_service(cache_dir):
     """A loaded tiny FluxService with everything CPU supports prepared except compile (shared, read-mostly)."""
     from service import FluxService, ServiceConfig
 
-    svc = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="auto", cache_dir=cache_dir))
+    svc = FluxService(ServiceConfig(model="tiny", device="cpu", cache_dir=cache_dir,
+                                    optimizations="qkv_fusion,channels_last,first_block_cache,dpm_solver"))
     svc.load()
     return svc
 

@@ -151,3 +151,25 @@ def test_compile_cache_hit_on_second_start_gpu(tmp_path):
                                        "first": first["cache"], "second": second["cache"]})
     assert second["cache"]["loaded"] and second["cache"]["fxgraph_cache_miss"] == 0
     assert second["cache"]["fxgraph_cache_hit"] > 0
+
+
+def test_real_cuda_oom_returns_503_and_server_keeps_serving(full_service):
+    """Issue 5 on a GPU: fill the card so one request cannot fit, expect 503 out_of_memory, then serve again."""
+    from fastapi.testclient import TestClient
+
+    from api import ServerSettings, create_app
+
+    app = create_app(full_service, ServerSettings(load_in_background=False))
+    with TestClient(app) as client:
+        torch.cuda.empty_cache()
+        free, _total = torch.cuda.mem_get_info()
+        hog = torch.empty(max(0, free - 512 * 2**20), dtype=torch.uint8, device="cuda")  # leave ~0.5 GiB
+        try:
+            r = client.post("/inference", json=dict(prompt="x", width=1024, height=1024, steps=2, num_images=4))
+        finally:
+            del hog
+        assert r.status_code == 503 and r.json()["error"] == "out_of_memory", r.text[:300]
+        assert client.get("/health").status_code == 200
+        ok = client.post("/inference", json=dict(prompt="x", width=512, height=512, steps=2))
+        assert ok.status_code == 200
+        _record("gpu_oom_then_ok", [r.status_code, ok.status_code])

@@ -78,8 +78,8 @@ def check_ok(r, *, width: int, height: int, n: int = 1, fmt: str = "png", edit: 
         assert set(o) == {"requested", "applied", "detail"}, name
         assert isinstance(o["requested"], bool) and isinstance(o["applied"], bool), name
         assert isinstance(o["detail"], str) and o["detail"], name
-    # CPU + `auto`: load-time QKV fusion is on; compile is not prepared on CPU; lossy ones are off by default.
-    assert opts["qkv_fusion"]["applied"] is True
+    # CPU + `auto`: no load-time optimisation is prepared on CPU; lossy per-request ones are off by default.
+    assert opts["qkv_fusion"]["applied"] is False and "not prepared" in opts["qkv_fusion"]["detail"]
     assert opts["compile"]["applied"] is False
     assert opts["first_block_cache"]["requested"] is False and opts["first_block_cache"]["applied"] is False
     assert opts["dpm_solver"]["applied"] is False and opts["cuda_graphs"]["applied"] is False
@@ -445,8 +445,9 @@ def test_health_ready(client):
     assert info["model"]["source"] == "tiny" and info["model"]["synthetic"] is True
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert set(info["optimizations"]) == set(STACK_ORDER)
-    assert info["optimizations"]["qkv_fusion"]["prepared"] is True
-    assert info["optimizations"]["compile"]["prepared"] is False  # not in `auto` on CPU
+    assert info["optimizations"]["qkv_fusion"]["prepared"] is False  # load-time ones: not in `auto` on CPU
+    assert info["optimizations"]["compile"]["prepared"] is False
+    assert info["optimizations"]["dpm_solver"]["prepared"] is True  # per-request ones are
     assert info["optimizations"]["cuda_graphs"]["prepared"] is False
     assert all(o["detail"] for o in info["optimizations"].values())
     r = client.get("/live")
