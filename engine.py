@@ -49,10 +49,6 @@ class ShuttingDown(EngineError):
     status, code = 503, "shutting_down"
 
 
-class NotReady(EngineError):
-    status, code = 503, "not_ready"
-
-
 class GenerationFailed(EngineError):
     status, code = 500, "generation_failed"
 

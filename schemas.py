@@ -115,9 +115,3 @@ class InferenceResponse(BaseModel):
     optimizations: dict[str, OptimizationReport]
     model: ModelInfo
     warnings: list[str] = []
-
-
-class ErrorBody(BaseModel):
-    error: str
-    message: str
-    detail: list | None = None

@@ -310,8 +310,7 @@ class FluxService:
 
     def _run(self, req, plan, precision, transformer, call, seed, should_stop):
         timer = StageTimer(cuda=self.device_info.is_cuda)
-        run = RunContext(service=self, request=req, call_kwargs=call)
-        run.precision = precision
+        run = RunContext(service=self, request=req, call_kwargs=call, precision=precision)
         decode = self.vae_decode_compiled if plan["compile"].applied and self.vae_decode_compiled else \
             self.vae_decode_eager
         generator = torch.Generator(self.device).manual_seed(seed)
@@ -375,7 +374,7 @@ class FluxService:
                              "description": self.model.description, "load_seconds": round(self.model.load_seconds, 2)}
             info["dtype"] = str(self.pipe.transformer.dtype).replace("torch.", "")
         info["optimizations"] = {
-            name: {"prepared": name in self.prepared,
+            name: {"prepared": name in self.prepared, "load_time": self.registry[name].load_time,
                    "detail": self.prepared.get(name) or self.registry[name].available(self.device_info)
                    or "not prepared at start-up",
                    "prepare_seconds": round(self.prepare_seconds.get(name, 0.0), 2)}

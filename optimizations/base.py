@@ -12,7 +12,7 @@ changes is undone when that context exits, so no request leaks into the next.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ContextManager
 
 
@@ -43,7 +43,7 @@ class RunContext:
     service: Any  # FluxService
     request: Any  # the validated request (schemas.InferenceRequest)
     call_kwargs: dict  # keyword arguments for the pipeline call; per-request optimisations may edit them
-    stats: dict = field(default_factory=dict)  # e.g. steps_computed / steps_skipped from the step cache
+    precision: str = "bf16"  # which transformer variant this request runs ("bf16" or "fp8")
 
 
 class Optimization:
@@ -51,6 +51,7 @@ class Optimization:
     flag: str = ""  # request field that selects it, e.g. "use_compile"
     load_time: bool = True
     lossy: bool = False  # changes numerics beyond float reordering: fidelity must be reported
+    toggle: bool = True  # once prepared, can a request turn it off? (False: in-place change, always on)
 
     def available(self, device: DeviceInfo) -> str | None:
         """None when this optimisation can run on `device`, else the reason it cannot."""

@@ -64,7 +64,6 @@ class CudaGraphTransformer:
 
 class CudaGraphs(Optimization):
     name, flag, load_time = "cuda_graphs", "use_cuda_graphs", False
-    toggle = True
 
     def available(self, device: DeviceInfo) -> str | None:
         return None if device.is_cuda else "CUDA graphs need a CUDA GPU"

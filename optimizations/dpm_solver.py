@@ -16,7 +16,6 @@ from .base import Optimization, RunContext
 
 class DPMSolver(Optimization):
     name, flag, load_time, lossy = "dpm_solver", "use_dpm_solver", False, True
-    toggle = True
 
     def prepare(self, service) -> str:
         service.dpm_scheduler = make_flow_dpm_solver(dict(service.pipe.scheduler.config))

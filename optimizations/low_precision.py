@@ -41,7 +41,6 @@ def skip_module(module: torch.nn.Module, fqn: str) -> bool:
 
 class LowPrecision(Optimization):
     name, flag, load_time, lossy = "low_precision", "use_mxfp4", True, True
-    toggle = True
 
     def available(self, device: DeviceInfo) -> str | None:
         if not device.is_cuda:

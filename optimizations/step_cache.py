@@ -13,7 +13,6 @@ from .first_block_cache import FirstBlockCache
 
 class FirstBlockCacheOpt(Optimization):
     name, flag, load_time, lossy = "first_block_cache", "use_first_block_cache", False, True
-    toggle = True
 
     def prepare(self, service) -> str:
         for module in service.transformer_variants.values():
