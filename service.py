@@ -195,7 +195,8 @@ class FluxService:
     def _open_compile_cache(self, names: list[str]) -> None:
         cfg = dict(self.pipe.transformer.config)
         key = cache_key(self.device_info.name, {k: v for k, v in cfg.items() if not k.startswith("_")}
-                        | {"source": self.model.source}, names, self.config.compile_mode)
+                        | {"source": self.model.source}, names,
+                        f"{self.config.compile_mode}/{self.config.compile_scope}/{self.config.inductor_flags}")
         cache_dir = (self.config.cache_dir or model_sources.default_cache_dir()) / "compile"
         self.compile_cache = CompileCache(cache_dir, key)
         self.compile_cache.load()

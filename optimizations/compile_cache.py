@@ -29,6 +29,7 @@ def _triton_version() -> str:
 
 
 def cache_key(device_name: str, model_config: dict, optimizations: list[str], compile_mode: str) -> str:
+    """`compile_mode` carries every compile setting that changes generated code (mode, scope, inductor flags)."""
     material = json.dumps({
         "torch": torch.__version__, "triton": _triton_version(), "device": device_name,
         "model": model_config, "optimizations": sorted(optimizations), "mode": compile_mode,

@@ -217,3 +217,16 @@ def test_compile_and_cache_artifacts_are_reused_by_a_second_process(tmp_path, ca
     # Inductor's own counters: the first process compiled (misses), the second took every graph from the cache.
     assert first["cache"]["fxgraph_cache_miss"] > 0
     assert second["cache"]["fxgraph_cache_hit"] > 0 and second["cache"]["fxgraph_cache_miss"] == 0
+
+
+def test_compile_cache_key_changes_with_everything_that_changes_the_code():
+    from optimizations.compile_cache import cache_key
+
+    base = ("NVIDIA H100", {"num_layers": 19}, ["compile", "qkv_fusion"], "default/regional/light")
+    key = cache_key(*base)
+    assert key == cache_key(*base)
+    assert key != cache_key("NVIDIA H200", *base[1:])
+    assert key != cache_key(base[0], {"num_layers": 1}, *base[2:])
+    assert key != cache_key(*base[:2], ["compile"], base[3])
+    assert key != cache_key(*base[:3], "default/full/light")
+    assert key != cache_key(*base[:3], "default/regional/seed")
