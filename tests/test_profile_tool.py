@@ -1,0 +1,25 @@
+"""tools/profile_step.py: the per-step profile summary runs end to end (CPU, tiny) and accounts for the step."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_profile_step_summarises_a_real_step(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("FLUX_CACHE_DIR", str(cache_dir))
+    sys.path.insert(0, str(ROOT / "tools"))
+    import profile_step
+
+    rc = profile_step.main(["--model", "tiny", "--device", "cpu", "--workload", "edit-512", "--width", "256",
+                            "--height", "256", "--optimizations", "qkv_fusion", "--calls", "2",
+                            "--out-dir", str(tmp_path)])
+    assert rc == 0
+    summary = json.loads(next(tmp_path.glob("profile-*.json")).read_text())
+    assert summary["applied"] == ["qkv_fusion"] and summary["seq_len"] == 2 * 256 + 512
+    assert summary["ms_per_step"] > 0 and summary["by_category_ms"]["attention"] > 0
+    assert abs(sum(summary["by_category_ms"].values()) - summary["ms_per_step"]) < 1e-6
+    assert any(p.name.endswith(".trace.json") for p in tmp_path.iterdir())
+    assert profile_step.category("sm90_xmma_gemm_bf16") == "gemm"
+    assert profile_step.category("cudnn_generated_fort_native_sdpa_sm90") == "attention"
+    assert profile_step.category("triton_poi_fused_mul_0") == "norm / elementwise (triton)"

@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Where one denoising step's time goes: torch profiler over real transformer calls, summarised by kernel kind.
+
+    python tools/profile_step.py --model synthetic-full --workload edit-1024 --optimizations qkv_fusion,attention,compile
+    python tools/profile_step.py --model synthetic-full --workload t2i-1024 --optimizations all --flags use_mxfp4=true
+
+It prepares the given optimisations, runs one warm-up generation through FluxService (compile / capture happen
+there), records the inputs of a mid-denoising transformer call, then profiles `--calls` calls of the transformer
+the request's plan selects. Prints a table of device time per kernel category (GEMM, attention, quantisation,
+normalisation / elementwise, copies, other) against the floor model, the top kernels, and writes a Chrome trace
+and the summary JSON to --out-dir. Works on CPU too (times are then CPU times).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import benchmark  # noqa: E402
+from schemas import InferenceRequest  # noqa: E402
+from service import FluxService, ServiceConfig  # noqa: E402
+
+CATEGORIES = [  # first match wins; names of CUDA kernels and aten ops, lower-cased
+    ("attention", r"flash|fmha|cudnn.*(attn|sdpa|mha)|attention|sdpa"),
+    ("gemm (fp8)", r"f8|fp8|e4m3|scaled_mm|_scaled"),
+    ("gemm", r"gemm|matmul|sm90_xmma|cutlass|cublas|nvjet|addmm|\bmm\b|linear"),
+    ("quantisation", r"quant|amax|abs_max|float8|to_fp8"),
+    ("norm / elementwise (triton)", r"triton|layer_norm|rms_norm|norm|gelu|silu|mul|add|fused"),
+    ("copies", r"copy|memcpy|memset|cat|clone|contiguous"),
+]
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, pattern in CATEGORIES:
+        if re.search(pattern, low):
+            return cat
+    return "other"
+
+
+def parse_flags(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="synthetic-full")
+    p.add_argument("--device", default=None)
+    p.add_argument("--workload", choices=sorted(benchmark.WORKLOADS), default="t2i-1024")
+    p.add_argument("--width", type=int, help="override the workload's size (e.g. 256 for tiny on CPU)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--optimizations", default="none")
+    p.add_argument("--flags", nargs="*", default=[], help="request flags, e.g. use_mxfp4=true")
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--out-dir", default="benchmarks/latest")
+    a = p.parse_args(argv)
+
+    svc = FluxService(ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations))
+    svc.load()
+    width, height, edit = benchmark.WORKLOADS[a.workload]
+    width, height = a.width or width, a.height or height
+    image = benchmark._test_image(width, height) if edit else None
+    req = InferenceRequest(prompt="make the car red", width=width, height=height, steps=4, seed=1,
+                           **parse_flags(a.flags))
+    probe = benchmark.StepProbe(call_index=2)
+    svc.transformer_call_observer = probe.observe
+    try:
+        svc.generate(req, image)  # warm-up: compile / capture, and the probe records real step inputs
+    finally:
+        svc.transformer_call_observer = None
+    plan = svc.plan(req)
+    _, transformer = svc._transformer_for(plan)
+    cuda = svc.device_info.is_cuda
+    with torch.inference_mode():
+        transformer(**probe.inputs)  # one more un-profiled call: no lazy init inside the profile
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(a.calls):
+                transformer(**probe.inputs)
+            if cuda:
+                torch.cuda.synchronize()
+
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    if cuda:  # device time lives on kernels; CPU-side aten ops would double count
+        events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_cat: dict[str, float] = {}
+    for e in events:
+        per_cat[category(e.key)] = per_cat.get(category(e.key), 0.0) + getattr(e, attr) / 1000 / a.calls
+    step_ms = sum(per_cat.values())
+    seq = benchmark.seq_len_for(width, height, edit)
+    fp8 = plan["low_precision"].applied
+    floor = benchmark.floor_ms_per_step(svc.transformer_variants["bf16"], seq, fp8) if cuda else None
+    top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[: a.top]
+
+    applied = [k for k, d in plan.items() if d.applied]
+    print(f"\n{a.workload} {width}x{height} (L={seq}) on {svc.device_info.name}; applied: {', '.join(applied)}")
+    print(f"{'device' if cuda else 'CPU'} time per transformer call: {step_ms:.1f} ms"
+          + (f" (floor {floor:.1f} ms, ratio {step_ms / floor:.2f})" if floor else ""))
+    print("\n| category | ms per step | share |\n|---|---|---|")
+    for cat, ms in sorted(per_cat.items(), key=lambda kv: -kv[1]):
+        print(f"| {cat} | {ms:.2f} | {ms / step_ms:.0%} |")
+    print("\n| top kernels | ms per step | calls per step |\n|---|---|---|")
+    for e in top:
+        print(f"| {e.key[:90]} | {getattr(e, attr) / 1000 / a.calls:.2f} | {e.count // a.calls} |")
+
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"profile-{a.workload}-{'-'.join(applied) or 'none'}"[:120]
+    prof.export_chrome_trace(str(out / f"{stem}.trace.json"))
+    (out / f"{stem}.json").write_text(json.dumps({
+        "workload": a.workload, "width": width, "height": height, "seq_len": seq, "device": svc.device_info.name,
+        "applied": applied, "ms_per_step": step_ms, "floor_ms": floor, "by_category_ms": per_cat,
+        "top": [{"kernel": e.key, "ms_per_step": getattr(e, attr) / 1000 / a.calls, "calls": e.count // a.calls}
+                for e in top]}, indent=1))
+    print(f"\ntrace: {out / (stem + '.trace.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
