@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install the pinned requirements (idempotent: a second run only checks).
-# CPU machines get torch 2.13.0 (CPU build). CUDA users: install the CUDA build of torch into .venv first, e.g.
-#   .venv/bin/pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130
-# then run this script; pip keeps the installed torch because the version matches.
+# CPU machines get torch 2.13.0 (CPU build). CUDA users: create .venv and install the CUDA build of torch 2.13.0
+# into it first (from PyTorch's CUDA wheel index, matching your driver), then run this script; pip keeps the
+# installed torch because the version matches.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
