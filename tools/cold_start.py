@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Cold start with and without the compile cache: start the service twice, report time-to-ready.
+
+    python tools/cold_start.py --model synthetic-full --optimizations qkv_fusion,attention,compile --warmup 1024x1024
+    python tools/cold_start.py --model tiny --device cpu --optimizations compile --warmup 256x256   # CPU check
+
+Each start is a fresh process (nothing shared but the cache directory): load the model, prepare the
+optimisations, warm up the given shapes (compile / capture), then report seconds to ready and the compile-cache
+state (artifacts loaded, inductor FX-graph cache hits and misses). The first start uses an empty cache directory
+(unless --cache-dir names one) and saves the artifacts; the second loads them. Each start gets its own empty
+inductor cache directory, so only the saved artifacts can make the second start warm. Prints a JSON report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    t0 = time.perf_counter()
+    sys.path.insert(0, {root!r})
+    from service import FluxService, ServiceConfig
+    svc = FluxService(ServiceConfig(model={model!r}, device={device!r}, optimizations={opts!r}, cache_dir={cache!r},
+                                    warmup_sizes={sizes!r}))
+    svc.load()
+    ready = time.perf_counter() - t0
+    h = svc.health()
+    print("RESULT " + json.dumps({{"ready_s": round(ready, 2), "load_s": h["model"]["load_seconds"],
+                                  "warmup_ms": h["warmup_ms_total"], "compile_cache": h.get("compile_cache")}}))
+""")
+
+
+def start_once(args, cache_dir: Path, inductor_dir: Path) -> dict:
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.warmup.split(",")]
+    code = CHILD.format(root=str(ROOT), model=args.model, device=args.device, opts=args.optimizations,
+                        cache=str(cache_dir), sizes=sizes)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor_dir), FLUX_LOG_LEVEL="WARNING")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=args.timeout)
+    if out.returncode != 0:
+        raise SystemExit(f"start failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="synthetic-full")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--optimizations", default="qkv_fusion,attention,compile")
+    p.add_argument("--warmup", default="1024x1024", help="comma list of WxH shapes to warm up")
+    p.add_argument("--cache-dir", help="default: a new empty directory")
+    p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument("--json-out")
+    a = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="cold-start-"))
+    cache_dir = Path(a.cache_dir) if a.cache_dir else work / "cache"
+    first = start_once(a, cache_dir, work / "inductor-1")
+    second = start_once(a, cache_dir, work / "inductor-2")
+    report = {"model": a.model, "device": a.device, "optimizations": a.optimizations, "warmup": a.warmup,
+              "first": first, "second": second,
+              "second_over_first": round(second["ready_s"] / first["ready_s"], 3)}
+    print(json.dumps(report, indent=1))
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
