@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,18 @@ class GenerationResult:
     optimizations: dict[str, Decision]
     warnings: list[str]
     latents: Any = None  # final packed latents (for fidelity checks; not sent over HTTP)
+
+
+def _inductor_cache_dir_is_default() -> bool:
+    """True unless the operator chose TORCHINDUCTOR_CACHE_DIR (importing diffusers already sets torch's default)."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None:
+        return True
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # older torch: keep whatever is there
+        return False
+    return os.path.abspath(current) == os.path.abspath(default_cache_dir())
 
 
 class _Timed:
@@ -193,12 +206,17 @@ class FluxService:
             log.info("prepared %s in %.1f s: %s", name, self.prepare_seconds[name], self.prepared[name])
 
     def _open_compile_cache(self, names: list[str]) -> None:
+        root = self.config.cache_dir or model_sources.default_cache_dir()
+        # Inductor's own on-disk cache (compiled kernels, C++ objects) next to the model cache, unless the operator
+        # chose one: a restart on the same machine or volume then skips kernel compilation entirely. The mega-cache
+        # file below is the portable part (it carries GPU kernels, but on CPU the C++ must be rebuilt from it).
+        if _inductor_cache_dir_is_default():
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
         cfg = dict(self.pipe.transformer.config)
         key = cache_key(self.device_info.name, {k: v for k, v in cfg.items() if not k.startswith("_")}
                         | {"source": self.model.source}, names,
                         f"{self.config.compile_mode}/{self.config.compile_scope}/{self.config.inductor_flags}")
-        cache_dir = (self.config.cache_dir or model_sources.default_cache_dir()) / "compile"
-        self.compile_cache = CompileCache(cache_dir, key)
+        self.compile_cache = CompileCache(root / "compile", key)
         self.compile_cache.load()
 
     # ------------------------------------------------------------------------------------------------------
@@ -385,6 +403,7 @@ class FluxService:
             info["compile_cache"] = {"key": self.compile_cache.key, "loaded": self.compile_cache.loaded,
                                      "detail": self.compile_cache.load_detail,
                                      "saved_bytes": self.compile_cache.saved_bytes,
+                                     "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
                                      **self.compile_cache.counters()}
         info["warmup_ms_total"] = round(self.warmup_ms_total, 1)
         if self.device_info.is_cuda:

@@ -230,3 +230,18 @@ def test_compile_cache_key_changes_with_everything_that_changes_the_code():
     assert key != cache_key(*base[:2], ["compile"], base[3])
     assert key != cache_key(*base[:3], "default/full/light")
     assert key != cache_key(*base[:3], "default/regional/seed")
+
+
+def test_inductor_cache_goes_next_to_the_model_cache_unless_the_operator_chose_one(plain, cache_dir, monkeypatch,
+                                                                                   tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing diffusers leaves behind
+    plain._open_compile_cache(["compile"])
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache_dir / "inductor")
+    assert plain.compile_cache.path.parent == cache_dir / "compile"
+    chosen = str(tmp_path / "operator-choice")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", chosen)
+    plain._open_compile_cache(["compile"])
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == chosen
+    plain.compile_cache = None  # the shared fixture stays as it was

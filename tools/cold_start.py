@@ -7,8 +7,10 @@
 Each start is a fresh process (nothing shared but the cache directory): load the model, prepare the
 optimisations, warm up the given shapes (compile / capture), then report seconds to ready and the compile-cache
 state (artifacts loaded, inductor FX-graph cache hits and misses). The first start uses an empty cache directory
-(unless --cache-dir names one) and saves the artifacts; the second loads them. Each start gets its own empty
-inductor cache directory, so only the saved artifacts can make the second start warm. Prints a JSON report.
+(unless --cache-dir names one) and saves the artifacts; the second loads them. By default each start gets its own
+empty inductor cache directory, so only the portable mega-cache file can make the second start warm (a new
+machine or container); `--same-machine` keeps the server's default instead (inductor's cache under the cache
+directory, as on a restart on the same machine or volume). Prints a JSON report.
 """
 from __future__ import annotations
 
@@ -42,7 +44,10 @@ def start_once(args, cache_dir: Path, inductor_dir: Path) -> dict:
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.warmup.split(",")]
     code = CHILD.format(root=str(ROOT), model=args.model, device=args.device, opts=args.optimizations,
                         cache=str(cache_dir), sizes=sizes)
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(inductor_dir), FLUX_LOG_LEVEL="WARNING")
+    env = dict(os.environ, FLUX_LOG_LEVEL="WARNING")
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    if not args.same_machine:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_dir)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=args.timeout)
     if out.returncode != 0:
@@ -58,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--optimizations", default="qkv_fusion,attention,compile")
     p.add_argument("--warmup", default="1024x1024", help="comma list of WxH shapes to warm up")
     p.add_argument("--cache-dir", help="default: a new empty directory")
+    p.add_argument("--same-machine", action="store_true",
+                   help="let both starts share inductor's cache under --cache-dir (the server's default)")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--json-out")
     a = p.parse_args(argv)
@@ -66,6 +73,7 @@ def main(argv=None) -> int:
     first = start_once(a, cache_dir, work / "inductor-1")
     second = start_once(a, cache_dir, work / "inductor-2")
     report = {"model": a.model, "device": a.device, "optimizations": a.optimizations, "warmup": a.warmup,
+              "inductor_cache": "shared (same machine)" if a.same_machine else "fresh per start (new machine)",
               "first": first, "second": second,
               "second_over_first": round(second["ready_s"] / first["ready_s"], 3)}
     print(json.dumps(report, indent=1))
