@@ -73,9 +73,18 @@ _NOT_PER_TOKEN = ("norm", "time_text_embed", "to_qkv", "to_added_qkv", "add_q_pr
 
 
 def linear_token_params(transformer) -> int:
-    """Parameters of the linear layers each token passes through once per step (~6.45 B for FLUX)."""
-    return sum(m.weight.numel() for name, m in transformer.named_modules()
-               if isinstance(m, torch.nn.Linear) and not any(s in name for s in _NOT_PER_TOKEN))
+    """Parameters of the linear layers each token passes through once per step (~6.45 B for FLUX), the same
+    before and after QKV fusion (a fused to_qkv counts where its freed to_q/to_k/to_v did)."""
+    names = {name for name, _ in transformer.named_modules()}
+    total = 0
+    for name, m in transformer.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        if name.endswith(".to_qkv") and name[: -len("to_qkv")] + "to_q" not in names:
+            total += m.weight.numel()
+        elif not any(s in name for s in _NOT_PER_TOKEN):
+            total += m.weight.numel()
+    return total
 
 
 def floor_ms_per_step(transformer, seq_len: int, fp8: bool) -> float:

@@ -245,3 +245,18 @@ def test_inductor_cache_goes_next_to_the_model_cache_unless_the_operator_chose_o
     plain._open_compile_cache(["compile"])
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == chosen
     plain.compile_cache = None  # the shared fixture stays as it was
+
+
+def test_qkv_fusion_frees_the_unfused_projections_and_keeps_the_floor_model(cache_dir, plain):
+    import benchmark
+
+    svc = _service(cache_dir, "qkv_fusion")
+    before = sum(p.numel() for p in plain.pipe.transformer.parameters())
+    after = sum(p.numel() for p in svc.pipe.transformer.parameters())
+    attn = svc.pipe.transformer.transformer_blocks[0].attn
+    assert not hasattr(attn, "to_q") and not hasattr(attn, "add_q_proj")
+    unfused = sum(p.numel() for n, p in plain.pipe.transformer.named_parameters()
+                  if any(f".{u}." in n for u in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")))
+    assert after == before  # fused copies in, unfused copies out: same parameter count
+    assert "freed" in svc.prepared["qkv_fusion"] and unfused > 0
+    assert benchmark.linear_token_params(svc.pipe.transformer) == benchmark.linear_token_params(plain.pipe.transformer)
