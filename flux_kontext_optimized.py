@@ -38,18 +38,9 @@ def _parse_sizes(spec: str | None) -> list[tuple[int, int]]:
 
 
 def config_from_env() -> tuple[ServiceConfig, ServerSettings]:
-    env = os.environ
-    cfg = ServiceConfig(
-        model=env.get("FLUX_MODEL", "tiny"), device=env.get("FLUX_DEVICE") or None,
-        optimizations=env.get("FLUX_OPTIMIZATIONS", "auto"), compile_mode=env.get("FLUX_COMPILE_MODE", "default"),
-        compile_scope=env.get("FLUX_COMPILE_SCOPE", "regional"), inductor_flags=env.get("FLUX_INDUCTOR_FLAGS", "light"),
-        cache_dir=Path(env["FLUX_CACHE_DIR"]) if env.get("FLUX_CACHE_DIR") else None,
-        warmup_sizes=_parse_sizes(env.get("FLUX_WARMUP_SIZES")))
-    settings = ServerSettings(
-        max_queue=int(env.get("FLUX_MAX_QUEUE", 16)), queue_timeout=float(env.get("FLUX_QUEUE_TIMEOUT", 120)),
-        request_timeout=float(env.get("FLUX_REQUEST_TIMEOUT", 600)),
-        shutdown_grace=float(env.get("FLUX_SHUTDOWN_GRACE", 30)))
-    return cfg, settings
+    """What `serve` with no arguments would use: the CLI's defaults, which come from the FLUX_* variables."""
+    a = build_parser().parse_args(["serve"])
+    return _service_config(a), _server_settings(a)
 
 
 class _LazyApp:
@@ -96,6 +87,11 @@ def _service_config(a) -> ServiceConfig:
                          warmup_sizes=_parse_sizes(getattr(a, "warmup", None)))
 
 
+def _server_settings(a) -> ServerSettings:
+    return ServerSettings(max_queue=a.max_queue, queue_timeout=a.queue_timeout, request_timeout=a.request_timeout,
+                          shutdown_grace=a.shutdown_grace)
+
+
 def _load_or_exit(cfg: ServiceConfig) -> FluxService:
     svc = FluxService(cfg)
     try:
@@ -108,8 +104,7 @@ def _load_or_exit(cfg: ServiceConfig) -> FluxService:
 def cmd_serve(a) -> None:
     import uvicorn
 
-    settings = ServerSettings(max_queue=a.max_queue, queue_timeout=a.queue_timeout,
-                              request_timeout=a.request_timeout, shutdown_grace=a.shutdown_grace)
+    settings = _server_settings(a)
     svc = FluxService(_service_config(a))
     if not a.background_load:
         try:  # fail at start-up, with the message, when the model cannot be found
@@ -174,11 +169,8 @@ def cmd_benchmark(a) -> None:
     print(f"\nJSON: {out_dir / (name + '.json')}  chart: {out_dir / (name + '.png')}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=os.environ.get("FLUX_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:  # the seed script's behaviour: unoptimised vs optimised on the configured model
-        argv = ["benchmark"]
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; every default that has a FLUX_* variable reads it here (and only here)."""
     p = argparse.ArgumentParser(prog="flux_kontext_optimized.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -212,13 +204,22 @@ def main(argv: list[str] | None = None) -> None:
     _add_model_args(b, default_opts=None)
     b.add_argument("--workload", choices=["edit-1024", "t2i-1024", "edit-512"])
     b.add_argument("--stages", help="comma list of stage names (default: all)")
-    b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--runs", type=int, default=None, help="timed runs per row (default 5 with --workload, else 3)")
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--width", type=int, default=256)
     b.add_argument("--height", type=int, default=256)
     b.add_argument("--edit", action="store_true")
     b.add_argument("--out-dir", default=os.environ.get("FLUX_BENCH_DIR", "benchmarks/latest"))
     b.set_defaults(fn=cmd_benchmark)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("FLUX_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # the seed script's behaviour: unoptimised vs optimised on the configured model
+        argv = ["benchmark"]
+    p = build_parser()
     a = p.parse_args(argv)
     if a.cmd == "benchmark" and a.optimizations is None:
         # The stage table starts from the naive model and prepares stage by stage; the request benchmark compares
@@ -228,8 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--workload prepares optimisations stage by stage: leave --optimizations unset (or none)")
     if a.cmd == "benchmark" and a.steps is None:
         a.steps = 28 if a.workload else 4
-    if a.cmd == "benchmark" and not a.workload and a.runs == 5:
-        a.runs = 3
+    if a.cmd == "benchmark" and a.runs is None:
+        a.runs = 5 if a.workload else 3
     a.fn(a)
 
 

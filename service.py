@@ -144,6 +144,7 @@ class FluxService:
         device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.device = device
         self.device_info = DeviceInfo.detect(device)
+        self.cache_root = self.config.cache_dir or model_sources.default_cache_dir()
         self.registry = build_registry(self.config.compile_mode, self.config.compile_vae, self.config.compile_scope,
                                        self.config.inductor_flags)
         self.state = "loading"
@@ -153,7 +154,6 @@ class FluxService:
         self.prepared: dict[str, str] = {}  # name -> detail
         self.prepare_seconds: dict[str, float] = {}
         self.transformer_variants: dict[str, Any] = {}  # precision ("bf16", "fp8") -> transformer module
-        self.fp8_prepared = False
         self.vae_decode_eager = None
         self.vae_decode_compiled = None
         self.compile_cache: CompileCache | None = None
@@ -168,8 +168,7 @@ class FluxService:
     # ------------------------------------------------------------------------------------------------------
     def load(self) -> None:
         try:
-            cache_dir = self.config.cache_dir or model_sources.default_cache_dir()
-            self.model = model_sources.load_model(self.config.model, self.device, cache_dir)
+            self.model = model_sources.load_model(self.config.model, self.device, self.cache_root)
             self.pipe = self.model.pipe
             self.transformer_variants["bf16"] = self.pipe.transformer
             self.vae_decode_eager = self.pipe.vae.decode
@@ -206,17 +205,16 @@ class FluxService:
             log.info("prepared %s in %.1f s: %s", name, self.prepare_seconds[name], self.prepared[name])
 
     def _open_compile_cache(self, names: list[str]) -> None:
-        root = self.config.cache_dir or model_sources.default_cache_dir()
         # Inductor's own on-disk cache (compiled kernels, C++ objects) next to the model cache, unless the operator
         # chose one: a restart on the same machine or volume then skips kernel compilation entirely. The mega-cache
         # file below is the portable part (it carries GPU kernels, but on CPU the C++ must be rebuilt from it).
         if _inductor_cache_dir_is_default():
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.cache_root / "inductor")
         cfg = dict(self.pipe.transformer.config)
         key = cache_key(self.device_info.name, {k: v for k, v in cfg.items() if not k.startswith("_")}
                         | {"source": self.model.source}, names,
                         f"{self.config.compile_mode}/{self.config.compile_scope}/{self.config.inductor_flags}")
-        self.compile_cache = CompileCache(root / "compile", key)
+        self.compile_cache = CompileCache(self.cache_root / "compile", key)
         self.compile_cache.load()
 
     # ------------------------------------------------------------------------------------------------------
@@ -266,10 +264,9 @@ class FluxService:
         precision = "fp8" if plan["low_precision"].applied else "bf16"
         module = self.transformer_variants[precision]
         if plan["cuda_graphs"].applied:
-            key = precision
-            if key not in self.cuda_graph_runners:
-                self.cuda_graph_runners[key] = CudaGraphTransformer(module, self.cuda_graph_pool)
-            module = self.cuda_graph_runners[key]
+            if precision not in self.cuda_graph_runners:
+                self.cuda_graph_runners[precision] = CudaGraphTransformer(module, self.cuda_graph_pool)
+            module = self.cuda_graph_runners[precision]
         return precision, module
 
     def generate(self, req: InferenceRequest, image: Image.Image | None = None,

@@ -65,6 +65,5 @@ class LowPrecision(Optimization):
         if "compile" in service.prepared:  # prepared after compile (the benchmark's stage order): compile it too
             service.registry["compile"].compile_transformer(q)
         service.transformer_variants["fp8"] = q
-        service.fp8_prepared = True
         self.description = desc
         return f"{desc}; separate copy, bf16 kept for exact requests"

@@ -15,7 +15,7 @@ class QKVFusion(Optimization):
     toggle = False
 
     def prepare(self, service) -> str:
-        if service.fp8_prepared:
+        if "fp8" in service.transformer_variants:
             raise RuntimeError("QKV fusion must be prepared before the low-precision copy is made")
         transformer = service.transformer_variants["bf16"]
         transformer.fuse_qkv_projections()

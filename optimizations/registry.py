@@ -28,7 +28,8 @@ NOT_AUTO_ON_CPU = {"compile", "qkv_fusion", "channels_last"}
 
 def build_registry(compile_mode: str = "default", compile_vae: bool = True, compile_scope: str = "regional",
                    inductor_flags: str = "light") -> dict[str, Optimization]:
-    opts = [Compile(mode=compile_mode, compile_vae=compile_vae, scope=compile_scope, inductor_flags=inductor_flags), QKVFusion(), ChannelsLast(), FirstBlockCacheOpt(), Attention(),
+    opts = [Compile(mode=compile_mode, compile_vae=compile_vae, scope=compile_scope, inductor_flags=inductor_flags),
+            QKVFusion(), ChannelsLast(), FirstBlockCacheOpt(), Attention(),
             LowPrecision(), DPMSolver(), CudaGraphs()]
     reg = {o.name: o for o in opts}
     assert list(reg) == STACK_ORDER

@@ -106,6 +106,18 @@ class LiveServer:
         self._log.flush()
         return self.log_path.read_text()
 
+    def __enter__(self) -> "LiveServer":
+        """`with LiveServer(...) as server:` waits until it serves, and stops it on the way out."""
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -120,12 +132,8 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def live_server(cache_dir):
-    server = LiveServer(cache_dir, "--max-queue", "4")
-    try:
-        server.wait_ready()
+    with LiveServer(cache_dir, "--max-queue", "4") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

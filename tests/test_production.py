@@ -136,12 +136,8 @@ def sample_value(samples, name: str, **labels) -> float | None:
 @pytest.fixture(scope="module")
 def server(cache_dir):
     # The flux.* loggers follow FLUX_LOG_LEVEL (root logger, INFO by default); --log-level only sets uvicorn's.
-    s = LiveServer(cache_dir, "--max-queue", "4", "--shutdown-grace", "5", env={"FLUX_LOG_LEVEL": "INFO"})
-    try:
-        s.wait_ready()
+    with LiveServer(cache_dir, "--max-queue", "4", "--shutdown-grace", "5", env={"FLUX_LOG_LEVEL": "INFO"}) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
