@@ -19,7 +19,7 @@ from optimizations.compile_cache import CompileCache, cache_key
 from optimizations.cuda_graphs import CudaGraphTransformer
 from optimizations.registry import STACK_ORDER, build_registry, resolve_names
 from schemas import DEFAULT_DPM_STEPS, DEFAULT_STEPS, MAX_SEED, InferenceRequest
-from utils import StageTimer, default_size_for
+from utils import StageTimer, default_size_for, module_bytes
 
 log = logging.getLogger("flux.service")
 
@@ -396,6 +396,8 @@ class FluxService:
                    "prepare_seconds": round(self.prepare_seconds.get(name, 0.0), 2)}
             for name in STACK_ORDER}
         info["transformer_variants"] = sorted(self.transformer_variants)
+        # Weights each variant holds (fp8: fp8 data + scales + the linears kept in bf16), measured from its tensors.
+        info["transformer_variant_bytes"] = {name: module_bytes(m) for name, m in self.transformer_variants.items()}
         if self.compile_cache is not None:
             info["compile_cache"] = {"key": self.compile_cache.key, "loaded": self.compile_cache.loaded,
                                      "detail": self.compile_cache.load_detail,

@@ -124,3 +124,20 @@ class StageTimer:
             ms = a.elapsed_time(b) if self.cuda else (b - a) * 1000.0
             out[stage] = out.get(stage, 0.0) + ms
         return out
+
+
+def module_bytes(module) -> int:
+    """Bytes held by a module's parameters and buffers, counting quantised tensor subclasses (torchao's Float8Tensor
+    and friends) by their inner tensors (fp8 data + scales), so an fp8 copy reports what it really occupies."""
+    def tensor_bytes(t) -> int:
+        if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Parameter", "Tensor"):
+            names, _ = t.__tensor_flatten__()
+            return sum(tensor_bytes(getattr(t, n)) for n in names)
+        return t.numel() * t.element_size()
+
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t.data if type(t).__name__ == "Parameter" else t)
+    return total

@@ -25,7 +25,9 @@ def quant_config(capability: tuple[int, int]):
                                                  weight_dtype=torch.float4_e2m1fn_x2), "MXFP4 (torchao mx_formats)"
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
 
-    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), \
+    # set_inductor_config=False: torchao's default switches coordinate-descent tuning on process-wide, which made
+    # every later compile (bf16 included) several times slower and silently overrode the operator's inductor preset.
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False), \
         "float8 e4m3, row-wise dynamic activation + weight scales (torchao)"
 
 

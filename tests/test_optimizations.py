@@ -14,6 +14,7 @@ from optimizations.base import DeviceInfo
 from optimizations.registry import PREPARE_ORDER, STACK_ORDER, build_registry, resolve_names
 from schemas import InferenceRequest
 from service import FluxService, ServiceConfig, StrictError
+from utils import module_bytes
 
 CPU = DeviceInfo("cpu", "cpu", None)
 H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0))
@@ -260,3 +261,24 @@ def test_qkv_fusion_frees_the_unfused_projections_and_keeps_the_floor_model(cach
     assert after == before  # fused copies in, unfused copies out: same parameter count
     assert "freed" in svc.prepared["qkv_fusion"] and unfused > 0
     assert benchmark.linear_token_params(svc.pipe.transformer) == benchmark.linear_token_params(plain.pipe.transformer)
+
+
+def test_fp8_quantisation_leaves_the_inductor_preset_alone(monkeypatch):
+    """torchao's default set_inductor_config=True turns coordinate-descent tuning on process-wide (it made the fp8
+    compile 5x slower on an H200 and changed every later compile); our config must not touch inductor's settings.
+    The hardware check is bypassed so the weight quantisation itself runs on CPU (no fp8 matmul is executed)."""
+    import torch._inductor.config as ic
+    import torchao.quantization.quant_api as quant_api
+    from torchao.quantization import quantize_
+
+    from optimizations.low_precision import quant_config
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *a, **k: None)
+    monkeypatch.setattr(ic, "coordinate_descent_tuning", False)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)).to(torch.bfloat16)
+    assert module_bytes(model) == 2 * (64 * 128 + 128 + 128 * 64 + 64)
+    quantize_(model, quant_config((9, 0))[0])
+    assert type(model[0].weight).__name__ == "Float8Tensor"  # it really quantised
+    assert ic.coordinate_descent_tuning is False
+    # what the fp8 copy occupies: 1-byte weights, one fp32 scale per output row, bf16 biases
+    assert module_bytes(model) == (64 * 128 + 128 * 64) + 4 * (128 + 64) + 2 * (128 + 64)

@@ -12,10 +12,12 @@ def test_profile_step_summarises_a_real_step(tmp_path, cache_dir, monkeypatch):
     import profile_step
 
     rc = profile_step.main(["--model", "tiny", "--device", "cpu", "--workload", "edit-512", "--width", "256",
-                            "--height", "256", "--optimizations", "qkv_fusion", "--calls", "2",
-                            "--out-dir", str(tmp_path)])
+                            "--height", "256", "--optimizations", "qkv_fusion,first_block_cache", "--calls", "2",
+                            "--flags", "--flags", "use_first_block_cache=true", "--out-dir", str(tmp_path)])
     assert rc == 0
-    summary = json.loads(next(tmp_path.glob("profile-*.json")).read_text())
+    summaries = [json.loads(p.read_text()) for p in tmp_path.glob("profile-*.json") if ".trace" not in p.name]
+    assert sorted(s["applied"] for s in summaries) == [["qkv_fusion"], ["qkv_fusion", "first_block_cache"]]
+    summary = next(s for s in summaries if s["applied"] == ["qkv_fusion"])
     assert summary["applied"] == ["qkv_fusion"] and summary["seq_len"] == 2 * 256 + 512
     assert summary["ms_per_step"] > 0 and summary["by_category_ms"]["attention"] > 0
     assert abs(sum(summary["by_category_ms"].values()) - summary["ms_per_step"]) < 1e-6

@@ -450,6 +450,8 @@ def test_health_ready(client):
     assert info["optimizations"]["dpm_solver"]["prepared"] is True  # per-request ones are
     assert info["optimizations"]["cuda_graphs"]["prepared"] is False
     assert all(o["detail"] for o in info["optimizations"].values())
+    tiny_params = sum(p.numel() for p in client.app.state.service.transformer_variants["bf16"].parameters())
+    assert info["transformer_variant_bytes"] == {"bf16": tiny_params * 4}  # fp32 on CPU
     r = client.get("/live")
     assert r.status_code == 200 and r.json() == {"status": "alive"}
 

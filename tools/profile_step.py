@@ -61,25 +61,45 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, help="override the workload's size (e.g. 256 for tiny on CPU)")
     p.add_argument("--height", type=int)
     p.add_argument("--optimizations", default="none")
-    p.add_argument("--flags", nargs="*", default=[], help="request flags, e.g. use_mxfp4=true")
+    p.add_argument("--flags", nargs="*", action="append",
+                   help="request flags, e.g. use_mxfp4=true; repeat --flags to profile several plans in one process")
+    p.add_argument("--compile-mode", default="default")
+    p.add_argument("--compile-scope", default="regional", choices=["regional", "full"])
+    p.add_argument("--inductor-flags", default="light")
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out-dir", default="benchmarks/latest")
     a = p.parse_args(argv)
 
-    svc = FluxService(ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations))
+    svc = FluxService(ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations,
+                                    compile_mode=a.compile_mode, compile_scope=a.compile_scope,
+                                    inductor_flags=a.inductor_flags))
     svc.load()
     width, height, edit = benchmark.WORKLOADS[a.workload]
     width, height = a.width or width, a.height or height
     image = benchmark._test_image(width, height) if edit else None
-    req = InferenceRequest(prompt="make the car red", width=width, height=height, steps=4, seed=1,
-                           **parse_flags(a.flags))
+    reports = [profile_plan(svc, a, width, height, image, parse_flags(flags)) for flags in (a.flags or [[]])]
+    if len(reports) > 1:
+        print("\n| plan | ms per step | floor | ratio | cold start (s) |\n|---|---|---|---|---|")
+        for r in reports:
+            print(f"| {', '.join(r['applied'])} | {r['ms_per_step']:.1f} | {r['floor_ms'] or 0:.1f} | "
+                  f"{r['ms_per_step'] / r['floor_ms'] if r['floor_ms'] else 0:.2f} | {r['cold_start_s']:.1f} |")
+    return 0
+
+
+def profile_plan(svc, a, width, height, image, flags: dict) -> dict:
+    """Warm up one plan (compile / capture), then profile `a.calls` transformer calls; prints and saves a summary."""
+    import time
+
+    req = InferenceRequest(prompt="make the car red", width=width, height=height, steps=4, seed=1, **flags)
     probe = benchmark.StepProbe(call_index=2)
     svc.transformer_call_observer = probe.observe
+    t0 = time.perf_counter()
     try:
         svc.generate(req, image)  # warm-up: compile / capture, and the probe records real step inputs
     finally:
         svc.transformer_call_observer = None
+    cold_start_s = time.perf_counter() - t0
     plan = svc.plan(req)
     _, transformer = svc._transformer_for(plan)
     cuda = svc.device_info.is_cuda
@@ -100,13 +120,14 @@ def main(argv=None) -> int:
     for e in events:
         per_cat[category(e.key)] = per_cat.get(category(e.key), 0.0) + getattr(e, attr) / 1000 / a.calls
     step_ms = sum(per_cat.values())
-    seq = benchmark.seq_len_for(width, height, edit)
+    seq = benchmark.seq_len_for(width, height, image is not None)
     fp8 = plan["low_precision"].applied
     floor = benchmark.floor_ms_per_step(svc.transformer_variants["bf16"], seq, fp8) if cuda else None
     top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[: a.top]
 
     applied = [k for k, d in plan.items() if d.applied]
-    print(f"\n{a.workload} {width}x{height} (L={seq}) on {svc.device_info.name}; applied: {', '.join(applied)}")
+    print(f"\n{a.workload} {width}x{height} (mode {a.compile_mode}, scope {a.compile_scope}, flags {a.inductor_flags})")
+    print(f"{a.workload} {width}x{height} (L={seq}) on {svc.device_info.name}; applied: {', '.join(applied)}")
     print(f"{'device' if cuda else 'CPU'} time per transformer call: {step_ms:.1f} ms"
           + (f" (floor {floor:.1f} ms, ratio {step_ms / floor:.2f})" if floor else ""))
     print("\n| category | ms per step | share |\n|---|---|---|")
@@ -118,15 +139,18 @@ def main(argv=None) -> int:
 
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"profile-{a.workload}-{'-'.join(applied) or 'none'}"[:120]
+    stem = f"profile-{a.workload}-{a.compile_mode}-{'-'.join(applied) or 'none'}"[:120]
     prof.export_chrome_trace(str(out / f"{stem}.trace.json"))
-    (out / f"{stem}.json").write_text(json.dumps({
+    report = {
         "workload": a.workload, "width": width, "height": height, "seq_len": seq, "device": svc.device_info.name,
-        "applied": applied, "ms_per_step": step_ms, "floor_ms": floor, "by_category_ms": per_cat,
+        "compile": {"mode": a.compile_mode, "scope": a.compile_scope, "inductor_flags": a.inductor_flags},
+        "applied": applied, "cold_start_s": round(cold_start_s, 2), "ms_per_step": step_ms, "floor_ms": floor,
+        "by_category_ms": per_cat,
         "top": [{"kernel": e.key, "ms_per_step": getattr(e, attr) / 1000 / a.calls, "calls": e.count // a.calls}
-                for e in top]}, indent=1))
+                for e in top]}
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     print(f"\ntrace: {out / (stem + '.trace.json')}")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
