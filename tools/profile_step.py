@@ -79,6 +79,10 @@ def main(argv=None) -> int:
     width, height = a.width or width, a.height or height
     image = benchmark._test_image(width, height) if edit else None
     reports = [profile_plan(svc, a, width, height, image, parse_flags(flags)) for flags in (a.flags or [[]])]
+    gib = {k: round(v / 2**30, 2) for k, v in svc.health()["transformer_variant_bytes"].items()}
+    print(f"\ntransformer weights per variant (GiB): {gib}")
+    if cuda_mem := (torch.cuda.max_memory_allocated() / 2**30 if svc.device_info.is_cuda else None):
+        print(f"peak GPU memory allocated over the whole run: {cuda_mem:.2f} GiB")
     if len(reports) > 1:
         print("\n| plan | ms per step | floor | ratio | cold start (s) |\n|---|---|---|---|---|")
         for r in reports:
