@@ -282,3 +282,20 @@ def test_fp8_quantisation_leaves_the_inductor_preset_alone(monkeypatch):
     assert ic.coordinate_descent_tuning is False
     # what the fp8 copy occupies: 1-byte weights, one fp32 scale per output row, bf16 biases
     assert module_bytes(model) == (64 * 128 + 128 * 64) + 4 * (128 + 64) + 2 * (128 + 64)
+
+
+def test_fp8_quantises_every_token_wise_block_linear_and_keeps_the_rest_bf16(plain):
+    """The filter is by exact name: the single blocks' own proj_out (their largest GEMM) is quantised, the top-level
+    proj_out, embedders and the per-step modulation GEMVs are not."""
+    from optimizations.low_precision import skip_module
+
+    transformer = plain.pipe.transformer
+    quantised = {n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and not skip_module(m, n)}
+    kept = {n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)} - quantised
+    assert "single_transformer_blocks.0.proj_out" in quantised and "single_transformer_blocks.1.proj_mlp" in quantised
+    assert "transformer_blocks.0.ff.net.2" in quantised and "transformer_blocks.0.attn.to_add_out" in quantised
+    assert {"proj_out", "norm_out.linear", "x_embedder", "context_embedder",
+            "transformer_blocks.0.norm1.linear", "transformer_blocks.0.norm1_context.linear",
+            "single_transformer_blocks.0.norm.linear"} <= kept
+    assert all(n.startswith(("time_text_embed.", "proj_out", "norm_out", "x_embedder", "context_embedder"))
+               or n.endswith(("norm1.linear", "norm1_context.linear", "norm.linear")) for n in kept)

@@ -25,3 +25,10 @@ def test_profile_step_summarises_a_real_step(tmp_path, cache_dir, monkeypatch):
     assert profile_step.category("sm90_xmma_gemm_bf16") == "gemm"
     assert profile_step.category("cudnn_generated_fort_native_sdpa_sm90") == "attention"
     assert profile_step.category("triton_poi_fused_mul_0") == "norm / elementwise (triton)"
+    # names seen in the 2026-11-22 H200 profiles
+    assert profile_step.category("nvjet_sm90_qqtst_128x128_128x6_2x1_v_bz_ovscale_bias_TNT") == "gemm (fp8)"
+    assert profile_step.category("nvjet_sm90_tst_256x128_64x4_2x4_h_bz_coopA_bias_TNT") == "gemm"
+    assert profile_step.category("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_gelu_t_unsqueeze_view_17") \
+        == "activation quantisation (fused)"
+    assert profile_step.category("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention__to_copy_add") \
+        == "norm / elementwise (triton)"
