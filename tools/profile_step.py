@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile-mode", default="default")
     p.add_argument("--compile-scope", default="regional", choices=["regional", "full"])
     p.add_argument("--inductor-flags", default="light")
+    p.add_argument("--no-compile-vae", action="store_true", help="compile the transformer only (faster experiments)")
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--out-dir", default="benchmarks/latest")
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
 
     svc = FluxService(ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations,
                                     compile_mode=a.compile_mode, compile_scope=a.compile_scope,
-                                    inductor_flags=a.inductor_flags))
+                                    inductor_flags=a.inductor_flags, compile_vae=not a.no_compile_vae))
     svc.load()
     width, height, edit = benchmark.WORKLOADS[a.workload]
     width, height = a.width or width, a.height or height
