@@ -148,7 +148,7 @@ def profile_plan(svc, a, width, height, image, flags: dict) -> dict:
 
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"profile-{a.workload}-{a.compile_mode}-{'-'.join(applied) or 'none'}"[:120]
+    stem = f"profile-{a.workload}-{a.compile_mode}-{a.inductor_flags}-{'-'.join(applied) or 'none'}"[:120]
     prof.export_chrome_trace(str(out / f"{stem}.trace.json"))
     report = {
         "workload": a.workload, "width": width, "height": height, "seq_len": seq, "device": svc.device_info.name,
