@@ -11,7 +11,6 @@ exact bf16 model. Lossy: fidelity against bf16 is reported by the benchmark and 
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 
@@ -52,48 +51,6 @@ def skip_module(module: torch.nn.Module, fqn: str) -> bool:
     return module.in_features % 16 != 0 or module.out_features % 16 != 0
 
 
-# A/B switch for the benchmark (FLUX_FP8_SPLIT_PROJ_OUT=0 turns it off); on by default, see SplitProjOut.
-SPLIT_SINGLE_PROJ_OUT = os.environ.get("FLUX_FP8_SPLIT_PROJ_OUT", "1") != "0"
-
-
-class SplitProjOut(torch.nn.Module):
-    """A single block's proj_out (Linear(dim + mlp_dim -> dim)) as two linears over the two halves of its input.
-
-    The block feeds proj_out `cat([attention_output, gelu(mlp)])`. Quantised whole, that input needs a row-wise amax
-    over the 15,360-wide concatenation: inductor emits a reduction that re-reads both halves and recomputes the GELU,
-    then a second kernel that quantises (5.6 ms per step at edit-512 on an H200, more than the fp8 GEMM saves).
-    Split, each half gets its own row scale (finer, not coarser), the GELU half's quantisation fuses with the GELU
-    as it does in the double blocks' feed-forward, and the concatenation is never needed. Same maths:
-    W @ [a; m] + b == W_a @ a + (W_m @ m + b).
-    """
-
-    def __init__(self, linear: torch.nn.Linear, split: int):
-        super().__init__()
-        w, b = linear.weight.detach(), linear.bias
-        self.split = split
-        self.attn = torch.nn.Linear(split, linear.out_features, bias=False, device=w.device, dtype=w.dtype)
-        self.mlp = torch.nn.Linear(linear.in_features - split, linear.out_features, bias=b is not None,
-                                   device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            self.attn.weight.copy_(w[:, :split])
-            self.mlp.weight.copy_(w[:, split:])
-            if b is not None:
-                self.mlp.bias.copy_(b)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.attn(x[..., : self.split]) + self.mlp(x[..., self.split:])
-
-
-def split_single_block_proj_out(transformer: torch.nn.Module) -> int:
-    """Replace every single block's proj_out with a SplitProjOut (in the copy that is about to be quantised)."""
-    n = 0
-    for block in getattr(transformer, "single_transformer_blocks", []):
-        if isinstance(block.proj_out, torch.nn.Linear):
-            block.proj_out = SplitProjOut(block.proj_out, block.proj_out.out_features)  # attention output is `dim`
-            n += 1
-    return n
-
-
 class LowPrecision(Optimization):
     name, flag, load_time, lossy = "low_precision", "use_mxfp4", True, True
 
@@ -116,11 +73,9 @@ class LowPrecision(Optimization):
             q = copy.deepcopy(bf16)  # an installed first-block cache is copied as its own (see its __deepcopy__)
         finally:
             restore_compiled(saved)
-        split = split_single_block_proj_out(q) if SPLIT_SINGLE_PROJ_OUT else 0
         quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
         if "compile" in service.prepared:  # prepared after compile (the benchmark's stage order): compile it too
             service.registry["compile"].compile_transformer(q)
         service.transformer_variants["fp8"] = q
         self.description = desc
-        return (f"{desc}; separate copy, bf16 kept for exact requests"
-                + (f"; {split} single-block proj_out split in two (attention | MLP halves)" if split else ""))
+        return f"{desc}; separate copy, bf16 kept for exact requests"

@@ -299,28 +299,3 @@ def test_fp8_quantises_every_token_wise_block_linear_and_keeps_the_rest_bf16(pla
             "single_transformer_blocks.0.norm.linear"} <= kept
     assert all(n.startswith(("time_text_embed.", "proj_out", "norm_out", "x_embedder", "context_embedder"))
                or n.endswith(("norm1.linear", "norm1_context.linear", "norm.linear")) for n in kept)
-
-
-def test_split_proj_out_is_the_same_linear_and_the_block_output_is_unchanged(plain):
-    """The fp8 copy splits each single block's proj_out into attention and MLP halves: same maths, checked on a real
-    FluxSingleTransformerBlock of the tiny model (fp32 on CPU; only summation order differs)."""
-    import copy
-
-    from optimizations.low_precision import SplitProjOut, skip_module, split_single_block_proj_out
-
-    transformer = copy.deepcopy(plain.pipe.transformer)
-    block = transformer.single_transformer_blocks[0]
-    dim = block.proj_out.out_features
-    g = torch.Generator().manual_seed(0)
-    hidden, context = torch.randn(1, 16, dim, generator=g), torch.randn(1, 8, dim, generator=g)
-    temb = torch.randn(1, dim, generator=g)
-    with torch.no_grad():
-        ref = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
-        assert split_single_block_proj_out(transformer) == len(transformer.single_transformer_blocks)
-        assert isinstance(block.proj_out, SplitProjOut)
-        out = block(hidden_states=hidden, encoder_hidden_states=context, temb=temb)
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # both halves are quantised like any token-wise block linear
-    names = {n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and not skip_module(m, n)}
-    assert {"single_transformer_blocks.0.proj_out.attn", "single_transformer_blocks.0.proj_out.mlp"} <= names
