@@ -35,9 +35,9 @@ def quant_config(capability: tuple[int, int]):
 # projection are tiny and precision-critical. Matched exactly: a substring test would also catch the 38 single
 # blocks' own `proj_out` (15360 -> 3072, their largest GEMM), which a 2026-11-21 profile found left in bf16.
 BF16_TOP_LEVEL = ("x_embedder", "context_embedder", "proj_out", "norm_out.linear")
-# AdaLN modulation linears act on one conditioning vector per step (M = 1): weight-bandwidth-bound GEMVs, where the
-# fp8 GEMM with its 128-row tiles and a separate activation quantisation measured slower than bf16 (H200, edit-512:
-# 3.1 vs 2.2 ms per step over 3.2 B parameters); they also set every block's scale, shift and gate.
+# AdaLN modulation linears act on one conditioning vector per step (M = 1) and produce every block's scale, shift
+# and gate, so an error there scales whole activations: kept in bf16 for precision. Measured cost (H200, edit-512
+# profiles): 2.1 ms per step as bf16 GEMVs vs 1.8 ms as fp8 GEMMs including their activation quantisation.
 MODULATION_SUFFIXES = (".norm1.linear", ".norm1_context.linear", ".norm.linear")
 
 
