@@ -299,3 +299,30 @@ def test_fp8_quantises_every_token_wise_block_linear_and_keeps_the_rest_bf16(pla
             "single_transformer_blocks.0.norm.linear"} <= kept
     assert all(n.startswith(("time_text_embed.", "proj_out", "norm_out", "x_embedder", "context_embedder"))
                or n.endswith(("norm1.linear", "norm1_context.linear", "norm.linear")) for n in kept)
+
+
+def test_single_blocks_without_concat_compute_the_same_thing(plain):
+    """The fp8 copy's single blocks call proj_out's two halves instead of proj_out(cat(...)): same maths, checked on
+    every single block of the tiny transformer and on the whole transformer (fp32 on CPU; summation order only)."""
+    import copy
+
+    from optimizations.low_precision import SplitProjOut, skip_module, split_single_block_proj_out
+
+    ref_model = plain.pipe.transformer
+    model = copy.deepcopy(ref_model)
+    assert split_single_block_proj_out(model) == len(model.single_transformer_blocks)
+    assert all(isinstance(b.proj_out, SplitProjOut) for b in model.single_transformer_blocks)
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    n_img, n_txt = 16, 8
+    ids = torch.zeros(n_img, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(n_img) // 4, torch.arange(n_img) % 4
+    inputs = dict(hidden_states=torch.randn(1, n_img, cfg.in_channels, generator=g),
+                  encoder_hidden_states=torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g),
+                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                  timestep=torch.tensor([0.7]), img_ids=ids, txt_ids=torch.zeros(n_txt, 3),
+                  guidance=torch.tensor([2.5]) if cfg.guidance_embeds else None, return_dict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs)[0], ref_model(**inputs)[0], rtol=1e-5, atol=1e-5)
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not skip_module(m, n)}
+    assert {"single_transformer_blocks.0.proj_out.attn", "single_transformer_blocks.0.proj_out.mlp"} <= names
