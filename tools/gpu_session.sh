@@ -18,7 +18,7 @@ mode=$1; shift
 case "$mode" in
   tests) python3 -m pytest -q -m gpu -s -p no:cacheprovider "${@:-tests/test_gpu.py}" 2>&1 | tee -a "$OUT/gpu_tests.log" ;;
   bench) python3 flux_kontext_optimized.py benchmark --model synthetic-full --out-dir "$OUT" "$@" 2>&1 \
-           | grep -v "Warning\|warn(" | tee "$OUT/bench.log" ;;
+           | grep -v "Warning\|warn(" | tee -a "$OUT/bench.log" ;;
   profile) python3 tools/profile_step.py --out-dir "$OUT" "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/profile.log" ;;
   coldstart) python3 tools/cold_start.py --json-out "$OUT/cold_start-$(date +%s).json" "$@" 2>&1 \
            | tee -a "$OUT/cold_start.log" ;;
