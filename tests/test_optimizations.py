@@ -306,11 +306,13 @@ def test_single_blocks_without_concat_compute_the_same_thing(plain):
     every single block of the tiny transformer and on the whole transformer (fp32 on CPU; summation order only)."""
     import copy
 
-    from optimizations.low_precision import SplitProjOut, skip_module, split_single_block_proj_out
+    from optimizations.fp8_single_blocks import SplitProjOut, split_single_block_proj_out
+    from optimizations.low_precision import skip_module
 
     ref_model = plain.pipe.transformer
     model = copy.deepcopy(ref_model)
-    assert split_single_block_proj_out(model) == len(model.single_transformer_blocks)
+    n = len(model.single_transformer_blocks)
+    assert split_single_block_proj_out(model) == f"{n} single blocks without the proj_out concatenation"
     assert all(isinstance(b.proj_out, SplitProjOut) for b in model.single_transformer_blocks)
     cfg = model.config
     g = torch.Generator().manual_seed(0)
@@ -326,3 +328,19 @@ def test_single_blocks_without_concat_compute_the_same_thing(plain):
         torch.testing.assert_close(model(**inputs)[0], ref_model(**inputs)[0], rtol=1e-5, atol=1e-5)
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not skip_module(m, n)}
     assert {"single_transformer_blocks.0.proj_out.attn", "single_transformer_blocks.0.proj_out.mlp"} <= names
+
+
+def test_single_block_rewrite_is_skipped_and_says_why(plain, monkeypatch):
+    import copy
+
+    import diffusers
+
+    from optimizations.fp8_single_blocks import split_single_block_proj_out
+
+    model = copy.deepcopy(plain.pipe.transformer)
+    monkeypatch.setenv("FLUX_FP8_SPLIT_PROJ_OUT", "0")
+    assert "unchanged (FLUX_FP8_SPLIT_PROJ_OUT=0)" in split_single_block_proj_out(model)
+    monkeypatch.delenv("FLUX_FP8_SPLIT_PROJ_OUT")
+    monkeypatch.setattr(diffusers, "__version__", "9.9.9")
+    assert "not 9.9.9" in split_single_block_proj_out(model)
+    assert all(isinstance(b.proj_out, torch.nn.Linear) for b in model.single_transformer_blocks)
