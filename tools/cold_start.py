@@ -5,8 +5,8 @@
     python tools/cold_start.py --model tiny --device cpu --optimizations compile --warmup 256x256   # CPU check
 
 Each start is a fresh process (nothing shared but the cache directory): load the model, prepare the
-optimisations, warm up the given shapes (compile / capture), then report seconds to ready and the compile-cache
-state (artifacts loaded, inductor FX-graph cache hits and misses). The first start uses an empty cache directory
+optimisations, warm up the given shapes (compile / capture), then report seconds to ready, split into imports,
+model load, each optimisation's preparation and the warm-up, and the compile-cache state (artifacts loaded, inductor FX-graph cache hits and misses). The first start uses an empty cache directory
 (unless --cache-dir names one) and saves the artifacts; the second loads them. By default each start gets its own
 empty inductor cache directory, so only the portable mega-cache file can make the second start warm (a new
 machine or container); `--same-machine` keeps the server's default instead (inductor's cache under the cache
@@ -30,12 +30,15 @@ CHILD = textwrap.dedent("""
     t0 = time.perf_counter()
     sys.path.insert(0, {root!r})
     from service import FluxService, ServiceConfig
+    import_s = time.perf_counter() - t0
     svc = FluxService(ServiceConfig(model={model!r}, device={device!r}, optimizations={opts!r}, cache_dir={cache!r},
                                     warmup_sizes={sizes!r}))
     svc.load()
     ready = time.perf_counter() - t0
     h = svc.health()
-    print("RESULT " + json.dumps({{"ready_s": round(ready, 2), "load_s": h["model"]["load_seconds"],
+    prepare_s = {{k: v["prepare_seconds"] for k, v in h["optimizations"].items() if v["prepared"]}}
+    print("RESULT " + json.dumps({{"ready_s": round(ready, 2), "import_s": round(import_s, 2),
+                                  "load_s": h["model"]["load_seconds"], "prepare_s": prepare_s,
                                   "warmup_ms": h["warmup_ms_total"], "compile_cache": h.get("compile_cache")}}))
 """)
 
