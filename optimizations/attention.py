@@ -2,8 +2,9 @@
 
 Preference: FA3 (`flash_attn_interface`) > cuDNN SDPA. flash-attn is not installable on our GPU machines
 (DESIGN.md), and torch 2.11's cuDNN SDPA measured at FA3 level on Hopper, so the usual result there is cuDNN.
-flash-attn-4 is not offered: diffusers 0.42.1 reaches it only as a hub kernel (`flash_4_hub`, a download at run
-time), which our machines cannot do. The backend is set on the transformer's attention processors at load time (before
+flash-attn-4 is detected (`flash_attn.cute`) and reported, but not used: diffusers 0.42.1 reaches it only as a hub
+kernel (`flash_4_hub`, a download at run time through the `kernels` package), which our machines cannot do, and its
+92 MB wheel is not on them, so it has never been measured here (DESIGN.md). The backend is set on the transformer's attention processors at load time (before
 compilation), so compiled graphs contain the kernel directly: no graph break per call.
 """
 from __future__ import annotations
@@ -24,7 +25,11 @@ def best_backend(device: DeviceInfo) -> tuple[str, str]:
     """(diffusers backend name, human description)."""
     if _importable("flash_attn_interface") and device.capability and device.capability[0] == 9:
         return "_flash_3", "FlashAttention-3 (flash_attn_interface)"
-    return "_native_cudnn", "cuDNN SDPA (FA3 not importable; cuDNN measured at FA3 level on Hopper)"
+    if _importable("flash_attn.cute"):  # flash-attn-4 is installed, but diffusers cannot call a local copy
+        return "_native_cudnn", ("cuDNN SDPA (FA3 not importable; flash-attn-4 is importable but diffusers 0.42.1 "
+                                 "calls it only as a hub kernel downloaded at run time, so it is not used)")
+    return "_native_cudnn", ("cuDNN SDPA (neither FA3 nor flash-attn-4 importable; cuDNN measured at FA3 level on "
+                             "Hopper)")
 
 
 class Attention(Optimization):

@@ -344,3 +344,15 @@ def test_single_block_rewrite_is_skipped_and_says_why(plain, monkeypatch):
     monkeypatch.setattr(diffusers, "__version__", "9.9.9")
     assert "not 9.9.9" in split_single_block_proj_out(model)
     assert all(isinstance(b.proj_out, torch.nn.Linear) for b in model.single_transformer_blocks)
+
+
+def test_attention_choice_follows_what_is_importable_and_says_so(monkeypatch):
+    import optimizations.attention as attention
+
+    hopper = DeviceInfo(type="cuda", name="H100", capability=(9, 0))
+    for importable, backend, phrase in ((("flash_attn_interface",), "_flash_3", "FlashAttention-3"),
+                                        (("flash_attn.cute",), "_native_cudnn", "flash-attn-4 is importable"),
+                                        ((), "_native_cudnn", "neither FA3 nor flash-attn-4")):
+        monkeypatch.setattr(attention, "_importable", lambda mod, ok=importable: mod in ok)
+        name, desc = attention.best_backend(hopper)
+        assert name == backend and phrase in desc
