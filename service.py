@@ -395,9 +395,10 @@ class FluxService:
                    or "not prepared at start-up",
                    "prepare_seconds": round(self.prepare_seconds.get(name, 0.0), 2)}
             for name in STACK_ORDER}
-        info["transformer_variants"] = sorted(self.transformer_variants)
+        variants = dict(self.transformer_variants)  # a snapshot: the worker may add a variant while we read
+        info["transformer_variants"] = sorted(variants)
         # Weights each variant holds (fp8: fp8 data + scales + the linears kept in bf16), measured from its tensors.
-        info["transformer_variant_bytes"] = {name: module_bytes(m) for name, m in self.transformer_variants.items()}
+        info["transformer_variant_bytes"] = {name: module_bytes(m) for name, m in variants.items()}
         if self.compile_cache is not None:
             info["compile_cache"] = {"key": self.compile_cache.key, "loaded": self.compile_cache.loaded,
                                      "detail": self.compile_cache.load_detail,
