@@ -4,19 +4,18 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from load_test import ServerProcess, free_port  # noqa: E402,F401  (free_port: used by tests through conftest)
 
 
 def pytest_configure(config):
@@ -69,65 +68,12 @@ def decode_b64_image(s: str) -> Image.Image:
     return img
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """`python flux_kontext_optimized.py serve ...` in a subprocess on loopback."""
+class LiveServer(ServerProcess):
+    """`python flux_kontext_optimized.py serve --model tiny ...` in a subprocess on loopback (the load-test tool's
+    server), with its cache and log in the test session's cache directory."""
 
     def __init__(self, cache_dir: Path, *extra: str, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = dict(os.environ, FLUX_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", **(env or {}))
-        self.log_path = cache_dir / f"server-{self.port}.log"
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "flux_kontext_optimized.py"), "serve", "--model", "tiny", "--device", "cpu",
-             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning", *extra],
-            cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready in {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def __enter__(self) -> "LiveServer":
-        """`with LiveServer(...) as server:` waits until it serves, and stops it on the way out."""
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(extra=list(extra), cache_dir=str(cache_dir), env=env)
 
 
 @pytest.fixture(scope="module")

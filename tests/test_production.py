@@ -8,14 +8,12 @@ failures). Durations are derived from a measured per-step time, so the tests hol
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import inspect
 import json
 import math
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -27,12 +25,9 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, LiveServer
+from conftest import LiveServer
 
-_spec = importlib.util.spec_from_file_location("load_test", ROOT / "tools" / "load_test.py")
-load_test = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("load_test", load_test)  # dataclasses look their module up there
-_spec.loader.exec_module(load_test)
+import load_test  # noqa: E402  (tools/ is on sys.path: conftest)
 
 SHORT = {"prompt": "a red car", "width": 256, "height": 256, "steps": 1, "seed": 1}
 RID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

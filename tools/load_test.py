@@ -320,23 +320,27 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`flux_kontext_optimized.py serve --model tiny` on a free loopback port, stopped with SIGTERM."""
+    """`flux_kontext_optimized.py serve --model tiny` on a free loopback port, stopped with SIGTERM.
+    Also the test suite's live server (tests/conftest.py); `with ServerProcess(...) as s:` waits until it serves."""
 
-    def __init__(self, max_queue: int = 16, extra: list[str] | None = None, cache_dir: str | None = None,
-                 log_path: str | None = None):
+    def __init__(self, extra: list[str] | None = None, cache_dir: str | None = None, log_path: str | None = None,
+                 env: dict | None = None, max_queue: int | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(log_path or tempfile.mkstemp(prefix="flux-load-server-", suffix=".log")[1])
+        if log_path is None:  # next to the cache when there is one, else a temporary file
+            log_path = (Path(cache_dir) / f"server-{self.port}.log" if cache_dir
+                        else tempfile.mkstemp(prefix="flux-load-server-", suffix=".log")[1])
+        self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         if cache_dir:
-            env["FLUX_CACHE_DIR"] = cache_dir
+            env["FLUX_CACHE_DIR"] = str(cache_dir)
         cmd = [sys.executable, str(ROOT / "flux_kontext_optimized.py"), "serve", "--model", "tiny", "--device", "cpu",
-               "--host", "127.0.0.1", "--port", str(self.port), "--max-queue", str(max_queue),
-               "--log-level", "warning", *(extra or [])]
+               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+               *(["--max-queue", str(max_queue)] if max_queue is not None else []), *(extra or [])]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -346,12 +350,26 @@ class ServerProcess:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.25)
+            time.sleep(0.2)
         raise TimeoutError(f"server not ready in {timeout:.0f} s; log: {self.log_path}\n{self.tail()}")
 
-    def tail(self, n: int = 4000) -> str:
+    def log(self) -> str:
         self._log.flush()
-        return self.log_path.read_text(errors="replace")[-n:]
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log()[-n:]
+
+    def __enter__(self) -> "ServerProcess":
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:
