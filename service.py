@@ -154,6 +154,7 @@ class FluxService:
         self.prepared: dict[str, str] = {}  # name -> detail
         self.prepare_seconds: dict[str, float] = {}
         self.transformer_variants: dict[str, Any] = {}  # precision ("bf16", "fp8") -> transformer module
+        self.transformer_variant_bytes: dict[str, int] = {}  # precision -> bytes of weights (set by prepare)
         self.vae_decode_eager = None
         self.vae_decode_compiled = None
         self.compile_cache: CompileCache | None = None
@@ -203,6 +204,9 @@ class FluxService:
             self.prepared[name] = self.registry[name].prepare(self)
             self.prepare_seconds[name] = time.perf_counter() - t0
             log.info("prepared %s in %.1f s: %s", name, self.prepare_seconds[name], self.prepared[name])
+        # Weights each variant holds (fp8: fp8 data + scales + the linears kept in bf16), measured from its tensors
+        # once here, where variants appear and QKV fusion frees weights, not on every /health poll.
+        self.transformer_variant_bytes = {name: module_bytes(m) for name, m in self.transformer_variants.items()}
 
     def _open_compile_cache(self, names: list[str]) -> None:
         # Inductor's own on-disk cache (compiled kernels, C++ objects) next to the model cache, unless the operator
@@ -395,10 +399,8 @@ class FluxService:
                    or "not prepared at start-up",
                    "prepare_seconds": round(self.prepare_seconds.get(name, 0.0), 2)}
             for name in STACK_ORDER}
-        variants = dict(self.transformer_variants)  # a snapshot: the worker may add a variant while we read
-        info["transformer_variants"] = sorted(variants)
-        # Weights each variant holds (fp8: fp8 data + scales + the linears kept in bf16), measured from its tensors.
-        info["transformer_variant_bytes"] = {name: module_bytes(m) for name, m in variants.items()}
+        info["transformer_variants"] = sorted(self.transformer_variants)
+        info["transformer_variant_bytes"] = self.transformer_variant_bytes
         if self.compile_cache is not None:
             info["compile_cache"] = {"key": self.compile_cache.key, "loaded": self.compile_cache.loaded,
                                      "detail": self.compile_cache.load_detail,

@@ -129,15 +129,15 @@ class StageTimer:
 def module_bytes(module) -> int:
     """Bytes held by a module's parameters and buffers, counting quantised tensor subclasses (torchao's Float8Tensor
     and friends) by their inner tensors (fp8 data + scales), so an fp8 copy reports what it really occupies."""
+    import torch
+
     def tensor_bytes(t) -> int:
-        if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Parameter", "Tensor"):
+        if isinstance(t, torch.nn.Parameter):
+            t = t.data
+        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):  # a tensor subclass: its inner tensors
             names, _ = t.__tensor_flatten__()
             return sum(tensor_bytes(getattr(t, n)) for n in names)
         return t.numel() * t.element_size()
 
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += tensor_bytes(t.data if type(t).__name__ == "Parameter" else t)
-    return total
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}  # shared tensors count once
+    return sum(tensor_bytes(t) for t in tensors.values())
