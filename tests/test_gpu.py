@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 
+from conftest import transformer_inputs
 from schemas import InferenceRequest
 
 pytestmark = pytest.mark.gpu
@@ -41,23 +42,6 @@ def full_service(cache_dir):
     return svc
 
 
-def _transformer_inputs(transformer, n_img=1024, n_txt=512, seed=0):
-    g = torch.Generator("cuda").manual_seed(seed)
-    side = int(n_img**0.5)
-    ids = torch.zeros(side, side, 3, device="cuda")
-    ids[..., 1] = torch.arange(side, device="cuda")[:, None]
-    ids[..., 2] = torch.arange(side, device="cuda")[None, :]
-    cfg = transformer.config
-    bf = torch.bfloat16
-    return dict(hidden_states=torch.randn(1, n_img, cfg.in_channels, generator=g, device="cuda", dtype=bf),
-                encoder_hidden_states=torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g, device="cuda",
-                                                  dtype=bf),
-                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g, device="cuda", dtype=bf),
-                timestep=torch.full((1,), 0.7, device="cuda", dtype=bf), img_ids=ids.reshape(-1, 3),
-                txt_ids=torch.zeros(n_txt, 3, device="cuda"), guidance=torch.full((1,), 2.5, device="cuda"),
-                return_dict=False)
-
-
 def _rel(a, b):
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm())
@@ -66,7 +50,7 @@ def _rel(a, b):
 def test_fp8_transformer_relative_error_against_bf16(full_service):
     bf16 = full_service.transformer_variants["bf16"]
     fp8 = full_service.transformer_variants["fp8"]
-    inp = _transformer_inputs(bf16)
+    inp = transformer_inputs(bf16)
     with torch.inference_mode():
         ref = bf16(**inp)[0]
         out = fp8(**inp)[0]
@@ -105,7 +89,7 @@ def test_cuda_graph_output_equals_eager(full_service):
 
 def test_cudnn_attention_matches_default_attention(full_service):
     tr = full_service.transformer_variants["bf16"]
-    inp = _transformer_inputs(tr, seed=1)
+    inp = transformer_inputs(tr, seed=1)
     with torch.inference_mode():
         out_cudnn = tr(**inp)[0]
         tr.set_attention_backend("_native_flash")

@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+from conftest import transformer_inputs
 from optimizations.base import DeviceInfo
 from optimizations.registry import PREPARE_ORDER, STACK_ORDER, build_registry, resolve_names
 from schemas import InferenceRequest
@@ -314,16 +315,7 @@ def test_single_blocks_without_concat_compute_the_same_thing(plain):
     n = len(model.single_transformer_blocks)
     assert split_single_block_proj_out(model) == f"{n} single blocks without the proj_out concatenation"
     assert all(isinstance(b.proj_out, SplitProjOut) for b in model.single_transformer_blocks)
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    n_img, n_txt = 16, 8
-    ids = torch.zeros(n_img, 3)
-    ids[:, 1], ids[:, 2] = torch.arange(n_img) // 4, torch.arange(n_img) % 4
-    inputs = dict(hidden_states=torch.randn(1, n_img, cfg.in_channels, generator=g),
-                  encoder_hidden_states=torch.randn(1, n_txt, cfg.joint_attention_dim, generator=g),
-                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-                  timestep=torch.tensor([0.7]), img_ids=ids, txt_ids=torch.zeros(n_txt, 3),
-                  guidance=torch.tensor([2.5]) if cfg.guidance_embeds else None, return_dict=False)
+    inputs = transformer_inputs(model, n_img=16, n_txt=8, device="cpu", dtype=torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs)[0], ref_model(**inputs)[0], rtol=1e-5, atol=1e-5)
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not skip_module(m, n)}
