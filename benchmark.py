@@ -46,10 +46,11 @@ class Stage:
 
 
 def stage_plan() -> list[Stage]:
-    lossless = dict(use_compile=True, use_qkv_fusion=True, use_channels_last=True)
+    lossless = dict(use_compile=True, use_qkv_fusion=True, use_channels_last=True, use_modulation_table=True)
     return [
         Stage("0", "naive bf16 (eager, Euler)", [], {f: False for f in FLAG_TO_OPTIMIZATION}),
-        Stage("1", "+ compile, QKV fusion, channels-last", ["qkv_fusion", "channels_last", "compile"],
+        Stage("1", "+ compile, QKV fusion, channels-last, modulation table",
+              ["qkv_fusion", "channels_last", "modulation_table", "compile"],
               dict(lossless, use_first_block_cache=False, use_flash_attention=False, use_mxfp4=False,
                    use_dpm_solver=False, use_cuda_graphs=False)),
         Stage("1c", "stage 1 lossless + first-block cache 0.12 (eager: cache skips blocks per step)",

@@ -67,7 +67,8 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto
                    help="tiny | synthetic-full | hub id | local directory (env FLUX_MODEL)")
     p.add_argument("--device", default=os.environ.get("FLUX_DEVICE"), help="cuda, cuda:1, cpu (default: auto)")
     p.add_argument("--optimizations", default=os.environ.get("FLUX_OPTIMIZATIONS", default_opts),
-                   help="all | none | auto | comma list of: compile,qkv_fusion,channels_last,first_block_cache,"
+                   help="all | none | auto | comma list of: compile,qkv_fusion,channels_last,modulation_table,"
+                        "first_block_cache,"
                         "attention,low_precision,dpm_solver,cuda_graphs")
     p.add_argument("--compile-mode", default=os.environ.get("FLUX_COMPILE_MODE", "default"),
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])

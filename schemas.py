@@ -16,6 +16,7 @@ FLAG_TO_OPTIMIZATION = {
     "use_compile": "compile",
     "use_qkv_fusion": "qkv_fusion",
     "use_channels_last": "channels_last",
+    "use_modulation_table": "modulation_table",
     "use_first_block_cache": "first_block_cache",
     "use_flash_attention": "attention",
     "use_mxfp4": "low_precision",
@@ -51,6 +52,7 @@ class InferenceRequest(BaseModel):
     use_compile: bool | None = None
     use_qkv_fusion: bool | None = None
     use_channels_last: bool | None = None
+    use_modulation_table: bool | None = None
     use_first_block_cache: bool | None = None
     cache_threshold: float = Field(0.12, ge=0.0, le=10.0, allow_inf_nan=False)
     use_flash_attention: bool | None = None

@@ -12,6 +12,7 @@ import time
 import torch
 
 from .base import DeviceInfo, Optimization
+from .modulation_table import before_replay
 
 
 class CudaGraphTransformer:
@@ -54,6 +55,7 @@ class CudaGraphTransformer:
         if entry is None:
             entry = self.graphs[key] = self._capture(kwargs)
         graph, static, out = entry
+        before_replay(self.module, kwargs)  # host-side work the module's pre-hooks would do (none run on replay)
         for k, v in kwargs.items():
             if torch.is_tensor(v):
                 static[k].copy_(v)

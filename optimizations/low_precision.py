@@ -6,18 +6,22 @@
 - anywhere else: unavailable, with the reason. torchmx is not used (DESIGN.md: pins old deps, emulates only).
 
 Quantised: every token-wise linear of the 57 blocks (the single blocks' proj_out as two halves, see
-fp8_single_blocks.py); kept bf16: embedders, final projection, per-step modulation linears (see skip_module).
+fp8_single_blocks.py; the linears after a GELU quantise their input in one fused pass, see fp8_gelu_quant.py);
+kept bf16: embedders, final projection, per-step modulation linears (see skip_module).
 The quantised transformer is a separate copy: the bf16 weights stay, so a request without the flag gets the
 exact bf16 model. Lossy: fidelity against bf16 is reported by the benchmark and the GPU tests.
 """
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 
 from .base import DeviceInfo, Optimization
+from .fp8_gelu_quant import fuse_gelu_into_quantisation
 from .fp8_single_blocks import split_single_block_proj_out
+from .modulation_table import MODULATION_SUFFIXES
 
 
 def quant_config(capability: tuple[int, int]):
@@ -40,8 +44,8 @@ def quant_config(capability: tuple[int, int]):
 BF16_TOP_LEVEL = ("x_embedder", "context_embedder", "proj_out", "norm_out.linear")
 # AdaLN modulation linears act on one conditioning vector per step (M = 1) and produce every block's scale, shift
 # and gate, so an error there scales whole activations: kept in bf16 for precision. Measured cost (H200, edit-512
-# profiles): 2.1 ms per step as bf16 GEMVs vs 1.8 ms as fp8 GEMMs including their activation quantisation.
-MODULATION_SUFFIXES = (".norm1.linear", ".norm1_context.linear", ".norm.linear")
+# profiles): 2.1 ms per step as bf16 GEMVs vs 1.8 ms as fp8 GEMMs including their activation quantisation. With the
+# modulation table (modulation_table.py) they run once per request instead of once per step.
 
 
 def skip_module(module: torch.nn.Module, fqn: str) -> bool:
@@ -78,8 +82,10 @@ class LowPrecision(Optimization):
             restore_compiled(saved)
         split_note = split_single_block_proj_out(q)  # before quantising: the two halves are quantised separately
         quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
+        gelu_note = (fuse_gelu_into_quantisation(q) if os.environ.get("FLUX_FP8_FUSED_GELU", "1") != "0"
+                     else "GELU quantisation not fused (FLUX_FP8_FUSED_GELU=0)")
         if "compile" in service.prepared:  # prepared after compile (the benchmark's stage order): compile it too
             service.registry["compile"].compile_transformer(q)
         service.transformer_variants["fp8"] = q
         self.description = desc
-        return f"{desc}; separate copy, bf16 kept for exact requests; {split_note}"
+        return f"{desc}; separate copy, bf16 kept for exact requests; {split_note}; {gelu_note}"

@@ -13,23 +13,24 @@ from .compile import Compile
 from .cuda_graphs import CudaGraphs
 from .dpm_solver import DPMSolver
 from .low_precision import LowPrecision
+from .modulation_table import ModulationTable
 from .qkv_fusion import QKVFusion
 from .step_cache import FirstBlockCacheOpt
 
-STACK_ORDER = ["compile", "qkv_fusion", "channels_last", "first_block_cache", "attention", "low_precision",
+STACK_ORDER = ["compile", "qkv_fusion", "channels_last", "modulation_table", "first_block_cache", "attention", "low_precision",
                "dpm_solver", "cuda_graphs"]
-PREPARE_ORDER = ["qkv_fusion", "channels_last", "attention", "low_precision", "compile", "first_block_cache",
+PREPARE_ORDER = ["qkv_fusion", "channels_last", "attention", "low_precision", "modulation_table", "compile", "first_block_cache",
                  "dpm_solver", "cuda_graphs"]
 # What `--optimizations auto` prepares: everything the device supports; on CPU none of the load-time ones
 # (they change the loaded model for no benefit at tiny size: ask for them by name). The per-request ones
 # (step cache, DPM-Solver++) stay available everywhere.
-NOT_AUTO_ON_CPU = {"compile", "qkv_fusion", "channels_last"}
+NOT_AUTO_ON_CPU = {"compile", "qkv_fusion", "channels_last", "modulation_table"}
 
 
 def build_registry(compile_mode: str = "default", compile_vae: bool = True, compile_scope: str = "regional",
                    inductor_flags: str = "light") -> dict[str, Optimization]:
     opts = [Compile(mode=compile_mode, compile_vae=compile_vae, scope=compile_scope, inductor_flags=inductor_flags),
-            QKVFusion(), ChannelsLast(), FirstBlockCacheOpt(), Attention(),
+            QKVFusion(), ChannelsLast(), ModulationTable(compile_scope), FirstBlockCacheOpt(), Attention(),
             LowPrecision(), DPMSolver(), CudaGraphs()]
     reg = {o.name: o for o in opts}
     assert list(reg) == STACK_ORDER

@@ -48,7 +48,7 @@ def tiny_service(cache_dir):
     from service import FluxService, ServiceConfig
 
     svc = FluxService(ServiceConfig(model="tiny", device="cpu", cache_dir=cache_dir,
-                                    optimizations="qkv_fusion,channels_last,first_block_cache,dpm_solver"))
+                                    optimizations="qkv_fusion,channels_last,modulation_table,first_block_cache,dpm_solver"))
     svc.load()
     return svc
 

@@ -30,7 +30,8 @@ from PIL import Image
 from conftest import decode_b64_image, png_b64
 
 FIELDS = ["prompt", "image", "width", "height", "steps", "guidance_scale", "true_cfg_scale", "negative_prompt", "seed",
-          "num_images", "output_format", "use_compile", "use_qkv_fusion", "use_channels_last", "use_first_block_cache",
+          "num_images", "output_format", "use_compile", "use_qkv_fusion", "use_channels_last", "use_modulation_table",
+          "use_first_block_cache",
           "cache_threshold", "use_flash_attention", "use_mxfp4", "use_dpm_solver", "use_cuda_graphs", "strict"]
 FLAGS = [f for f in FIELDS if f.startswith("use_")] + ["strict"]
 MAX_SEED = 2**63 - 1

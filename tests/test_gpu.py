@@ -35,8 +35,8 @@ def full_service(cache_dir):
     from service import FluxService, ServiceConfig
 
     svc = FluxService(ServiceConfig(model="synthetic-full", device="cuda", cache_dir=cache_dir,
-                                    optimizations="qkv_fusion,channels_last,attention,low_precision,dpm_solver,"
-                                                  "cuda_graphs"))
+                                    optimizations="qkv_fusion,channels_last,attention,low_precision,"
+                                                  "modulation_table,dpm_solver,cuda_graphs"))
     svc.load()
     _record("full_service_prepared", svc.prepared)
     return svc
@@ -58,6 +58,52 @@ def test_fp8_transformer_relative_error_against_bf16(full_service):
     _record("fp8_vs_bf16_transformer_rel_error", round(rel, 5))
     assert torch.isfinite(out).all()
     assert rel < 0.1  # random weights: an fp8 step stays within a few percent of bf16
+
+
+def test_fp8_copy_uses_the_fused_gelu_quantisation(full_service):
+    from optimizations.fp8_gelu_quant import GeluFp8Linear
+
+    fp8 = full_service.transformer_variants["fp8"]
+    fused = [m for m in fp8.modules() if isinstance(m, GeluFp8Linear)]
+    assert len(fused) == 2 * len(fp8.transformer_blocks) + len(fp8.single_transformer_blocks)
+    assert "one Triton pass for" in full_service.prepared["low_precision"]
+
+
+def test_gelu_quant_kernel_matches_its_reference():
+    from optimizations.fp8_gelu_quant import _op, gelu_quant_reference
+
+    x = torch.randn(2560, 12288, device="cuda", dtype=torch.bfloat16) * 3
+    x[7] = 0  # an all-zero row: scale floor, zeros out
+    q_ref, s_ref = gelu_quant_reference(x)
+    q, s = _op()(x)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == x.shape and s.shape == (2560, 1)
+    torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=0)
+    mismatch = float((q.float() != q_ref.float()).float().mean())
+    _record("gelu_quant_triton_vs_reference_fp8_mismatch_fraction", mismatch)
+    assert mismatch < 1e-3  # sigmoid vs tanh form of the GELU: a rare rounding boundary flips one fp8 step
+    assert (q[7].float() == 0).all()
+
+
+def test_fused_gelu_linear_is_as_accurate_as_torchaos(full_service):
+    import copy
+
+    import torch.nn.functional as F
+    from torchao.quantization import quantize_
+
+    from optimizations.fp8_gelu_quant import GeluFp8Linear
+    from optimizations.low_precision import quant_config
+
+    torch.manual_seed(0)
+    bf16 = torch.nn.Linear(12288, 3072, device="cuda", dtype=torch.bfloat16)
+    torchao_lin = copy.deepcopy(bf16)
+    quantize_(torchao_lin, quant_config(torch.cuda.get_device_capability())[0])
+    x = torch.randn(4608, 12288, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = bf16(F.gelu(x, approximate="tanh"))
+        err_torchao = _rel(torchao_lin(F.gelu(x, approximate="tanh")), ref)
+        err_fused = _rel(GeluFp8Linear(torchao_lin)(x), ref)
+    _record("gelu_fp8_linear_rel_err_vs_bf16_torchao_vs_fused", [round(err_torchao, 5), round(err_fused, 5)])
+    assert err_fused <= err_torchao * 1.05 + 1e-4
 
 
 def test_fp8_end_to_end_fidelity_reported(full_service):

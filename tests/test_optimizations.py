@@ -41,7 +41,8 @@ def _latents(svc, **kw):
 # ---- registry -----------------------------------------------------------------------------------------------
 def test_registry_is_in_stack_order_and_prepares_compile_after_what_it_wraps():
     reg = build_registry()
-    assert list(reg) == STACK_ORDER == ["compile", "qkv_fusion", "channels_last", "first_block_cache", "attention",
+    assert list(reg) == STACK_ORDER == ["compile", "qkv_fusion", "channels_last", "modulation_table",
+                                        "first_block_cache", "attention",
                                         "low_precision", "dpm_solver", "cuda_graphs"]
     order = PREPARE_ORDER.index
     assert order("compile") > max(order("qkv_fusion"), order("attention"), order("low_precision"))
@@ -348,3 +349,30 @@ def test_attention_choice_follows_what_is_importable_and_says_so(monkeypatch):
         monkeypatch.setattr(attention, "_importable", lambda mod, ok=importable: mod in ok)
         name, desc = attention.best_backend(hopper)
         assert name == backend and phrase in desc
+
+
+# ---- fp8 GELU quantisation (the math; the Triton kernel and the rewrite are checked in test_gpu.py) -------------
+def test_gelu_quant_reference_is_rowwise_fp8_of_the_tanh_gelu():
+    import torch.nn.functional as F
+
+    from optimizations.fp8_gelu_quant import gelu_quant_reference
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 256, dtype=torch.bfloat16) * 4
+    x[2] = 0
+    q, s = gelu_quant_reference(x)
+    y = F.gelu(x.float(), approximate="tanh")
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (6, 1)
+    torch.testing.assert_close(s[:, 0], y.abs().amax(-1).clamp(min=1e-12) / 448)
+    assert float(q.float().abs().max()) == 448.0  # each row's amax maps to the largest fp8 value
+    deq = q.float() * s
+    assert float((deq - y).norm() / y.norm()) < 0.04  # e4m3 keeps 3 mantissa bits
+    assert (q[2].float() == 0).all()
+
+
+def test_gelu_fusion_reports_why_it_did_not_run_on_cpu():
+    from optimizations.fp8_gelu_quant import fuse_gelu_into_quantisation
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    assert fuse_gelu_into_quantisation(torch.nn.Linear(4, 4)) == "GELU quantisation not fused (needs CUDA and Triton)"

@@ -1,0 +1,121 @@
+"""The fp8 copy's GELU -> linear pairs with GELU, row amax and fp8 cast in one pass (a Triton kernel).
+
+In every block the widest activation, 12,288 features per token, is a GELU output that feeds a linear: the double
+blocks' feed-forward output (`ff.net.2`, `ff_context.net.2`) and the single blocks' MLP half of `proj_out`. torchao
+quantises that linear's input row-wise (amax over the row, then cast), and inductor emitted the GELU + amax + cast as
+a looped reduction that reads the row twice: ~100 us for a 2560 x 12288 activation on an H200, about 3x its memory
+traffic (BENCHMARKS.md, profile). Here one program per row loads the pre-GELU row once, keeps it in registers,
+applies the tanh GELU, takes the amax and writes the fp8 row and its scale; the linear is then torch._scaled_mm on
+the torchao-quantised weight, as torchao itself calls it.
+
+Numerics: the GELU stays in fp32 up to the cast (torchao's path rounds it to bf16 first); scales are amax / 448 per
+row, as torchao's. Lossy like the rest of the fp8 tier; the GPU tests compare it with torchao's own linear.
+
+Applied by the low-precision optimisation to its quantised copy only, on CUDA with Triton, where the weight is a
+torchao row-scaled float8 tensor and the GELU is the tanh approximation (FLUX's); anything else stays torchao's path.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0  # float8 e4m3fn
+
+
+def gelu_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel computes, in plain torch: tanh-GELU in fp32, row amax, scale = amax / 448, fp8 cast."""
+    y = F.gelu(x.float(), approximate="tanh")
+    scale = y.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return (y * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+@functools.cache
+def _op():
+    """Register the Triton kernel as a torch op (traceable by torch.compile); None where Triton is missing."""
+    try:
+        import triton
+        import triton.language as tl
+        from torch.library import triton_op, wrap_triton
+    except ImportError:
+        return None
+
+    @triton.jit
+    def gelu_quant_rows(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < K
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        # tanh-GELU: 0.5 x (1 + tanh(u)) == x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3). Literals, not the
+        # module's constants: Triton does not read Python globals that are not constexpr.
+        y = x * tl.sigmoid(2.0 * 0.7978845608028654 * (x + 0.044715 * x * x * x))
+        scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / 448.0
+        q = tl.clamp(y * (1.0 / scale), -448.0, 448.0)
+        tl.store(q_ptr + row * stride_q + offs, q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + row, scale)
+
+    @triton_op("flux_kontext::gelu_quant_fp8_rows", mutates_args={})
+    def gelu_quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m, k = x.shape
+        q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+        s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(k)
+        # The whole row lives in registers: 16 warps keep a 12,288-wide row at 32 values per thread.
+        wrap_triton(gelu_quant_rows)[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block,
+                                           num_warps=16 if block > 4096 else 8)
+        return q, s
+
+    return gelu_quant_fp8_rows
+
+
+class GeluFp8Linear(torch.nn.Module):
+    """GELU(x) @ W.T + b for a torchao row-scaled float8 weight, with the GELU fused into the input quantisation.
+    Takes the pre-GELU activation."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        w = linear.weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # (N, K) row-major fp8 data viewed as the (K, N) column-major operand _scaled_mm wants; (N, 1) scales as (1, N)
+        self.register_buffer("weight_t", w.qdata.t(), persistent=False)
+        self.register_buffer("weight_scale", w.scale.reshape(1, -1), persistent=False)
+        self.bias = linear.bias
+        self.use_fast_accum = bool(getattr(w.mm_config, "use_fast_accum", True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, s = _op()(x.reshape(-1, x.shape[-1]).contiguous())
+        out = torch._scaled_mm(q, self.weight_t, scale_a=s, scale_b=self.weight_scale, bias=self.bias,
+                               out_dtype=x.dtype, use_fast_accum=self.use_fast_accum)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _row_scaled_fp8(linear) -> bool:
+    w = getattr(linear, "weight", None)
+    scale = getattr(w, "scale", None)
+    return (isinstance(linear, torch.nn.Linear) and getattr(w, "qdata", None) is not None
+            and w.qdata.dtype == torch.float8_e4m3fn and scale is not None
+            and tuple(scale.shape) == (linear.out_features, 1))
+
+
+def _tanh_gelu(module) -> bool:
+    return getattr(module, "approximate", None) == "tanh"
+
+
+def fuse_gelu_into_quantisation(transformer: torch.nn.Module) -> str:
+    """Rewrite the quantised copy's GELU -> linear pairs; returns what was done, for the optimisation's report."""
+    if not torch.cuda.is_available() or _op() is None:
+        return "GELU quantisation not fused (needs CUDA and Triton)"
+    n = 0
+    for block in getattr(transformer, "transformer_blocks", []):
+        for ff in (block.ff, block.ff_context):
+            act, out = ff.net[0], ff.net[2]
+            if _tanh_gelu(act) and isinstance(getattr(act, "proj", None), torch.nn.Module) and _row_scaled_fp8(out):
+                ff.net[0], ff.net[2] = act.proj, GeluFp8Linear(out)  # the GELU moves into the output's quantisation
+                n += 1
+    for block in getattr(transformer, "single_transformer_blocks", []):
+        mlp = getattr(block.proj_out, "mlp", None)  # a SplitProjOut (fp8_single_blocks.py)
+        if isinstance(block.act_mlp, torch.nn.GELU) and _tanh_gelu(block.act_mlp) and _row_scaled_fp8(mlp):
+            block.act_mlp, block.proj_out.mlp = torch.nn.Identity(), GeluFp8Linear(mlp)
+            n += 1
+    return f"GELU + row amax + fp8 cast in one Triton pass for {n} linears"
