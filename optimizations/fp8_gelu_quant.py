@@ -5,8 +5,8 @@ blocks' feed-forward output (`ff.net.2`, `ff_context.net.2`) and the single bloc
 quantises that linear's input row-wise (amax over the row, then cast), and inductor emitted the GELU + amax + cast as
 a looped reduction that reads the row twice: ~100 us for a 2560 x 12288 activation on an H200, about 3x its memory
 traffic (BENCHMARKS.md, profile). Here one program per row loads the pre-GELU row once, keeps it in registers,
-applies the tanh GELU, takes the amax and writes the fp8 row and its scale; the linear is then torch._scaled_mm on
-the torchao-quantised weight, as torchao itself calls it.
+applies the tanh GELU, takes the amax and writes the fp8 row and its scale; the linear is then an Fp8Linear
+(fp8_linear.py: torch._scaled_mm on torchao's quantised weight, as torchao itself calls it).
 
 Numerics: the GELU stays in fp32 up to the cast (torchao's path rounds it to bf16 first); scales are amax / 448 per
 row, as torchao's. Lossy like the rest of the fp8 tier; the GPU tests compare it with torchao's own linear.
@@ -21,7 +21,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-FP8_MAX = 448.0  # float8 e4m3fn
+from .fp8_linear import FP8_MAX, Fp8Linear, is_torchao_row_scaled_fp8
+
 
 
 def gelu_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,35 +70,17 @@ def _op():
     return gelu_quant_fp8_rows
 
 
-class GeluFp8Linear(torch.nn.Module):
-    """GELU(x) @ W.T + b for a torchao row-scaled float8 weight, with the GELU fused into the input quantisation.
-    Takes the pre-GELU activation."""
+class GeluFp8Linear(Fp8Linear):
+    """GELU(x) @ W.T + b for a row-scaled fp8 weight, with the GELU fused into the input quantisation (the Triton
+    kernel). Takes the pre-GELU activation."""
 
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        w = linear.weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        # (N, K) row-major fp8 data viewed as the (K, N) column-major operand _scaled_mm wants; (N, 1) scales as (1, N)
-        self.register_buffer("weight_t", w.qdata.t(), persistent=False)
-        self.register_buffer("weight_scale", w.scale.reshape(1, -1), persistent=False)
-        self.bias = linear.bias
-        self.use_fast_accum = bool(getattr(w.mm_config, "use_fast_accum", True))
-        if _op() is None:  # registers the op; forward calls it through torch.ops, which torch.compile traces
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if _op() is None:  # registers the op; quantize_input calls it through torch.ops, which torch.compile traces
             raise RuntimeError("GeluFp8Linear needs Triton")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, s = torch.ops.flux_kontext.gelu_quant_fp8_rows(x.reshape(-1, x.shape[-1]).contiguous())
-        out = torch._scaled_mm(q, self.weight_t, scale_a=s, scale_b=self.weight_scale, bias=self.bias,
-                               out_dtype=x.dtype, use_fast_accum=self.use_fast_accum)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-
-def _row_scaled_fp8(linear) -> bool:
-    w = getattr(linear, "weight", None)
-    scale = getattr(w, "scale", None)
-    return (isinstance(linear, torch.nn.Linear) and getattr(w, "qdata", None) is not None
-            and w.qdata.dtype == torch.float8_e4m3fn and scale is not None
-            and tuple(scale.shape) == (linear.out_features, 1))
+    def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.flux_kontext.gelu_quant_fp8_rows(x2d.contiguous())
 
 
 def _tanh_gelu(module) -> bool:
@@ -112,12 +95,15 @@ def fuse_gelu_into_quantisation(transformer: torch.nn.Module) -> str:
     for block in getattr(transformer, "transformer_blocks", []):
         for ff in (block.ff, block.ff_context):
             act, out = ff.net[0], ff.net[2]
-            if _tanh_gelu(act) and isinstance(getattr(act, "proj", None), torch.nn.Module) and _row_scaled_fp8(out):
-                ff.net[0], ff.net[2] = act.proj, GeluFp8Linear(out)  # the GELU moves into the output's quantisation
+            if _tanh_gelu(act) and isinstance(getattr(act, "proj", None), torch.nn.Module) \
+                    and is_torchao_row_scaled_fp8(out):
+                # the GELU moves into the output linear's input quantisation
+                ff.net[0], ff.net[2] = act.proj, GeluFp8Linear.from_torchao(out)
                 n += 1
     for block in getattr(transformer, "single_transformer_blocks", []):
         mlp = getattr(block.proj_out, "mlp", None)  # a SplitProjOut (fp8_single_blocks.py)
-        if isinstance(block.act_mlp, torch.nn.GELU) and _tanh_gelu(block.act_mlp) and _row_scaled_fp8(mlp):
-            block.act_mlp, block.proj_out.mlp = torch.nn.Identity(), GeluFp8Linear(mlp)
+        if isinstance(block.act_mlp, torch.nn.GELU) and _tanh_gelu(block.act_mlp) \
+                and is_torchao_row_scaled_fp8(mlp):
+            block.act_mlp, block.proj_out.mlp = torch.nn.Identity(), GeluFp8Linear.from_torchao(mlp)
             n += 1
     return f"GELU + row amax + fp8 cast in one Triton pass for {n} linears"

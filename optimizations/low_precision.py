@@ -6,7 +6,8 @@
 - anywhere else: unavailable, with the reason. torchmx is not used (DESIGN.md: pins old deps, emulates only).
 
 Quantised: every token-wise linear of the 57 blocks (the single blocks' proj_out as two halves, see
-fp8_single_blocks.py; the linears after a GELU quantise their input in one fused pass, see fp8_gelu_quant.py);
+fp8_single_blocks.py; the linears after a GELU quantise their input in one fused pass, see fp8_gelu_quant.py;
+torchao quantises, then every quantised linear becomes a plain module, see fp8_linear.py);
 kept bf16: embedders, final projection, per-step modulation linears (see skip_module).
 The quantised transformer is a separate copy: the bf16 weights stay, so a request without the flag gets the
 exact bf16 model. Lossy: fidelity against bf16 is reported by the benchmark and the GPU tests.
@@ -20,6 +21,7 @@ import torch
 
 from .base import DeviceInfo, Optimization
 from .fp8_gelu_quant import fuse_gelu_into_quantisation
+from .fp8_linear import unwrap_torchao_linears
 from .fp8_single_blocks import split_single_block_proj_out
 from .modulation_table import MODULATION_SUFFIXES
 
@@ -84,8 +86,10 @@ class LowPrecision(Optimization):
         quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
         gelu_note = (fuse_gelu_into_quantisation(q) if os.environ.get("FLUX_FP8_FUSED_GELU", "1") != "0"
                      else "GELU quantisation not fused (FLUX_FP8_FUSED_GELU=0)")
+        plain_note = (unwrap_torchao_linears(q) if os.environ.get("FLUX_FP8_PLAIN_LINEARS", "1") != "0"
+                      else "torchao's tensor-subclass linears kept (FLUX_FP8_PLAIN_LINEARS=0)")
         if "compile" in service.prepared:  # prepared after compile (the benchmark's stage order): compile it too
             service.registry["compile"].compile_transformer(q)
         service.transformer_variants["fp8"] = q
         self.description = desc
-        return f"{desc}; separate copy, bf16 kept for exact requests; {split_note}; {gelu_note}"
+        return f"{desc}; separate copy, bf16 kept for exact requests; {split_note}; {gelu_note}; {plain_note}"

@@ -67,6 +67,10 @@ def test_fp8_copy_uses_the_fused_gelu_quantisation(full_service):
     fused = [m for m in fp8.modules() if isinstance(m, GeluFp8Linear)]
     assert len(fused) == 2 * len(fp8.transformer_blocks) + len(fp8.single_transformer_blocks)
     assert "one Triton pass for" in full_service.prepared["low_precision"]
+    from optimizations.fp8_linear import Fp8Linear
+
+    assert not [n for n, p in fp8.named_parameters() if type(p.data) is not torch.Tensor]  # no subclass left
+    assert sum(isinstance(m, Fp8Linear) for m in fp8.modules()) > len(fused)
 
 
 def test_gelu_quant_kernel_matches_its_reference():
@@ -101,7 +105,7 @@ def test_fused_gelu_linear_is_as_accurate_as_torchaos(full_service):
     with torch.inference_mode():
         ref = bf16(F.gelu(x, approximate="tanh"))
         err_torchao = _rel(torchao_lin(F.gelu(x, approximate="tanh")), ref)
-        err_fused = _rel(GeluFp8Linear(torchao_lin)(x), ref)
+        err_fused = _rel(GeluFp8Linear.from_torchao(torchao_lin)(x), ref)
     _record("gelu_fp8_linear_rel_err_vs_bf16_torchao_vs_fused", [round(err_torchao, 5), round(err_fused, 5)])
     assert err_fused <= err_torchao * 1.05 + 1e-4
 

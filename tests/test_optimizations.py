@@ -376,3 +376,32 @@ def test_gelu_fusion_reports_why_it_did_not_run_on_cpu():
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
     assert fuse_gelu_into_quantisation(torch.nn.Linear(4, 4)) == "GELU quantisation not fused (needs CUDA and Triton)"
+
+
+def test_fp8_linear_matches_the_float_linear_within_fp8_error():
+    from optimizations.fp8_linear import Fp8Linear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    fp8 = Fp8Linear.from_float(lin)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    ref, out = lin(x), fp8(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 0.06
+    assert not any(p.dtype == torch.float8_e4m3fn for p in fp8.parameters())  # fp8 data are buffers, not weights
+
+
+def test_unwrap_replaces_only_row_scaled_fp8_linears():
+    """torchao cannot quantise on CPU: a stand-in weight with torchao's Float8Tensor attributes (qdata, scale,
+    mm_config) checks which linears the rewrite takes and that it keeps their data."""
+    from types import SimpleNamespace
+
+    from optimizations.fp8_linear import Fp8Linear, quantize_rows, unwrap_torchao_linears
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 8))
+    q, s = quantize_rows(model[0].weight.detach())
+    del model[0]._parameters["weight"]
+    model[0].__dict__["weight"] = SimpleNamespace(qdata=q, scale=s, mm_config=SimpleNamespace(use_fast_accum=False))
+    assert unwrap_torchao_linears(model).startswith("1 fp8 linears")
+    assert isinstance(model[0], Fp8Linear) and isinstance(model[1], torch.nn.Linear)
+    assert model[0].weight_t.data_ptr() == q.data_ptr() and model[0].use_fast_accum is False

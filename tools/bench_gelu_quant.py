@@ -52,7 +52,7 @@ def main() -> None:
     bf16 = torch.nn.Linear(k, n, device="cuda", dtype=torch.bfloat16)
     torchao_lin = copy.deepcopy(bf16)
     quantize_(torchao_lin, quant_config(torch.cuda.get_device_capability())[0])
-    fused = GeluFp8Linear(torchao_lin)
+    fused = GeluFp8Linear.from_torchao(torchao_lin)
     paths = {
         "torchao (inductor GELU+quant) + GEMM": torch.compile(lambda x: torchao_lin(F.gelu(x, approximate="tanh"))),
         "fused Triton GELU+quant + GEMM": torch.compile(fused),
