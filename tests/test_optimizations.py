@@ -1,6 +1,7 @@
 """Issue 3 on CPU: each optimisation is real, switchable, reported truthfully, and lossless ones are lossless."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -306,8 +307,6 @@ def test_fp8_quantises_every_token_wise_block_linear_and_keeps_the_rest_bf16(pla
 def test_single_blocks_without_concat_compute_the_same_thing(plain):
     """The fp8 copy's single blocks call proj_out's two halves instead of proj_out(cat(...)): same maths, checked on
     every single block of the tiny transformer and on the whole transformer (fp32 on CPU; summation order only)."""
-    import copy
-
     from optimizations.fp8_single_blocks import SplitProjOut, split_single_block_proj_out
     from optimizations.low_precision import skip_module
 
@@ -324,8 +323,6 @@ def test_single_blocks_without_concat_compute_the_same_thing(plain):
 
 
 def test_single_block_rewrite_is_skipped_and_says_why(plain, monkeypatch):
-    import copy
-
     import diffusers
 
     from optimizations.fp8_single_blocks import split_single_block_proj_out
@@ -406,3 +403,27 @@ def test_unwrap_replaces_only_row_scaled_fp8_linears():
     assert unwrap_torchao_linears(model).startswith("1 fp8 linears")
     assert isinstance(model[0], Fp8Linear) and isinstance(model[1], torch.nn.Linear)
     assert model[0].weight_t.data_ptr() == q.data_ptr() and model[0].use_fast_accum is False
+
+
+def test_unwrap_takes_torchaos_real_fp8_weights(monkeypatch):
+    """With torchao's own Float8Tensor (the hardware check bypassed so it quantises on CPU): the plain module holds
+    the same fp8 bytes and scales and computes the linear within fp8 error (CPU torch._scaled_mm)."""
+    import torchao.quantization.quant_api as quant_api
+    from torchao.quantization import quantize_
+
+    from optimizations.fp8_linear import Fp8Linear, unwrap_torchao_linears
+    from optimizations.low_precision import quant_config
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda *a, **k: None)
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).to(torch.bfloat16)
+    model = copy.deepcopy(ref)
+    quantize_(model, quant_config((9, 0))[0])
+    qdata, scale = model[0].weight.qdata, model[0].weight.scale
+    assert unwrap_torchao_linears(model) == "2 fp8 linears as plain modules (no tensor subclass at run time)"
+    assert isinstance(model[0], Fp8Linear) and isinstance(model[2], Fp8Linear)
+    assert model[0].weight_t.data_ptr() == qdata.data_ptr() and torch.equal(model[0].weight_scale[0], scale[:, 0])
+    x = torch.randn(3, 7, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, want = model(x), ref(x)
+    assert out.shape == want.shape and float((out.float() - want.float()).norm() / want.float().norm()) < 0.08
