@@ -68,8 +68,7 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto
     p.add_argument("--device", default=os.environ.get("FLUX_DEVICE"), help="cuda, cuda:1, cpu (default: auto)")
     p.add_argument("--optimizations", default=os.environ.get("FLUX_OPTIMIZATIONS", default_opts),
                    help="all | none | auto | comma list of: compile,qkv_fusion,channels_last,modulation_table,"
-                        "first_block_cache,"
-                        "attention,low_precision,dpm_solver,cuda_graphs")
+                        "first_block_cache,attention,low_precision,dpm_solver,cuda_graphs")
     p.add_argument("--compile-mode", default=os.environ.get("FLUX_COMPILE_MODE", "default"),
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     p.add_argument("--compile-scope", default=os.environ.get("FLUX_COMPILE_SCOPE", "regional"),

@@ -17,19 +17,18 @@ torchao row-scaled float8 tensor and the GELU is the tanh approximation (FLUX's)
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
-from .fp8_linear import FP8_MAX, Fp8Linear, is_torchao_row_scaled_fp8
+from .fp8_linear import Fp8Linear, is_torchao_row_scaled_fp8, quantize_rows
 
 
 
 def gelu_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the kernel computes, in plain torch: tanh-GELU in fp32, row amax, scale = amax / 448, fp8 cast."""
-    y = F.gelu(x.float(), approximate="tanh")
-    scale = y.abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    return (y * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    """What the kernel computes, in plain torch: tanh-GELU in fp32, then the row-wise quantisation of Fp8Linear."""
+    return quantize_rows(F.gelu(x.float(), approximate="tanh"))
 
 
 @functools.cache
@@ -88,7 +87,10 @@ def _tanh_gelu(module) -> bool:
 
 
 def fuse_gelu_into_quantisation(transformer: torch.nn.Module) -> str:
-    """Rewrite the quantised copy's GELU -> linear pairs; returns what was done, for the optimisation's report."""
+    """Rewrite the quantised copy's GELU -> linear pairs; returns what was done, for the optimisation's report.
+    `FLUX_FP8_FUSED_GELU=0` leaves them to torchao (A/B runs)."""
+    if os.environ.get("FLUX_FP8_FUSED_GELU", "1") == "0":
+        return "GELU quantisation not fused (FLUX_FP8_FUSED_GELU=0)"
     if not torch.cuda.is_available() or _op() is None:
         return "GELU quantisation not fused (needs CUDA and Triton)"
     n = 0

@@ -15,7 +15,6 @@ exact bf16 model. Lossy: fidelity against bf16 is reported by the benchmark and 
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 
@@ -84,10 +83,8 @@ class LowPrecision(Optimization):
             restore_compiled(saved)
         split_note = split_single_block_proj_out(q)  # before quantising: the two halves are quantised separately
         quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
-        gelu_note = (fuse_gelu_into_quantisation(q) if os.environ.get("FLUX_FP8_FUSED_GELU", "1") != "0"
-                     else "GELU quantisation not fused (FLUX_FP8_FUSED_GELU=0)")
-        plain_note = (unwrap_torchao_linears(q) if os.environ.get("FLUX_FP8_PLAIN_LINEARS", "1") != "0"
-                      else "torchao's tensor-subclass linears kept (FLUX_FP8_PLAIN_LINEARS=0)")
+        gelu_note = fuse_gelu_into_quantisation(q)  # after quantising: it takes torchao's fp8 weights
+        plain_note = unwrap_torchao_linears(q)  # last: every quantised linear the GELU fusion did not take
         if "compile" in service.prepared:  # prepared after compile (the benchmark's stage order): compile it too
             service.registry["compile"].compile_transformer(q)
         service.transformer_variants["fp8"] = q

@@ -82,8 +82,8 @@ class TableState:
 
     # ---- host side: make sure the rows this call needs are in the table -------------------------------------
     def host_prepare(self, module: torch.nn.Module, kwargs: dict) -> None:
-        if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
-            return  # the device-side lookup is what gets traced / captured; rows are written before replay
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # the device-side lookup is what gets captured; rows are written before each replay
         pooled, guidance, timestep = _conditioning(kwargs)
         if timestep.shape[0] > self.idx.shape[0]:
             raise ValueError(f"modulation table: batch {timestep.shape[0]} > {self.idx.shape[0]}")

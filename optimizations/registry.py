@@ -17,10 +17,10 @@ from .modulation_table import ModulationTable
 from .qkv_fusion import QKVFusion
 from .step_cache import FirstBlockCacheOpt
 
-STACK_ORDER = ["compile", "qkv_fusion", "channels_last", "modulation_table", "first_block_cache", "attention", "low_precision",
-               "dpm_solver", "cuda_graphs"]
-PREPARE_ORDER = ["qkv_fusion", "channels_last", "attention", "low_precision", "modulation_table", "compile", "first_block_cache",
-                 "dpm_solver", "cuda_graphs"]
+STACK_ORDER = ["compile", "qkv_fusion", "channels_last", "modulation_table", "first_block_cache", "attention",
+               "low_precision", "dpm_solver", "cuda_graphs"]
+PREPARE_ORDER = ["qkv_fusion", "channels_last", "attention", "low_precision", "modulation_table", "compile",
+                 "first_block_cache", "dpm_solver", "cuda_graphs"]
 # What `--optimizations auto` prepares: everything the device supports; on CPU none of the load-time ones
 # (they change the loaded model for no benefit at tiny size: ask for them by name). The per-request ones
 # (step cache, DPM-Solver++) stay available everywhere.

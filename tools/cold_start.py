@@ -6,7 +6,8 @@
 
 Each start is a fresh process (nothing shared but the cache directory): load the model, prepare the
 optimisations, warm up the given shapes (compile / capture), then report seconds to ready, split into imports,
-model load, each optimisation's preparation and the warm-up, and the compile-cache state (artifacts loaded, inductor FX-graph cache hits and misses). The first start uses an empty cache directory
+model load, each optimisation's preparation and the warm-up, and the compile-cache state (artifacts loaded,
+inductor FX-graph cache hits and misses). The first start uses an empty cache directory
 (unless --cache-dir names one) and saves the artifacts; the second loads them. By default each start gets its own
 empty inductor cache directory, so only the portable mega-cache file can make the second start warm (a new
 machine or container); `--same-machine` keeps the server's default instead (inductor's cache under the cache
