@@ -6,11 +6,16 @@ flash-attn-4 is detected (`flash_attn.cute`) and reported, but not used: diffuse
 kernel (`flash_4_hub`, a download at run time through the `kernels` package), which our machines cannot do, and its
 92 MB wheel is not on them, so it has never been measured here (DESIGN.md). The backend is set on the transformer's attention processors at load time (before
 compilation), so compiled graphs contain the kernel directly: no graph break per call.
+
+The attention path also gets its prologue fused: q/k RMSNorm, the text/image concatenation and RoPE in one Triton
+pass (qk_norm_rope.py), on every transformer variant. Where Triton is missing or a model does not fit the kernel,
+diffusers' processor stays and the detail says why.
 """
 from __future__ import annotations
 
 import importlib.util
 
+from . import qk_norm_rope
 from .base import DeviceInfo, Optimization
 
 
@@ -46,4 +51,16 @@ class Attention(Optimization):
         for module in service.transformer_variants.values():
             module.set_attention_backend(backend)
         self.backend = backend
-        return f"{desc}; diffusers backend {backend!r} (load-time, always on)"
+        return f"{desc}; diffusers backend {backend!r}; {install_fused_prologue(service)} (load-time, always on)"
+
+
+def install_fused_prologue(service) -> str:
+    """Install the fused q/k norm + RoPE processor on every transformer variant; returns the report line."""
+    if not _importable("triton"):
+        return "q/k norm + RoPE left to diffusers (Triton is not installed)"
+    for module in service.transformer_variants.values():
+        reason = qk_norm_rope.unsupported_reason(module)
+        if reason:
+            return f"q/k norm + RoPE left to diffusers ({reason})"
+    n = sum(qk_norm_rope.install(m) for m in service.transformer_variants.values())
+    return f"q/k RMSNorm + text/image concatenation + RoPE in one Triton pass ({n} attention modules)"

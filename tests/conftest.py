@@ -17,6 +17,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from load_test import ServerProcess, free_port  # noqa: E402,F401  (free_port: used by tests through conftest)
 
+# Without a GPU, our Triton kernels run in Triton's CPU interpreter (read when a kernel module is first imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run on the device machine; skipped elsewhere)")
