@@ -7,7 +7,7 @@ kernels for RoPE (which reads each element's pair partner), the concatenations a
 of an fp8 step at edit-512 on an H100 against ~1.2 ms to read q, k, v once and write them once (BENCHMARKS.md,
 2026-11-22 profile). Here one program takes BLOCK_T tokens of one head: it reads the q, k and v rows straight from
 the projections' outputs (fused to_qkv views or separate tensors; text rows from the context projections), and
-writes q, k, v once, contiguous, in the (batch, seq, heads, head_dim) layout SDPA takes.
+writes q, k, v once, in the (batch, heads, seq, head_dim) memory layout SDPA takes.
 
 Numerics follow the eager code: torch.nn.RMSNorm (fp32 math, one rounding to the model's dtype), then diffusers'
 apply_rotary_emb (fp32 math, one rounding). Lossless in the sense of the other fusions (float reordering only); tests
@@ -19,7 +19,9 @@ import functools
 
 import torch
 
-BLOCK_T = 16  # tokens per program; a program holds BLOCK_T x head_dim values per tensor
+# Tokens per program and warps: a program holds BLOCK_T x head_dim values of q, k and v for one head.
+# Chosen with tools/bench_qk_norm_rope.py on an H100 (BENCHMARKS.md).
+BLOCK_T, NUM_WARPS = 16, 4
 
 
 @functools.cache
@@ -30,7 +32,7 @@ def _kernel():
 
 
 def launch(kernel, q_img, k_img, v_img, q_txt, k_txt, v_txt, wq_img, wk_img, wq_txt, wk_txt, cos, sin,
-           heads: int, eps: float):
+           heads: int, eps: float, block_t: int = BLOCK_T, num_warps: int = NUM_WARPS):
     """Run `kernel` (the Triton kernel, or torch.library's wrap_triton of it) and return q, k, v of shape
     (batch, seq, heads, head_dim). q/k/v_img: (batch, image seq, heads * head_dim) views sharing one set of strides
     (last stride 1); *_txt likewise for the text tokens, or None (single blocks: text is already in the sequence)."""
@@ -48,14 +50,17 @@ def launch(kernel, q_img, k_img, v_img, q_txt, k_txt, v_txt, wq_img, wk_img, wq_
         raise ValueError("text q/k/v must share strides")
     if cos.shape != (s, d) or cos.dtype != torch.float32:
         raise ValueError(f"rotary cos/sin must be float32 of shape ({s}, {d}), got {tuple(cos.shape)} {cos.dtype}")
-    out = [torch.empty((b, s, heads, d), dtype=q_img.dtype, device=q_img.device) for _ in range(3)]
+    # Written in (batch, heads, seq, head_dim) memory, the layout cuDNN / flash attention take after diffusers'
+    # permute; returned as (batch, seq, heads, head_dim) views. Written in that shape's own contiguous layout, inductor
+    # copied all three again before attention (1.96 ms per step at edit-512 on an H100).
+    out = [torch.empty((b, heads, s, d), dtype=q_img.dtype, device=q_img.device) for _ in range(3)]
     txt = (q_txt, k_txt, v_txt) if has_txt else (q_img, k_img, v_img)  # unread when there is no text source
     w_txt = (wq_txt, wk_txt) if has_txt else (wq_img, wk_img)
-    grid = (triton_cdiv(s, BLOCK_T), heads, b)
+    grid = (triton_cdiv(s, block_t), heads, b)
     kernel[grid](q_img, k_img, v_img, *txt, wq_img, wk_img, *w_txt, cos.contiguous(), sin.contiguous(), *out,
                  s, s_txt, heads, q_img.stride(0), q_img.stride(1), txt[0].stride(0), txt[0].stride(1), eps,
-                 D=d, BLOCK_T=BLOCK_T, HAS_TXT=has_txt, num_warps=4)
-    return tuple(out)
+                 D=d, BLOCK_T=block_t, HAS_TXT=has_txt, num_warps=num_warps)
+    return tuple(o.transpose(1, 2) for o in out)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -83,13 +88,14 @@ def _op():
 
 def qkv_for_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
     """What FluxAttnProcessor computes before its attention call, by the fused kernel: q, k, v of shape
-    (batch, text + image seq, heads, head_dim), normalised and rotated."""
+    (batch, text + image seq, heads, head_dim), normalised and rotated. Needs the op registered (`_op()`)."""
     from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
     q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
     has_txt = attn.added_kv_proj_dim is not None and encoder_hidden_states is not None
     cos, sin = image_rotary_emb
-    _op()  # registered on first use; called through torch.ops so that dynamo traces the op, not its registration
+    # Called through torch.ops: the op is registered when a processor is built (outside any compiled region), since
+    # dynamo cannot trace the registration (torch.library.triton_op is marked as skipped).
     return torch.ops.flux_kontext.qk_norm_rope(
         q, k, v, eq if has_txt else None, ek if has_txt else None, ev if has_txt else None,
         attn.norm_q.weight, attn.norm_k.weight, attn.norm_added_q.weight if has_txt else None,
@@ -102,6 +108,9 @@ class FusedQKNormRopeProcessor:
 
     _attention_backend = None
     _parallel_config = None
+
+    def __init__(self):
+        _op()  # registers torch.ops.flux_kontext.qk_norm_rope
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):

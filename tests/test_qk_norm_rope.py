@@ -89,11 +89,12 @@ def test_kernel_rounds_like_the_eager_code_on_the_gpu(tiny_transformer, block):
     """On the GPU (real Triton, round-to-nearest casts) the kernel rounds where the eager code rounds (after the norm,
     after RoPE): q and k within one bf16 step of diffusers' processor and mostly bit-identical; v copied exactly."""
     attn, kw = _bf16_attention(tiny_transformer, block, device="cuda")
+    qk_norm_rope._op()
     with torch.no_grad():
         q, k, v = qk_norm_rope.qkv_for_attention(attn, kw["hidden_states"], kw["encoder_hidden_states"],
                                                  kw["image_rotary_emb"])
         rq, rk, rv = reference_qkv(attn, **kw)
-    assert q.dtype == torch.bfloat16 and q.is_contiguous() and q.shape == rq.shape
+    assert q.dtype == torch.bfloat16 and q.transpose(1, 2).is_contiguous() and q.shape == rq.shape
     assert torch.equal(v, rv)
     for got, want in ((q, rq), (k, rk)):
         assert_within_rounding_steps(got, want, 1)
@@ -132,3 +133,27 @@ def test_launch_checks_its_inputs():
                             2, 1e-6)
     with pytest.raises(ValueError, match="float32 of shape"):
         qk_norm_rope.launch(None, q, q, q, None, None, None, w, w, None, None, cs.double(), cs, 2, 1e-6)
+
+
+@pytest.mark.gpu
+def test_compiled_block_calls_the_kernel_without_graph_breaks(tiny_transformer):
+    """fullgraph compile of a block with the fused processor (as the regional compile does): dynamo must see the op,
+    not its lazy registration (torch.library.triton_op cannot be traced). GPU only: under fake tensors, Triton's CPU
+    interpreter would run the kernel instead of tracing it."""
+    fused = _fused(tiny_transformer).cuda()
+    block = fused.single_transformer_blocks[0]
+    inputs = transformer_inputs(fused, n_img=16, n_txt=8, device="cuda", dtype=torch.float32)
+    with torch.no_grad():
+        hidden = fused.x_embedder(inputs["hidden_states"])
+        text = fused.context_embedder(inputs["encoder_hidden_states"])
+        temb = fused.time_text_embed(inputs["timestep"] * 1000, inputs["guidance"] * 1000,
+                                     inputs["pooled_projections"])
+        rope = fused.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"]], 0))
+        gm_count = []
+        compiled = torch.compile(block, fullgraph=True, backend=lambda gm, ex: gm_count.append(gm) or gm.forward)
+        got = compiled(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
+        want = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
+    assert len(gm_count) == 1
+    assert any("qk_norm_rope" in str(n.target) for n in gm_count[0].graph.nodes)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
