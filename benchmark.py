@@ -55,7 +55,7 @@ def stage_plan() -> list[Stage]:
                    use_dpm_solver=False, use_cuda_graphs=False)),
         Stage("1c", "stage 1 lossless + first-block cache 0.12 (eager: cache skips blocks per step)",
               ["first_block_cache"], dict(use_first_block_cache=True, use_mxfp4=False, use_dpm_solver=False)),
-        Stage("2", "+ FA3-class attention", ["attention"],
+        Stage("2", "+ FA3-class attention (cuDNN) + fused q/k norm + RoPE", ["attention"],
               dict(lossless, use_flash_attention=True, use_mxfp4=False, use_dpm_solver=False, use_cuda_graphs=False)),
         Stage("3", "+ fp8 GEMMs (MXFP4 flag)", ["low_precision"],
               dict(lossless, use_flash_attention=True, use_mxfp4=True, use_dpm_solver=False, use_cuda_graphs=False)),

@@ -71,8 +71,9 @@ def main() -> None:
             row = dict(workload=name, block=kind, seq=s,
                        inductor_us=round(1000 * bench(lambda: ref(qkv_img, qkv_txt, *w, cos, sin)), 1))
             for bt, nw in TILES:
-                call = lambda: qk_norm_rope.launch(kernel, *img, *txt, w[0], w[1], *wt, cos, sin, HEADS, 1e-6,  # noqa: E731
-                                                   block_t=bt, num_warps=nw)
+                def call(bt=bt, nw=nw):
+                    return qk_norm_rope.launch(kernel, *img, *txt, w[0], w[1], *wt, cos, sin, HEADS, 1e-6,
+                                               block_t=bt, num_warps=nw)
                 got = call()
                 err = max(float((g.transpose(1, 2).float() - r.float()).abs().max()) for g, r in zip(got, want))
                 row[f"kernel_{bt}x{nw}_us"] = round(1000 * bench(call), 1)
@@ -83,7 +84,8 @@ def main() -> None:
             row["inductor_tb_s"] = round(moved / (row["inductor_us"] * 1e-6) / 1e12, 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("| workload | block | inductor us (TB/s) | " + " | ".join(f"{bt}x{nw} us" for bt, nw in TILES) + " | best TB/s |")
+    tiles = " | ".join(f"{bt}x{nw} us" for bt, nw in TILES)
+    print(f"| workload | block | inductor us (TB/s) | {tiles} | best TB/s |")
     print("|---|---|---|" + "---|" * len(TILES) + "---|")
     for r in rows:
         print(f"| {r['workload']} | {r['block']} | {r['inductor_us']} ({r['inductor_tb_s']}) | "
