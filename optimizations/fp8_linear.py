@@ -14,10 +14,18 @@ the activation quantisation into the producing kernel as it did with torchao's o
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
 FP8_MAX = 448.0  # float8 e4m3fn
+
+
+class Fp8Rows(NamedTuple):
+    """An activation already quantised row-wise by the kernel that produced it (fp8_norm_quant.py): an Fp8Linear
+    takes it as its input and skips its own quantisation."""
+    data: torch.Tensor  # (..., in_features) float8 e4m3
+    scale: torch.Tensor  # (..., 1) float32: data * scale is the activation
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +38,7 @@ class Fp8Linear(torch.nn.Module):
     """x @ W.T + b with W in fp8 e4m3 with one scale per output row and x quantised per row at run time."""
 
     def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 use_fast_accum: bool = True):
+                 use_fast_accum: bool = True, out_dtype: torch.dtype | None = None):
         super().__init__()
         self.out_features, self.in_features = weight_fp8.shape
         # (N, K) row-major fp8 viewed as the (K, N) column-major operand _scaled_mm wants; (N, 1) scales as (1, N)
@@ -38,26 +46,33 @@ class Fp8Linear(torch.nn.Module):
         self.register_buffer("weight_scale", weight_scale.reshape(1, -1).float(), persistent=False)
         self.bias = bias
         self.use_fast_accum = use_fast_accum
+        # The model's dtype, for inputs that arrive quantised (Fp8Rows); a tensor input's own dtype is used otherwise.
+        self.out_dtype = out_dtype or (bias.dtype if bias is not None else torch.bfloat16)
 
     @classmethod
     def from_torchao(cls, linear: torch.nn.Linear) -> "Fp8Linear":
         w = linear.weight
-        return cls(w.qdata, w.scale, linear.bias, bool(getattr(w.mm_config, "use_fast_accum", True)))
+        return cls(w.qdata, w.scale, linear.bias, bool(getattr(w.mm_config, "use_fast_accum", True)), w.dtype)
 
     @classmethod
     def from_float(cls, linear: torch.nn.Linear) -> "Fp8Linear":
         """Quantise a bf16/fp32 linear's weight row-wise (tests; the service takes torchao's quantised weights)."""
         q, s = quantize_rows(linear.weight.detach())
-        return cls(q, s, linear.bias)
+        return cls(q, s, linear.bias, out_dtype=linear.weight.dtype)
 
     def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_rows(x2d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, s = self.quantize_input(x.reshape(-1, x.shape[-1]))
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        if isinstance(x, Fp8Rows):  # quantised by its producer
+            lead, dtype = x.data.shape[:-1], self.out_dtype
+            q, s = x.data.reshape(-1, self.in_features), x.scale.reshape(-1, 1)
+        else:
+            lead, dtype = x.shape[:-1], x.dtype
+            q, s = self.quantize_input(x.reshape(-1, x.shape[-1]))
         out = torch._scaled_mm(q, self.weight_t, scale_a=s, scale_b=self.weight_scale, bias=self.bias,
-                               out_dtype=x.dtype, use_fast_accum=self.use_fast_accum)
-        return out.reshape(*x.shape[:-1], self.out_features)
+                               out_dtype=dtype, use_fast_accum=self.use_fast_accum)
+        return out.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 row-scaled"

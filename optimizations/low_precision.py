@@ -7,7 +7,8 @@
 
 Quantised: every token-wise linear of the 57 blocks (the single blocks' proj_out as two halves, see
 fp8_single_blocks.py; the linears after a GELU quantise their input in one fused pass, see fp8_gelu_quant.py;
-torchao quantises, then every quantised linear becomes a plain module, see fp8_linear.py);
+torchao quantises, then every quantised linear becomes a plain module, see fp8_linear.py; the norms and the
+attention output hand the linears fp8 rows quantised in the same pass, see fp8_norm_quant.py);
 kept bf16: embedders, final projection, per-step modulation linears (see skip_module).
 The quantised transformer is a separate copy: the bf16 weights stay, so a request without the flag gets the
 exact bf16 model. Lossy: fidelity against bf16 is reported by the benchmark and the GPU tests.
@@ -21,6 +22,7 @@ import torch
 from .base import DeviceInfo, Optimization
 from .fp8_gelu_quant import fuse_gelu_into_quantisation
 from .fp8_linear import unwrap_torchao_linears
+from .fp8_norm_quant import fuse_norm_quantisation
 from .fp8_single_blocks import split_single_block_proj_out
 from .modulation_table import MODULATION_SUFFIXES
 
@@ -84,9 +86,11 @@ class LowPrecision(Optimization):
         split_note = split_single_block_proj_out(q)  # before quantising: the two halves are quantised separately
         quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
         gelu_note = fuse_gelu_into_quantisation(q)  # after quantising: it takes torchao's fp8 weights
-        plain_note = unwrap_torchao_linears(q)  # last: every quantised linear the GELU fusion did not take
+        plain_note = unwrap_torchao_linears(q)  # every quantised linear the GELU fusion did not take
+        norm_note = fuse_norm_quantisation(q)  # last: it takes Fp8Linears as the consumers of its fp8 rows
         if "compile" in service.prepared:  # prepared after compile (the benchmark's stage order): compile it too
             service.registry["compile"].compile_transformer(q)
         service.transformer_variants["fp8"] = q
         self.description = desc
-        return f"{desc}; separate copy, bf16 kept for exact requests; {split_note}; {gelu_note}; {plain_note}"
+        return (f"{desc}; separate copy, bf16 kept for exact requests; {split_note}; {gelu_note}; {plain_note}; "
+                f"{norm_note}")

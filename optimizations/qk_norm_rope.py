@@ -88,7 +88,9 @@ def _op():
 
 def qkv_for_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
     """What FluxAttnProcessor computes before its attention call, by the fused kernel: q, k, v of shape
-    (batch, text + image seq, heads, head_dim), normalised and rotated. Needs the op registered (`_op()`)."""
+    (batch, text + image seq, heads, head_dim), normalised and rotated, and the number of text tokens in front (None
+    when the text is already in the sequence: single blocks). Needs the op registered (`_op()`). The inputs may be
+    tensors or, in the fp8 copy, fp8 rows (fp8_linear.Fp8Rows): they are only handed to the projections."""
     from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
     q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
@@ -96,10 +98,11 @@ def qkv_for_attention(attn, hidden_states, encoder_hidden_states, image_rotary_e
     cos, sin = image_rotary_emb
     # Called through torch.ops: the op is registered when a processor is built (outside any compiled region), since
     # dynamo cannot trace the registration (torch.library.triton_op is marked as skipped).
-    return torch.ops.flux_kontext.qk_norm_rope(
+    q, k, v = torch.ops.flux_kontext.qk_norm_rope(
         q, k, v, eq if has_txt else None, ek if has_txt else None, ev if has_txt else None,
         attn.norm_q.weight, attn.norm_k.weight, attn.norm_added_q.weight if has_txt else None,
         attn.norm_added_k.weight if has_txt else None, cos, sin, attn.heads, _rms_norm_eps(attn.norm_q, q.dtype))
+    return q, k, v, (eq.shape[1] if has_txt else None)
 
 
 class FusedQKNormRopeProcessor:
@@ -116,17 +119,23 @@ class FusedQKNormRopeProcessor:
                  image_rotary_emb=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        query, key, value = qkv_for_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
-                                              backend=self._attention_backend, parallel_config=self._parallel_config)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+        query, key, value, n_txt = qkv_for_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        return self.project_out(attn, out.to(query.dtype), n_txt)
+
+    def project_out(self, attn, out: torch.Tensor, n_txt: int | None):
+        """The attention output (batch, seq, heads, head_dim) as diffusers' processor returns it: through the output
+        projections as (image, text) for the double blocks (`n_txt` text tokens first), flattened for the single
+        blocks (n_txt None; their block projects it)."""
+        hidden_states = out.flatten(2, 3)
+        if n_txt is None:
+            return hidden_states
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [n_txt, hidden_states.shape[1] - n_txt], dim=1)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+        return hidden_states, encoder_hidden_states
 
 
 def _rms_norm_eps(norm, dtype: torch.dtype) -> float | None:

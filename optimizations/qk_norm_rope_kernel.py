@@ -21,7 +21,9 @@ def _norm_rope(x_img, x_txt, w_img_ptr, w_txt_ptr, off_img, off_txt, m_img, m_tx
     w = tl.load(w_img_ptr + d).to(tl.float32)[None, :]
     if HAS_TXT:
         w = tl.where(is_txt[:, None], tl.load(w_txt_ptr + d).to(tl.float32)[None, :], w)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + eps)
+    # eps as fp32: inductor passes Python floats to user kernels as fp64, which made this math fp64 in the compiled
+    # model (found when the fp8 norm kernel, which casts to fp8, failed to compile that way)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / D + tl.cast(eps, tl.float32))
     # torch.nn.RMSNorm (FluxAttention's): fp32 math, one rounding to dtype
     y = (x * rstd[:, None] * w).to(dt).to(tl.float32)
     # RoPE on interleaved pairs (x[2i], x[2i+1]), as diffusers' apply_rotary_emb: fp32 math, one rounding

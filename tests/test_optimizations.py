@@ -399,10 +399,12 @@ def test_unwrap_replaces_only_row_scaled_fp8_linears():
     model = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 8))
     q, s = quantize_rows(model[0].weight.detach())
     del model[0]._parameters["weight"]
-    model[0].__dict__["weight"] = SimpleNamespace(qdata=q, scale=s, mm_config=SimpleNamespace(use_fast_accum=False))
+    model[0].__dict__["weight"] = SimpleNamespace(qdata=q, scale=s, mm_config=SimpleNamespace(use_fast_accum=False),
+                                                  dtype=torch.float16)  # Float8Tensor.dtype: the original dtype
     assert unwrap_torchao_linears(model).startswith("1 fp8 linears")
     assert isinstance(model[0], Fp8Linear) and isinstance(model[1], torch.nn.Linear)
     assert model[0].weight_t.data_ptr() == q.data_ptr() and model[0].use_fast_accum is False
+    assert model[0].out_dtype == torch.float16  # what it writes for inputs that arrive quantised
 
 
 def test_unwrap_takes_torchaos_real_fp8_weights(monkeypatch):

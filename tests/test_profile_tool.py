@@ -32,3 +32,27 @@ def test_profile_step_summarises_a_real_step(tmp_path, cache_dir, monkeypatch):
         == "activation quantisation (fused)"
     assert profile_step.category("triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention__to_copy_add") \
         == "norm / elementwise (triton)"
+
+
+def test_launchers_finds_the_innermost_cpu_op_of_each_device_event(tmp_path):
+    """Device events are tied to their runtime call by correlation id, and the call to the innermost CPU op around
+    it on its thread."""
+    import json
+
+    import profile_step
+
+    cpu = lambda name, ts, dur: {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur,  # noqa: E731
+                                 "pid": 1, "tid": 2}
+    rt = lambda ts, c: {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1,  # noqa: E731
+                        "pid": 1, "tid": 2, "args": {"correlation": c}}
+    dev = lambda name, c, cat="kernel": {"ph": "X", "cat": cat, "name": name, "ts": 100 + c, "dur": 1,  # noqa: E731
+                                        "pid": 0, "tid": 7, "args": {"correlation": c}}
+    events = [cpu("graph", 0, 100), cpu("aten::_scaled_mm", 10, 20), cpu("aten::_scaled_mm", 40, 20),
+              rt(12, 1), rt(15, 2), rt(42, 3), rt(45, 4), rt(70, 5),
+              dev("gemm", 1), dev("Memset (Device)", 2, "gpu_memset"), dev("gemm", 3),
+              dev("Memset (Device)", 4, "gpu_memset"), dev("triton_poi", 5)]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    got = profile_step.launchers(path, ["gemm", "Memset (Device)", "triton_poi"])
+    assert got == {"gemm": {"aten::_scaled_mm": 2}, "Memset (Device)": {"aten::_scaled_mm": 2},
+                   "triton_poi": {"graph": 1}}

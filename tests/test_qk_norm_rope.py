@@ -83,27 +83,29 @@ def assert_within_rounding_steps(got, want, steps: int):
     assert ((got.float() - want.float()).abs() <= steps * step).all()
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("block", ["transformer_blocks", "single_transformer_blocks"])
-def test_kernel_rounds_like_the_eager_code_on_the_gpu(tiny_transformer, block):
-    """On the GPU (real Triton, round-to-nearest casts) the kernel rounds where the eager code rounds (after the norm,
-    after RoPE): q and k within one bf16 step of diffusers' processor and mostly bit-identical; v copied exactly."""
-    attn, kw = _bf16_attention(tiny_transformer, block, device="cuda")
+def test_kernel_rounds_like_the_eager_code(tiny_transformer, block, device):
+    """The kernel rounds where the eager code rounds (after the norm, after RoPE): q and k within one bf16 step of
+    diffusers' processor and mostly bit-identical; v copied exactly. On the GPU, and on CPU in the interpreter, whose
+    casts round to nearest as the GPU's do in the tests (tests/conftest.py)."""
+    attn, kw = _bf16_attention(tiny_transformer, block, device=device)
     qk_norm_rope._op()
     with torch.no_grad():
-        q, k, v = qk_norm_rope.qkv_for_attention(attn, kw["hidden_states"], kw["encoder_hidden_states"],
-                                                 kw["image_rotary_emb"])
+        q, k, v, n_txt = qk_norm_rope.qkv_for_attention(attn, kw["hidden_states"], kw["encoder_hidden_states"],
+                                                        kw["image_rotary_emb"])
         rq, rk, rv = reference_qkv(attn, **kw)
     assert q.dtype == torch.bfloat16 and q.transpose(1, 2).is_contiguous() and q.shape == rq.shape
     assert torch.equal(v, rv)
+    assert n_txt == (None if kw["encoder_hidden_states"] is None else kw["encoder_hidden_states"].shape[1])
     for got, want in ((q, rq), (k, rk)):
         assert_within_rounding_steps(got, want, 1)
         assert (got == want).float().mean() > 0.9
 
 
 def test_fused_processor_matches_diffusers_processor_in_bf16(tiny_transformer):
-    """bf16 through the interpreter, which truncates fp32 -> bf16 casts (the GPU rounds to nearest): the attention
-    outputs agree to ~1% here (a wrong weight, partner or sign gives tens of percent); the GPU test checks rounding."""
+    """The whole processor in bf16 (CPU SDPA): the attention outputs agree to bf16 rounding (a wrong weight, partner
+    or sign gives tens of percent); test_kernel_rounds_like_the_eager_code checks the rounding itself."""
     for block in ("transformer_blocks", "single_transformer_blocks"):
         attn, kw = _bf16_attention(tiny_transformer, block)
         with torch.no_grad():

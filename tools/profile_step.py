@@ -147,16 +147,52 @@ def profile_plan(svc, a, width, height, image, flags: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"profile-{a.workload}-{a.compile_mode}-{a.inductor_flags}-{'-'.join(applied) or 'none'}"[:120]
     prof.export_chrome_trace(str(out / f"{stem}.trace.json"))
+    launched_by = launchers(out / f"{stem}.trace.json", [e.key for e in top])
+    print("\n| top kernels | launched under (CPU op: calls) |\n|---|---|")
+    for e in top:
+        print(f"| {e.key[:70]} | {', '.join(f'{op[:60]}: {n}' for op, n in launched_by.get(e.key, {}).items())} |")
     report = {
         "workload": a.workload, "width": width, "height": height, "seq_len": seq, "device": svc.device_info.name,
         "compile": {"mode": a.compile_mode, "scope": a.compile_scope, "inductor_flags": a.inductor_flags},
         "applied": applied, "cold_start_s": round(cold_start_s, 2), "ms_per_step": step_ms, "floor_ms": floor,
         "by_category_ms": per_cat,
-        "top": [{"kernel": e.key, "ms_per_step": getattr(e, attr) / 1000 / a.calls, "calls": e.count // a.calls}
-                for e in top]}
+        "top": [{"kernel": e.key, "ms_per_step": getattr(e, attr) / 1000 / a.calls, "calls": e.count // a.calls,
+                 "launched_by": launched_by.get(e.key, {})} for e in top]}
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     print(f"\ntrace: {out / (stem + '.trace.json')}")
     return report
+
+
+def launchers(trace_path: Path, kernels: list[str], most: int = 3) -> dict[str, dict[str, int]]:
+    """For each named kernel (or memset / memcpy), the innermost CPU ops it was launched under, most frequent first:
+    the trace links each device event to its runtime call by correlation id, and the runtime call lies inside the
+    CPU ops recorded on its thread. Tells where kernels without a telling name come from (e.g. memsets)."""
+    from collections import Counter
+
+    events = json.loads(trace_path.read_text()).get("traceEvents", [])
+    wanted = set(kernels)
+    device = {e["args"]["correlation"]: e["name"] for e in events
+              if e.get("name") in wanted and e.get("ph") == "X" and "correlation" in e.get("args", {})
+              and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")}
+    runtime = sorted((e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")
+                      and e.get("args", {}).get("correlation") in device), key=lambda e: e["ts"])
+    ops: dict = {}
+    for e in events:
+        if e.get("cat") == "cpu_op" and e.get("ph") == "X":
+            ops.setdefault((e["pid"], e["tid"]), []).append(e)
+    counts: dict[str, Counter] = {}
+    for key, thread_ops in ops.items():
+        thread_ops.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack, i = [], 0
+        for r in (r for r in runtime if (r["pid"], r["tid"]) == key):
+            while i < len(thread_ops) and thread_ops[i]["ts"] <= r["ts"]:
+                stack.append(thread_ops[i])
+                i += 1
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] < r["ts"]:
+                stack.pop()
+            inner = next((o["name"] for o in reversed(stack) if o["ts"] + o["dur"] >= r["ts"]), "(no CPU op)")
+            counts.setdefault(device[r["args"]["correlation"]], Counter())[inner] += 1
+    return {k: dict(c.most_common(most)) for k, c in counts.items()}
 
 
 if __name__ == "__main__":
