@@ -134,11 +134,16 @@ def residual_norm_quant(x, delta, mod, gate_chunk: int, shift_chunk: int, scale_
     return h, Fp8Rows(q, s)
 
 
+def _chunk(mod, i: int, k: int):
+    """Chunk i (K wide) of an AdaLN output (batch, n * K), as the kernel reads it."""
+    return mod[:, i * k:(i + 1) * k]
+
+
 def norm_modulate_quant_reference(x, tail, delta, mod, shift_chunk: int, scale_chunk: int, gate_chunk: int,
                                   eps: float):
     """What the norm kernel computes, in plain torch (tests): (fp8 rows, scales, h or None)."""
     k = x.shape[-1]
-    chunk = lambda i: mod[:, i * k:(i + 1) * k].float()[:, None]  # noqa: E731
+    chunk = lambda i: _chunk(mod, i, k).float()[:, None]  # noqa: E731
     rows = x if tail is None else torch.cat([x, tail], dim=1)
     h = None
     if delta is not None:
@@ -157,10 +162,6 @@ def _modulation(ada_norm, temb):
     """AdaLayerNormZero(Single)'s linear output, all chunks (its linear is the modulation table's lookup when that
     is installed)."""
     return ada_norm.linear(ada_norm.silu(temb))
-
-
-def _chunk(mod, i: int, k: int):
-    return mod[:, i * k:(i + 1) * k]
 
 
 def _double_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
