@@ -16,7 +16,7 @@ from PIL import Image
 import model_sources
 from optimizations.base import DeviceInfo, RunContext
 from optimizations.compile_cache import CompileCache, cache_key
-from optimizations.cuda_graphs import CudaGraphTransformer
+from optimizations.cuda_graphs import CudaGraphEncoder, CudaGraphTransformer
 from optimizations.registry import STACK_ORDER, build_registry, resolve_names
 from schemas import DEFAULT_DPM_STEPS, DEFAULT_STEPS, MAX_SEED, InferenceRequest
 from utils import StageTimer, default_size_for, module_bytes
@@ -103,15 +103,15 @@ class _Timed:
 
 
 class _TimedVAE:
-    """Stand-in for the VAE: times encode and decode, and routes decode to the eager or compiled version."""
+    """Stand-in for the VAE: times encode and decode, and routes each to the eager or compiled version."""
 
-    def __init__(self, vae, decode_impl: Callable, timer: StageTimer):
-        self._vae, self._decode, self._timer = vae, decode_impl, timer
+    def __init__(self, vae, encode_impl: Callable, decode_impl: Callable, timer: StageTimer):
+        self._vae, self._encode, self._decode, self._timer = vae, encode_impl, decode_impl, timer
 
     def encode(self, *args, **kwargs):
         self._timer.start("image_encode")
         try:
-            return self._vae.encode(*args, **kwargs)
+            return self._encode(*args, **kwargs)
         finally:
             self._timer.stop("image_encode")
 
@@ -155,10 +155,11 @@ class FluxService:
         self.prepare_seconds: dict[str, float] = {}
         self.transformer_variants: dict[str, Any] = {}  # precision ("bf16", "fp8") -> transformer module
         self.transformer_variant_bytes: dict[str, int] = {}  # precision -> bytes of weights (set by prepare)
-        self.vae_decode_eager = None
-        self.vae_decode_compiled = None
+        self.vae_encode_eager = self.vae_decode_eager = None
+        self.vae_encode_compiled = self.vae_decode_compiled = None
         self.compile_cache: CompileCache | None = None
         self.cuda_graph_runners: dict = {}
+        self.text_encoder_graphs: dict = {}  # pipeline attribute ("text_encoder", "text_encoder_2") -> runner
         self._warm: set = set()
         self._text_timer: StageTimer | None = None
         self.transformer_call_observer: Callable | None = None  # benchmark only: sees each transformer call's kwargs
@@ -172,7 +173,7 @@ class FluxService:
             self.model = model_sources.load_model(self.config.model, self.device, self.cache_root)
             self.pipe = self.model.pipe
             self.transformer_variants["bf16"] = self.pipe.transformer
-            self.vae_decode_eager = self.pipe.vae.decode
+            self.vae_encode_eager, self.vae_decode_eager = self.pipe.vae.encode, self.pipe.vae.decode
             for enc in (self.pipe.text_encoder, self.pipe.text_encoder_2):
                 enc.register_forward_pre_hook(lambda *_: self._text_timer and self._text_timer.start("text_encode"))
                 enc.register_forward_hook(lambda *_: self._text_timer and self._text_timer.stop("text_encode"))
@@ -199,6 +200,7 @@ class FluxService:
         if names:  # compiled code and captured graphs may now be stale: warm up and capture again
             self._warm.clear()
             self.cuda_graph_runners.clear()
+            self.text_encoder_graphs.clear()
         for name in names:
             t0 = time.perf_counter()
             self.prepared[name] = self.registry[name].prepare(self)
@@ -273,6 +275,12 @@ class FluxService:
             module = self.cuda_graph_runners[precision]
         return precision, module
 
+    def _text_encoder_graph(self, attr: str):
+        runner = self.text_encoder_graphs.get(attr)
+        if runner is None:
+            runner = self.text_encoder_graphs[attr] = CudaGraphEncoder(getattr(self.pipe, attr), self.cuda_graph_pool)
+        return runner
+
     def generate(self, req: InferenceRequest, image: Image.Image | None = None,
                  should_stop: Callable[[], Exception | None] | None = None, output_type: str = "pil",
                  plan: dict[str, Decision] | None = None) -> GenerationResult:
@@ -331,8 +339,9 @@ class FluxService:
     def _run(self, req, plan, precision, transformer, call, seed, should_stop):
         timer = StageTimer(cuda=self.device_info.is_cuda)
         run = RunContext(service=self, request=req, call_kwargs=call, precision=precision)
-        decode = self.vae_decode_compiled if plan["compile"].applied and self.vae_decode_compiled else \
-            self.vae_decode_eager
+        compiled_vae = plan["compile"].applied and self.vae_decode_compiled is not None
+        encode = self.vae_encode_compiled if compiled_vae else self.vae_encode_eager
+        decode = self.vae_decode_compiled if compiled_vae else self.vae_decode_eager
         generator = torch.Generator(self.device).manual_seed(seed)
 
         final = {}
@@ -355,7 +364,11 @@ class FluxService:
                         stats = value
             stack.enter_context(_swap(self.pipe, "transformer", _Timed(transformer, timer, "transformer",
                                                                        self.transformer_call_observer)))
-            stack.enter_context(_swap(self.pipe, "vae", _TimedVAE(self.pipe.vae, decode, timer)))
+            stack.enter_context(_swap(self.pipe, "vae", _TimedVAE(self.pipe.vae, encode, decode, timer)))
+            if plan["cuda_graphs"].applied:  # replays skip the encoders' timing hooks: time the replay itself
+                for attr in ("text_encoder", "text_encoder_2"):
+                    stack.enter_context(_swap(self.pipe, attr, _Timed(self._text_encoder_graph(attr), timer,
+                                                                      "text_encode")))
             self._text_timer = timer
             stack.callback(setattr, self, "_text_timer", None)
             with torch.inference_mode():

@@ -1,4 +1,4 @@
-"""torch.compile of the transformer and the VAE decoder (inductor), with the seed's inductor flags.
+"""torch.compile of the transformer and the VAE encoder and decoder (inductor), with the seed's inductor flags.
 
 Two scopes:
 - `regional` (default): each transformer block is compiled in place (diffusers' `compile_repeated_blocks`: the
@@ -78,7 +78,10 @@ class Compile(Optimization):
         for module in service.transformer_variants.values():
             self.compile_transformer(module)
         if self.compile_vae:
+            # Encode too: the reference image of an edit goes through the encoder every request (15 ms at 512x512,
+            # 63-75 ms at 1024x1024 eager on the H100). Both compile to one graph each (checked with dynamo's explain).
+            service.vae_encode_compiled = torch.compile(service.vae_encode_eager, mode=self.mode, dynamic=False)
             service.vae_decode_compiled = torch.compile(service.vae_decode_eager, mode=self.mode, dynamic=False)
         return (f"torch.compile {self.scope} (mode={self.mode}, fullgraph, static shapes; inductor flags "
                 + self.inductor_flags + ")"
-                + ("; VAE decode compiled" if self.compile_vae else "") + " (load-time, always on)")
+                + ("; VAE encode and decode compiled" if self.compile_vae else "") + " (load-time, always on)")

@@ -1,9 +1,14 @@
-"""CUDA graphs for the denoising step: capture the transformer call once per input shape, then replay it.
+"""CUDA graphs for the denoising step and the text encoders: capture each call once per input shape, then replay it.
 
 Replaying removes the CPU launch overhead of ~thousands of kernels per step. Shapes are static per graph, so a
 graph is captured per (shape, dtype) key; all graphs share one memory pool. The first call at a new shape
 captures (and, on a compiled transformer, compiles): the service runs it as a reported warm-up, outside the
 request's timing. Not combinable with the first-block cache, whose skip decision is data-dependent.
+
+The text encoders get the same treatment because the pipeline pads every prompt to a fixed length (512 T5 tokens,
+77 CLIP tokens): one graph per encoder serves every request. Eager, T5-XXL's ~24 x 20 small kernels per prompt are
+issued by the host slower than the GPU runs them (text encode was 23-51 ms per request on the H100, BENCHMARKS.md);
+a replay is one launch, and the host moves on to the image preprocessing while the GPU encodes.
 """
 from __future__ import annotations
 
@@ -64,6 +69,56 @@ class CudaGraphTransformer:
         return (out.clone(),)
 
 
+def _clone_output(out):
+    """A copy of a transformers ModelOutput whose tensors no later replay can overwrite (with true CFG the negative
+    prompt replays the same graph)."""
+    return type(out)(**{k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()})
+
+
+class CudaGraphEncoder:
+    """Callable stand-in for a text encoder (T5 or CLIP): `encoder(input_ids, **kwargs)`, replayed per token shape.
+
+    Captures call the module's `forward`, not the module: the service's timing hooks on the encoder must not record
+    events inside a capture. The caller times the replay instead (service._Timed)."""
+
+    def __init__(self, module, pool=None):
+        self.module = module
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.graphs: dict = {}
+        self.capture_ms: dict = {}
+
+    def __getattr__(self, name):  # dtype, device, config, modules() ... come from the wrapped encoder
+        return getattr(self.module, name)
+
+    def _capture(self, input_ids, kwargs):
+        t0 = time.perf_counter()
+        static = input_ids.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.module.forward(static, **kwargs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.module.forward(static, **kwargs)
+        torch.cuda.synchronize()
+        return graph, static, out, (time.perf_counter() - t0) * 1000
+
+    def __call__(self, input_ids, **kwargs):
+        key = (tuple(input_ids.shape), input_ids.dtype, str(input_ids.device), tuple(sorted(
+            (k, repr(v)) for k, v in kwargs.items())))
+        entry = self.graphs.get(key)
+        if entry is None:
+            graph, static, out, ms = self._capture(input_ids, kwargs)
+            entry = self.graphs[key] = (graph, static, out)
+            self.capture_ms[key] = ms
+        graph, static, out = entry
+        static.copy_(input_ids)
+        graph.replay()
+        return _clone_output(out)
+
+
 class CudaGraphs(Optimization):
     name, flag, load_time = "cuda_graphs", "use_cuda_graphs", False
 
@@ -73,4 +128,6 @@ class CudaGraphs(Optimization):
     def prepare(self, service) -> str:
         service.cuda_graph_pool = torch.cuda.graph_pool_handle()
         service.cuda_graph_runners = {}
-        return "transformer step captured per shape on first use (reported as warm-up), replayed after"
+        service.text_encoder_graphs = {}
+        return ("transformer step and text encoders (T5, CLIP) captured per shape on first use (reported as "
+                "warm-up), replayed after")

@@ -135,6 +135,44 @@ def test_cuda_graph_output_equals_eager(full_service):
                                                    again.timings_ms["transformer_per_step"]])
     assert torch.equal(graph.latents, again.latents)
     assert diff == 0.0  # same kernels, same order: replay is bit-identical to eager
+    # the text encoders were replayed too (one graph each: prompts are padded to a fixed length)
+    assert {a: len(r.graphs) for a, r in full_service.text_encoder_graphs.items()} == {"text_encoder": 1,
+                                                                                       "text_encoder_2": 1}
+
+
+def test_text_encoder_graphs_replay_new_prompts_exactly(full_service):
+    """A replay sees the new prompt's tokens (static input buffer) and returns what eager returns, bit for bit."""
+    from optimizations.cuda_graphs import CudaGraphEncoder
+
+    pipe = full_service.pipe
+    figures = {}
+    with torch.inference_mode():
+        for attr, tokenizer, length in (("text_encoder", pipe.tokenizer, 77), ("text_encoder_2", pipe.tokenizer_2, 512)):
+            encoder = getattr(pipe, attr)
+            runner = CudaGraphEncoder(encoder)
+            outs = []
+            for prompt in ("make the car red", "a cat asleep on a green sofa, watercolour"):
+                ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True,
+                                return_tensors="pt").input_ids.cuda()
+                ref = encoder(ids, output_hidden_states=False)
+                out = runner(ids, output_hidden_states=False)
+                assert list(out.keys()) == list(ref.keys())
+                for k in ref.keys():
+                    assert torch.equal(out[k], ref[k]), (attr, prompt, k)
+                outs.append(out[0])
+            assert len(runner.graphs) == 1 and not torch.equal(outs[0], outs[1])
+            ms = []
+            for call in (lambda: encoder(ids, output_hidden_states=False), lambda: runner(ids, output_hidden_states=False)):
+                call()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(5):
+                    call()
+                end.record()
+                torch.cuda.synchronize()
+                ms.append(round(start.elapsed_time(end) / 5, 2))
+            figures[attr] = {"eager_ms": ms[0], "graph_ms": ms[1]}
+    _record("text_encoder_ms_eager_vs_graph", figures)
 
 
 def test_cudnn_attention_matches_default_attention(full_service):

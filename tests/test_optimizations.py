@@ -168,6 +168,46 @@ def test_first_block_cache_through_service_counts_and_isolates(tiny_service):
     assert torch.equal(again.latents, ref.latents)
 
 
+def test_compile_routes_vae_encode_and_decode_through_their_compiled_versions(cache_dir, monkeypatch):
+    """With compile prepared, an edit request encodes its reference image and decodes through the compiled
+    callables; before, through the eager ones. torch.compile is replaced by a recorder (inductor on CPU is slow)."""
+    from PIL import Image
+
+    compiled_calls = []
+
+    def recording_compile(fn, **_kwargs):
+        def compiled(*args, **kwargs):
+            compiled_calls.append(getattr(fn, "__name__", ""))
+            return fn(*args, **kwargs)
+        return compiled
+
+    svc = _service(cache_dir, "none")
+    image = Image.new("RGB", (256, 256), (90, 140, 30))
+    eager = svc.generate(InferenceRequest(**BASE), image, output_type="latent")
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    svc.prepare(["compile"])
+    assert "VAE encode and decode compiled" in svc.prepared["compile"]
+    compiled_calls.clear()  # drop the blocks' calls from preparing
+    res = svc.generate(InferenceRequest(**BASE), image, output_type="latent")
+    assert res.optimizations["compile"].applied
+    # warm-up + timed run: each encodes once and decodes once (output_type="latent" skips decode)
+    assert compiled_calls.count("encode") == 2 and "decode" not in compiled_calls
+    compiled_calls.clear()
+    svc.generate(InferenceRequest(**BASE), image, output_type="np")
+    assert compiled_calls.count("encode") == 1 and compiled_calls.count("decode") == 1
+    assert torch.equal(res.latents, eager.latents)  # the recorder runs the same eager code
+
+
+def test_vae_encode_and_decode_each_trace_to_one_graph(plain):
+    """What compiling them relies on: no graph break (a break would leave eager pieces between compiled ones)."""
+    vae = plain.pipe.vae
+    with torch.inference_mode():
+        enc = torch._dynamo.explain(vae.encode)(torch.randn(1, 3, 64, 64))
+        dec = torch._dynamo.explain(vae.decode)(torch.randn(1, vae.config.latent_channels, 8, 8))
+    assert (enc.graph_count, enc.graph_break_count) == (1, 0), enc.break_reasons
+    assert (dec.graph_count, dec.graph_break_count) == (1, 0), dec.break_reasons
+
+
 # ---- compile + persistent compile cache (two processes) ---------------------------------------------------------
 COMPILE_SCRIPT = textwrap.dedent("""
     import json, sys, time

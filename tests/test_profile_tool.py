@@ -56,3 +56,49 @@ def test_launchers_finds_the_innermost_cpu_op_of_each_device_event(tmp_path):
     got = profile_step.launchers(path, ["gemm", "Memset (Device)", "triton_poi"])
     assert got == {"gemm": {"aten::_scaled_mm": 2}, "Memset (Device)": {"aten::_scaled_mm": 2},
                    "triton_poi": {"graph": 1}}
+
+
+def test_profile_request_attributes_gpu_idle_time_to_the_innermost_phase():
+    """A hand-made trace: idle time goes to the innermost open range, busy time is the union of device events."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import profile_request
+
+    def x(name, cat, ts, dur):
+        return {"ph": "X", "name": name, "cat": cat, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [
+        x("request", "user_annotation", 0, 1000),
+        x("pipe:encode_prompt", "user_annotation", 50, 300),
+        x("stage:text_encode", "user_annotation", 100, 200),
+        x("gemm", "kernel", 120, 160), x("copy", "gpu_memcpy", 200, 50),  # overlapping: counted once
+        x("gemm", "kernel", 400, 500),
+        x("cudaStreamSynchronize", "cuda_runtime", 920, 60),
+        x("cudaLaunchKernel", "cuda_runtime", 100, 5),  # a launch, not a wait
+    ]}
+    (s,) = profile_request.analyse(trace)
+    assert (s["wall_ms"], s["gpu_busy_ms"], s["gpu_idle_ms"]) == (1.0, 0.66, 0.34)
+    p = s["phases"]
+    assert p["stage:text_encode"] == {"calls": 1, "wall_ms": 0.2, "own_ms": 0.2, "gpu_busy_ms": 0.16,
+                                      "gpu_idle_ms": 0.04}
+    assert p["pipe:encode_prompt"] == {"calls": 1, "wall_ms": 0.3, "own_ms": 0.1, "gpu_busy_ms": 0.0,
+                                       "gpu_idle_ms": 0.1}
+    assert p[profile_request.UNMARKED]["own_ms"] == 0.7 and p[profile_request.UNMARKED]["gpu_idle_ms"] == 0.2
+    assert s["host_waits"] == {f"cudaStreamSynchronize in {profile_request.UNMARKED}": {"calls": 1, "ms": 0.06}}
+
+
+def test_profile_request_runs_a_real_request_on_cpu(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setenv("FLUX_CACHE_DIR", str(cache_dir))
+    sys.path.insert(0, str(ROOT / "tools"))
+    import profile_request
+
+    rc = profile_request.main(["--model", "tiny", "--device", "cpu", "--workload", "edit-512", "--width", "256",
+                               "--height", "256", "--optimizations", "dpm_solver", "--flags", "use_dpm_solver=true",
+                               "--steps", "3", "--requests", "1", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    (s,) = json.loads((tmp_path / "request-edit-512-256x256.json").read_text())["requests"]
+    p = s["phases"]
+    assert p["stage:transformer"]["calls"] == 3 and p["scheduler:step"]["calls"] == 3
+    assert p["scheduler:set_timesteps"]["calls"] == 1 and p["stage:image_encode"]["calls"] == 1
+    assert p["stage:text_encode"]["calls"] == 2  # CLIP and T5
+    assert abs(sum(v["own_ms"] for v in p.values()) - s["wall_ms"]) < 0.01  # every microsecond has one owner
+    assert s["gpu_busy_ms"] is None  # no device timeline on CPU

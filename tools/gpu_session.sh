@@ -3,6 +3,7 @@
 #   bash tools/gpu_session.sh tests                      # GPU tests (pytest -m gpu), figures in $OUT/gpu_checks.json
 #   bash tools/gpu_session.sh bench --workload edit-512  # stage table; markdown on stdout, JSON + PNG in $OUT
 #   bash tools/gpu_session.sh profile --workload t2i-1024 --optimizations all --flags --flags use_mxfp4=true
+#   bash tools/gpu_session.sh request --workload edit-512 --optimizations all --flags use_mxfp4=true  # whole request
 #   bash tools/gpu_session.sh coldstart --optimizations all --warmup 1024x1024   # tools/cold_start.py
 #   bash tools/gpu_session.sh py tools/bench_gelu_quant.py --out "$OUT/gelu_quant.json"   # any script, same env
 # Several modes in one device call: chain them with `;` (the wheels are installed once per machine).
@@ -23,8 +24,10 @@ case "$mode" in
   bench) python3 flux_kontext_optimized.py benchmark --model synthetic-full --out-dir "$OUT" "$@" 2>&1 \
            | grep -v "Warning\|warn(" | tee -a "$OUT/bench.log" ;;
   profile) python3 tools/profile_step.py --out-dir "$OUT" "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/profile.log" ;;
+  request) python3 tools/profile_request.py --out-dir "$OUT" "$@" 2>&1 | grep -v "Warning\|warn(" \
+           | tee -a "$OUT/request.log" ;;
   coldstart) python3 tools/cold_start.py --json-out "$OUT/cold_start-$(date +%s).json" "$@" 2>&1 \
            | tee -a "$OUT/cold_start.log" ;;
   py) python3 "$@" 2>&1 | grep -v "Warning\|warn(" | tee -a "$OUT/py.log" ;;
-  *) echo "usage: $0 tests|bench|profile|coldstart|py [args]"; exit 2 ;;
+  *) echo "usage: $0 tests|bench|profile|request|coldstart|py [args]"; exit 2 ;;
 esac
