@@ -365,10 +365,9 @@ class FluxService:
             stack.enter_context(_swap(self.pipe, "transformer", _Timed(transformer, timer, "transformer",
                                                                        self.transformer_call_observer)))
             stack.enter_context(_swap(self.pipe, "vae", _TimedVAE(self.pipe.vae, encode, decode, timer)))
-            if plan["cuda_graphs"].applied:  # replays skip the encoders' timing hooks: time the replay itself
+            if plan["cuda_graphs"].applied:  # each encoder's forward replays its graph (the timing hooks stay)
                 for attr in ("text_encoder", "text_encoder_2"):
-                    stack.enter_context(_swap(self.pipe, attr, _Timed(self._text_encoder_graph(attr), timer,
-                                                                      "text_encode")))
+                    stack.enter_context(self._text_encoder_graph(attr).installed())
             self._text_timer = timer
             stack.callback(setattr, self, "_text_timer", None)
             with torch.inference_mode():

@@ -12,6 +12,7 @@ a replay is one launch, and the host moves on to the image preprocessing while t
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -76,19 +77,28 @@ def _clone_output(out):
 
 
 class CudaGraphEncoder:
-    """Callable stand-in for a text encoder (T5 or CLIP): `encoder(input_ids, **kwargs)`, replayed per token shape.
+    """A text encoder's (T5 or CLIP) forward, replayed per token shape: `encoder(input_ids, **kwargs)`.
 
-    Captures call the module's `forward`, not the module: the service's timing hooks on the encoder must not record
-    events inside a capture. The caller times the replay instead (service._Timed)."""
+    `installed()` makes it the encoder's forward for one request, so the encoder stays the pipeline's nn.Module:
+    diffusers finds the pipeline's execution device among its components' modules (with the transformer and the VAE
+    behind the service's timing stand-ins, the text encoders are the modules it finds), and the service's timing
+    hooks time the replay as they time an eager call. Captures run the class's forward directly: no hook records a
+    timing event inside a capture."""
 
     def __init__(self, module, pool=None):
         self.module = module
         self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.eager_forward = type(module).forward.__get__(module)
         self.graphs: dict = {}
         self.capture_ms: dict = {}
 
-    def __getattr__(self, name):  # dtype, device, config, modules() ... come from the wrapped encoder
-        return getattr(self.module, name)
+    @contextlib.contextmanager
+    def installed(self):
+        self.module.forward = self
+        try:
+            yield self
+        finally:
+            del self.module.forward
 
     def _capture(self, input_ids, kwargs):
         t0 = time.perf_counter()
@@ -97,11 +107,11 @@ class CudaGraphEncoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.module.forward(static, **kwargs)
+                self.eager_forward(static, **kwargs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.module.forward(static, **kwargs)
+            out = self.eager_forward(static, **kwargs)
         torch.cuda.synchronize()
         return graph, static, out, (time.perf_counter() - t0) * 1000
 

@@ -208,6 +208,22 @@ def test_vae_encode_and_decode_each_trace_to_one_graph(plain):
     assert (dec.graph_count, dec.graph_break_count) == (1, 0), dec.break_reasons
 
 
+def test_text_encoder_graph_runner_is_the_encoders_forward_only_while_installed(plain):
+    """The plumbing (capture itself needs CUDA: tests/test_gpu.py): the encoder stays the pipeline's nn.Module,
+    so diffusers still finds the execution device among the components, and its own forward comes back after."""
+    from optimizations.cuda_graphs import CudaGraphEncoder
+
+    encoder = plain.pipe.text_encoder_2
+    runner = CudaGraphEncoder(encoder, pool=object())
+    ids = torch.randint(0, 100, (1, 16))
+    with torch.inference_mode():
+        ref = encoder(ids)[0]
+        with runner.installed():
+            assert encoder.forward is runner and plain.pipe.components["text_encoder_2"] is encoder
+            assert torch.equal(runner.eager_forward(ids)[0], ref)  # what a capture records
+        assert "forward" not in encoder.__dict__ and torch.equal(encoder(ids)[0], ref)
+
+
 # ---- compile + persistent compile cache (two processes) ---------------------------------------------------------
 COMPILE_SCRIPT = textwrap.dedent("""
     import json, sys, time
