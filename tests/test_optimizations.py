@@ -224,6 +224,28 @@ def test_text_encoder_graph_runner_is_the_encoders_forward_only_while_installed(
         assert "forward" not in encoder.__dict__ and torch.equal(encoder(ids)[0], ref)
 
 
+def test_reference_image_tensor_is_exactly_what_diffusers_makes_of_the_pil_image(plain):
+    """The service hands the pipeline the reference image as a [0, 1] tensor made on the device; the pipeline's
+    preprocessing of it must equal its preprocessing of the PIL image, bit for bit (every uint8 value present)."""
+    import numpy as np
+    from PIL import Image
+
+    from service import reference_image_tensor
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    pixels[:2].reshape(-1)[:256] = np.arange(256, dtype=np.uint8)  # two rows: a view
+    image = Image.fromarray(pixels)
+    proc = plain.pipe.image_processor
+    ours = reference_image_tensor(image, 64, 48, "cpu")
+    assert ours.shape == (1, 3, 48, 64) and ours.dtype == torch.float32
+    assert torch.equal(ours, proc.numpy_to_pt(proc.pil_to_numpy(image)))
+    assert torch.equal(proc.preprocess(ours, 48, 64), proc.preprocess(image, 48, 64))
+    # a reference of another size is resized to the output's, as before (LANCZOS)
+    resized = reference_image_tensor(image, 32, 32, "cpu")
+    assert torch.equal(resized, proc.numpy_to_pt(proc.pil_to_numpy(image.resize((32, 32), Image.LANCZOS))))
+
+
 # ---- compile + persistent compile cache (two processes) ---------------------------------------------------------
 COMPILE_SCRIPT = textwrap.dedent("""
     import json, sys, time

@@ -1,0 +1,113 @@
+"""Where the T5-XXL prompt encode's time goes, and what graphs and compile buy, on a GPU (synthetic-full weights).
+
+The fast tier at edit-512 spends ~25 ms of its ~650 ms budget in T5 even with CUDA graphs (GPU-bound): ~3x the
+~8 ms its 4.7 TFLOP take at cuBLAS speed. This measures, for one 512-token prompt, bf16:
+- eager, CUDA-graph replay, and (with --compile) its 24 blocks compiled by inductor, eager and replayed;
+- a torch profiler summary of one eager call by kernel category (tools/profile_step.py's categories);
+- the compiled output's relative difference from eager.
+Usage: python tools/bench_text_encoder.py [--compile] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import model_sources  # noqa: E402
+from optimizations.cuda_graphs import CudaGraphEncoder  # noqa: E402
+from profile_step import category  # noqa: E402
+
+
+def build_t5(device: str):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = json.loads(model_sources.FULL_CONFIG_PATH.read_text())["text_encoder_2"]
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = T5EncoderModel(T5Config(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval().requires_grad_(False)
+
+
+def time_ms(fn, runs: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return round(statistics.median(times), 3)
+
+
+def profile_call(fn) -> dict:
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
+               and e.self_device_time_total > 0]
+    per_cat: dict[str, float] = {}
+    for e in kernels:
+        per_cat[category(e.key)] = per_cat.get(category(e.key), 0.0) + e.self_device_time_total / 1000
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+    return {"device_ms": round(sum(per_cat.values()), 3),
+            "by_category_ms": {k: round(v, 3) for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": e.key[:100], "ms": round(e.self_device_time_total / 1000, 3), "calls": e.count}
+                    for e in top]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--compile", action="store_true", help="also compile the 24 blocks with inductor")
+    p.add_argument("--out")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    t5 = build_t5("cuda")
+    ids = torch.randint(0, t5.config.vocab_size, (1, 512), device="cuda")
+    params = sum(p.numel() for p in t5.parameters())
+    flops = 2 * (params - t5.shared.weight.numel()) * ids.shape[1]  # linears; attention scores are ~2% more
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": ids.shape[1],
+                 "linear_tflop": round(flops / 1e12, 2), "attn_implementation": t5.config._attn_implementation}
+    with torch.inference_mode():
+        ref = t5(ids)[0]
+        res["eager_ms"] = time_ms(lambda: t5(ids))
+        graph = CudaGraphEncoder(t5)
+        res["graph_ms"] = time_ms(lambda: graph(ids))
+        res["eager_profile"] = profile_call(lambda: t5(ids))
+        if a.compile:
+            t0 = time.perf_counter()
+            for block in t5.encoder.block:
+                block.compile(dynamic=False)
+            out = t5(ids)[0]
+            torch.cuda.synchronize()
+            res["compile_s"] = round(time.perf_counter() - t0, 1)
+            res["compiled_rel_diff"] = float((out.float() - ref.float()).norm() / ref.float().norm())
+            res["compiled_ms"] = time_ms(lambda: t5(ids))
+            graph = CudaGraphEncoder(t5)
+            res["compiled_graph_ms"] = time_ms(lambda: graph(ids))
+            res["compiled_profile"] = profile_call(lambda: t5(ids))
+    res["floor_ms_at_790_tflops"] = round(flops / 790e12 * 1000, 2)
+    print(json.dumps(res, indent=1))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
