@@ -17,7 +17,8 @@ from PIL import Image
 import model_sources
 from optimizations.base import DeviceInfo, RunContext
 from optimizations.compile_cache import CompileCache, cache_key
-from optimizations.cuda_graphs import CudaGraphEncoder, CudaGraphTransformer
+from optimizations.cuda_graphs import (CudaGraphCall, CudaGraphEncoder, CudaGraphTransformer, vae_decode_from_pixels,
+                                       vae_encode_from_moments)
 from optimizations.registry import STACK_ORDER, build_registry, resolve_names
 from schemas import DEFAULT_DPM_STEPS, DEFAULT_STEPS, MAX_SEED, InferenceRequest
 from utils import StageTimer, default_size_for, module_bytes
@@ -174,6 +175,7 @@ class FluxService:
         self.compile_cache: CompileCache | None = None
         self.cuda_graph_runners: dict = {}
         self.text_encoder_graphs: dict = {}  # pipeline attribute ("text_encoder", "text_encoder_2") -> runner
+        self.vae_graphs: dict = {}  # "eager" / "compiled" -> (encode runner, decode runner)
         self._warm: set = set()
         self._text_timer: StageTimer | None = None
         self.transformer_call_observer: Callable | None = None  # benchmark only: sees each transformer call's kwargs
@@ -215,6 +217,7 @@ class FluxService:
             self._warm.clear()
             self.cuda_graph_runners.clear()
             self.text_encoder_graphs.clear()
+            self.vae_graphs.clear()
         for name in names:
             t0 = time.perf_counter()
             self.prepared[name] = self.registry[name].prepare(self)
@@ -289,6 +292,16 @@ class FluxService:
             module = self.cuda_graph_runners[precision]
         return precision, module
 
+    def _vae_replayed(self, encode: Callable, decode: Callable, compiled: bool) -> tuple[Callable, Callable]:
+        """The VAE's encode and decode replayed from graphs, captured per shape (apart for eager and compiled code)."""
+        key = "compiled" if compiled else "eager"
+        runners = self.vae_graphs.get(key)
+        if runners is None:
+            runners = self.vae_graphs[key] = (
+                CudaGraphCall(lambda x: encode(x).latent_dist.parameters, self.cuda_graph_pool),
+                CudaGraphCall(lambda z: decode(z, return_dict=False)[0], self.cuda_graph_pool))
+        return vae_encode_from_moments(runners[0]), vae_decode_from_pixels(runners[1])
+
     def _text_encoder_graph(self, attr: str):
         runner = self.text_encoder_graphs.get(attr)
         if runner is None:
@@ -355,6 +368,8 @@ class FluxService:
         compiled_vae = plan["compile"].applied and self.vae_decode_compiled is not None
         encode = self.vae_encode_compiled if compiled_vae else self.vae_encode_eager
         decode = self.vae_decode_compiled if compiled_vae else self.vae_decode_eager
+        if plan["cuda_graphs"].applied:
+            encode, decode = self._vae_replayed(encode, decode, compiled_vae)
         generator = torch.Generator(self.device).manual_seed(seed)
 
         final = {}

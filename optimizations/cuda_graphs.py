@@ -1,4 +1,5 @@
-"""CUDA graphs for the denoising step and the text encoders: capture each call once per input shape, then replay it.
+"""CUDA graphs for the denoising step, the text encoders and the VAE: capture each call once per input shape, then
+replay it.
 
 Replaying removes the CPU launch overhead of ~thousands of kernels per step. Shapes are static per graph, so a
 graph is captured per (shape, dtype) key; all graphs share one memory pool. The first call at a new shape
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Callable
 
 import torch
 
@@ -129,6 +131,71 @@ class CudaGraphEncoder:
         return _clone_output(out)
 
 
+class CudaGraphCall:
+    """One tensor in, one tensor out (the VAE's encode to moments, its decode to pixels), replayed per input shape.
+
+    Why the VAE: compiled, its encoder is host-bound at 512x512. In a whole-request profile on the H100 it took
+    9-10 ms to launch 3.8 ms of kernels, with the GPU idle between them (BENCHMARKS.md)."""
+
+    def __init__(self, fn: Callable, pool=None):
+        self.fn = fn
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.graphs: dict = {}
+        self.capture_ms: dict = {}
+
+    def _capture(self, x):
+        t0 = time.perf_counter()
+        static = x.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.fn(static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(static)
+        torch.cuda.synchronize()
+        return graph, static, out, (time.perf_counter() - t0) * 1000
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, str(x.device), x.stride())
+        entry = self.graphs.get(key)
+        if entry is None:
+            graph, static, out, ms = self._capture(x)
+            entry = self.graphs[key] = (graph, static, out)
+            self.capture_ms[key] = ms
+        graph, static, out = entry
+        static.copy_(x)
+        graph.replay()
+        return out.clone()
+
+
+def vae_encode_from_moments(moments: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """`vae.encode`'s interface over a function returning the encoder's moments (mean and log-variance stacked on
+    the channel axis). A graph's output must be a tensor, not diffusers' distribution object. So the distribution is
+    rebuilt here from the moments, as `AutoencoderKL.encode` builds it (a chunk, a clamp and two exps)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+    def encode(x: torch.Tensor, return_dict: bool = True):
+        posterior = DiagonalGaussianDistribution(moments(x))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    return encode
+
+
+def vae_decode_from_pixels(pixels: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """`vae.decode`'s interface over a function returning the decoded image tensor."""
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    def decode(z: torch.Tensor, return_dict: bool = True, generator=None):
+        sample = pixels(z)
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    return decode
+
+
 class CudaGraphs(Optimization):
     name, flag, load_time = "cuda_graphs", "use_cuda_graphs", False
 
@@ -139,5 +206,6 @@ class CudaGraphs(Optimization):
         service.cuda_graph_pool = torch.cuda.graph_pool_handle()
         service.cuda_graph_runners = {}
         service.text_encoder_graphs = {}
-        return ("transformer step and text encoders (T5, CLIP) captured per shape on first use (reported as "
-                "warm-up), replayed after")
+        service.vae_graphs = {}
+        return ("transformer step, text encoders (T5, CLIP) and VAE encode / decode captured per shape on first use "
+                "(reported as warm-up), replayed after")

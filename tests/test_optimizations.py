@@ -246,6 +246,69 @@ def test_reference_image_tensor_is_exactly_what_diffusers_makes_of_the_pil_image
     assert torch.equal(resized, proc.numpy_to_pt(proc.pil_to_numpy(image.resize((32, 32), Image.LANCZOS))))
 
 
+def test_vae_interfaces_rebuilt_from_a_graphs_tensor_output_match_the_vaes_own(plain):
+    """A graph returns tensors; the pipeline wants vae.encode's distribution and vae.decode's output object."""
+    from optimizations.cuda_graphs import vae_decode_from_pixels, vae_encode_from_moments
+
+    vae = plain.pipe.vae
+    x, z = torch.randn(1, 3, 64, 64), torch.randn(1, vae.config.latent_channels, 8, 8)
+    encode = vae_encode_from_moments(lambda x: vae.encode(x).latent_dist.parameters)
+    decode = vae_decode_from_pixels(lambda z: vae.decode(z, return_dict=False)[0])
+    with torch.inference_mode():
+        ref = vae.encode(x).latent_dist
+        for dist in (encode(x).latent_dist, encode(x, return_dict=False)[0]):
+            for attr in ("mean", "logvar", "std", "var"):
+                assert torch.equal(getattr(dist, attr), getattr(ref, attr)), attr
+        assert torch.equal(decode(z).sample, vae.decode(z).sample)
+        assert torch.equal(decode(z, return_dict=False)[0], vae.decode(z, return_dict=False)[0])
+
+
+def test_cuda_graph_wiring_runs_the_real_pipeline_unchanged(cache_dir, monkeypatch):
+    """The service's CUDA-graph wiring on CPU, with capture + replay replaced by direct calls (capture needs CUDA:
+    tests/test_gpu.py): with graphs applied, an edit goes through the text-encoder runners, the VAE runners and the
+    transformer runner and returns the same image as without."""
+    import numpy as np
+    from PIL import Image
+
+    import service as service_module
+    from optimizations import cuda_graphs
+
+    class DirectTransformer:  # CudaGraphTransformer's interface, calling the module
+        def __init__(self, module, pool):
+            self.module = module
+
+        def __call__(self, **kwargs):
+            return self.module(**kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+    svc = _service(cache_dir, "none")
+    image = Image.new("RGB", (256, 256), (30, 160, 90))
+    ref = svc.generate(InferenceRequest(**BASE), image, output_type="np")
+    calls = {"vae": 0, "text": 0}
+
+    def direct_call(self, x):
+        calls["vae"] += 1
+        return self.fn(x).clone()
+
+    def direct_encoder(self, input_ids, **kwargs):
+        calls["text"] += 1
+        return self.eager_forward(input_ids, **kwargs)
+
+    monkeypatch.setattr(cuda_graphs.CudaGraphCall, "__call__", direct_call)
+    monkeypatch.setattr(cuda_graphs.CudaGraphEncoder, "__call__", direct_encoder)
+    monkeypatch.setattr(service_module, "CudaGraphTransformer", DirectTransformer)
+    svc.prepared["cuda_graphs"], svc.cuda_graph_pool = "test: direct calls", object()
+    res = svc.generate(InferenceRequest(**BASE), image, output_type="np")
+    assert res.optimizations["cuda_graphs"].applied
+    assert calls == {"vae": 4, "text": 4}  # warm-up + timed run: encode + decode, CLIP + T5, each
+    assert set(svc.text_encoder_graphs) == {"text_encoder", "text_encoder_2"} and set(svc.vae_graphs) == {"eager"}
+    assert np.array_equal(res.images[0], ref.images[0])
+    assert res.timings_ms["text_encode"] > 0 and res.timings_ms["image_encode"] > 0  # still timed
+    assert all("forward" not in svc.pipe.__dict__[a].__dict__ for a in ("text_encoder", "text_encoder_2"))
+
+
 # ---- compile + persistent compile cache (two processes) ---------------------------------------------------------
 COMPILE_SCRIPT = textwrap.dedent("""
     import json, sys, time
