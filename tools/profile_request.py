@@ -6,8 +6,9 @@
         --flags use_mxfp4=true use_dpm_solver=true use_cuda_graphs=true
 
 The stage table's `glue` column is the request's wall time minus the device time of its stages. It says how much,
-not where. This tool runs the request twice (compile / capture, then one clean run) and then profiles `--requests`
-runs with the torch profiler. For the profile only, the pipeline's phases are marked with record_function ranges:
+not where. This tool runs the request twice (compile / capture, then one clean run), times `--requests` runs
+without the profiler (the service's stage timings, for comparison), and then profiles `--requests` runs with the
+torch profiler. For the profile only, the pipeline's phases are marked with record_function ranges:
 - the service's stages (text encode, image encode, transformer, VAE decode), from its stage timer;
 - the pipeline's own steps: encode_prompt, prepare_latents, check_inputs, image preprocess / postprocess, and the
   scheduler's set_timesteps and step.
@@ -236,6 +237,8 @@ def main(argv=None) -> int:
                            **parse_flags(a.flags))
     for _ in range(2):  # compile / capture, then a clean run: nothing lazy left for the profile
         svc.generate(req, image, output_type="np")
+    # The same requests without the profiler: what the profiler's own host cost did to the figures below.
+    unprofiled = [svc.generate(req, image, output_type="np").timings_ms for _ in range(a.requests)]
     cuda = svc.device_info.is_cuda
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     results = []
@@ -251,11 +254,14 @@ def main(argv=None) -> int:
     prof.export_chrome_trace(str(trace_path))
     summaries = analyse(json.loads(trace_path.read_text()))
     print(f"\n{a.workload} {width}x{height} on {svc.device_info.name}; applied: {', '.join(applied)}")
+    for i, t in enumerate(unprofiled):
+        print(f"unprofiled request {i + 1}: service stage timings (ms) {t}")
     for i, (s, r) in enumerate(zip(summaries, results)):
         s["service_timings_ms"] = r.timings_ms
         print(f"\nrequest {i + 1}: service stage timings (ms) {r.timings_ms}\n{to_markdown(s)}")
     report = {"workload": a.workload, "width": width, "height": height, "device": svc.device_info.name,
-              "torch": torch.__version__, "applied": applied, "requests": summaries}
+              "torch": torch.__version__, "applied": applied, "requests": summaries,
+              "unprofiled_service_timings_ms": unprofiled}
     (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     print(f"\nJSON: {out / (stem + '.json')}  trace: {trace_path}")
     return 0
