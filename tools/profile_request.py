@@ -16,8 +16,8 @@ For each phase it reports the wall time and the GPU time inside it. GPU idle tim
 running) goes to the innermost phase open at that moment: that is the host work the GPU waited for. CUDA runtime
 calls that blocked the host (synchronisations, blocking copies, launches into a full queue) are listed with their
 phase. The profiler slows the host (more so with CUDA graphs, whose kernels it traces one by one), so idle time in
-the denoising loop can be the profiler's own; the phases before and after the loop are what this is for. On CPU there is no device timeline: only
-the phases' wall times.
+the denoising loop can be the profiler's own; the phases before and after the loop are what this is for. On CPU
+there is no device timeline: only the phases' wall times.
 """
 from __future__ import annotations
 
