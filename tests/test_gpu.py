@@ -167,7 +167,8 @@ def test_text_encoder_graphs_replay_new_prompts_exactly(full_service):
     pipe = full_service.pipe
     figures = {}
     with torch.inference_mode():
-        for attr, tokenizer, length in (("text_encoder", pipe.tokenizer, 77), ("text_encoder_2", pipe.tokenizer_2, 512)):
+        for attr, tokenizer, length in (("text_encoder", pipe.tokenizer, 77),
+                                        ("text_encoder_2", pipe.tokenizer_2, 512)):
             encoder = getattr(pipe, attr)
             runner = CudaGraphEncoder(encoder)
             outs = []
@@ -182,7 +183,8 @@ def test_text_encoder_graphs_replay_new_prompts_exactly(full_service):
                 outs.append(out[0])
             assert len(runner.graphs) == 1 and not torch.equal(outs[0], outs[1])
             ms = []
-            for call in (lambda: encoder(ids, output_hidden_states=False), lambda: runner(ids, output_hidden_states=False)):
+            for call in (lambda: encoder(ids, output_hidden_states=False),
+                         lambda: runner(ids, output_hidden_states=False)):
                 call()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()

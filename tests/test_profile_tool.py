@@ -102,5 +102,6 @@ def test_profile_request_runs_a_real_request_on_cpu(tmp_path, cache_dir, monkeyp
     assert p["stage:text_encode"]["calls"] == 2  # CLIP and T5
     assert abs(sum(v["own_ms"] for v in p.values()) - s["wall_ms"]) < 0.01  # every microsecond has one owner
     assert s["gpu_busy_ms"] is None  # no device timeline on CPU
-    (unprofiled,) = json.loads((tmp_path / "request-edit-512-256x256.json").read_text())["unprofiled_service_timings_ms"]
+    report = json.loads((tmp_path / "request-edit-512-256x256.json").read_text())
+    (unprofiled,) = report["unprofiled_service_timings_ms"]
     assert unprofiled["total"] > 0 and unprofiled["transformer"] > 0

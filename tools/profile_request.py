@@ -205,10 +205,11 @@ def to_markdown(summary: dict) -> str:
              "", "| phase | calls | wall ms (inclusive) | own ms (innermost) | GPU busy ms (own) | GPU idle ms (own) |",
              "|---|---|---|---|---|---|"]
     for name, p in sorted(summary["phases"].items(), key=lambda kv: (-kv[1]["gpu_idle_ms"], -kv[1]["own_ms"])):
-        lines.append(f"| {name} | {int(p['calls'])} | {p['wall_ms']:.1f} | {p['own_ms']:.1f} | {p['gpu_busy_ms']:.1f} | "
-                     f"{p['gpu_idle_ms']:.1f} |")
+        lines.append(f"| {name} | {int(p['calls'])} | {p['wall_ms']:.1f} | {p['own_ms']:.1f} | "
+                     f"{p['gpu_busy_ms']:.1f} | {p['gpu_idle_ms']:.1f} |")
     if summary["host_waits"]:
-        lines += ["", f"| CUDA runtime calls over {SLOW_CALL_US} us (host blocked), in phase | calls | ms |", "|---|---|---|"]
+        lines += ["", f"| CUDA runtime calls over {SLOW_CALL_US} us (host blocked), in phase | calls | ms |",
+                  "|---|---|---|"]
         for name, h in sorted(summary["host_waits"].items(), key=lambda kv: -kv[1]["ms"]):
             lines.append(f"| {name} | {h['calls']} | {h['ms']:.1f} |")
     return "\n".join(lines)
