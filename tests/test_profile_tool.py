@@ -105,3 +105,17 @@ def test_profile_request_runs_a_real_request_on_cpu(tmp_path, cache_dir, monkeyp
     report = json.loads((tmp_path / "request-edit-512-256x256.json").read_text())
     (unprofiled,) = report["unprofiled_service_timings_ms"]
     assert unprofiled["total"] > 0 and unprofiled["transformer"] > 0
+
+
+def test_bench_text_encoder_runs_on_a_small_t5_on_cpu(tmp_path):
+    """The T5 bench is meant for scarce GPU time: its whole path (timing, profile, attention implementations) runs
+    here first on a 2-layer T5."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_text_encoder
+
+    res = bench_text_encoder.main(["--small", "--out", str(tmp_path / "t5.json")])
+    assert res["eager_ms"] > 0 and res["eager_profile"]["device_ms"] > 0
+    assert set(res["by_attn_implementation_ms"]) == {"eager", "sdpa"}
+    for entry in res["by_attn_implementation_ms"].values():  # a time and the difference, or why it could not run
+        assert isinstance(entry, str) or (entry["ms"] > 0 and entry["rel_diff_vs_built"] < 1e-5)
+    assert json.loads((tmp_path / "t5.json").read_text())["tokens"] == 512

@@ -4,8 +4,9 @@ The fast tier at edit-512 spends ~25 ms of its ~650 ms budget in T5 even with CU
 ~8 ms its 4.7 TFLOP take at cuBLAS speed. This measures, for one 512-token prompt, bf16:
 - eager, CUDA-graph replay, and (with --compile) its 24 blocks compiled by inductor, eager and replayed;
 - a torch profiler summary of one eager call by kernel category (tools/profile_step.py's categories);
+- eager time with each attention implementation transformers offers T5 (eager, SDPA);
 - the compiled output's relative difference from eager.
-Usage: python tools/bench_text_encoder.py [--compile] [--out results.json]
+Usage: python tools/bench_text_encoder.py [--compile] [--out results.json]   (--small: a 2-layer T5, CPU smoke test)
 """
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ from optimizations.cuda_graphs import CudaGraphEncoder  # noqa: E402
 from profile_step import category  # noqa: E402
 
 
-def build_t5(device: str):
+SMALL = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, vocab_size=1000)  # CPU smoke test
+
+
+def build_t5(device: str, small: bool = False):
     from transformers import T5Config, T5EncoderModel
 
-    cfg = json.loads(model_sources.FULL_CONFIG_PATH.read_text())["text_encoder_2"]
+    cfg = json.loads(model_sources.FULL_CONFIG_PATH.read_text())["text_encoder_2"] | (SMALL if small else {})
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:
         with torch.device(device):
             model = T5EncoderModel(T5Config(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
@@ -45,6 +49,11 @@ def time_ms(fn, runs: int = 20) -> float:
         fn()
     times = []
     for _ in range(runs):
+        if not torch.cuda.is_available():
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+            continue
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -55,58 +64,84 @@ def time_ms(fn, runs: int = 20) -> float:
 
 
 def profile_call(fn) -> dict:
+    """Time per kernel category of one call: device time on a GPU, CPU self time (aten ops) on CPU."""
+    cuda = torch.cuda.is_available()
     fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
+    if cuda:
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
-               and e.self_device_time_total > 0]
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    kernels = [e for e in prof.key_averages() if getattr(e, attr) > 0
+               and (not cuda or e.device_type == torch.autograd.DeviceType.CUDA)]
     per_cat: dict[str, float] = {}
     for e in kernels:
-        per_cat[category(e.key)] = per_cat.get(category(e.key), 0.0) + e.self_device_time_total / 1000
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]
+        per_cat[category(e.key)] = per_cat.get(category(e.key), 0.0) + getattr(e, attr) / 1000
+    top = sorted(kernels, key=lambda e: -getattr(e, attr))[:12]
     return {"device_ms": round(sum(per_cat.values()), 3),
             "by_category_ms": {k: round(v, 3) for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
-            "top": [{"kernel": e.key[:100], "ms": round(e.self_device_time_total / 1000, 3), "calls": e.count}
+            "top": [{"kernel": e.key[:100], "ms": round(getattr(e, attr) / 1000, 3), "calls": e.count}
                     for e in top]}
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--compile", action="store_true", help="also compile the 24 blocks with inductor")
+    p.add_argument("--small", action="store_true", help="a 2-layer T5 (CPU smoke test of this script)")
     p.add_argument("--out")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     torch.manual_seed(0)
-    t5 = build_t5("cuda")
-    ids = torch.randint(0, t5.config.vocab_size, (1, 512), device="cuda")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t5 = build_t5(device, a.small)
+    ids = torch.randint(0, t5.config.vocab_size, (1, 512), device=device)
     params = sum(p.numel() for p in t5.parameters())
     flops = 2 * (params - t5.shared.weight.numel()) * ids.shape[1]  # linears; attention scores are ~2% more
-    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": ids.shape[1],
-                 "linear_tflop": round(flops / 1e12, 2), "attn_implementation": t5.config._attn_implementation}
+    res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                 "tokens": ids.shape[1], "linear_tflop": round(flops / 1e12, 2), "attn_implementation": t5.config._attn_implementation}
     with torch.inference_mode():
         ref = t5(ids)[0]
         res["eager_ms"] = time_ms(lambda: t5(ids))
-        graph = CudaGraphEncoder(t5)
-        res["graph_ms"] = time_ms(lambda: graph(ids))
+        if device == "cuda":
+            graph = CudaGraphEncoder(t5)
+            res["graph_ms"] = time_ms(lambda: graph(ids))
         res["eager_profile"] = profile_call(lambda: t5(ids))
+        # T5's attention implementation: a model built from its config (synthetic-full) may get a different default
+        # from one loaded with from_pretrained, and transformers added SDPA for T5 only recently.
+        res["by_attn_implementation_ms"] = {}
+        built_with = t5.config._attn_implementation
+        for impl in ("eager", "sdpa"):
+            try:
+                t5.set_attn_implementation(impl)
+                out = t5(ids)[0]
+                res["by_attn_implementation_ms"][impl] = {
+                    "ms": time_ms(lambda: t5(ids)),
+                    "rel_diff_vs_built": float((out.float() - ref.float()).norm() / ref.float().norm())}
+            except Exception as exc:  # not supported by this transformers version: say so
+                res["by_attn_implementation_ms"][impl] = f"{type(exc).__name__}: {exc}"[:200]
+        t5.set_attn_implementation(built_with)
         if a.compile:
             t0 = time.perf_counter()
             for block in t5.encoder.block:
                 block.compile(dynamic=False)
             out = t5(ids)[0]
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
             res["compile_s"] = round(time.perf_counter() - t0, 1)
             res["compiled_rel_diff"] = float((out.float() - ref.float()).norm() / ref.float().norm())
             res["compiled_ms"] = time_ms(lambda: t5(ids))
-            graph = CudaGraphEncoder(t5)
-            res["compiled_graph_ms"] = time_ms(lambda: graph(ids))
+            if device == "cuda":
+                graph = CudaGraphEncoder(t5)
+                res["compiled_graph_ms"] = time_ms(lambda: graph(ids))
             res["compiled_profile"] = profile_call(lambda: t5(ids))
     res["floor_ms_at_790_tflops"] = round(flops / 790e12 * 1000, 2)
     print(json.dumps(res, indent=1))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
+    return res
 
 
 if __name__ == "__main__":
