@@ -100,7 +100,8 @@ def main(argv=None) -> dict:
     params = sum(p.numel() for p in t5.parameters())
     flops = 2 * (params - t5.shared.weight.numel()) * ids.shape[1]  # linears; attention scores are ~2% more
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-                 "tokens": ids.shape[1], "linear_tflop": round(flops / 1e12, 2), "attn_implementation": t5.config._attn_implementation}
+                 "tokens": ids.shape[1], "linear_tflop": round(flops / 1e12, 2),
+                 "attn_implementation": t5.config._attn_implementation}
     with torch.inference_mode():
         ref = t5(ids)[0]
         res["eager_ms"] = time_ms(lambda: t5(ids))
