@@ -5,7 +5,8 @@ The fast tier at edit-512 spends ~25 ms of its ~650 ms budget in T5 even with CU
 - eager, CUDA-graph replay, and (with --compile) its 24 blocks compiled by inductor, eager and replayed;
 - a torch profiler summary of one eager call by kernel category (tools/profile_step.py's categories);
 - eager time with each attention implementation transformers offers T5 (eager, SDPA);
-- the compiled output's relative difference from eager.
+- the compiled output's relative difference from eager;
+- T5's GEMM shapes alone, and fused (q/k/v, the gated FF's two inputs), in TFLOP/s.
 Usage: python tools/bench_text_encoder.py [--compile] [--out results.json]   (--small: a 2-layer T5, CPU smoke test)
 """
 from __future__ import annotations
@@ -87,6 +88,21 @@ def profile_call(fn) -> dict:
                     for e in top]}
 
 
+def gemm_tflops(m: int, d_model: int, d_ff: int, device: str) -> dict:
+    """TFLOP/s of T5's GEMM shapes alone, and of the shapes fusing would make: with 512 tokens a 4,096-wide output
+    is few output tiles for 132 SMs, so q/k/v (3 x 4,096) and the gated FF's two inputs (2 x 10,240) may run faster
+    as one GEMM each. This says whether fusing them is worth building."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = {"q|k|v|o (n=d_model)": (d_model, d_model), "qkv fused": (d_model, 3 * d_model),
+              "wi_0|wi_1 (n=d_ff)": (d_model, d_ff), "wi fused": (d_model, 2 * d_ff), "wo (k=d_ff)": (d_ff, d_model)}
+    out = {}
+    for name, (k, n) in shapes.items():
+        x, w = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
+        ms = time_ms(lambda: torch.nn.functional.linear(x, w))
+        out[name] = {"m_k_n": [m, k, n], "ms": ms, "tflops": round(2 * m * k * n / ms / 1e9, 1)}
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--compile", action="store_true", help="also compile the 24 blocks with inductor")
@@ -137,6 +153,7 @@ def main(argv=None) -> dict:
                 graph = CudaGraphEncoder(t5)
                 res["compiled_graph_ms"] = time_ms(lambda: graph(ids))
             res["compiled_profile"] = profile_call(lambda: t5(ids))
+    res["gemm_tflops"] = gemm_tflops(ids.shape[1], t5.config.d_model, t5.config.d_ff, device)
     res["floor_ms_at_790_tflops"] = round(flops / 790e12 * 1000, 2)
     print(json.dumps(res, indent=1))
     if a.out:
