@@ -99,7 +99,7 @@ def gemm_tflops(m: int, d_model: int, d_ff: int, device: str) -> dict:
     for name, (k, n) in shapes.items():
         x, w = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
         ms = time_ms(lambda: torch.nn.functional.linear(x, w))
-        out[name] = {"m_k_n": [m, k, n], "ms": ms, "tflops": round(2 * m * k * n / ms / 1e9, 1)}
+        out[name] = {"m_k_n": [m, k, n], "ms": ms, "tflops": round(2 * m * k * n / ms / 1e9, 3)}
     return out
 
 
