@@ -122,3 +122,14 @@ def test_bench_text_encoder_runs_on_a_small_t5_on_cpu(tmp_path):
     gemms = res["gemm_tflops"]
     assert gemms["qkv fused"]["m_k_n"] == [512, 64, 192] and gemms["wo (k=d_ff)"]["m_k_n"] == [512, 128, 64]
     assert all(g["ms"] > 0 and g["tflops"] > 0 for g in gemms.values())
+
+
+def test_bench_gelu_epilogue_runs_on_cpu():
+    """Smoke test of the GPU experiment's script. On CPU, _addmm_activation applies the exact GELU, not the tanh one:
+    the two differ by ~1e-4 here, which is what the error column must show (on CUDA the epilogue is the tanh GELU)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_gelu_epilogue
+
+    (row,) = bench_gelu_epilogue.main(["--small", "--no-compile"])
+    assert row["m_k_n"] == [64, 32, 128] and row["inductor_us"] > 0 and row["epilogue_us"] > 0
+    assert row["inductor_rel_err"] < 1e-6 < row["epilogue_rel_err"] < 1e-2
