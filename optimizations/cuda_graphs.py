@@ -23,14 +23,45 @@ from .base import DeviceInfo, Optimization
 from .modulation_table import before_replay
 
 
-class CudaGraphTransformer:
+class _GraphCache:
+    """Graphs captured per input key, all in one memory pool. `_entry` captures on a key's first use: `run` is called
+    on clones of the inputs (the static buffers each replay copies new inputs into), twice on a side stream as
+    capture requires (this also compiles compiled code), then once under capture."""
+
+    def __init__(self, pool=None):
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.graphs: dict = {}  # key -> (graph, static inputs, static output)
+        self.capture_ms: dict = {}
+
+    def _entry(self, key, inputs, run: Callable):
+        entry = self.graphs.get(key)
+        if entry is None:
+            t0 = time.perf_counter()
+            if isinstance(inputs, dict):
+                static = {k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()}
+            else:
+                static = inputs.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    run(static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = run(static)
+            torch.cuda.synchronize()
+            entry = self.graphs[key] = (graph, static, out)
+            self.capture_ms[key] = (time.perf_counter() - t0) * 1000
+        return entry
+
+
+class CudaGraphTransformer(_GraphCache):
     """Callable stand-in for the transformer: same call signature, replays a captured graph per shape."""
 
     def __init__(self, module, pool=None):
-        self.module = module
-        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        self.graphs: dict = {}
-        self.capture_ms: dict = {}
+        self.module = module  # first: __getattr__ reads it
+        super().__init__(pool)
 
     def __getattr__(self, name):  # config, dtype, ... come from the wrapped transformer
         return getattr(self.module, name)
@@ -40,29 +71,9 @@ class CudaGraphTransformer:
         return tuple((k, tuple(v.shape), v.dtype) if torch.is_tensor(v) else (k, repr(v))
                      for k, v in sorted(kwargs.items()))
 
-    def _capture(self, kwargs):
-        t0 = time.perf_counter()
-        static = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up on a side stream, as capture requires (also compiles)
-            for _ in range(2):
-                self.module(**static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.module(**static)[0]
-        torch.cuda.synchronize()
-        self.capture_ms[self._key(kwargs)] = (time.perf_counter() - t0) * 1000
-        return graph, static, out
-
     def __call__(self, **kwargs):
         kwargs.setdefault("return_dict", False)
-        key = self._key(kwargs)
-        entry = self.graphs.get(key)
-        if entry is None:
-            entry = self.graphs[key] = self._capture(kwargs)
-        graph, static, out = entry
+        graph, static, out = self._entry(self._key(kwargs), kwargs, lambda static: self.module(**static)[0])
         before_replay(self.module, kwargs)  # host-side work the module's pre-hooks would do (none run on replay)
         for k, v in kwargs.items():
             if torch.is_tensor(v):
@@ -78,7 +89,7 @@ def _clone_output(out):
     return type(out)(**{k: v.clone() if torch.is_tensor(v) else v for k, v in out.items()})
 
 
-class CudaGraphEncoder:
+class CudaGraphEncoder(_GraphCache):
     """A text encoder's (T5 or CLIP) forward, replayed per token shape: `encoder(input_ids, **kwargs)`.
 
     `installed()` makes it the encoder's forward for one request, so the encoder stays the pipeline's nn.Module:
@@ -88,11 +99,9 @@ class CudaGraphEncoder:
     timing event inside a capture."""
 
     def __init__(self, module, pool=None):
+        super().__init__(pool)
         self.module = module
-        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         self.eager_forward = type(module).forward.__get__(module)
-        self.graphs: dict = {}
-        self.capture_ms: dict = {}
 
     @contextlib.contextmanager
     def installed(self):
@@ -102,70 +111,27 @@ class CudaGraphEncoder:
         finally:
             del self.module.forward
 
-    def _capture(self, input_ids, kwargs):
-        t0 = time.perf_counter()
-        static = input_ids.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.eager_forward(static, **kwargs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.eager_forward(static, **kwargs)
-        torch.cuda.synchronize()
-        return graph, static, out, (time.perf_counter() - t0) * 1000
-
     def __call__(self, input_ids, **kwargs):
         key = (tuple(input_ids.shape), input_ids.dtype, str(input_ids.device), tuple(sorted(
             (k, repr(v)) for k, v in kwargs.items())))
-        entry = self.graphs.get(key)
-        if entry is None:
-            graph, static, out, ms = self._capture(input_ids, kwargs)
-            entry = self.graphs[key] = (graph, static, out)
-            self.capture_ms[key] = ms
-        graph, static, out = entry
+        graph, static, out = self._entry(key, input_ids, lambda static: self.eager_forward(static, **kwargs))
         static.copy_(input_ids)
         graph.replay()
         return _clone_output(out)
 
 
-class CudaGraphCall:
+class CudaGraphCall(_GraphCache):
     """One tensor in, one tensor out (the VAE's encode to moments, its decode to pixels), replayed per input shape.
 
     Why the VAE: compiled, its encoder is host-bound at 512x512. In a whole-request profile on the H100 it took
     9-10 ms to launch 3.8 ms of kernels, with the GPU idle between them (BENCHMARKS.md)."""
 
     def __init__(self, fn: Callable, pool=None):
+        super().__init__(pool)
         self.fn = fn
-        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        self.graphs: dict = {}
-        self.capture_ms: dict = {}
-
-    def _capture(self, x):
-        t0 = time.perf_counter()
-        static = x.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.fn(static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(static)
-        torch.cuda.synchronize()
-        return graph, static, out, (time.perf_counter() - t0) * 1000
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype, str(x.device), x.stride())
-        entry = self.graphs.get(key)
-        if entry is None:
-            graph, static, out, ms = self._capture(x)
-            entry = self.graphs[key] = (graph, static, out)
-            self.capture_ms[key] = ms
-        graph, static, out = entry
+        graph, static, out = self._entry((tuple(x.shape), x.dtype, str(x.device), x.stride()), x, self.fn)
         static.copy_(x)
         graph.replay()
         return out.clone()
