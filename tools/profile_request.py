@@ -36,9 +36,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 import torch  # noqa: E402
 from torch.profiler import record_function  # noqa: E402
 
-import benchmark  # noqa: E402
 import utils  # noqa: E402
-from profile_step import parse_flags  # noqa: E402
+from profile_step import add_model_and_workload_args, parse_flags, workload_request  # noqa: E402
 from schemas import InferenceRequest  # noqa: E402
 from service import FluxService, ServiceConfig  # noqa: E402
 
@@ -217,12 +216,7 @@ def to_markdown(summary: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="synthetic-full")
-    p.add_argument("--device", default=None)
-    p.add_argument("--workload", choices=sorted(benchmark.WORKLOADS), default="edit-512")
-    p.add_argument("--width", type=int, help="override the workload's size (e.g. 256 for tiny on CPU)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--optimizations", default="none")
+    add_model_and_workload_args(p, "edit-512")
     p.add_argument("--flags", nargs="*", default=[], help="request flags, e.g. use_mxfp4=true use_cuda_graphs=true")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the scheduler's)")
     p.add_argument("--requests", type=int, default=2)
@@ -231,9 +225,7 @@ def main(argv=None) -> int:
 
     svc = FluxService(ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations))
     svc.load()
-    width, height, edit = benchmark.WORKLOADS[a.workload]
-    width, height = a.width or width, a.height or height
-    image = benchmark._test_image(width, height) if edit else None
+    width, height, image = workload_request(a)
     req = InferenceRequest(prompt="make the car red, photo", width=width, height=height, steps=a.steps, seed=1234,
                            **parse_flags(a.flags))
     for _ in range(2):  # compile / capture, then a clean run: nothing lazy left for the profile

@@ -57,14 +57,26 @@ def parse_flags(items: list[str]) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_and_workload_args(p: argparse.ArgumentParser, workload: str) -> None:
+    """The arguments both profile tools share: which model, device, optimisations, and which request shape."""
     p.add_argument("--model", default="synthetic-full")
     p.add_argument("--device", default=None)
-    p.add_argument("--workload", choices=sorted(benchmark.WORKLOADS), default="t2i-1024")
+    p.add_argument("--workload", choices=sorted(benchmark.WORKLOADS), default=workload)
     p.add_argument("--width", type=int, help="override the workload's size (e.g. 256 for tiny on CPU)")
     p.add_argument("--height", type=int)
     p.add_argument("--optimizations", default="none")
+
+
+def workload_request(a) -> tuple:
+    """(width, height, reference image or None) for the parsed arguments' workload and size overrides."""
+    width, height, edit = benchmark.WORKLOADS[a.workload]
+    width, height = a.width or width, a.height or height
+    return width, height, benchmark._test_image(width, height) if edit else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_and_workload_args(p, "t2i-1024")
     p.add_argument("--flags", nargs="*", action="append",
                    help="request flags, e.g. use_mxfp4=true; repeat --flags to profile several plans in one process")
     p.add_argument("--compile-mode", default="default")
@@ -80,9 +92,7 @@ def main(argv=None) -> int:
                                     compile_mode=a.compile_mode, compile_scope=a.compile_scope,
                                     inductor_flags=a.inductor_flags, compile_vae=not a.no_compile_vae))
     svc.load()
-    width, height, edit = benchmark.WORKLOADS[a.workload]
-    width, height = a.width or width, a.height or height
-    image = benchmark._test_image(width, height) if edit else None
+    width, height, image = workload_request(a)
     reports = [profile_plan(svc, a, width, height, image, parse_flags(flags)) for flags in (a.flags or [[]])]
     gib = {k: round(v / 2**30, 2) for k, v in svc.health()["transformer_variant_bytes"].items()}
     print(f"\ntransformer weights per variant (GiB): {gib}")
