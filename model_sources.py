@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -167,6 +168,25 @@ def load_tiny(device: str, cache_dir: Path | None = None):
 # ---------------------------------------------------------------------------------------------------------------
 # synthetic-full
 # ---------------------------------------------------------------------------------------------------------------
+def full_configs() -> dict[str, dict]:
+    """The real model's config per component (model_configs/flux-kontext-dev.json), without the `_` keys (notes,
+    diffusers' class names) at either level."""
+    return {name: {k: v for k, v in cfg.items() if not k.startswith("_")}
+            for name, cfg in json.loads(FULL_CONFIG_PATH.read_text()).items() if not name.startswith("_")}
+
+
+@contextlib.contextmanager
+def building_on(device: str, dtype: torch.dtype):
+    """Modules constructed inside are allocated on `device` in `dtype` and initialised there (no copy)."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
 def build_synthetic_full(device: str):
     """Full-size Kontext with random weights, built on the GPU in bf16 (seconds, no download)."""
     if not device.startswith("cuda"):
@@ -174,23 +194,17 @@ def build_synthetic_full(device: str):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    cfg = json.loads(FULL_CONFIG_PATH.read_text())
-    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
+    cfg = full_configs()
     clip_tok, t5_tok = build_tiny_clip_tokenizer(), build_tiny_t5_tokenizer()
     torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(**strip(cfg["transformer"]))
-            vae = AutoencoderKL(**strip(cfg["vae"]))
-            text_encoder = CLIPTextModel(CLIPTextConfig(**strip(cfg["text_encoder"])))
-            text_encoder_2 = T5EncoderModel(T5Config(**strip(cfg["text_encoder_2"])))
-    finally:
-        torch.set_default_dtype(prev)
+    with building_on(device, torch.bfloat16):
+        transformer = FluxTransformer2DModel(**cfg["transformer"])
+        vae = AutoencoderKL(**cfg["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+        text_encoder_2 = T5EncoderModel(T5Config(**cfg["text_encoder_2"]))
     for m in (transformer, vae, text_encoder, text_encoder_2):
         m.eval().requires_grad_(False)
-    scheduler = FlowMatchEulerDiscreteScheduler(**strip(cfg["scheduler"]))
+    scheduler = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
     return FluxKontextPipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tok,
         text_encoder_2=text_encoder_2, tokenizer_2=t5_tok, transformer=transformer,

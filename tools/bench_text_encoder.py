@@ -34,14 +34,9 @@ SMALL = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, vocab_siz
 def build_t5(device: str, small: bool = False):
     from transformers import T5Config, T5EncoderModel
 
-    cfg = json.loads(model_sources.FULL_CONFIG_PATH.read_text())["text_encoder_2"] | (SMALL if small else {})
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    try:
-        with torch.device(device):
-            model = T5EncoderModel(T5Config(**{k: v for k, v in cfg.items() if not k.startswith("_")}))
-    finally:
-        torch.set_default_dtype(prev)
+    cfg = model_sources.full_configs()["text_encoder_2"] | (SMALL if small else {})
+    with model_sources.building_on(device, torch.bfloat16 if device.startswith("cuda") else torch.float32):
+        model = T5EncoderModel(T5Config(**cfg))  # as build_synthetic_full builds it
     return model.eval().requires_grad_(False)
 
 
