@@ -22,19 +22,18 @@ from pathlib import Path
 
 from api import ServerSettings, create_app
 from model_sources import ModelLoadError
+from schemas import parse_warmup_sizes
 from service import FluxService, ServiceConfig
 
 __all__ = ["FluxService", "ServiceConfig", "create_app", "app", "main"]
 log = logging.getLogger("flux")
 
 
-def _parse_sizes(spec: str | None) -> list[tuple[int, int]]:
-    out = []
-    for part in (spec or "").split(","):
-        if part.strip():
-            w, _, h = part.strip().lower().partition("x")
-            out.append((int(w), int(h)))
-    return out
+def _warmup_sizes_arg(spec: str) -> list[tuple[int, int, bool]]:
+    try:
+        return parse_warmup_sizes(spec)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's message (a ValueError's only as "invalid")
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def config_from_env() -> tuple[ServiceConfig, ServerSettings]:
@@ -84,7 +83,7 @@ def _service_config(a) -> ServiceConfig:
     return ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations, compile_mode=a.compile_mode,
                          compile_scope=a.compile_scope, inductor_flags=a.inductor_flags,
                          cache_dir=Path(a.cache_dir) if a.cache_dir else None,
-                         warmup_sizes=_parse_sizes(getattr(a, "warmup", None)))
+                         warmup_sizes=getattr(a, "warmup", None) or [])
 
 
 def _server_settings(a) -> ServerSettings:
@@ -182,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--queue-timeout", type=float, default=float(os.environ.get("FLUX_QUEUE_TIMEOUT", 120)))
     s.add_argument("--request-timeout", type=float, default=float(os.environ.get("FLUX_REQUEST_TIMEOUT", 600)))
     s.add_argument("--shutdown-grace", type=float, default=float(os.environ.get("FLUX_SHUTDOWN_GRACE", 30)))
-    s.add_argument("--warmup", default=os.environ.get("FLUX_WARMUP_SIZES"), help="e.g. 1024x1024,512x512")
+    s.add_argument("--warmup", type=_warmup_sizes_arg, default=os.environ.get("FLUX_WARMUP_SIZES"),
+                   help="request shapes to compile / capture before serving: WxH (text-to-image) or edit:WxH "
+                        "(with a reference image), comma-separated, e.g. 1024x1024,edit:1024x1024")
     s.add_argument("--background-load", action="store_true",
                    help="answer /live at once and load the model in the background (/health 503 until ready)")
     s.add_argument("--log-level", default="info")

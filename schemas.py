@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16
 MAX_STEPS = 100
@@ -117,3 +117,24 @@ class InferenceResponse(BaseModel):
     optimizations: dict[str, OptimizationReport]
     model: ModelInfo
     warnings: list[str] = []
+
+
+def parse_warmup_sizes(spec: str | None) -> list[tuple[int, int, bool]]:
+    """"1024x1024,edit:1024x1024" -> [(1024, 1024, False), (1024, 1024, True)] (warm-up shapes; edit: with an image)."""
+    out = []
+    for part in (spec or "").split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        edit = part.startswith("edit:")
+        size = part.removeprefix("edit:")
+        w, sep, h = size.partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise ValueError(f"warm-up size {part!r}: expected WxH or edit:WxH, e.g. 1024x1024")
+        try:  # the same limits as a request's width and height: a bad size fails here, not after loading the model
+            InferenceRequest(prompt="warm-up", width=int(w), height=int(h))
+        except ValidationError as exc:
+            reasons = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"warm-up size {part!r}: {reasons}") from None
+        out.append((int(w), int(h), edit))
+    return out

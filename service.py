@@ -36,7 +36,9 @@ class ServiceConfig:
     compile_scope: str = "regional"  # regional (per block) | full (one graph)
     inductor_flags: str = "light"  # inductor flag preset: none | light | seed (adds coordinate-descent tuning)
     cache_dir: Path | None = None
-    warmup_sizes: list[tuple[int, int]] = field(default_factory=list)  # compiled shapes to warm at start-up
+    # Request shapes to compile / capture at start-up: (width, height) for text-to-image, (width, height, True) for an
+    # edit (its reference image doubles the transformer's sequence, a different compiled shape).
+    warmup_sizes: list[tuple] = field(default_factory=list)
 
     def __post_init__(self):
         if self.cache_dir is not None:
@@ -176,7 +178,7 @@ class FluxService:
         self.cuda_graph_runners: dict = {}
         self.text_encoder_graphs: dict = {}  # pipeline attribute ("text_encoder", "text_encoder_2") -> runner
         self.vae_graphs: dict = {}  # "eager" / "compiled" -> (encode runner, decode runner)
-        self._warm: set = set()
+        self._warm_keys: set = set()  # shapes and optimisation sets already compiled / captured
         self._text_timer: StageTimer | None = None
         self.transformer_call_observer: Callable | None = None  # benchmark only: sees each transformer call's kwargs
         self.warmup_ms_total = 0.0
@@ -195,8 +197,8 @@ class FluxService:
                 enc.register_forward_hook(lambda *_: self._text_timer and self._text_timer.stop("text_encode"))
             names = resolve_names(self.config.optimizations, self.registry, self.device_info)
             self.prepare(names)
-            for w, h in self.config.warmup_sizes:
-                self.warm_up(w, h)
+            for size in self.config.warmup_sizes:
+                self.warm_up(*size)
             self.state = "ready"
         except Exception as exc:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -214,7 +216,7 @@ class FluxService:
         if "compile" in names:
             self._open_compile_cache(sorted(set(self.prepared) | set(names)))
         if names:  # compiled code and captured graphs may now be stale: warm up and capture again
-            self._warm.clear()
+            self._warm_keys.clear()
             self.cuda_graph_runners.clear()
             self.text_encoder_graphs.clear()
             self.vae_graphs.clear()
@@ -308,13 +310,9 @@ class FluxService:
             runner = self.text_encoder_graphs[attr] = CudaGraphEncoder(getattr(self.pipe, attr), self.cuda_graph_pool)
         return runner
 
-    def generate(self, req: InferenceRequest, image: Image.Image | None = None,
-                 should_stop: Callable[[], Exception | None] | None = None, output_type: str = "pil",
-                 plan: dict[str, Decision] | None = None) -> GenerationResult:
-        if self.state != "ready":
-            raise RuntimeError(f"service is {self.state}")
-        t_total = time.perf_counter()
-        plan = plan or self.plan(req)
+    def _request_call(self, req: InferenceRequest, image: Image.Image | None, plan: dict[str, Decision],
+                      output_type: str) -> tuple[dict, int, bool]:
+        """The pipeline call a request makes, its seed, and whether it runs true CFG."""
         dpm = plan["dpm_solver"].applied
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
         default_w, default_h = default_size_for(image)
@@ -325,22 +323,44 @@ class FluxService:
                     guidance_scale=req.guidance_scale, true_cfg_scale=req.true_cfg_scale,
                     negative_prompt=req.negative_prompt if do_cfg else None, num_images_per_prompt=req.num_images,
                     max_area=width * height, _auto_resize=False, output_type=output_type)
+        return call, seed, do_cfg
+
+    def _warm(self, req, plan, precision, transformer, call, seed, do_cfg) -> float | None:
+        """The first call at a shape compiles / captures: run it as a 2-step generation, reported as cold start.
+
+        Returns its milliseconds, or None when this shape and optimisation set is already warm.
+        """
+        if not (plan["compile"].applied or plan["cuda_graphs"].applied):
+            return None
+        key = (precision, plan["compile"].applied, plan["cuda_graphs"].applied, plan["first_block_cache"].applied,
+               call["width"], call["height"], call["image"] is not None, req.num_images, do_cfg)
+        if key in self._warm_keys:
+            return None
+        t0 = time.perf_counter()
+        self._run(req, plan, precision, transformer, dict(call, num_inference_steps=2), seed, None)
+        cold_ms = (time.perf_counter() - t0) * 1000
+        self.warmup_ms_total += cold_ms
+        self._warm_keys.add(key)
+        self._save_compile_cache()
+        return cold_ms
+
+    def generate(self, req: InferenceRequest, image: Image.Image | None = None,
+                 should_stop: Callable[[], Exception | None] | None = None, output_type: str = "pil",
+                 plan: dict[str, Decision] | None = None) -> GenerationResult:
+        if self.state != "ready":
+            raise RuntimeError(f"service is {self.state}")
+        t_total = time.perf_counter()
+        plan = plan or self.plan(req)
+        call, seed, do_cfg = self._request_call(req, image, plan, output_type)
         warnings: list[str] = []
         if self.model.synthetic:
             warnings.append(f"model {self.model.source!r} has random weights: the images carry no meaning")
 
         precision, transformer = self._transformer_for(plan)
-        warm_key = (precision, plan["compile"].applied, plan["cuda_graphs"].applied,
-                    plan["first_block_cache"].applied, width, height, image is not None, req.num_images, do_cfg)
         timings: dict[str, float] = {}
-        if (plan["compile"].applied or plan["cuda_graphs"].applied) and warm_key not in self._warm:
-            # First call at this shape compiles / captures: a reported cold-start cost, not part of the timing.
-            t0 = time.perf_counter()
-            self._run(req, plan, precision, transformer, dict(call, num_inference_steps=2), seed, None)
-            timings["cold_start"] = (time.perf_counter() - t0) * 1000
-            self.warmup_ms_total += timings["cold_start"]
-            self._warm.add(warm_key)
-            self._save_compile_cache()
+        cold_ms = self._warm(req, plan, precision, transformer, call, seed, do_cfg)
+        if cold_ms is not None:  # a reported cold-start cost, not part of the request's timing
+            timings["cold_start"] = cold_ms
 
         t0 = time.perf_counter()
         images, timer_ms, counts, stats, latents = self._run(req, plan, precision, transformer, call, seed, should_stop)
@@ -355,8 +375,8 @@ class FluxService:
         timings["service_total"] = (time.perf_counter() - t_total) * 1000
         computed = stats.computed if stats is not None else calls
         skipped = stats.skipped if stats is not None else 0
-        return GenerationResult(images=images, seed=seed, width=width, height=height, steps=steps,
-                                steps_computed=computed, steps_skipped=skipped,
+        return GenerationResult(images=images, seed=seed, width=call["width"], height=call["height"],
+                                steps=call["num_inference_steps"], steps_computed=computed, steps_skipped=skipped,
                                 timings_ms={k: round(v, 3) for k, v in timings.items()}, optimizations=plan,
                                 warnings=warnings, latents=latents)
 
@@ -404,16 +424,17 @@ class FluxService:
         return images, timer.finish(), dict(timer.counts), stats, final.get("latents")
 
     def warm_up(self, width: int, height: int, edit: bool = False) -> float:
-        """Compile / capture the default request shape ahead of traffic (start-up cost, reported in /health)."""
+        """Compile / capture a request shape ahead of traffic (start-up cost, reported in /health).
+
+        Only the cold run: a generation after it would add seconds to start-up and warm nothing more. Returns the
+        cold run's milliseconds (0.0 when nothing is compiled or captured, or the shape was already warm).
+        """
         img = Image.new("RGB", (width, height), (128, 128, 128)) if edit else None
         req = InferenceRequest(prompt="warm-up", width=width, height=height, steps=2, seed=0)
-        t0 = time.perf_counter()
-        self.state, prev = "ready", self.state
-        try:
-            self.generate(req, img)
-        finally:
-            self.state = prev
-        return (time.perf_counter() - t0) * 1000
+        plan = self.plan(req)
+        call, seed, do_cfg = self._request_call(req, img, plan, "pil")
+        precision, transformer = self._transformer_for(plan)
+        return self._warm(req, plan, precision, transformer, call, seed, do_cfg) or 0.0
 
     def _save_compile_cache(self) -> None:
         if self.compile_cache is not None:
@@ -445,6 +466,10 @@ class FluxService:
             info["compile_cache"] = {"key": self.compile_cache.key, "loaded": self.compile_cache.loaded,
                                      "detail": self.compile_cache.load_detail,
                                      "saved_bytes": self.compile_cache.saved_bytes,
+                                     "load_seconds": round(self.compile_cache.load_seconds, 3),
+                                     "save_seconds": round(self.compile_cache.save_seconds, 3),
+                                     "saves": self.compile_cache.saves,
+                                     "saves_skipped": self.compile_cache.saves_skipped,
                                      "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
                                      **self.compile_cache.counters()}
         info["warmup_ms_total"] = round(self.warmup_ms_total, 1)

@@ -13,6 +13,8 @@ shape); the service runs that call as a reported warm-up, never inside a request
 """
 from __future__ import annotations
 
+import types
+
 import torch
 
 from .base import Optimization
@@ -52,6 +54,41 @@ def restore_compiled(saved: dict) -> None:
         m._compiled_call_impl = fn
 
 
+def _batch_one_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The same view with a contiguous tensor's strides when batch is 1 (a size-1 dim's stride is arbitrary)."""
+    if t.dim() > 1 and t.shape[0] == 1 and t.is_contiguous():
+        return t[0].unsqueeze(0)  # views only: no copy, same storage and offset
+    return t
+
+
+def _single_block_forward_canonical(self, *args, **kwargs):
+    """The single block's own forward, its two outputs re-viewed with contiguous strides (see below)."""
+    encoder_hidden_states, hidden_states = self._forward_before_canonical_strides(*args, **kwargs)
+    return _batch_one_contiguous(encoder_hidden_states), _batch_one_contiguous(hidden_states)
+
+
+def canonical_single_block_outputs(module: torch.nn.Module) -> int:
+    """Give every single block's outputs the strides the double blocks' outputs have; returns the blocks changed.
+
+    A single block returns its text and image rows as slices of one concatenated tensor, so at batch 1 their batch
+    stride is (text + image) x dim, while the double blocks' outputs are separate contiguous tensors. Compiled with
+    static shapes, dynamo guards on that stride and compiles the first single block (fed by a double block) as a
+    second graph: one more full single-block compile on every cold start and one more trace and cache load on
+    every warm one. Re-viewing the outputs (t[0].unsqueeze(0)) moves no data. Batch > 1 slices are genuinely
+    non-contiguous and keep the second graph.
+    The block keeps whatever forward it has (diffusers' or a rewrite) as `_forward_before_canonical_strides`, an
+    attribute rather than a closure, so a deep copy of the transformer calls its own block's forward.
+    """
+    n = 0
+    for block in getattr(module, "single_transformer_blocks", []):
+        if getattr(block.forward, "__func__", None) is _single_block_forward_canonical:
+            continue
+        block._forward_before_canonical_strides = block.forward
+        block.forward = types.MethodType(_single_block_forward_canonical, block)
+        n += 1
+    return n
+
+
 class Compile(Optimization):
     name, flag, load_time = "compile", "use_compile", True
     toggle = False  # compiled in place: the server either prepared it or not
@@ -66,6 +103,7 @@ class Compile(Optimization):
 
     def compile_transformer(self, module: torch.nn.Module) -> None:
         kwargs = dict(mode=self.mode, fullgraph=True, dynamic=False)
+        canonical_single_block_outputs(module)  # one compiled single-block graph instead of two
         if self.scope == "regional":
             module.compile_repeated_blocks(**kwargs)
         else:

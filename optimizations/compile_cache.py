@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -44,8 +45,19 @@ class CompileCache:
         self.loaded = False
         self.load_detail = "not loaded"
         self.saved_bytes = 0
+        self.load_seconds = self.save_seconds = 0.0
+        self.saves = self.saves_skipped = 0
+        self._misses_at_save = 0  # graphs this process had compiled when the file last took them in
+        self._file_current = False  # the file holds everything this process has compiled (loaded or saved)
 
     def load(self) -> bool:
+        t0 = time.perf_counter()
+        try:
+            return self._load()
+        finally:
+            self.load_seconds = time.perf_counter() - t0
+
+    def _load(self) -> bool:
         if not self.path.exists():
             self.load_detail = f"miss: no artifacts for key {self.key}"
             return False
@@ -55,7 +67,7 @@ class CompileCache:
             self.load_detail = f"could not load {self.path.name}: {exc}"
             log.warning(self.load_detail)
             return False
-        self.loaded = info is not None
+        self.loaded = self._file_current = info is not None
         self.load_detail = f"loaded {self.path.name} ({self.path.stat().st_size} bytes)" if self.loaded else \
             f"{self.path.name} held no usable artifacts"
         return self.loaded
@@ -68,7 +80,25 @@ class CompileCache:
         c = counters["inductor"]
         return {k: int(c.get(k, 0)) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
 
+    @staticmethod
+    def _misses() -> int:
+        """Graphs compiled from scratch in this process so far (inductor FX graphs and AOTAutograd entries)."""
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"].get("fxgraph_cache_miss", 0)) + \
+            int(counters["aot_autograd"].get("autograd_cache_miss", 0))
+
     def save(self) -> int:
+        """Write the artifacts, unless the loaded file already holds everything this process compiled.
+
+        After a load, a warm-up that only hit the cache has nothing new to add, and serialising the whole bundle
+        again would only add to start-up (it is called after every cold run). Returns the bytes written (0: skipped).
+        """
+        misses = self._misses()
+        if self._file_current and misses == self._misses_at_save:
+            self.saves_skipped += 1
+            return 0
+        t0 = time.perf_counter()
         result = torch.compiler.save_cache_artifacts()
         if result is None:
             return 0
@@ -78,4 +108,8 @@ class CompileCache:
         tmp.write_bytes(data)
         os.replace(tmp, self.path)  # readers never see a half-written file
         self.saved_bytes = len(data)
+        self._file_current = True  # the file now holds what this process has compiled
+        self._misses_at_save = misses
+        self.saves += 1
+        self.save_seconds += time.perf_counter() - t0
         return len(data)

@@ -208,6 +208,48 @@ def test_vae_encode_and_decode_each_trace_to_one_graph(plain):
     assert (dec.graph_count, dec.graph_break_count) == (1, 0), dec.break_reasons
 
 
+def test_regionally_compiled_transformer_has_one_graph_per_block_kind(plain):
+    """The first single block is fed by a double block (separate contiguous tensors), the others by a single block
+    (slices of one concatenated tensor): with static shapes that stride difference alone used to compile the single
+    block twice. With the outputs re-viewed, dynamo traces each block kind once (eager backend: tracing only)."""
+    from torch._dynamo.utils import counters
+
+    from optimizations.compile import canonical_single_block_outputs, strip_compiled
+
+    ref_model = plain.pipe.transformer
+    model = copy.deepcopy(ref_model)
+    inputs = transformer_inputs(model, n_img=16, n_txt=8, device="cpu", dtype=torch.float32)
+
+    def graphs_traced(m) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        m.compile_repeated_blocks(backend="eager", fullgraph=True, dynamic=False)
+        try:
+            with torch.no_grad():
+                out = m(**inputs)[0]
+        finally:
+            strip_compiled(m)
+        return int(counters["stats"]["unique_graphs"]), out
+
+    before, _ = graphs_traced(model)
+    assert before == 3  # double, single fed by a double block, single fed by a single block
+    n = len(model.single_transformer_blocks)
+    assert canonical_single_block_outputs(model) == n and canonical_single_block_outputs(model) == 0  # idempotent
+    after, out = graphs_traced(model)
+    assert after == 2
+    with torch.no_grad():
+        assert torch.equal(out, ref_model(**inputs)[0])  # views only: not a value changes
+        block = model.single_transformer_blocks[0]
+        enc = torch.randn(1, 8, block.proj_out.out_features)
+        img = torch.randn(1, 16, block.proj_out.out_features)
+        temb = torch.randn(1, block.proj_out.out_features)
+        e, h = block(hidden_states=img, encoder_hidden_states=enc, temb=temb)
+    assert e.stride() == (8 * e.shape[2], e.shape[2], 1) and h.stride() == (16 * h.shape[2], h.shape[2], 1)
+    # A deep copy (the fp8 variant starts as one) calls its own block's forward, not the original's.
+    copied = copy.deepcopy(model).single_transformer_blocks[0]
+    assert copied._forward_before_canonical_strides.__self__ is copied
+
+
 def test_text_encoder_graph_runner_is_the_encoders_forward_only_while_installed(plain):
     """The plumbing (capture itself needs CUDA: tests/test_gpu.py): the encoder stays the pipeline's nn.Module,
     so diffusers still finds the execution device among the components, and its own forward comes back after."""
@@ -308,6 +350,14 @@ def test_cuda_graph_wiring_runs_the_real_pipeline_unchanged(cache_dir, monkeypat
     assert res.timings_ms["text_encode"] > 0 and res.timings_ms["image_encode"] > 0  # still timed
     assert all("forward" not in svc.pipe.__dict__[a].__dict__ for a in ("text_encoder", "text_encoder_2"))
 
+    # Warm-up at start-up runs only the cold (capturing) generation of a shape, once: a text-to-image shape is new.
+    calls.update(vae=0, text=0)
+    assert svc.warm_up(256, 256) > 0
+    assert calls == {"vae": 1, "text": 2}  # one run: decode, CLIP + T5 (no reference image to encode)
+    assert svc.warm_up(256, 256) == 0.0 and calls == {"vae": 1, "text": 2}  # already warm: nothing runs
+    t2i = svc.generate(InferenceRequest(**BASE), output_type="np")
+    assert "cold_start" not in t2i.timings_ms and calls == {"vae": 2, "text": 4}
+
 
 # ---- compile + persistent compile cache (two processes) ---------------------------------------------------------
 COMPILE_SCRIPT = textwrap.dedent("""
@@ -315,6 +365,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from service import FluxService, ServiceConfig
     from schemas import InferenceRequest
+    from torch._dynamo.utils import counters
     # VAE decode stays eager here only to keep this CPU test short; the transformer blocks are what is compiled.
     svc = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="none", cache_dir={cache!r},
                                     compile_vae=False))
@@ -329,6 +380,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     print("RESULT", json.dumps(dict(ready_s=ready, cache=svc.health()["compile_cache"],
           applied=res.optimizations["compile"].applied, eager_applied=eager.optimizations["compile"].applied,
           compiled_blocks=sum(m._compiled_call_impl is not None for m in svc.pipe.transformer.modules()),
+          graphs=int(counters["stats"]["unique_graphs"]),
           max_diff=float((res.latents - eager.latents).abs().max()))))
 """)
 
@@ -352,6 +404,7 @@ def test_compile_and_cache_artifacts_are_reused_by_a_second_process(tmp_path, ca
     first = run(env)
     assert first["applied"] and not first["eager_applied"]
     assert first["compiled_blocks"] == 3  # regional: the tiny model's 1 double + 2 single blocks
+    assert first["graphs"] == 2  # one per block kind (the single block is not compiled a second time)
     assert first["cache"]["loaded"] is False and "miss" in first["cache"]["detail"]
     assert first["cache"]["saved_bytes"] > 0
     assert first["max_diff"] < 1e-4  # compiled output matches eager
@@ -362,6 +415,9 @@ def test_compile_and_cache_artifacts_are_reused_by_a_second_process(tmp_path, ca
     # Inductor's own counters: the first process compiled (misses), the second took every graph from the cache.
     assert first["cache"]["fxgraph_cache_miss"] > 0
     assert second["cache"]["fxgraph_cache_hit"] > 0 and second["cache"]["fxgraph_cache_miss"] == 0
+    # Nothing new was compiled: the loaded file is not written again (first: written once, after the warm-up).
+    assert (first["cache"]["saves"], first["cache"]["saves_skipped"]) == (1, 0)
+    assert (second["cache"]["saves"], second["cache"]["saves_skipped"]) == (0, 1)
 
 
 def test_compile_cache_key_changes_with_everything_that_changes_the_code():

@@ -567,6 +567,24 @@ def test_cli_serve_missing_model_exits_with_message(cli_runs):
     assert "Traceback" not in err  # a message, not a crash
 
 
+def test_cli_warmup_sizes_parse_and_a_bad_one_exits_with_the_reason(capsys, monkeypatch):
+    """--warmup / FLUX_WARMUP_SIZES: WxH (text-to-image) or edit:WxH, checked against a request's size limits before
+    any model is loaded."""
+    import flux_kontext_optimized as cli
+
+    a = cli.build_parser().parse_args(["serve", "--warmup", "1024x1024, EDIT:512x768"])
+    assert a.warmup == [(1024, 1024, False), (512, 768, True)]
+    monkeypatch.setenv("FLUX_WARMUP_SIZES", "edit:256x256")
+    assert cli.config_from_env()[0].warmup_sizes == [(256, 256, True)]
+    for bad, reason in [("1000x1024", "width must be a multiple of 16"), ("10x", "expected WxH or edit:WxH"),
+                        ("edit:256x8", "height: Input should be greater than or equal to")]:
+        with pytest.raises(SystemExit) as exc:
+            cli.build_parser().parse_args(["serve", "--warmup", bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --warmup" in err and reason in err, err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 9. CLI generate
 # ---------------------------------------------------------------------------------------------------------------

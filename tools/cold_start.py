@@ -25,10 +25,15 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from schemas import parse_warmup_sizes  # noqa: E402  (pydantic only: the parent stays light)
 
 CHILD = textwrap.dedent("""
     import json, sys, time
     t0 = time.perf_counter()
+    for name in {hide!r}:  # as if not installed: importlib's find_spec answers None for a None entry
+        sys.modules[name] = None
     sys.path.insert(0, {root!r})
     from service import FluxService, ServiceConfig
     import_s = time.perf_counter() - t0
@@ -38,16 +43,24 @@ CHILD = textwrap.dedent("""
     ready = time.perf_counter() - t0
     h = svc.health()
     prepare_s = {{k: v["prepare_seconds"] for k, v in h["optimizations"].items() if v["prepared"]}}
+    try:  # where the warm-up's compile time went (dynamo's own timers, seconds summed over all compiled frames)
+        from torch._dynamo.utils import compile_times
+        names, values = compile_times(repr="csv", aggregate=True)
+        compile_s = {{n: round(float(v), 2) for n, v in zip(names, values) if float(v) >= 0.01}}
+    except Exception as exc:
+        compile_s = {{"unavailable": repr(exc)}}
     print("RESULT " + json.dumps({{"ready_s": round(ready, 2), "import_s": round(import_s, 2),
                                   "load_s": h["model"]["load_seconds"], "prepare_s": prepare_s,
-                                  "warmup_ms": h["warmup_ms_total"], "compile_cache": h.get("compile_cache")}}))
+                                  "warmup_ms": h["warmup_ms_total"], "compile_cache": h.get("compile_cache"),
+                                  "dynamo_compile_s": compile_s,
+                                  "hidden_packages": [n for n in {hide!r} if n in sys.modules]}}))
 """)
 
 
 def start_once(args, cache_dir: Path, inductor_dir: Path) -> dict:
-    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.warmup.split(",")]
     code = CHILD.format(root=str(ROOT), model=args.model, device=args.device, opts=args.optimizations,
-                        cache=str(cache_dir), sizes=sizes)
+                        cache=str(cache_dir), sizes=parse_warmup_sizes(args.warmup),
+                        hide=[n for n in args.hide_packages.split(",") if n])
     env = dict(os.environ, FLUX_LOG_LEVEL="WARNING")
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     if not args.same_machine:
@@ -65,7 +78,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="synthetic-full")
     p.add_argument("--device", default="cuda")
     p.add_argument("--optimizations", default="qkv_fusion,attention,compile")
-    p.add_argument("--warmup", default="1024x1024", help="comma list of WxH shapes to warm up")
+    p.add_argument("--warmup", default="1024x1024", help="shapes to warm up: WxH or edit:WxH, comma-separated")
+    p.add_argument("--hide-packages", default="",
+                   help="comma list of installed packages each start treats as absent, e.g. peft: the GPU image has "
+                        "it preinstalled, our requirements do not install it, and diffusers imports it when present")
     p.add_argument("--cache-dir", help="default: a new empty directory")
     p.add_argument("--same-machine", action="store_true",
                    help="let both starts share inductor's cache under --cache-dir (the server's default)")
@@ -77,6 +93,7 @@ def main(argv=None) -> int:
     first = start_once(a, cache_dir, work / "inductor-1")
     second = start_once(a, cache_dir, work / "inductor-2")
     report = {"model": a.model, "device": a.device, "optimizations": a.optimizations, "warmup": a.warmup,
+              "hidden_packages": a.hide_packages,
               "inductor_cache": "shared (same machine)" if a.same_machine else "fresh per start (new machine)",
               "first": first, "second": second,
               "second_over_first": round(second["ready_s"] / first["ready_s"], 3)}
