@@ -182,6 +182,7 @@ class FluxService:
         self._text_timer: StageTimer | None = None
         self.transformer_call_observer: Callable | None = None  # benchmark only: sees each transformer call's kwargs
         self.warmup_ms_total = 0.0
+        self.warmups: list[dict] = []  # start-up warm-ups: shape, precision, milliseconds (in /health)
 
     # ------------------------------------------------------------------------------------------------------
     # 1. load
@@ -426,15 +427,25 @@ class FluxService:
     def warm_up(self, width: int, height: int, edit: bool = False) -> float:
         """Compile / capture a request shape ahead of traffic (start-up cost, reported in /health).
 
-        Only the cold run: a generation after it would add seconds to start-up and warm nothing more. Returns the
-        cold run's milliseconds (0.0 when nothing is compiled or captured, or the shape was already warm).
+        Every prepared transformer variant is warmed (exact bf16 and, with low_precision prepared, fp8: a request
+        asking for it would otherwise compile it on its own time), with the server's default flags otherwise.
+        Only the cold runs: a generation after them would add seconds to start-up and warm nothing more. Returns
+        their milliseconds (0.0 when nothing is compiled or captured, or the shape was already warm).
         """
         img = Image.new("RGB", (width, height), (128, 128, 128)) if edit else None
-        req = InferenceRequest(prompt="warm-up", width=width, height=height, steps=2, seed=0)
-        plan = self.plan(req)
-        call, seed, do_cfg = self._request_call(req, img, plan, "pil")
-        precision, transformer = self._transformer_for(plan)
-        return self._warm(req, plan, precision, transformer, call, seed, do_cfg) or 0.0
+        total = 0.0
+        for fp8 in ([False, True] if "low_precision" in self.prepared else [False]):
+            req = InferenceRequest(prompt="warm-up", width=width, height=height, steps=2, seed=0,
+                                   use_mxfp4=True if fp8 else None)
+            plan = self.plan(req)
+            call, seed, do_cfg = self._request_call(req, img, plan, "pil")
+            precision, transformer = self._transformer_for(plan)
+            ms = self._warm(req, plan, precision, transformer, call, seed, do_cfg)
+            if ms is not None:
+                self.warmups.append({"width": width, "height": height, "edit": edit, "precision": precision,
+                                     "ms": round(ms, 1)})
+                total += ms
+        return total
 
     def _save_compile_cache(self) -> None:
         if self.compile_cache is not None:
@@ -473,6 +484,7 @@ class FluxService:
                                      "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
                                      **self.compile_cache.counters()}
         info["warmup_ms_total"] = round(self.warmup_ms_total, 1)
+        info["warmups"] = self.warmups
         if self.device_info.is_cuda:
             info["gpu_memory_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
         return info

@@ -358,6 +358,18 @@ def test_cuda_graph_wiring_runs_the_real_pipeline_unchanged(cache_dir, monkeypat
     t2i = svc.generate(InferenceRequest(**BASE), output_type="np")
     assert "cold_start" not in t2i.timings_ms and calls == {"vae": 2, "text": 4}
 
+    # With a low-precision variant prepared, a warm-up shape is warmed for it too (fp8 requests would otherwise
+    # compile / capture on their own time). Here the "fp8" variant is the bf16 module under another key.
+    svc.prepared["low_precision"], svc.transformer_variants["fp8"] = "test: same module", svc.pipe.transformer
+    calls.update(vae=0, text=0)
+    svc.warmups.clear()
+    assert svc.warm_up(256, 256, edit=True) > 0
+    assert calls == {"vae": 2, "text": 2}  # fp8's cold run only (bf16 edits at this shape are warm already)
+    assert [(w["precision"], w["edit"]) for w in svc.warmups] == [("fp8", True)]
+    fp8 = svc.generate(InferenceRequest(**BASE, use_mxfp4=True), image, output_type="np")
+    assert fp8.optimizations["low_precision"].applied and "cold_start" not in fp8.timings_ms
+    assert np.array_equal(fp8.images[0], ref.images[0])  # same module: same image
+
 
 # ---- compile + persistent compile cache (two processes) ---------------------------------------------------------
 COMPILE_SCRIPT = textwrap.dedent("""
