@@ -4,7 +4,8 @@
 #   bash tools/gpu_session.sh bench --workload edit-512  # stage table; markdown on stdout, JSON + PNG in $OUT
 #   bash tools/gpu_session.sh profile --workload t2i-1024 --optimizations all --flags --flags use_mxfp4=true
 #   bash tools/gpu_session.sh request --workload edit-512 --optimizations all --flags use_mxfp4=true  # whole request
-#   bash tools/gpu_session.sh coldstart --optimizations all --warmup 1024x1024   # tools/cold_start.py
+#   bash tools/gpu_session.sh coldstart --optimizations all --warmup 1024x1024,edit:1024x1024 --hide-packages peft
+#                                            # tools/cold_start.py (peft: on the image, not in our requirements)
 #   bash tools/gpu_session.sh py tools/bench_gelu_quant.py --out "$OUT/gelu_quant.json"   # any script, same env
 # Several modes in one device call: chain them with `;` (the wheels are installed once per machine).
 set -uo pipefail
