@@ -195,7 +195,7 @@ def run_request_benchmark(service, runs: int = 3, steps: int = 4, width: int = 2
     return {"model": service.model.source, "synthetic": service.model.synthetic,
             "device": service.device_info.name, "workload": {"width": width, "height": height, "edit": edit,
                                                               "steps": steps, "runs": runs},
-            "torch": torch.__version__, "rows": rows}
+            "torch": torch.__version__, "code_switches": code_switches(), "rows": rows}
 
 
 class StepProbe:
@@ -262,7 +262,16 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
     _finish_rows(rows)
     return {"workload": workload, "width": width, "height": height, "edit": edit, "seq_len": L,
             "model": service.model.source, "synthetic": service.model.synthetic, "device": service.device_info.name,
-            "torch": torch.__version__, "runs": runs, "rows": rows}
+            "torch": torch.__version__, "code_switches": code_switches(), "runs": runs, "rows": rows}
+
+
+def code_switches() -> dict:
+    """The A/B environment switches that were set for this run (they change the compiled code: see compile_cache)."""
+    import os
+
+    from optimizations.compile_cache import CODE_SWITCHES
+
+    return {k: os.environ[k] for k in CODE_SWITCHES if k in os.environ}
 
 
 def to_markdown(result: dict) -> str:
@@ -282,6 +291,8 @@ def to_markdown(result: dict) -> str:
             f"{r.get('speedup_vs_previous', '-')} | {r['steps_computed']}/{r['steps_skipped']} | "
             f"{r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} | {r['cold_start_ms']:.0f} ms | "
             f"{r.get('floor_ratio', '-')} | {fid_s} |")
+    if result.get("code_switches"):  # an A/B run: say so under its table
+        lines.append("\nswitches: " + ", ".join(f"{k}={v}" for k, v in result["code_switches"].items()))
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import types
 
 import torch
 
+from . import gelu_epilogue
 from .base import Optimization
 
 # The seed's inductor flags (flux-fast uses the same set). conv_1x1_as_mm helps the VAE's 1x1 convolutions;
@@ -111,6 +112,9 @@ class Compile(Optimization):
 
     def prepare(self, service) -> str:
         apply_inductor_flags(self.inductor_flags)
+        gelu_note = ""
+        if gelu_epilogue.enabled():  # the exact (bf16) transformer only; an fp8 copy takes it out again
+            gelu_note = "; " + gelu_epilogue.install(service.transformer_variants["bf16"])
         # Static shapes: one specialised graph per resolution (the fastest kernels); a server sees few sizes.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for module in service.transformer_variants.values():
@@ -122,4 +126,5 @@ class Compile(Optimization):
             service.vae_decode_compiled = torch.compile(service.vae_decode_eager, mode=self.mode, dynamic=False)
         return (f"torch.compile {self.scope} (mode={self.mode}, fullgraph, static shapes; inductor flags "
                 + self.inductor_flags + ")"
-                + ("; VAE encode and decode compiled" if self.compile_vae else "") + " (load-time, always on)")
+                + ("; VAE encode and decode compiled" if self.compile_vae else "") + gelu_note
+                + " (load-time, always on)")

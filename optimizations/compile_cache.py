@@ -29,11 +29,18 @@ def _triton_version() -> str:
         return "none"
 
 
+# Environment switches that change the modules being compiled (A/B switches of the fp8 rewrites, the experimental
+# bf16 GELU epilogue): a start with another setting compiles other graphs, so it gets its own file.
+CODE_SWITCHES = ("FLUX_FP8_SPLIT_PROJ_OUT", "FLUX_FP8_FUSED_GELU", "FLUX_FP8_FUSED_NORM", "FLUX_FP8_PLAIN_LINEARS",
+                 "FLUX_BF16_GELU_EPILOGUE")
+
+
 def cache_key(device_name: str, model_config: dict, optimizations: list[str], compile_mode: str) -> str:
     """`compile_mode` carries every compile setting that changes generated code (mode, scope, inductor flags)."""
     material = json.dumps({
         "torch": torch.__version__, "triton": _triton_version(), "device": device_name,
         "model": model_config, "optimizations": sorted(optimizations), "mode": compile_mode,
+        "switches": {k: os.environ[k] for k in CODE_SWITCHES if k in os.environ},
     }, sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()[:24]
 

@@ -19,6 +19,7 @@ import copy
 
 import torch
 
+from . import gelu_epilogue
 from .base import DeviceInfo, Optimization
 from .fp8_gelu_quant import fuse_gelu_into_quantisation
 from .fp8_linear import unwrap_torchao_linears
@@ -83,6 +84,7 @@ class LowPrecision(Optimization):
             q = copy.deepcopy(bf16)  # an installed first-block cache is copied as its own (see its __deepcopy__)
         finally:
             restore_compiled(saved)
+        gelu_epilogue.remove(q)  # the bf16 GELU epilogue, if on: this copy fuses its GELU into the fp8 quantisation
         split_note = split_single_block_proj_out(q)  # before quantising: the two halves are quantised separately
         quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
         gelu_note = fuse_gelu_into_quantisation(q)  # after quantising: it takes torchao's fp8 weights

@@ -445,6 +445,17 @@ def test_compile_cache_key_changes_with_everything_that_changes_the_code():
     assert key != cache_key(*base[:3], "default/regional/seed")
 
 
+def test_compile_cache_key_changes_with_the_code_switches(monkeypatch):
+    from optimizations.compile_cache import CODE_SWITCHES, cache_key
+
+    base = ("NVIDIA H100", {"num_layers": 19}, ["compile"], "default/regional/light")
+    for name in CODE_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    key = cache_key(*base)
+    monkeypatch.setenv("FLUX_BF16_GELU_EPILOGUE", "1")
+    assert cache_key(*base) != key
+
+
 def test_inductor_cache_goes_next_to_the_model_cache_unless_the_operator_chose_one(plain, cache_dir, monkeypatch,
                                                                                    tmp_path):
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -529,6 +540,77 @@ def test_single_blocks_without_concat_compute_the_same_thing(plain):
         torch.testing.assert_close(model(**inputs)[0], ref_model(**inputs)[0], rtol=1e-5, atol=1e-5)
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not skip_module(m, n)}
     assert {"single_transformer_blocks.0.proj_out.attn", "single_transformer_blocks.0.proj_out.mlp"} <= names
+
+
+def test_gelu_epilogue_rewrite_is_exact_on_cpu_and_comes_out_of_a_copy(plain):
+    """The experimental bf16 GELU epilogue (optimizations/gelu_epilogue.py): every FF / MLP input linear of the tiny
+    transformer is rewritten, the output is unchanged on CPU (there it computes diffusers' maths; the cuBLASLt path is
+    checked in tests/test_gpu.py), a deep copy calls its own modules, and `remove` restores diffusers' forwards."""
+    from optimizations import gelu_epilogue
+
+    ref_model = plain.pipe.transformer
+    model = copy.deepcopy(ref_model)
+    n = len(model.transformer_blocks) * 2 + len(model.single_transformer_blocks)
+    assert gelu_epilogue.install(model).startswith(f"GELU in the GEMM epilogue (cuBLASLt) for {n} ")
+    assert "for 0 " in gelu_epilogue.install(model)  # idempotent
+    assert model.single_transformer_blocks[0].act_mlp(torch.ones(2)).tolist() == [1.0, 1.0]  # moved into proj_mlp
+    inputs = transformer_inputs(model, n_img=16, n_txt=8, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[0], ref_model(**inputs)[0])
+    copied = copy.deepcopy(model)
+    act = copied.transformer_blocks[0].ff.net[0]
+    assert act.forward.__self__ is act  # rebound to the copy's module, not the original's
+    modules = 2 * len(model.transformer_blocks) + 2 * len(model.single_transformer_blocks)  # single: proj + act
+    assert gelu_epilogue.remove(copied) == modules
+    assert not any("forward" in m.__dict__ for m in copied.modules())
+    assert gelu_epilogue.remove(model) == modules and gelu_epilogue.remove(model) == 0
+
+
+def test_gelu_epilogue_is_off_unless_asked_and_stays_out_of_the_fp8_copy(cache_dir, monkeypatch):
+    """Compile installs it on the bf16 transformer only with FLUX_BF16_GELU_EPILOGUE=1 and says so; the fp8
+    preparation's copy takes it out (LowPrecision.prepare calls gelu_epilogue.remove before quantising)."""
+    from optimizations import gelu_epilogue, low_precision
+    from optimizations.compile import Compile
+
+    class Service:  # what Compile.prepare touches
+        def __init__(self, transformer):
+            self.transformer_variants = {"bf16": transformer}
+            self.vae_encode_eager = self.vae_decode_eager = None
+
+    svc = _service(cache_dir, "none")
+    monkeypatch.delenv(gelu_epilogue.ENV, raising=False)
+    off = Service(svc.pipe.transformer)
+    assert "GELU" not in Compile(compile_vae=False).prepare(off)
+    assert gelu_epilogue.remove(svc.pipe.transformer) == 0  # nothing was installed
+    monkeypatch.setenv(gelu_epilogue.ENV, "1")
+    detail = Compile(compile_vae=False).prepare(off)
+    t = svc.pipe.transformer
+    n = 2 * len(t.transformer_blocks) + len(t.single_transformer_blocks)
+    assert f"GELU in the GEMM epilogue (cuBLASLt) for {n} FF / MLP input linears" in detail
+    # The fp8 preparation (quantisation itself stubbed: torchao's fp8 needs a GPU) copies the bf16 transformer with
+    # the rewrite in it; the copy must come out with diffusers' GELU modules, for its own GELU fusion to take.
+    import torchao.quantization
+
+    monkeypatch.setattr(torchao.quantization, "quantize_", lambda *a, **k: None)
+    off.device_info, off.prepared, off.registry = H100, {}, {}
+    low_precision.LowPrecision().prepare(off)
+    fp8 = off.transformer_variants["fp8"]
+    assert gelu_epilogue.remove(fp8) == 0 and not any("forward" in b.ff.net[0].__dict__ for b in fp8.transformer_blocks)
+    assert gelu_epilogue.remove(t) > 0  # the bf16 transformer kept it
+
+
+def test_benchmark_records_the_ab_switches_it_ran_with(plain, monkeypatch):
+    import benchmark
+    from optimizations.compile_cache import CODE_SWITCHES
+
+    for name in CODE_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    plain_run = benchmark.run_request_benchmark(plain, runs=1, steps=1)
+    assert plain_run["code_switches"] == {} and "switches:" not in benchmark.to_markdown(plain_run)
+    monkeypatch.setenv("FLUX_BF16_GELU_EPILOGUE", "1")
+    ab = benchmark.run_request_benchmark(plain, runs=1, steps=1)
+    assert ab["code_switches"] == {"FLUX_BF16_GELU_EPILOGUE": "1"}
+    assert benchmark.to_markdown(ab).endswith("switches: FLUX_BF16_GELU_EPILOGUE=1")
 
 
 def test_single_block_rewrite_is_skipped_and_says_why(plain, monkeypatch):
