@@ -268,6 +268,8 @@ def test_compile_cache_hit_on_second_start_gpu(tmp_path):
                                        "first": first["cache"], "second": second["cache"]})
     assert second["cache"]["loaded"] and second["cache"]["fxgraph_cache_miss"] == 0
     assert second["cache"]["fxgraph_cache_hit"] > 0
+    assert first["graphs"] == 2  # one per block kind on the GPU too (the single block is not compiled twice)
+    assert second["cache"]["saves_skipped"] == 1 and second["cache"]["saves"] == 0  # nothing new to write
 
 
 def test_real_cuda_oom_returns_503_and_server_keeps_serving(full_service):
