@@ -254,7 +254,7 @@ def create_app(service: FluxService, settings: ServerSettings | None = None) -> 
                 return error_response(exc.status, code, f"image: {exc}",
                                       [{"field": "image", "message": str(exc), "type": "value_error"}])
         try:
-            plan = service.plan(body)
+            plan = service.plan(body, image)
         except StrictError as exc:
             return error_response(422, "validation_error", str(exc),
                                   [{"field": f, "message": m, "type": "strict"} for f, m in exc.problems])

@@ -23,7 +23,7 @@ from pathlib import Path
 from api import ServerSettings, create_app
 from model_sources import ModelLoadError
 from schemas import parse_warmup_sizes
-from service import FluxService, ServiceConfig
+from service import NEW_SHAPE_POLICIES, FluxService, ServiceConfig
 
 __all__ = ["FluxService", "ServiceConfig", "create_app", "app", "main"]
 log = logging.getLogger("flux")
@@ -83,7 +83,8 @@ def _service_config(a) -> ServiceConfig:
     return ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations, compile_mode=a.compile_mode,
                          compile_scope=a.compile_scope, inductor_flags=a.inductor_flags,
                          cache_dir=Path(a.cache_dir) if a.cache_dir else None,
-                         warmup_sizes=getattr(a, "warmup", None) or [])
+                         warmup_sizes=getattr(a, "warmup", None) or [],
+                         new_shapes=getattr(a, "new_shapes", None) or "compile")
 
 
 def _server_settings(a) -> ServerSettings:
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=_warmup_sizes_arg, default=os.environ.get("FLUX_WARMUP_SIZES"),
                    help="request shapes to compile / capture before serving: WxH (text-to-image) or edit:WxH "
                         "(with a reference image), comma-separated, e.g. 1024x1024,edit:1024x1024")
+    s.add_argument("--new-shapes", choices=NEW_SHAPE_POLICIES, default=os.environ.get("FLUX_NEW_SHAPES", "compile"),
+                   help="a request at a shape --warmup did not compile: compile it then (the worker and the queue "
+                        "wait; default) or run it uncompiled (eager), which the response reports")
     s.add_argument("--background-load", action="store_true",
                    help="answer /live at once and load the model in the background (/health 503 until ready)")
     s.add_argument("--log-level", default="info")

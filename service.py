@@ -26,6 +26,9 @@ from utils import StageTimer, default_size_for, module_bytes
 log = logging.getLogger("flux.service")
 
 
+NEW_SHAPE_POLICIES = ("compile", "eager")
+
+
 @dataclass
 class ServiceConfig:
     model: str = model_sources.TINY
@@ -39,8 +42,14 @@ class ServiceConfig:
     # Request shapes to compile / capture at start-up: (width, height) for text-to-image, (width, height, True) for an
     # edit (its reference image doubles the transformer's sequence, a different compiled shape).
     warmup_sizes: list[tuple] = field(default_factory=list)
+    # A request at a shape no warm-up compiled: "compile" compiles it on that request's time (tens of seconds for the
+    # full model, minutes for fp8 without the cache, with the worker and every queued request waiting); "eager" runs
+    # it uncompiled and says so in the response.
+    new_shapes: str = "compile"
 
     def __post_init__(self):
+        if self.new_shapes not in NEW_SHAPE_POLICIES:
+            raise ValueError(f"new_shapes must be one of {NEW_SHAPE_POLICIES}, not {self.new_shapes!r}")
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)
 
@@ -179,6 +188,7 @@ class FluxService:
         self.text_encoder_graphs: dict = {}  # pipeline attribute ("text_encoder", "text_encoder_2") -> runner
         self.vae_graphs: dict = {}  # "eager" / "compiled" -> (encode runner, decode runner)
         self._warm_keys: set = set()  # shapes and optimisation sets already compiled / captured
+        self._compiled_shapes: set = set()  # (precision, width, height, edit, images) with compiled code
         self._text_timer: StageTimer | None = None
         self.transformer_call_observer: Callable | None = None  # benchmark only: sees each transformer call's kwargs
         self.warmup_ms_total = 0.0
@@ -218,6 +228,7 @@ class FluxService:
             self._open_compile_cache(sorted(set(self.prepared) | set(names)))
         if names:  # compiled code and captured graphs may now be stale: warm up and capture again
             self._warm_keys.clear()
+            self._compiled_shapes.clear()
             self.cuda_graph_runners.clear()
             self.text_encoder_graphs.clear()
             self.vae_graphs.clear()
@@ -246,7 +257,10 @@ class FluxService:
     # ------------------------------------------------------------------------------------------------------
     # 3. plan: what a request gets, decided before it is queued (strict errors are 422s, not worker failures)
     # ------------------------------------------------------------------------------------------------------
-    def plan(self, req: InferenceRequest) -> dict[str, Decision]:
+    def plan(self, req: InferenceRequest, image: Image.Image | None = None,
+             new_shape_policy: bool = True) -> dict[str, Decision]:
+        """What the request gets. `image` (the decoded reference image, if any) sets its shape, which the
+        --new-shapes eager policy needs; warm-ups pass new_shape_policy=False (they are what compiles a shape)."""
         flags = req.flags()
         field_of = {o.name: o.flag for o in self.registry.values()}
         plan: dict[str, Decision] = {}
@@ -276,6 +290,13 @@ class FluxService:
             if plan["compile"].applied and self.registry["compile"].scope == "full":
                 plan["first_block_cache"] = Decision(True, False, "not combinable with full-graph compile "
                                                      "(start the server with --compile-scope regional)")
+        if new_shape_policy and plan["compile"].applied and self.config.new_shapes == "eager":
+            shape = self._compile_shape(req, image, plan)
+            if shape not in self._compiled_shapes:
+                w, h = shape[1], shape[2]
+                plan["compile"] = Decision(plan["compile"].requested, False,
+                                           f"{w}x{h} {'edit' if image is not None else 'text-to-image'} "
+                                           f"({shape[0]}) was not warmed up: runs uncompiled (--new-shapes eager)")
         for name, d in plan.items():
             if d.requested and not d.applied and flags[name] is True:
                 problems.append((field_of[name], d.detail))
@@ -286,6 +307,12 @@ class FluxService:
     # ------------------------------------------------------------------------------------------------------
     # 4. generate
     # ------------------------------------------------------------------------------------------------------
+    def _compile_shape(self, req: InferenceRequest, image: Image.Image | None, plan: dict[str, Decision]) -> tuple:
+        """What a compiled graph is specialised on: precision, output size, edit or not, images per prompt."""
+        default_w, default_h = default_size_for(image)
+        return ("fp8" if plan["low_precision"].applied else "bf16", req.width or default_w, req.height or default_h,
+                image is not None, req.num_images)
+
     def _transformer_for(self, plan: dict[str, Decision]):
         precision = "fp8" if plan["low_precision"].applied else "bf16"
         module = self.transformer_variants[precision]
@@ -342,6 +369,8 @@ class FluxService:
         cold_ms = (time.perf_counter() - t0) * 1000
         self.warmup_ms_total += cold_ms
         self._warm_keys.add(key)
+        if plan["compile"].applied:
+            self._compiled_shapes.add(self._compile_shape(req, call["image"], plan))
         self._save_compile_cache()
         return cold_ms
 
@@ -351,7 +380,7 @@ class FluxService:
         if self.state != "ready":
             raise RuntimeError(f"service is {self.state}")
         t_total = time.perf_counter()
-        plan = plan or self.plan(req)
+        plan = plan or self.plan(req, image)
         call, seed, do_cfg = self._request_call(req, image, plan, output_type)
         warnings: list[str] = []
         if self.model.synthetic:
@@ -419,6 +448,8 @@ class FluxService:
                     stack.enter_context(self._text_encoder_graph(attr).installed())
             self._text_timer = timer
             stack.callback(setattr, self, "_text_timer", None)
+            if "compile" in self.prepared and not plan["compile"].applied:  # compiled in place: run the original code
+                stack.enter_context(torch.compiler.set_stance("force_eager"))
             with torch.inference_mode():
                 out = self.pipe(**call, generator=generator, callback_on_step_end=on_step_end)
         images = list(out.images)
@@ -437,7 +468,7 @@ class FluxService:
         for fp8 in ([False, True] if "low_precision" in self.prepared else [False]):
             req = InferenceRequest(prompt="warm-up", width=width, height=height, steps=2, seed=0,
                                    use_mxfp4=True if fp8 else None)
-            plan = self.plan(req)
+            plan = self.plan(req, img, new_shape_policy=False)
             call, seed, do_cfg = self._request_call(req, img, plan, "pil")
             precision, transformer = self._transformer_for(plan)
             ms = self._warm(req, plan, precision, transformer, call, seed, do_cfg)

@@ -371,6 +371,46 @@ def test_cuda_graph_wiring_runs_the_real_pipeline_unchanged(cache_dir, monkeypat
     assert np.array_equal(fp8.images[0], ref.images[0])  # same module: same image
 
 
+def test_new_shapes_eager_runs_unwarmed_shapes_uncompiled_and_says_so(cache_dir, monkeypatch):
+    """--new-shapes eager: after warm-up, a request at another shape runs the original code (no compile on the
+    request's time, the response says compile did not apply and why); a warmed shape runs compiled. --new-shapes
+    compile (the default) compiles the new shape. Dynamo's eager backend stands in for inductor (tracing only)."""
+    from torch._dynamo.utils import counters
+
+    from optimizations.compile import Compile, canonical_single_block_outputs, strip_compiled
+
+    def compile_transformer(self, module):
+        canonical_single_block_outputs(module)
+        module.compile_repeated_blocks(backend="eager", fullgraph=True, dynamic=False)
+
+    monkeypatch.setattr(Compile, "compile_transformer", compile_transformer)
+    torch._dynamo.reset()
+    counters.clear()
+    svc = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="compile", cache_dir=cache_dir,
+                                    compile_vae=False, new_shapes="eager", warmup_sizes=[(256, 256)]))
+    try:
+        svc.load()
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == 2 and svc.warmups[0]["precision"] == "bf16"
+        warm = svc.generate(InferenceRequest(**BASE), output_type="latent")
+        assert warm.optimizations["compile"].applied and "cold_start" not in warm.timings_ms
+        new = svc.generate(InferenceRequest(**{**BASE, "width": 320}), output_type="latent")
+        assert not new.optimizations["compile"].applied
+        assert new.optimizations["compile"].detail == ("320x256 text-to-image (bf16) was not warmed up: runs "
+                                                       "uncompiled (--new-shapes eager)")
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing traced for it
+        with pytest.raises(StrictError, match="use_compile"):  # asked for by name: strict makes it a 422
+            svc.plan(InferenceRequest(**{**BASE, "width": 320}, use_compile=True, strict=True))
+        svc.config.new_shapes = "compile"
+        compiled = svc.generate(InferenceRequest(**{**BASE, "width": 320}), output_type="latent")
+        assert compiled.optimizations["compile"].applied and "cold_start" in compiled.timings_ms
+        assert counters["stats"]["unique_graphs"] == graphs + 2  # the new shape: both block kinds
+        torch.testing.assert_close(compiled.latents, new.latents)  # the same model either way
+    finally:
+        strip_compiled(svc.pipe.transformer)
+        torch._dynamo.reset()
+
+
 # ---- compile + persistent compile cache (two processes) ---------------------------------------------------------
 COMPILE_SCRIPT = textwrap.dedent("""
     import json, sys, time
