@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from optimizations.compile_cache import code_switches
 from schemas import FLAG_TO_OPTIMIZATION, InferenceRequest
 
 STAGE_KEYS = ("text_encode", "image_encode", "transformer", "transformer_per_step", "vae_decode", "glue", "total")
@@ -263,15 +264,6 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
     return {"workload": workload, "width": width, "height": height, "edit": edit, "seq_len": L,
             "model": service.model.source, "synthetic": service.model.synthetic, "device": service.device_info.name,
             "torch": torch.__version__, "code_switches": code_switches(), "runs": runs, "rows": rows}
-
-
-def code_switches() -> dict:
-    """The A/B environment switches that were set for this run (they change the compiled code: see compile_cache)."""
-    import os
-
-    from optimizations.compile_cache import CODE_SWITCHES
-
-    return {k: os.environ[k] for k in CODE_SWITCHES if k in os.environ}
 
 
 def to_markdown(result: dict) -> str:

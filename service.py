@@ -187,8 +187,8 @@ class FluxService:
         self.cuda_graph_runners: dict = {}
         self.text_encoder_graphs: dict = {}  # pipeline attribute ("text_encoder", "text_encoder_2") -> runner
         self.vae_graphs: dict = {}  # "eager" / "compiled" -> (encode runner, decode runner)
-        self._warm_keys: set = set()  # shapes and optimisation sets already compiled / captured
-        self._compiled_shapes: set = set()  # (precision, width, height, edit, images) with compiled code
+        # (shape, compiled, graphs, step cache, true CFG) already compiled / captured; shape: see _compile_shape
+        self._warm_keys: set = set()
         self._text_timer: StageTimer | None = None
         self.transformer_call_observer: Callable | None = None  # benchmark only: sees each transformer call's kwargs
         self.warmup_ms_total = 0.0
@@ -228,7 +228,6 @@ class FluxService:
             self._open_compile_cache(sorted(set(self.prepared) | set(names)))
         if names:  # compiled code and captured graphs may now be stale: warm up and capture again
             self._warm_keys.clear()
-            self._compiled_shapes.clear()
             self.cuda_graph_runners.clear()
             self.text_encoder_graphs.clear()
             self.vae_graphs.clear()
@@ -292,7 +291,7 @@ class FluxService:
                                                      "(start the server with --compile-scope regional)")
         if new_shape_policy and plan["compile"].applied and self.config.new_shapes == "eager":
             shape = self._compile_shape(req, image, plan)
-            if shape not in self._compiled_shapes:
+            if not any(key[0] == shape and key[1] for key in self._warm_keys):  # no compiled warm run at it
                 w, h = shape[1], shape[2]
                 plan["compile"] = Decision(plan["compile"].requested, False,
                                            f"{w}x{h} {'edit' if image is not None else 'text-to-image'} "
@@ -307,11 +306,15 @@ class FluxService:
     # ------------------------------------------------------------------------------------------------------
     # 4. generate
     # ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _output_size(req: InferenceRequest, image: Image.Image | None) -> tuple[int, int]:
+        default_w, default_h = default_size_for(image)
+        return req.width or default_w, req.height or default_h
+
     def _compile_shape(self, req: InferenceRequest, image: Image.Image | None, plan: dict[str, Decision]) -> tuple:
         """What a compiled graph is specialised on: precision, output size, edit or not, images per prompt."""
-        default_w, default_h = default_size_for(image)
-        return ("fp8" if plan["low_precision"].applied else "bf16", req.width or default_w, req.height or default_h,
-                image is not None, req.num_images)
+        return ("fp8" if plan["low_precision"].applied else "bf16", *self._output_size(req, image), image is not None,
+                req.num_images)
 
     def _transformer_for(self, plan: dict[str, Decision]):
         precision = "fp8" if plan["low_precision"].applied else "bf16"
@@ -343,8 +346,7 @@ class FluxService:
         """The pipeline call a request makes, its seed, and whether it runs true CFG."""
         dpm = plan["dpm_solver"].applied
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
-        default_w, default_h = default_size_for(image)
-        width, height = req.width or default_w, req.height or default_h
+        width, height = self._output_size(req, image)
         steps = req.steps or (DEFAULT_DPM_STEPS if dpm else DEFAULT_STEPS)
         do_cfg = req.true_cfg_scale > 1.0
         call = dict(prompt=req.prompt, image=image, width=width, height=height, num_inference_steps=steps,
@@ -360,8 +362,8 @@ class FluxService:
         """
         if not (plan["compile"].applied or plan["cuda_graphs"].applied):
             return None
-        key = (precision, plan["compile"].applied, plan["cuda_graphs"].applied, plan["first_block_cache"].applied,
-               call["width"], call["height"], call["image"] is not None, req.num_images, do_cfg)
+        key = (self._compile_shape(req, call["image"], plan), plan["compile"].applied, plan["cuda_graphs"].applied,
+               plan["first_block_cache"].applied, do_cfg)
         if key in self._warm_keys:
             return None
         t0 = time.perf_counter()
@@ -369,8 +371,6 @@ class FluxService:
         cold_ms = (time.perf_counter() - t0) * 1000
         self.warmup_ms_total += cold_ms
         self._warm_keys.add(key)
-        if plan["compile"].applied:
-            self._compiled_shapes.add(self._compile_shape(req, call["image"], plan))
         self._save_compile_cache()
         return cold_ms
 

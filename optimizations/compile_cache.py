@@ -35,12 +35,17 @@ CODE_SWITCHES = ("FLUX_FP8_SPLIT_PROJ_OUT", "FLUX_FP8_FUSED_GELU", "FLUX_FP8_FUS
                  "FLUX_BF16_GELU_EPILOGUE")
 
 
+def code_switches() -> dict:
+    """The code switches set in this process's environment (recorded by the benchmark, part of the cache key)."""
+    return {k: os.environ[k] for k in CODE_SWITCHES if k in os.environ}
+
+
 def cache_key(device_name: str, model_config: dict, optimizations: list[str], compile_mode: str) -> str:
     """`compile_mode` carries every compile setting that changes generated code (mode, scope, inductor flags)."""
     material = json.dumps({
         "torch": torch.__version__, "triton": _triton_version(), "device": device_name,
         "model": model_config, "optimizations": sorted(optimizations), "mode": compile_mode,
-        "switches": {k: os.environ[k] for k in CODE_SWITCHES if k in os.environ},
+        "switches": code_switches(),
     }, sort_keys=True, default=str)
     return hashlib.sha256(material.encode()).hexdigest()[:24]
 

@@ -52,8 +52,7 @@ CHILD = textwrap.dedent("""
     print("RESULT " + json.dumps({{"ready_s": round(ready, 2), "import_s": round(import_s, 2),
                                   "load_s": h["model"]["load_seconds"], "prepare_s": prepare_s,
                                   "warmup_ms": h["warmup_ms_total"], "compile_cache": h.get("compile_cache"),
-                                  "dynamo_compile_s": compile_s,
-                                  "hidden_packages": [n for n in {hide!r} if n in sys.modules]}}))
+                                  "dynamo_compile_s": compile_s}}))
 """)
 
 
