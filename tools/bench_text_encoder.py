@@ -144,10 +144,10 @@ def main(argv=None) -> dict:
             res["compile_s"] = round(time.perf_counter() - t0, 1)
             res["compiled_rel_diff"] = float((out.float() - ref.float()).norm() / ref.float().norm())
             res["compiled_ms"] = time_ms(lambda: t5(ids))
-            if device == "cuda":
-                graph = CudaGraphEncoder(t5)
-                res["compiled_graph_ms"] = time_ms(lambda: graph(ids))
             res["compiled_profile"] = profile_call(lambda: t5(ids))
+            # No graph capture of the compiled blocks: on the H100 (torch 2.11) inductor recompiled a block during
+            # capture and failed (cudaErrorStreamCaptureUnsupported), and the failed capture left the CUDA RNG in
+            # capture state, so the process could not go on.
     res["gemm_tflops"] = gemm_tflops(ids.shape[1], t5.config.d_model, t5.config.d_ff, device)
     res["floor_ms_at_790_tflops"] = round(flops / 790e12 * 1000, 2)
     print(json.dumps(res, indent=1))
