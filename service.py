@@ -20,6 +20,7 @@ from optimizations.compile_cache import CompileCache, cache_key
 from optimizations.cuda_graphs import (CudaGraphCall, CudaGraphEncoder, CudaGraphTransformer, vae_decode_from_pixels,
                                        vae_encode_from_moments)
 from optimizations.registry import STACK_ORDER, build_registry, resolve_names
+from patches import t5_contiguous_position_bias
 from schemas import DEFAULT_DPM_STEPS, DEFAULT_STEPS, MAX_SEED, InferenceRequest
 from utils import StageTimer, default_size_for, module_bytes
 
@@ -193,6 +194,7 @@ class FluxService:
         self.transformer_call_observer: Callable | None = None  # benchmark only: sees each transformer call's kwargs
         self.warmup_ms_total = 0.0
         self.warmups: list[dict] = []  # start-up warm-ups: shape, precision, milliseconds (in /health)
+        self.load_fixes: dict = {}  # patches/ applied to the loaded components, with counts (in /health)
 
     # ------------------------------------------------------------------------------------------------------
     # 1. load
@@ -203,6 +205,8 @@ class FluxService:
             self.pipe = self.model.pipe
             self.transformer_variants["bf16"] = self.pipe.transformer
             self.vae_encode_eager, self.vae_decode_eager = self.pipe.vae.encode, self.pipe.vae.decode
+            # Older transformers hand T5's bias to SDPA as a strided view: the GPU falls back to fp32 math attention
+            self.load_fixes["t5_contiguous_position_bias"] = t5_contiguous_position_bias.apply(self.pipe.text_encoder_2)
             for enc in (self.pipe.text_encoder, self.pipe.text_encoder_2):
                 enc.register_forward_pre_hook(lambda *_: self._text_timer and self._text_timer.start("text_encode"))
                 enc.register_forward_hook(lambda *_: self._text_timer and self._text_timer.stop("text_encode"))
@@ -516,6 +520,7 @@ class FluxService:
                                      **self.compile_cache.counters()}
         info["warmup_ms_total"] = round(self.warmup_ms_total, 1)
         info["warmups"] = self.warmups
+        info["load_fixes"] = self.load_fixes
         if self.device_info.is_cuda:
             info["gpu_memory_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
         return info

@@ -220,6 +220,24 @@ def test_text_encoder_graphs_replay_new_prompts_exactly(full_service):
     _record("text_encoder_ms_eager_vs_graph", figures)
 
 
+def test_t5_attention_runs_a_fused_sdpa_kernel(full_service):
+    """With the service's T5 patch, every layer's attention runs without the math backend (fp32 upcast): under
+    sdpa_kernel without MATH an unfusable call raises "No available kernel". Output within bf16 noise of the math
+    backend's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    t5 = full_service.pipe.text_encoder_2
+    ids = torch.randint(0, t5.config.vocab_size, (1, 512), device="cuda")
+    with torch.inference_mode():
+        with sdpa_kernel([SDPBackend.MATH]):
+            ref = t5(ids)[0]
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            out = t5(ids)[0]
+    err = _rel(out, ref)
+    _record("t5_fused_vs_math_sdpa_rel_diff", round(err, 5))
+    assert torch.isfinite(out).all() and err < 0.05
+
+
 def test_cudnn_attention_matches_default_attention(full_service):
     tr = full_service.transformer_variants["bf16"]
     inp = transformer_inputs(tr, seed=1)
