@@ -492,7 +492,7 @@ def test_compile_cache_key_changes_with_the_code_switches(monkeypatch):
     for name in CODE_SWITCHES:
         monkeypatch.delenv(name, raising=False)
     key = cache_key(*base)
-    monkeypatch.setenv("FLUX_BF16_GELU_EPILOGUE", "1")
+    monkeypatch.setenv("FLUX_BF16_GELU_EPILOGUE", "0")
     assert cache_key(*base) != key
 
 
@@ -583,7 +583,7 @@ def test_single_blocks_without_concat_compute_the_same_thing(plain):
 
 
 def test_gelu_epilogue_rewrite_is_exact_on_cpu_and_comes_out_of_a_copy(plain):
-    """The experimental bf16 GELU epilogue (optimizations/gelu_epilogue.py): every FF / MLP input linear of the tiny
+    """The bf16 GELU epilogue (optimizations/gelu_epilogue.py): every FF / MLP input linear of the tiny
     transformer is rewritten, the output is unchanged on CPU (there it computes diffusers' maths; the cuBLASLt path is
     checked in tests/test_gpu.py), a deep copy calls its own modules, and `remove` restores diffusers' forwards."""
     from optimizations import gelu_epilogue
@@ -606,8 +606,8 @@ def test_gelu_epilogue_rewrite_is_exact_on_cpu_and_comes_out_of_a_copy(plain):
     assert gelu_epilogue.remove(model) == modules and gelu_epilogue.remove(model) == 0
 
 
-def test_gelu_epilogue_is_off_unless_asked_and_stays_out_of_the_fp8_copy(cache_dir, monkeypatch):
-    """Compile installs it on the bf16 transformer only with FLUX_BF16_GELU_EPILOGUE=1 and says so; the fp8
+def test_gelu_epilogue_is_on_unless_switched_off_and_stays_out_of_the_fp8_copy(cache_dir, monkeypatch):
+    """Compile installs it on the bf16 transformer unless FLUX_BF16_GELU_EPILOGUE=0, and says so; the fp8
     preparation's copy takes it out (LowPrecision.prepare calls gelu_epilogue.remove before quantising)."""
     from optimizations import gelu_epilogue, low_precision
     from optimizations.compile import Compile
@@ -618,11 +618,11 @@ def test_gelu_epilogue_is_off_unless_asked_and_stays_out_of_the_fp8_copy(cache_d
             self.vae_encode_eager = self.vae_decode_eager = None
 
     svc = _service(cache_dir, "none")
-    monkeypatch.delenv(gelu_epilogue.ENV, raising=False)
+    monkeypatch.setenv(gelu_epilogue.ENV, "0")
     off = Service(svc.pipe.transformer)
     assert "GELU" not in Compile(compile_vae=False).prepare(off)
     assert gelu_epilogue.remove(svc.pipe.transformer) == 0  # nothing was installed
-    monkeypatch.setenv(gelu_epilogue.ENV, "1")
+    monkeypatch.delenv(gelu_epilogue.ENV, raising=False)  # the default
     detail = Compile(compile_vae=False).prepare(off)
     t = svc.pipe.transformer
     n = 2 * len(t.transformer_blocks) + len(t.single_transformer_blocks)
