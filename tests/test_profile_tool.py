@@ -133,3 +133,18 @@ def test_bench_gelu_epilogue_runs_on_cpu():
     (row,) = bench_gelu_epilogue.main(["--small", "--no-compile"])
     assert row["m_k_n"] == [64, 32, 128] and row["inductor_us"] > 0 and row["epilogue_us"] > 0
     assert row["inductor_rel_err"] < 1e-6 < row["epilogue_rel_err"] < 1e-2
+
+
+def test_probe_t5_attention_runs_on_cpu(tmp_path):
+    """Smoke test of the GPU probe: it records what T5 hands SDPA (two layers: two calls, the bias as the mask) and
+    times each backend; on CPU the GPU-only kernels may refuse, and then the entry says why instead of a time."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import probe_t5_attention
+
+    res = probe_t5_attention.main(["--small", "--out", str(tmp_path / "probe.json")])
+    assert res["sdpa_calls"] == 2 and res["args"]["attn_mask"]["shape"] == [1, 4, 512, 512]
+    assert res["args"]["q"]["dtype"] == "torch.bfloat16"
+    default = res["backends"]["as called (default choice)"]
+    assert default["ms_per_layer"] > 0 and default["rel_err_vs_fp32"] < 0.02
+    assert all("ms_per_layer" in v or "error" in v for v in res["backends"].values())
+    assert json.loads((tmp_path / "probe.json").read_text())["sdpa_calls"] == 2
