@@ -119,6 +119,7 @@ def test_bench_text_encoder_runs_on_a_small_t5_on_cpu(tmp_path):
     for entry in res["by_attn_implementation_ms"].values():  # a time and the difference, or why it could not run
         assert isinstance(entry, str) or (entry["ms"] > 0 and entry["rel_diff_vs_built"] < 1e-5)
     assert json.loads((tmp_path / "t5.json").read_text())["tokens"] == 512
+    assert res["t5_contiguous_position_bias"] == 1  # measured as the service loads it
     gemms = res["gemm_tflops"]
     assert gemms["qkv fused"]["m_k_n"] == [512, 64, 192] and gemms["wo (k=d_ff)"]["m_k_n"] == [512, 128, 64]
     assert all(g["ms"] > 0 and g["tflops"] > 0 for g in gemms.values())

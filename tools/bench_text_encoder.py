@@ -2,12 +2,14 @@
 
 The fast tier at edit-512 spends ~25 ms of its ~650 ms budget in T5 even with CUDA graphs (GPU-bound): ~3x the
 ~8 ms its 4.7 TFLOP take at cuBLAS speed. This measures, for one 512-token prompt, bf16:
-- eager, CUDA-graph replay, and (with --compile) its 24 blocks compiled by inductor, eager and replayed;
+- eager, CUDA-graph replay, and (with --compile) its 24 blocks compiled by inductor;
+- with the service's patches/t5_contiguous_position_bias.py applied, as the service loads T5 (--unpatched: without);
 - a torch profiler summary of one eager call by kernel category (tools/profile_step.py's categories);
 - eager time with each attention implementation transformers offers T5 (eager, SDPA);
 - the compiled output's relative difference from eager;
 - T5's GEMM shapes alone, and fused (q/k/v, the gated FF's two inputs), in TFLOP/s.
-Usage: python tools/bench_text_encoder.py [--compile] [--out results.json]   (--small: a 2-layer T5, CPU smoke test)
+Usage: python tools/bench_text_encoder.py [--compile] [--unpatched] [--out results.json]
+       (--small: a 2-layer T5, CPU smoke test)
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import model_sources  # noqa: E402
 from optimizations.cuda_graphs import CudaGraphEncoder  # noqa: E402
+from patches import t5_contiguous_position_bias  # noqa: E402
 from profile_step import category  # noqa: E402
 
 
@@ -102,17 +105,19 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser()
     p.add_argument("--compile", action="store_true", help="also compile the 24 blocks with inductor")
     p.add_argument("--small", action="store_true", help="a 2-layer T5 (CPU smoke test of this script)")
+    p.add_argument("--unpatched", action="store_true", help="T5 as transformers builds it, without the service's patch")
     p.add_argument("--out")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     t5 = build_t5(device, a.small)
+    patched = 0 if a.unpatched else t5_contiguous_position_bias.apply(t5)
     ids = torch.randint(0, t5.config.vocab_size, (1, 512), device=device)
     params = sum(p.numel() for p in t5.parameters())
     flops = 2 * (params - t5.shared.weight.numel()) * ids.shape[1]  # linears; attention scores are ~2% more
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                  "tokens": ids.shape[1], "linear_tflop": round(flops / 1e12, 2),
-                 "attn_implementation": t5.config._attn_implementation}
+                 "attn_implementation": t5.config._attn_implementation, "t5_contiguous_position_bias": patched}
     with torch.inference_mode():
         ref = t5(ids)[0]
         res["eager_ms"] = time_ms(lambda: t5(ids))
