@@ -315,13 +315,17 @@ class FluxService:
         default_w, default_h = default_size_for(image)
         return req.width or default_w, req.height or default_h
 
+    @staticmethod
+    def _precision(plan: dict[str, Decision]) -> str:
+        """The transformer variant a plan runs: the key into transformer_variants."""
+        return "fp8" if plan["low_precision"].applied else "bf16"
+
     def _compile_shape(self, req: InferenceRequest, image: Image.Image | None, plan: dict[str, Decision]) -> tuple:
         """What a compiled graph is specialised on: precision, output size, edit or not, images per prompt."""
-        return ("fp8" if plan["low_precision"].applied else "bf16", *self._output_size(req, image), image is not None,
-                req.num_images)
+        return (self._precision(plan), *self._output_size(req, image), image is not None, req.num_images)
 
     def _transformer_for(self, plan: dict[str, Decision]):
-        precision = "fp8" if plan["low_precision"].applied else "bf16"
+        precision = self._precision(plan)
         module = self.transformer_variants[precision]
         if plan["cuda_graphs"].applied:
             if precision not in self.cuda_graph_runners:

@@ -43,6 +43,14 @@ def build_t5(device: str, small: bool = False):
     return model.eval().requires_grad_(False)
 
 
+def report(res: dict, out: str | None) -> None:
+    """Print the results as JSON and, with --out, write them there too."""
+    print(json.dumps(res, indent=1))
+    if out:
+        with open(out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
 def time_ms(fn, runs: int = 20) -> float:
     for _ in range(3):
         fn()
@@ -155,10 +163,7 @@ def main(argv=None) -> dict:
             # capture state, so the process could not go on.
     res["gemm_tflops"] = gemm_tflops(ids.shape[1], t5.config.d_model, t5.config.d_ff, device)
     res["floor_ms_at_790_tflops"] = round(flops / 790e12 * 1000, 2)
-    print(json.dumps(res, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+    report(res, a.out)
     return res
 
 

@@ -10,7 +10,6 @@ Usage: python tools/probe_t5_attention.py [--out results.json] [--small]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -21,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import model_sources  # noqa: E402
-from tools.bench_text_encoder import time_ms  # noqa: E402
+from tools.bench_text_encoder import report, time_ms  # noqa: E402
 
 
 def describe(t):
@@ -58,7 +57,7 @@ def main(argv=None) -> dict:
     res: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                  "attn_implementation": t5.config._attn_implementation, "sdpa_calls": len(calls)}
     if not calls:
-        print(json.dumps(res, indent=1))
+        report(res, a.out)
         return res
     c = calls[0]
     res["args"] = {k: describe(c[k]) for k in ("q", "k", "v", "attn_mask")} | {"kw": {k: str(v) for k, v in c["kw"].items()}}
@@ -102,10 +101,7 @@ def main(argv=None) -> dict:
                     "rel_err_vs_fp32": float((out.float() - ref).norm() / ref.norm())}
             finally:
                 torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
-    print(json.dumps(res, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
+    report(res, a.out)
     return res
 
 
