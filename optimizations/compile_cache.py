@@ -36,8 +36,11 @@ CODE_SWITCHES = ("FLUX_FP8_SPLIT_PROJ_OUT", "FLUX_FP8_FUSED_GELU", "FLUX_FP8_FUS
 
 
 def code_switches() -> dict:
-    """The code switches set in this process's environment (recorded by the benchmark, part of the cache key)."""
-    return {k: os.environ[k] for k in CODE_SWITCHES if k in os.environ}
+    """The code switches turned off in this process's environment (recorded by the benchmark, part of the cache key).
+
+    Every switch is on unless set to "0" (each module reads it that way), so only the off ones are recorded: an
+    explicit "1" runs the same code as an unset switch and gets the same key and the same record."""
+    return {k: "0" for k in CODE_SWITCHES if os.environ.get(k, "1") == "0"}
 
 
 def cache_key(device_name: str, model_config: dict, optimizations: list[str], compile_mode: str) -> str:

@@ -492,8 +492,20 @@ def test_compile_cache_key_changes_with_the_code_switches(monkeypatch):
     for name in CODE_SWITCHES:
         monkeypatch.delenv(name, raising=False)
     key = cache_key(*base)
+    monkeypatch.setenv("FLUX_BF16_GELU_EPILOGUE", "1")  # on, as unset: the same code, the same key
+    assert cache_key(*base) == key
     monkeypatch.setenv("FLUX_BF16_GELU_EPILOGUE", "0")
     assert cache_key(*base) != key
+
+
+def test_code_switches_records_only_the_switches_turned_off(monkeypatch):
+    from optimizations.compile_cache import CODE_SWITCHES, code_switches
+
+    for name in CODE_SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FLUX_FP8_FUSED_NORM", "1")
+    monkeypatch.setenv("FLUX_FP8_FUSED_GELU", "0")
+    assert code_switches() == {"FLUX_FP8_FUSED_GELU": "0"}
 
 
 def test_inductor_cache_goes_next_to_the_model_cache_unless_the_operator_chose_one(plain, cache_dir, monkeypatch,
@@ -647,10 +659,12 @@ def test_benchmark_records_the_ab_switches_it_ran_with(plain, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     plain_run = benchmark.run_request_benchmark(plain, runs=1, steps=1)
     assert plain_run["code_switches"] == {} and "switches:" not in benchmark.to_markdown(plain_run)
-    monkeypatch.setenv("FLUX_BF16_GELU_EPILOGUE", "1")
+    monkeypatch.setenv("FLUX_BF16_GELU_EPILOGUE", "1")  # the default, spelled out: not an A/B run
+    assert benchmark.run_request_benchmark(plain, runs=1, steps=1)["code_switches"] == {}
+    monkeypatch.setenv("FLUX_BF16_GELU_EPILOGUE", "0")
     ab = benchmark.run_request_benchmark(plain, runs=1, steps=1)
-    assert ab["code_switches"] == {"FLUX_BF16_GELU_EPILOGUE": "1"}
-    assert benchmark.to_markdown(ab).endswith("switches: FLUX_BF16_GELU_EPILOGUE=1")
+    assert ab["code_switches"] == {"FLUX_BF16_GELU_EPILOGUE": "0"}
+    assert benchmark.to_markdown(ab).endswith("switches: FLUX_BF16_GELU_EPILOGUE=0")
 
 
 def test_single_block_rewrite_is_skipped_and_says_why(plain, monkeypatch):
