@@ -35,12 +35,19 @@ CODE_SWITCHES = ("FLUX_FP8_SPLIT_PROJ_OUT", "FLUX_FP8_FUSED_GELU", "FLUX_FP8_FUS
                  "FLUX_BF16_GELU_EPILOGUE")
 
 
+def switched_off(name: str) -> bool:
+    """Whether code switch `name` is off: every switch is on unless its variable is "0". The modules that read a
+    switch and the cache key below share this one reading; a switch missing from CODE_SWITCHES would change the
+    compiled code without changing the key, so asking for one is an error."""
+    if name not in CODE_SWITCHES:
+        raise KeyError(f"{name} is not in CODE_SWITCHES")
+    return os.environ.get(name, "1") == "0"
+
+
 def code_switches() -> dict:
     """The code switches turned off in this process's environment (recorded by the benchmark, part of the cache key).
-
-    Every switch is on unless set to "0" (each module reads it that way), so only the off ones are recorded: an
-    explicit "1" runs the same code as an unset switch and gets the same key and the same record."""
-    return {k: "0" for k in CODE_SWITCHES if os.environ.get(k, "1") == "0"}
+    Only the off ones: an explicit "1" runs the same code as an unset switch and gets the same key and record."""
+    return {k: "0" for k in CODE_SWITCHES if switched_off(k)}
 
 
 def cache_key(device_name: str, model_config: dict, optimizations: list[str], compile_mode: str) -> str:

@@ -17,11 +17,11 @@ torchao row-scaled float8 tensor and the GELU is the tanh approximation (FLUX's)
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
+from .compile_cache import switched_off
 from .fp8_linear import Fp8Linear, is_torchao_row_scaled_fp8, quantize_rows
 
 
@@ -89,7 +89,7 @@ def _tanh_gelu(module) -> bool:
 def fuse_gelu_into_quantisation(transformer: torch.nn.Module) -> str:
     """Rewrite the quantised copy's GELU -> linear pairs; returns what was done, for the optimisation's report.
     `FLUX_FP8_FUSED_GELU=0` leaves them to torchao (A/B runs)."""
-    if os.environ.get("FLUX_FP8_FUSED_GELU", "1") == "0":
+    if switched_off("FLUX_FP8_FUSED_GELU"):
         return "GELU quantisation not fused (FLUX_FP8_FUSED_GELU=0)"
     if not torch.cuda.is_available() or _op() is None:
         return "GELU quantisation not fused (needs CUDA and Triton)"

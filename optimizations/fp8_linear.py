@@ -13,10 +13,11 @@ the activation quantisation into the producing kernel as it did with torchao's o
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
+
+from .compile_cache import switched_off
 
 FP8_MAX = 448.0  # float8 e4m3fn
 
@@ -89,7 +90,7 @@ def is_torchao_row_scaled_fp8(linear) -> bool:
 def unwrap_torchao_linears(module: torch.nn.Module) -> str:
     """Replace every torchao row-scaled fp8 linear in `module` by an Fp8Linear; returns the report line.
     `FLUX_FP8_PLAIN_LINEARS=0` keeps torchao's modules (A/B runs)."""
-    if os.environ.get("FLUX_FP8_PLAIN_LINEARS", "1") == "0":
+    if switched_off("FLUX_FP8_PLAIN_LINEARS"):
         return "torchao's tensor-subclass linears kept (FLUX_FP8_PLAIN_LINEARS=0)"
     targets = [name for name, m in module.named_modules() if is_torchao_row_scaled_fp8(m)]
     for name in targets:

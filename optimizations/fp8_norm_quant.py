@@ -27,12 +27,12 @@ the unfused fp8 copy.
 from __future__ import annotations
 
 import functools
-import os
 import types
 
 import torch
 import torch.nn.functional as F
 
+from .compile_cache import switched_off
 from .fp8_linear import Fp8Linear, Fp8Rows, quantize_rows
 from .qk_norm_rope import FusedQKNormRopeProcessor, triton_cdiv
 
@@ -282,7 +282,7 @@ def fuse_norm_quantisation(transformer: torch.nn.Module) -> str:
     """Rewrite the fp8 copy's blocks (after its linears became Fp8Linears); returns the report line."""
     import diffusers
 
-    if os.environ.get("FLUX_FP8_FUSED_NORM", "1") == "0":
+    if switched_off("FLUX_FP8_FUSED_NORM"):
         return "norm + quantisation not fused (FLUX_FP8_FUSED_NORM=0)"
     if diffusers.__version__ != VERIFIED_DIFFUSERS:
         return (f"norm + quantisation not fused (the block rewrite is verified on diffusers {VERIFIED_DIFFUSERS}, "

@@ -14,10 +14,11 @@ original block) and `FLUX_FP8_SPLIT_PROJ_OUT=0` turns it off for A/B runs.
 """
 from __future__ import annotations
 
-import os
 import types
 
 import torch
+
+from .compile_cache import switched_off
 
 VERIFIED_DIFFUSERS = "0.42.1"
 
@@ -63,7 +64,7 @@ def split_single_block_proj_out(transformer: torch.nn.Module) -> str:
     optimisation's report."""
     import diffusers
 
-    if os.environ.get("FLUX_FP8_SPLIT_PROJ_OUT", "1") == "0":
+    if switched_off("FLUX_FP8_SPLIT_PROJ_OUT"):
         return "single blocks unchanged (FLUX_FP8_SPLIT_PROJ_OUT=0)"
     if diffusers.__version__ != VERIFIED_DIFFUSERS:
         return (f"single blocks unchanged (their rewrite is verified on diffusers {VERIFIED_DIFFUSERS}, "

@@ -28,17 +28,18 @@ On CPU (tests) the forwards compute exactly what diffusers' do.
 """
 from __future__ import annotations
 
-import os
 import types
 
 import torch
 import torch.nn.functional as F
 
+from .compile_cache import switched_off
+
 ENV = "FLUX_BF16_GELU_EPILOGUE"
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    return not switched_off(ENV)
 
 
 def gelu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

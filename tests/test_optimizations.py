@@ -499,13 +499,16 @@ def test_compile_cache_key_changes_with_the_code_switches(monkeypatch):
 
 
 def test_code_switches_records_only_the_switches_turned_off(monkeypatch):
-    from optimizations.compile_cache import CODE_SWITCHES, code_switches
+    from optimizations.compile_cache import CODE_SWITCHES, code_switches, switched_off
 
     for name in CODE_SWITCHES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("FLUX_FP8_FUSED_NORM", "1")
     monkeypatch.setenv("FLUX_FP8_FUSED_GELU", "0")
     assert code_switches() == {"FLUX_FP8_FUSED_GELU": "0"}
+    assert switched_off("FLUX_FP8_FUSED_GELU") and not switched_off("FLUX_FP8_FUSED_NORM")
+    with pytest.raises(KeyError):  # a switch outside CODE_SWITCHES would change code without changing the cache key
+        switched_off("FLUX_FP8_NOT_A_SWITCH")
 
 
 def test_inductor_cache_goes_next_to_the_model_cache_unless_the_operator_chose_one(plain, cache_dir, monkeypatch,
