@@ -34,11 +34,14 @@ from profile_step import category  # noqa: E402
 SMALL = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, vocab_size=1000)  # CPU smoke test
 
 
-def build_t5(device: str, small: bool = False):
+def build_t5(device: str, small: bool = False, dtype: torch.dtype | None = None, **overrides):
+    """The synthetic-full T5 (or SMALL's), random weights; dtype: bf16 on CUDA, fp32 on CPU unless given; overrides:
+    config fields (e.g. num_layers)."""
     from transformers import T5Config, T5EncoderModel
 
-    cfg = model_sources.full_configs()["text_encoder_2"] | (SMALL if small else {})
-    with model_sources.building_on(device, torch.bfloat16 if device.startswith("cuda") else torch.float32):
+    cfg = model_sources.full_configs()["text_encoder_2"] | (SMALL if small else {}) | overrides
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    with model_sources.building_on(device, dtype):
         model = T5EncoderModel(T5Config(**cfg))  # as build_synthetic_full builds it
     return model.eval().requires_grad_(False)
 

@@ -19,12 +19,17 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import model_sources  # noqa: E402
-from tools.bench_text_encoder import report, time_ms  # noqa: E402
+from tools.bench_text_encoder import build_t5, report, time_ms  # noqa: E402
 
 
 def describe(t):
     return None if t is None else {"dtype": str(t.dtype), "shape": list(t.shape), "stride": list(t.stride())}
+
+
+def measure(fn, ref: torch.Tensor) -> dict:
+    """Time per call of `fn` and its output's relative error against the fp32 reference."""
+    out = fn()
+    return {"ms_per_layer": round(time_ms(fn), 4), "rel_err_vs_fp32": float((out.float() - ref).norm() / ref.norm())}
 
 
 def main(argv=None) -> dict:
@@ -32,14 +37,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out")
     p.add_argument("--small", action="store_true", help="CPU smoke test: a small T5")
     a = p.parse_args(argv)
-    from transformers import T5Config, T5EncoderModel
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = model_sources.full_configs()["text_encoder_2"] | {"num_layers": 2}
-    if a.small:
-        cfg |= {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4}
-    with model_sources.building_on(device, torch.bfloat16):
-        t5 = T5EncoderModel(T5Config(**cfg)).eval().requires_grad_(False)
+    t5 = build_t5(device, a.small, dtype=torch.bfloat16, num_layers=2)  # bf16 on CPU too: the GPU's arguments
     calls = []
     real = F.scaled_dot_product_attention
 
@@ -82,9 +81,7 @@ def main(argv=None) -> dict:
                         def fn(backend=backend, mask=mask):
                             with sdpa_kernel(backend):
                                 return real(q, k, v, attn_mask=mask, **c["kw"])
-                    out = fn()
-                    err = float((out.float() - ref).norm() / ref.norm())
-                    res["backends"][name] = {"ms_per_layer": round(time_ms(fn), 4), "rel_err_vs_fp32": err}
+                    res["backends"][name] = measure(fn, ref)
                 except Exception as exc:
                     res["backends"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 res["backends"][name]["warnings"] = [str(x.message)[:300] for x in w][:6]
@@ -95,10 +92,7 @@ def main(argv=None) -> dict:
                 def fn():
                     with sdpa_kernel(SDPBackend.MATH):
                         return real(q, k, v, attn_mask=m, **c["kw"])
-                out = fn()
-                res["backends"]["MATH, bf16 reductions allowed"] = {
-                    "ms_per_layer": round(time_ms(fn), 4),
-                    "rel_err_vs_fp32": float((out.float() - ref).norm() / ref.norm())}
+                res["backends"]["MATH, bf16 reductions allowed"] = measure(fn, ref)
             finally:
                 torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(False)
     report(res, a.out)
