@@ -20,6 +20,10 @@ import signal
 import sys
 from pathlib import Path
 
+import bytecode_cache
+
+bytecode_cache.enable()  # before fastapi, torch and diffusers are imported: see bytecode_cache.py
+
 from api import ServerSettings, create_app
 from model_sources import ModelLoadError
 from schemas import parse_warmup_sizes

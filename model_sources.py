@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from bytecode_cache import default_cache_dir  # stdlib-only home: the bytecode cache needs it before torch
+
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
@@ -43,10 +45,6 @@ class LoadedModel:
     synthetic: bool  # weights are random / toy: images carry no meaning
     description: str
     load_seconds: float
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FLUX_CACHE_DIR", Path.home() / ".cache" / "flux-kontext-server"))
 
 
 # ---------------------------------------------------------------------------------------------------------------

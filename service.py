@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import bytecode_cache
+
+bytecode_cache.enable()  # before the heavy imports below (so they are not at the top): see bytecode_cache.py
+
 import numpy as np
 import torch
 from PIL import Image
@@ -522,6 +526,7 @@ class FluxService:
                                      "saves_skipped": self.compile_cache.saves_skipped,
                                      "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
                                      **self.compile_cache.counters()}
+        info["bytecode_cache"] = bytecode_cache.status
         info["warmup_ms_total"] = round(self.warmup_ms_total, 1)
         info["warmups"] = self.warmups
         info["load_fixes"] = self.load_fixes

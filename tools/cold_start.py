@@ -11,7 +11,9 @@ inductor FX-graph cache hits and misses). The first start uses an empty cache di
 (unless --cache-dir names one) and saves the artifacts; the second loads them. By default each start gets its own
 empty inductor cache directory, so only the portable mega-cache file can make the second start warm (a new
 machine or container); `--same-machine` keeps the server's default instead (inductor's cache under the cache
-directory, as on a restart on the same machine or volume). Prints a JSON report.
+directory, as on a restart on the same machine or volume). Python's bytecode follows the server's default (on an
+image that does not keep it, it is cached under the cache directory: bytecode_cache.py); --no-bytecode-cache and
+--bytecode-prefix measure the two other cases. Prints a JSON report.
 """
 from __future__ import annotations
 
@@ -37,6 +39,16 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     from service import FluxService, ServiceConfig
     import_s = time.perf_counter() - t0
+    import logging
+    bypassed = []  # why AOTAutograd's cache was bypassed (it logs the reason at INFO)
+
+    class Bypass(logging.Handler):
+        def emit(self, record):
+            bypassed.append(record.getMessage()[:300])
+
+    aot_log = logging.getLogger("torch._functorch._aot_autograd.autograd_cache")
+    aot_log.setLevel(logging.INFO)
+    aot_log.addHandler(Bypass(logging.INFO))
     svc = FluxService(ServiceConfig(model={model!r}, device={device!r}, optimizations={opts!r}, cache_dir={cache!r},
                                     warmup_sizes={sizes!r}))
     svc.load()
@@ -52,6 +64,8 @@ CHILD = textwrap.dedent("""
     print("RESULT " + json.dumps({{"ready_s": round(ready, 2), "import_s": round(import_s, 2),
                                   "load_s": h["model"]["load_seconds"], "prepare_s": prepare_s,
                                   "warmup_ms": h["warmup_ms_total"], "compile_cache": h.get("compile_cache"),
+                                  "bytecode_cache": h.get("bytecode_cache"),
+                                  "aot_autograd_log": [m for m in bypassed if "ypass" in m][:10],
                                   "dynamo_compile_s": compile_s}}))
 """)
 
@@ -60,8 +74,14 @@ def start_once(args, cache_dir: Path, inductor_dir: Path) -> dict:
     code = CHILD.format(root=str(ROOT), model=args.model, device=args.device, opts=args.optimizations,
                         cache=str(cache_dir), sizes=parse_warmup_sizes(args.warmup),
                         hide=[n for n in args.hide_packages.split(",") if n])
-    env = dict(os.environ, FLUX_LOG_LEVEL="WARNING")
+    # The cache directory by env too: the bytecode cache picks it up when service is imported, before the config.
+    env = dict(os.environ, FLUX_LOG_LEVEL="WARNING", FLUX_CACHE_DIR=str(cache_dir))
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    if args.bytecode_prefix:  # as on an image whose packages keep their bytecode (see --bytecode-prefix)
+        env["PYTHONPYCACHEPREFIX"] = args.bytecode_prefix
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+    elif args.no_bytecode_cache:
+        env["FLUX_BYTECODE_CACHE"] = "0"
     if not args.same_machine:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_dir)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -84,6 +104,12 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", help="default: a new empty directory")
     p.add_argument("--same-machine", action="store_true",
                    help="let both starts share inductor's cache under --cache-dir (the server's default)")
+    p.add_argument("--no-bytecode-cache", action="store_true",
+                   help="FLUX_BYTECODE_CACHE=0: on an image without .pyc files, both starts compile Python's bytecode")
+    p.add_argument("--bytecode-prefix",
+                   help="both starts write and read bytecode in this directory (PYTHONPYCACHEPREFIX, bytecode writes "
+                        "on), as on an image that ships it: run twice with the same directory, and the second run "
+                        "measures starts whose imports are already compiled")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--json-out")
     a = p.parse_args(argv)
@@ -93,6 +119,8 @@ def main(argv=None) -> int:
     second = start_once(a, cache_dir, work / "inductor-2")
     report = {"model": a.model, "device": a.device, "optimizations": a.optimizations, "warmup": a.warmup,
               "hidden_packages": a.hide_packages,
+              "bytecode": (f"precompiled prefix {a.bytecode_prefix}" if a.bytecode_prefix
+                           else "no cache (FLUX_BYTECODE_CACHE=0)" if a.no_bytecode_cache else "server default"),
               "inductor_cache": "shared (same machine)" if a.same_machine else "fresh per start (new machine)",
               "first": first, "second": second,
               "second_over_first": round(second["ready_s"] / first["ready_s"], 3)}
