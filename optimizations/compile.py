@@ -32,6 +32,21 @@ INDUCTOR_PRESETS = {
 }
 
 
+# Functions dynamo leaves in the block graphs as calls that AOTAutograd's cache refuses (private torch functions),
+# with the version their behaviour is keyed by. diffusers' cuDNN / flash attention backends enter torch's
+# `sdpa_kernel` context inside each block; its two helpers map backend names to SDPBackend members and set the SDPA
+# backend switches. Both are pure functions of their arguments, which are constants in the graph (so part of the
+# cache key). Unmarked, a warm start bypassed AOTAutograd's cache for the double- and single-block graphs (2 of 3,
+# H100, BENCHMARKS.md) and traced both again, although inductor's FX graph cache had their code.
+CACHEABLE_GRAPH_FUNCTIONS = ("torch.nn.attention._backend_from_string", "torch.nn.attention._sdpa_kernel")
+
+
+def mark_graph_functions_cacheable() -> None:
+    import torch._inductor.config as ic
+
+    ic.unsafe_marked_cacheable_functions.update({name: torch.__version__ for name in CACHEABLE_GRAPH_FUNCTIONS})
+
+
 def apply_inductor_flags(preset: str) -> None:
     import torch._inductor.config as ic
 
@@ -112,6 +127,7 @@ class Compile(Optimization):
 
     def prepare(self, service) -> str:
         apply_inductor_flags(self.inductor_flags)
+        mark_graph_functions_cacheable()
         gelu_note = ""
         if gelu_epilogue.enabled():  # the exact (bf16) transformer only; an fp8 copy takes it out again
             gelu_note = "; " + gelu_epilogue.install(service.transformer_variants["bf16"])

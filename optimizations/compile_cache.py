@@ -96,11 +96,14 @@ class CompileCache:
 
     @staticmethod
     def counters() -> dict:
-        """Inductor's own cache counters for this process: hits mean compiled code came from the cache."""
+        """Inductor's and AOTAutograd's cache counters for this process: hits mean compiled code came from the cache.
+        An AOTAutograd miss or bypass re-traces the graph's forward on a warm start even when inductor's FX graph
+        is a hit (seconds per graph at full size)."""
         from torch._dynamo.utils import counters
 
-        c = counters["inductor"]
-        return {k: int(c.get(k, 0)) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+        c, a = counters["inductor"], counters["aot_autograd"]
+        return ({k: int(c.get(k, 0)) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
+                | {k: int(a.get(k, 0)) for k in ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass")})
 
     @staticmethod
     def _misses() -> int:

@@ -467,9 +467,49 @@ def test_compile_and_cache_artifacts_are_reused_by_a_second_process(tmp_path, ca
     # Inductor's own counters: the first process compiled (misses), the second took every graph from the cache.
     assert first["cache"]["fxgraph_cache_miss"] > 0
     assert second["cache"]["fxgraph_cache_hit"] > 0 and second["cache"]["fxgraph_cache_miss"] == 0
+    # AOTAutograd's too: a miss or bypass would trace the blocks again although inductor's code is cached.
+    assert first["cache"]["autograd_cache_miss"] == first["graphs"]  # the two block graphs (VAE not compiled here)
+    assert second["cache"]["autograd_cache_hit"] == first["graphs"]
+    assert second["cache"]["autograd_cache_miss"] == second["cache"]["autograd_cache_bypass"] == 0
     # Nothing new was compiled: the loaded file is not written again (first: written once, after the warm-up).
     assert (first["cache"]["saves"], first["cache"]["saves_skipped"]) == (1, 0)
     assert (second["cache"]["saves"], second["cache"]["saves_skipped"]) == (0, 1)
+
+
+def test_attention_backend_context_in_a_graph_is_cacheable_once_marked():
+    """diffusers' cuDNN attention backend enters torch's sdpa_kernel inside each block: dynamo leaves two private
+    torch helpers in the graph, and AOTAutograd's cache bypassed those graphs on the H100 until compile marks them."""
+    import torch._inductor.config as ic
+    import torch.nn.functional as F
+    from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache, check_cacheable
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from optimizations import compile as compile_opt
+
+    verdicts = []
+
+    def checking_backend(gm, example_inputs):
+        try:
+            check_cacheable(gm)
+            verdicts.append("cacheable")
+        except BypassAOTAutogradCache as exc:
+            verdicts.append(str(exc))
+        return gm.forward
+
+    def attention(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):  # the same context diffusers' _native_cudnn backend enters (with CUDNN)
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q = torch.randn(1, 2, 8, 16)
+    with ic.patch(unsafe_marked_cacheable_functions={}):  # the config module's own patch: restored on exit
+        torch._dynamo.reset()
+        torch.compile(attention, backend=checking_backend, fullgraph=True)(q, q, q)
+        compile_opt.mark_graph_functions_cacheable()
+        torch._dynamo.reset()
+        torch.compile(attention, backend=checking_backend, fullgraph=True)(q, q, q)
+        torch._dynamo.reset()
+        assert set(ic.unsafe_marked_cacheable_functions) == set(compile_opt.CACHEABLE_GRAPH_FUNCTIONS)
+    assert "_backend_from_string" in verdicts[0] and verdicts[1] == "cacheable"
 
 
 def test_compile_cache_key_changes_with_everything_that_changes_the_code():
