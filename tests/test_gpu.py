@@ -9,6 +9,7 @@ when $OUT is set, written to $OUT/gpu_checks.json.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -272,7 +273,11 @@ def test_compile_cache_hit_on_second_start_gpu(tmp_path):
     from tests.test_optimizations import COMPILE_SCRIPT
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = COMPILE_SCRIPT.format(root=root, cache=str(tmp_path)).replace('device="cpu"', 'device="cuda"')
+    # With the FA3-class attention prepared too: diffusers' cuDNN backend puts torch's sdpa_kernel helpers into the
+    # block graphs, which AOTAutograd's cache bypassed until compile marked them (optimizations/compile.py).
+    script = (COMPILE_SCRIPT.format(root=root, cache=str(tmp_path)).replace('device="cpu"', 'device="cuda"')
+              .replace('svc.prepare(["compile"])', 'svc.prepare(["attention", "compile"])'))
+    assert 'svc.prepare(["attention", "compile"])' in script
     results = []
     for i in range(2):
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor-{i}"))
@@ -288,6 +293,11 @@ def test_compile_cache_hit_on_second_start_gpu(tmp_path):
     assert second["cache"]["fxgraph_cache_hit"] > 0
     assert first["graphs"] == 2  # one per block kind on the GPU too (the single block is not compiled twice)
     assert second["cache"]["saves_skipped"] == 1 and second["cache"]["saves"] == 0  # nothing new to write
+    # Every graph from AOTAutograd's cache as well, none traced again; and the cached code computes what the
+    # freshly compiled code did (its distance from the eager run is the same).
+    assert second["cache"]["autograd_cache_hit"] == first["graphs"]
+    assert second["cache"]["autograd_cache_miss"] == second["cache"]["autograd_cache_bypass"] == 0
+    assert math.isclose(second["max_diff"], first["max_diff"], rel_tol=0.05, abs_tol=1e-3), (first, second)
 
 
 def test_real_cuda_oom_returns_503_and_server_keeps_serving(full_service):
