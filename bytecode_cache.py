@@ -71,7 +71,7 @@ def enable(cache_dir: Path | str | None = None, probe: str = PROBE_PACKAGE) -> d
             except OSError as exc:
                 status = {"enabled": False, "reason": f"cache directory not writable: {exc}"}
                 return status
-            why = ("PYTHONDONTWRITEBYTECODE is set" if sys.dont_write_bytecode
+            why = ("bytecode writes are off (PYTHONDONTWRITEBYTECODE or -B)" if sys.dont_write_bytecode
                    else f"{probe}'s directory is read-only")
             # Both are read at each import, so setting them here covers every module imported from now on.
             sys.pycache_prefix = str(prefix)
