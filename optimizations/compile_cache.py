@@ -105,13 +105,11 @@ class CompileCache:
         return ({k: int(c.get(k, 0)) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss")}
                 | {k: int(a.get(k, 0)) for k in ("autograd_cache_hit", "autograd_cache_miss", "autograd_cache_bypass")})
 
-    @staticmethod
-    def _misses() -> int:
+    @classmethod
+    def _misses(cls) -> int:
         """Graphs compiled from scratch in this process so far (inductor FX graphs and AOTAutograd entries)."""
-        from torch._dynamo.utils import counters
-
-        return int(counters["inductor"].get("fxgraph_cache_miss", 0)) + \
-            int(counters["aot_autograd"].get("autograd_cache_miss", 0))
+        c = cls.counters()
+        return c["fxgraph_cache_miss"] + c["autograd_cache_miss"]
 
     def save(self) -> int:
         """Write the artifacts, unless the loaded file already holds everything this process compiled.

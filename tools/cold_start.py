@@ -104,12 +104,14 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", help="default: a new empty directory")
     p.add_argument("--same-machine", action="store_true",
                    help="let both starts share inductor's cache under --cache-dir (the server's default)")
-    p.add_argument("--no-bytecode-cache", action="store_true",
-                   help="FLUX_BYTECODE_CACHE=0: on an image without .pyc files, both starts compile Python's bytecode")
-    p.add_argument("--bytecode-prefix",
-                   help="both starts write and read bytecode in this directory (PYTHONPYCACHEPREFIX, bytecode writes "
-                        "on), as on an image that ships it: run twice with the same directory, and the second run "
-                        "measures starts whose imports are already compiled")
+    bytecode = p.add_mutually_exclusive_group()  # default: the server's own bytecode cache
+    bytecode.add_argument("--no-bytecode-cache", action="store_true",
+                          help="FLUX_BYTECODE_CACHE=0: on an image without .pyc files, both starts compile Python's "
+                               "bytecode")
+    bytecode.add_argument("--bytecode-prefix",
+                          help="both starts write and read bytecode in this directory (PYTHONPYCACHEPREFIX, "
+                               "bytecode writes on), as on an image that ships it: run twice with the same directory, "
+                               "and the second run measures starts whose imports are already compiled")
     p.add_argument("--timeout", type=int, default=1800)
     p.add_argument("--json-out")
     a = p.parse_args(argv)
