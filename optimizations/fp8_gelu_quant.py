@@ -32,14 +32,10 @@ def gelu_quant_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
-def _op():
-    """Register the Triton kernel as a torch op (traceable by torch.compile); None where Triton is missing."""
-    try:
-        import triton
-        import triton.language as tl
-        from torch.library import triton_op, wrap_triton
-    except ImportError:
-        return None
+def _gelu_quant_rows_kernel():
+    """The Triton kernel: one program per row, the whole row in registers."""
+    import triton
+    import triton.language as tl
 
     @triton.jit
     def gelu_quant_rows(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
@@ -55,6 +51,19 @@ def _op():
         tl.store(q_ptr + row * stride_q + offs, q.to(tl.float8e4nv), mask=mask)
         tl.store(s_ptr + row, scale)
 
+    return gelu_quant_rows
+
+
+@functools.cache
+def _op():
+    """Register the Triton kernel as a torch op (traceable by torch.compile); None where Triton is missing."""
+    try:
+        import triton
+        from torch.library import triton_op, wrap_triton
+        kernel = _gelu_quant_rows_kernel()
+    except ImportError:
+        return None
+
     @triton_op("flux_kontext::gelu_quant_fp8_rows", mutates_args={})
     def gelu_quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m, k = x.shape
@@ -62,8 +71,8 @@ def _op():
         s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(k)
         # The whole row lives in registers: 16 warps keep a 12,288-wide row at 32 values per thread.
-        wrap_triton(gelu_quant_rows)[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block,
-                                           num_warps=16 if block > 4096 else 8)
+        wrap_triton(kernel)[(m,)](x, q, s, k, x.stride(0), q.stride(0), BLOCK=block,
+                                  num_warps=16 if block > 4096 else 8)
         return q, s
 
     return gelu_quant_fp8_rows

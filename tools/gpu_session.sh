@@ -4,18 +4,26 @@
 #   bash tools/gpu_session.sh bench --workload edit-512  # stage table; markdown on stdout, JSON + PNG in $OUT
 #   bash tools/gpu_session.sh profile --workload t2i-1024 --optimizations all --flags --flags use_mxfp4=true
 #   bash tools/gpu_session.sh request --workload edit-512 --optimizations all --flags use_mxfp4=true  # whole request
-#   bash tools/gpu_session.sh coldstart --optimizations all --warmup 1024x1024,edit:1024x1024 --hide-packages peft
-#                                            # tools/cold_start.py (peft: on the image, not in our requirements)
+#   bash tools/gpu_session.sh coldstart --optimizations all --warmup 1024x1024,edit:1024x1024 \
+#        --hide-packages peft,scipy,sklearn  # tools/cold_start.py (on the image, not installed by our requirements;
+#                                            # diffusers and transformers import them at start-up when present)
 #   bash tools/gpu_session.sh py tools/bench_gelu_quant.py --out "$OUT/gelu_quant.json"   # any script, same env
 # Several modes in one device call: chain them with `;` (the wheels are installed once per machine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -f /tmp/site/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl && touch /tmp/site/.installed; } || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 FLUX_CACHE_DIR=${FLUX_CACHE_DIR:-/tmp/flux-cache}
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# WHEEL_OVERLAY=.whl/tf523: wheels that shadow the image's own (e.g. our pinned transformers and its hub), in front.
+if [ -n "${WHEEL_OVERLAY:-}" ]; then
+  [ -f /tmp/site-overlay/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site-overlay "$WHEEL_OVERLAY"/*.whl && touch /tmp/site-overlay/.installed; } || exit 1
+  export PYTHONPATH=/tmp/site-overlay:$PYTHONPATH
+fi
+export FLUX_CACHE_DIR=${FLUX_CACHE_DIR:-/tmp/flux-cache}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor} FLUX_LOG_LEVEL=WARNING
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, diffusers, transformers, torchao; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'torchao', torchao.__version__, 'cudnn', torch.backends.cudnn.version())"
+  python3 -c "import torch, diffusers, transformers, torchao, huggingface_hub; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'huggingface_hub', huggingface_hub.__version__, 'torchao', torchao.__version__, 'cudnn', torch.backends.cudnn.version())"
 } 2>&1 | grep -v Warn | tee -a "$OUT/env.txt"
 mode=$1; shift
 case "$mode" in
