@@ -13,6 +13,9 @@ from typing import Any, Callable
 import bytecode_cache
 
 bytecode_cache.enable()  # before the heavy imports below (so they are not at the top): see bytecode_cache.py
+import cublaslt_workspace  # noqa: E402
+
+cublaslt_workspace.configure()  # before torch's first GEMM reads it: see cublaslt_workspace.py
 
 import numpy as np
 import torch
@@ -527,6 +530,7 @@ class FluxService:
                                      "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
                                      **self.compile_cache.counters()}
         info["bytecode_cache"] = bytecode_cache.status
+        info["cublaslt_workspace"] = cublaslt_workspace.status
         info["warmup_ms_total"] = round(self.warmup_ms_total, 1)
         info["warmups"] = self.warmups
         info["load_fixes"] = self.load_fixes

@@ -7,13 +7,17 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-from PIL import Image
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+
+import cublaslt_workspace  # noqa: E402
+
+cublaslt_workspace.configure()  # as the server's entry points do: before any GEMM of the test process
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from load_test import ServerProcess, free_port  # noqa: E402,F401  (free_port: used by tests through conftest)
 

@@ -74,6 +74,37 @@ def test_fp8_copy_uses_the_fused_gelu_quantisation(full_service):
     assert sum(isinstance(m, Fp8Linear) for m in fp8.modules()) > len(fused)
 
 
+def test_fp8_gemms_run_without_a_cublaslt_memset():
+    """cublaslt_workspace.py: CUBLASLT_WORKSPACE_SIZE=0 is set before the process's first GEMM (here by conftest,
+    in the server by service.py), and cuBLASLt then runs torch._scaled_mm without the memset it launches per call
+    with a workspace (one per fp8 GEMM in the step's profile before)."""
+    import service
+    from torch.profiler import ProfilerActivity, profile
+
+    assert service.cublaslt_workspace.status["workspace_kib"] == "0"
+    a = torch.randn(2560, 3072, device="cuda").to(torch.float8_e4m3fn)
+    w = torch.randn(9216, 3072, device="cuda").to(torch.float8_e4m3fn).t()
+    sa, sb = torch.rand(2560, 1, device="cuda") + 0.5, torch.rand(1, 9216, device="cuda") + 0.5
+    bias = torch.randn(9216, device="cuda", dtype=torch.bfloat16)
+
+    def gemm():
+        return torch._scaled_mm(a, w, scale_a=sa, scale_b=sb, bias=bias, out_dtype=torch.bfloat16,
+                                use_fast_accum=True)
+
+    ref = (a.float() * sa) @ (w.float() * sb) + bias.float()
+    gemm()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            out = gemm()
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    _record("fp8_gemm_device_events_no_workspace", names)
+    assert not [n for n in names if "memset" in n.lower()], names
+    rel = float((out.float() - ref).norm() / ref.norm())
+    assert rel < 1e-2, rel  # the same GEMM, bf16 output rounding only
+
+
 def test_gelu_quant_kernel_matches_its_reference():
     from optimizations.fp8_gelu_quant import _op, gelu_quant_reference
 
