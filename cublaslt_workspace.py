@@ -16,6 +16,7 @@ library only: imported before torch.
 from __future__ import annotations
 
 import os
+import sys
 
 ENV = "CUBLASLT_WORKSPACE_SIZE"
 SWITCH = "FLUX_CUBLASLT_NO_WORKSPACE"
@@ -34,5 +35,6 @@ def configure() -> dict:
     else:
         os.environ[ENV] = "0"
         status.update(workspace_kib="0", reason="no workspace: static tile scheduler, no memset per GEMM")
-    status["applies_from_first_gemm"] = True  # torch reads it once; a GEMM before this would have fixed it already
+    # torch reads it at its first cuBLASLt GEMM: set before torch is even imported, no GEMM can have read it yet
+    status["set_before_torch_import"] = "torch" not in sys.modules
     return status

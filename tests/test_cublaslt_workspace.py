@@ -24,6 +24,7 @@ def configure_in_child(env_extra: dict) -> dict:
 def test_unset_becomes_no_workspace():
     got = configure_in_child({})
     assert got["env"] == "0" and got["status"]["workspace_kib"] == "0" and got["again"]
+    assert got["status"]["set_before_torch_import"] is True
 
 
 def test_the_operators_value_is_kept():

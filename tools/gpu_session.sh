@@ -15,6 +15,9 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
   --target /tmp/site .whl/*.whl && touch /tmp/site/.installed; } || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # WHEEL_OVERLAY=.whl/tf523: wheels that shadow the image's own (e.g. our pinned transformers and its hub), in front.
+# Fetched here (registry access) with, for P in "--no-deps transformers==5.23.0 tokenizers==0.23.3 safetensors==0.8.0"
+# and "huggingface-hub==2.4.0" (with its dependencies): python3 -m pip download --only-binary=:all: --python-version
+# 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl/tf523 $P
 if [ -n "${WHEEL_OVERLAY:-}" ]; then
   [ -f /tmp/site-overlay/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site-overlay "$WHEEL_OVERLAY"/*.whl && touch /tmp/site-overlay/.installed; } || exit 1
