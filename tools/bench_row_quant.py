@@ -29,11 +29,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from benchmark import WORKLOADS, seq_len_for  # noqa: E402
 from optimizations import fp8_norm_quant  # noqa: E402
 from optimizations.fp8_gelu_quant import _gelu_quant_rows_kernel  # noqa: E402
 
 GELU_K, NORM_K, TEXT = 12288, 3072, 512
-TOKENS = {"edit-512": 2048, "t2i-1024": 4096, "edit-1024": 8192}  # image tokens; + TEXT for the single blocks
+# image tokens per workload (+ TEXT for the single blocks), as the stage table's sequence length counts them
+TOKENS = {name: seq_len_for(*WORKLOADS[name], text_tokens=0) for name in ("edit-512", "t2i-1024", "edit-1024")}
 
 
 @triton.jit

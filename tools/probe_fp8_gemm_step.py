@@ -14,12 +14,17 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from benchmark import WORKLOADS, seq_len_for  # noqa: E402
+
 D, MLP, TEXT, DOUBLE, SINGLE = 3072, 12288, 512, 19, 38
-IMAGE = {"edit-512": 2048, "t2i-1024": 4096, "edit-1024": 8192}
+IMAGE = {name: seq_len_for(*WORKLOADS[name], text_tokens=0) for name in WORKLOADS}  # image tokens per workload
 
 
 def step_gemms(image: int) -> list[tuple[int, int, int, int]]:
