@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""Is a step slower when the GPU runs steps back to back? Per-call times and the GPU's clocks, sustained vs idle gaps.
+
+    python tools/probe_sustained_step.py --model synthetic-full --workload t2i-1024 \
+        --optimizations qkv_fusion,channels_last,modulation_table,compile,attention,low_precision,cuda_graphs \
+        --flags use_mxfp4=true use_cuda_graphs=true --calls 100 --gapped-calls 12 --gap-ms 500
+
+Why: at t2i-1024 the fp8 step with CUDA graphs took 86.4 ms in the stage table, 4.6 ms more than the device time of
+the same kernels in a profile of three calls (81.8 ms; BENCHMARKS.md, "cuBLASLt workspace"). A profile runs a few
+calls; the stage table runs 14-28 in a row. If the GPU lowers its clocks under sustained load (power cap, heat),
+the same kernels take longer, and no software change to the kernels' launch removes that.
+
+What it does: one warm-up generation through FluxService (compile / capture; the inputs of a mid-denoising
+transformer call are recorded), then three phases on those inputs, with the transformer the request's plan selects
+(the graph replay where CUDA graphs are applied):
+- idle: `--idle-s` seconds with no work (the clocks at rest);
+- sustained: `--calls` calls back to back, each timed with CUDA events, no host sync in between;
+- gapped: `--gapped-calls` calls, each after a sync and `--gap-ms` of idle time.
+Meanwhile `nvidia-smi` samples SM clock, power, temperature and the clock-event (throttle) reasons every
+`--sample-ms`. Each phase reports its per-call times (all, the first 5, the last 20) and the samples inside it.
+On CPU, or without nvidia-smi, it times the calls with host clocks and says why there are no clock samples.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+import torch  # noqa: E402
+
+import benchmark  # noqa: E402
+from profile_step import add_model_and_workload_args, parse_flags, workload_request  # noqa: E402
+from schemas import InferenceRequest  # noqa: E402
+from service import FluxService, ServiceConfig  # noqa: E402
+
+# nvidia-smi field sets, newest names first: drivers before 535 call the reasons clocks_throttle_reasons.*
+FIELD_SETS = [
+    ["clocks.sm", "clocks.mem", "power.draw", "temperature.gpu", "enforced.power.limit",
+     "clocks_event_reasons.sw_power_cap", "clocks_event_reasons.hw_slowdown",
+     "clocks_event_reasons.sw_thermal_slowdown", "clocks_event_reasons.hw_power_brake_slowdown"],
+    ["clocks.sm", "clocks.mem", "power.draw", "temperature.gpu", "enforced.power.limit",
+     "clocks_throttle_reasons.sw_power_cap", "clocks_throttle_reasons.hw_slowdown",
+     "clocks_throttle_reasons.sw_thermal_slowdown", "clocks_throttle_reasons.hw_power_brake_slowdown"],
+    ["clocks.sm", "clocks.mem", "power.draw", "temperature.gpu"],
+]
+SHORT = {"clocks.sm": "sm_mhz", "clocks.mem": "mem_mhz", "power.draw": "power_w", "temperature.gpu": "temp_c",
+         "enforced.power.limit": "power_limit_w"}
+
+
+def short_name(field: str) -> str:
+    """clocks_event_reasons.sw_power_cap -> sw_power_cap; the numeric fields get names with their unit."""
+    return SHORT.get(field, field.rsplit(".", 1)[-1])
+
+
+def parse_sample(line: str, fields: list[str]) -> dict | None:
+    """One csv,noheader,nounits line: numbers as floats, reasons as booleans ("Active" / "Not Active"); None if the
+    line does not have one value per field."""
+    values = [v.strip() for v in line.split(",")]
+    if len(values) != len(fields):
+        return None
+    out = {}
+    for field, v in zip(fields, values):
+        name = short_name(field)
+        if "reasons" in field:
+            out[name] = v.lower() == "active"
+        else:
+            try:
+                out[name] = float(v)
+            except ValueError:
+                out[name] = None  # "[N/A]" and the like
+    return out
+
+
+class ClockSampler:
+    """nvidia-smi in loop mode in a child process; each line is stamped with the host's monotonic clock on arrival."""
+
+    def __init__(self, sample_ms: int = 50, gpu: int = 0):
+        self.sample_ms, self.gpu = sample_ms, gpu
+        self.samples: list[tuple[float, dict]] = []
+        self.fields: list[str] | None = None
+        self.unavailable: str | None = None
+        self._proc = self._thread = None
+
+    def _pick_fields(self) -> list[str] | None:
+        for fields in FIELD_SETS:
+            r = subprocess.run(["nvidia-smi", "-i", str(self.gpu), f"--query-gpu={','.join(fields)}",
+                                "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+            if r.returncode == 0 and parse_sample(r.stdout.strip().splitlines()[0], fields) is not None:
+                return fields
+        return None
+
+    def start(self) -> "ClockSampler":
+        if not torch.cuda.is_available():
+            self.unavailable = "no CUDA device"
+        elif shutil.which("nvidia-smi") is None:
+            self.unavailable = "nvidia-smi not found"
+        elif (fields := self._pick_fields()) is None:
+            self.unavailable = "nvidia-smi accepted none of the field sets"
+        if self.unavailable:
+            return self
+        self.fields = fields
+        self._proc = subprocess.Popen(
+            ["nvidia-smi", "-i", str(self.gpu), f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
+             "-lms", str(self.sample_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self):
+        for line in self._proc.stdout:
+            sample = parse_sample(line, self.fields)
+            if sample is not None:
+                self.samples.append((time.monotonic(), sample))
+
+    def stop(self):
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+            self._thread.join(timeout=10)
+
+    def window(self, t0: float, t1: float) -> dict:
+        """Summary of the samples stamped in [t0, t1]: median / min / max of each number, the share of samples in
+        which each clock-event reason was active."""
+        if self.unavailable:
+            return {"unavailable": self.unavailable}
+        return summarise_samples([s for t, s in self.samples if t0 <= t <= t1])
+
+
+def summarise_samples(samples: list[dict]) -> dict:
+    out: dict = {"samples": len(samples)}
+    if not samples:
+        return out
+    for key in samples[0]:
+        values = [s[key] for s in samples if s.get(key) is not None]
+        if not values:
+            continue
+        if isinstance(values[0], bool):
+            out[f"{key}_share"] = round(sum(values) / len(values), 3)
+        else:
+            out[key] = {"median": round(statistics.median(values), 1), "min": min(values), "max": max(values)}
+    return out
+
+
+def summarise_calls(ms: list[float]) -> dict:
+    return {"calls": len(ms), "median_ms": round(statistics.median(ms), 2), "min_ms": round(min(ms), 2),
+            "max_ms": round(max(ms), 2), "first5_median_ms": round(statistics.median(ms[:5]), 2),
+            "last20_median_ms": round(statistics.median(ms[-20:]), 2), "per_call_ms": [round(m, 3) for m in ms]}
+
+
+def time_calls(call, n: int, cuda: bool, gap_s: float = 0.0) -> list[float]:
+    """ms per call. Sustained (gap_s 0): events between calls, one sync at the end, so the GPU never waits for the
+    host. Gapped: sync, sleep, then one timed call."""
+    if not cuda:
+        out = []
+        for _ in range(n):
+            time.sleep(gap_s)
+            t0 = time.perf_counter()
+            call()
+            out.append((time.perf_counter() - t0) * 1000)
+        return out
+    if gap_s == 0:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+        events[0].record()
+        for i in range(n):
+            call()
+            events[i + 1].record()
+        torch.cuda.synchronize()
+        return [events[i].elapsed_time(events[i + 1]) for i in range(n)]
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        time.sleep(gap_s)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        torch.cuda.synchronize()
+        out.append(start.elapsed_time(end))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_and_workload_args(p, "t2i-1024")
+    p.add_argument("--flags", nargs="*", default=[], help="request flags, e.g. use_mxfp4=true use_cuda_graphs=true")
+    p.add_argument("--no-compile-vae", action="store_true", help="compile the transformer only (faster experiments)")
+    p.add_argument("--calls", type=int, default=100, help="back-to-back calls in the sustained phase")
+    p.add_argument("--gapped-calls", type=int, default=12)
+    p.add_argument("--gap-ms", type=float, default=500.0)
+    p.add_argument("--idle-s", type=float, default=2.0)
+    p.add_argument("--sample-ms", type=int, default=50)
+    p.add_argument("--out", help="JSON file for the results")
+    a = p.parse_args(argv)
+
+    svc = FluxService(ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations,
+                                    compile_vae=not a.no_compile_vae))
+    svc.load()
+    width, height, image = workload_request(a)
+    req = InferenceRequest(prompt="make the car red", width=width, height=height, steps=4, seed=1,
+                           **parse_flags(a.flags))
+    probe = benchmark.StepProbe(call_index=2)
+    svc.transformer_call_observer = probe.observe
+    try:
+        svc.generate(req, image)  # compile / capture; the probe records a mid-denoising call's inputs
+    finally:
+        svc.transformer_call_observer = None
+    plan = svc.plan(req)
+    _, transformer = svc._transformer_for(plan)
+    applied = [k for k, d in plan.items() if d.applied]
+    cuda = svc.device_info.is_cuda
+
+    def call():
+        transformer(**probe.inputs)
+
+    sampler = ClockSampler(a.sample_ms).start()
+    phases = {}
+    with torch.inference_mode():
+        call()  # one more untimed call: no lazy init inside the phases
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.monotonic()
+        time.sleep(a.idle_s)
+        phases["idle"] = {"seconds": a.idle_s, "clocks": sampler.window(t0, time.monotonic())}
+        for name, n, gap in (("sustained", a.calls, 0.0), ("gapped", a.gapped_calls, a.gap_ms / 1000)):
+            t0 = time.monotonic()
+            ms = time_calls(call, n, cuda, gap)
+            t1 = time.monotonic()
+            # gapped: only the samples during the calls themselves would show the clocks under load, but at 50 ms
+            # sampling a single call gets one or two; report the whole phase and let the per-call times speak
+            phases[name] = {**summarise_calls(ms), "gap_ms": gap * 1000, "clocks": sampler.window(t0, t1)}
+    sampler.stop()
+    seq = benchmark.seq_len_for(width, height, image is not None)
+    report = {"workload": a.workload, "width": width, "height": height, "seq_len": seq,
+              "device": svc.device_info.name, "applied": applied, "torch": torch.__version__,
+              "clock_fields": sampler.fields, "phases": phases}
+    print(f"\n{a.workload} (L={seq}) on {svc.device_info.name}; applied: {', '.join(applied)}")
+    print("\n| phase | calls | median ms (min-max) | first 5 | last 20 | SM MHz median (min-max) | power W median (max) "
+          "| temp C max | power-cap share |\n|---|---|---|---|---|---|---|---|---|")
+    for name, ph in phases.items():
+        c = ph["clocks"]
+        sm, pw, tc = c.get("sm_mhz"), c.get("power_w"), c.get("temp_c")
+        clocks = (f"{sm['median']:.0f} ({sm['min']:.0f}-{sm['max']:.0f})" if sm else c.get("unavailable", "-"),
+                  f"{pw['median']:.0f} ({pw['max']:.0f})" if pw else "-", f"{tc['max']:.0f}" if tc else "-",
+                  str(c.get("sw_power_cap_share", "-")))
+        timing = (f"{ph['calls']} | {ph['median_ms']:.2f} ({ph['min_ms']:.2f}-{ph['max_ms']:.2f}) | "
+                  f"{ph['first5_median_ms']:.2f} | {ph['last20_median_ms']:.2f}") if "calls" in ph else "- | - | - | -"
+        print(f"| {name} | {timing} | {' | '.join(clocks)} |")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
