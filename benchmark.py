@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gpu_clocks import ClockSampler
 from optimizations.compile_cache import code_switches
 from schemas import FLAG_TO_OPTIMIZATION, InferenceRequest
 
@@ -130,8 +131,10 @@ def _test_image(width: int, height: int) -> Image.Image:
     return Image.fromarray((arr * 255).astype(np.uint8))
 
 
-def time_request(service, req: InferenceRequest, image, runs: int, should_stop=None) -> dict:
-    """Warm-up (reported), then `runs` timed runs: medians and spread per stage."""
+def time_request(service, req: InferenceRequest, image, runs: int, should_stop=None,
+                 sampler: ClockSampler | None = None) -> dict:
+    """Warm-up (reported), then `runs` timed runs: medians and spread per stage, and with a sampler the GPU's
+    clocks and power during the timed runs."""
     cuda = service.device_info.is_cuda
     t0 = time.perf_counter()
     warm = service.generate(req, image, should_stop=should_stop, output_type="np")
@@ -140,10 +143,12 @@ def time_request(service, req: InferenceRequest, image, runs: int, should_stop=N
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     results = []
+    t_runs = time.monotonic()
     for _ in range(runs):
         if should_stop and (err := should_stop()):
             raise err
         results.append(service.generate(req, image, should_stop=should_stop, output_type="np"))
+    clocks = sampler.window(t_runs, time.monotonic()) if sampler is not None else None
     med = {k: statistics.median(r.timings_ms.get(k, 0.0) for r in results) for k in STAGE_KEYS}
     totals = [r.timings_ms["total"] for r in results]
     return {
@@ -156,6 +161,7 @@ def time_request(service, req: InferenceRequest, image, runs: int, should_stop=N
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "applied": [k for k, d in results[-1].optimizations.items() if d.applied],
         "not_applied": {k: d.detail for k, d in results[-1].optimizations.items() if d.requested and not d.applied},
+        "gpu_clocks": clocks,
         "_result": results[-1],
     }
 
@@ -230,45 +236,53 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
     image = _test_image(width, height) if edit else None
     L = seq_len_for(width, height, edit)
     transformer = service.transformer_variants["bf16"]
+    # an H100 at its power cap clocks down under sustained fp8 work: each row says what clocks its runs had
+    sampler = ClockSampler(sample_ms=100).start() if service.device_info.is_cuda else None
     rows = []
     cumulative: list[str] = []
-    for stage in stage_plan():
-        cumulative += stage.prepare  # a stage includes everything the stages before it prepared
-        if stages is not None and stage.name not in stages:
-            continue
-        if progress:
-            progress(f"stage {stage.name}: {stage.label}")
-        t0 = time.perf_counter()
-        todo = [n for n in cumulative if n not in service.prepared
-                and service.registry[n].available(service.device_info) is None]
-        service.prepare(todo)
-        prepare_ms = (time.perf_counter() - t0) * 1000
-        flags = dict(stage.flags)
-        req = InferenceRequest(prompt="make the car red, photo", width=width, height=height,
-                               steps=None if flags.get("use_dpm_solver") else steps, seed=1234, **flags)
-        if probe.inputs is None:
-            service.transformer_call_observer = probe.observe
-        try:
-            row = {"stage": stage.name, "label": stage.label, **time_request(service, req, image, runs)}
-        finally:
-            service.transformer_call_observer = None
-        row["prepare_ms"] = round(prepare_ms, 1)
-        row["step_rel_error_vs_stage0"] = probe.rel_error(service._transformer_for(service.plan(req))[1])
-        fp8 = "low_precision" in row["applied"]
-        if service.device_info.is_cuda:
-            floor = floor_ms_per_step(transformer, L, fp8)
-            row["floor_ms_per_step"] = round(floor, 1)
-            row["floor_ratio"] = round(row["timings_ms"]["transformer_per_step"] / floor, 2)
-        rows.append(row)
+    try:
+        for stage in stage_plan():
+            cumulative += stage.prepare  # a stage includes everything the stages before it prepared
+            if stages is not None and stage.name not in stages:
+                continue
+            if progress:
+                progress(f"stage {stage.name}: {stage.label}")
+            t0 = time.perf_counter()
+            todo = [n for n in cumulative if n not in service.prepared
+                    and service.registry[n].available(service.device_info) is None]
+            service.prepare(todo)
+            prepare_ms = (time.perf_counter() - t0) * 1000
+            flags = dict(stage.flags)
+            req = InferenceRequest(prompt="make the car red, photo", width=width, height=height,
+                                   steps=None if flags.get("use_dpm_solver") else steps, seed=1234, **flags)
+            if probe.inputs is None:
+                service.transformer_call_observer = probe.observe
+            try:
+                row = {"stage": stage.name, "label": stage.label,
+                       **time_request(service, req, image, runs, sampler=sampler)}
+            finally:
+                service.transformer_call_observer = None
+            row["prepare_ms"] = round(prepare_ms, 1)
+            row["step_rel_error_vs_stage0"] = probe.rel_error(service._transformer_for(service.plan(req))[1])
+            fp8 = "low_precision" in row["applied"]
+            if service.device_info.is_cuda:
+                floor = floor_ms_per_step(transformer, L, fp8)
+                row["floor_ms_per_step"] = round(floor, 1)
+                row["floor_ratio"] = round(row["timings_ms"]["transformer_per_step"] / floor, 2)
+            rows.append(row)
+    finally:
+        if sampler is not None:
+            sampler.stop()
     _finish_rows(rows)
     return {"workload": workload, "width": width, "height": height, "edit": edit, "seq_len": L,
             "model": service.model.source, "synthetic": service.model.synthetic, "device": service.device_info.name,
-            "torch": torch.__version__, "code_switches": code_switches(), "runs": runs, "rows": rows}
+            "torch": torch.__version__, "code_switches": code_switches(), "runs": runs,
+            "clock_fields": sampler.fields if sampler is not None else None, "rows": rows}
 
 
 def to_markdown(result: dict) -> str:
     head = ("| stage | what | text enc | img enc | transformer (per step) | VAE dec | glue | total (min-max) | "
-            "x stage 0 | x prev | steps comp/skip | peak GiB | cold start | floor ratio | fidelity vs 0 |")
+            "x stage 0 | x prev | steps comp/skip | peak GiB | cold start | floor ratio | SM MHz, W | fidelity vs 0 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
         t = r["timings_ms"]
@@ -282,10 +296,18 @@ def to_markdown(result: dict) -> str:
             f"{t['total']:.1f} ({r['total_min_ms']:.0f}-{r['total_max_ms']:.0f}) | {r['speedup_vs_stage0']} | "
             f"{r.get('speedup_vs_previous', '-')} | {r['steps_computed']}/{r['steps_skipped']} | "
             f"{r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} | {r['cold_start_ms']:.0f} ms | "
-            f"{r.get('floor_ratio', '-')} | {fid_s} |")
+            f"{r.get('floor_ratio', '-')} | {clocks_cell(r.get('gpu_clocks'))} | {fid_s} |")
     if result.get("code_switches"):  # an A/B run: say so under its table
         lines.append("\nswitches: " + ", ".join(f"{k}={v}" for k, v in result["code_switches"].items()))
     return "\n".join(lines)
+
+
+def clocks_cell(clocks: dict | None) -> str:
+    """The timed runs' median SM clock and power draw, e.g. "1605, 690"; "-" where nothing was sampled."""
+    if not clocks or "sm_mhz" not in clocks:
+        return "-"
+    power = clocks.get("power_w")
+    return f"{clocks['sm_mhz']['median']:.0f}, {power['median']:.0f}" if power else f"{clocks['sm_mhz']['median']:.0f}"
 
 
 def bar_chart(result: dict, path: str) -> None:

@@ -33,6 +33,10 @@ def test_every_stage_ran_and_is_finite(stage_table):
         assert all(v is None or math.isfinite(v) for v in fid.values() if not isinstance(v, bool)), name
     assert "low_precision" in rows["3"]["applied"] and "cuda_graphs" in rows["5"]["applied"]
     assert rows["4"]["steps"] == 14
+    # every row carries the clocks its timed runs had (nvidia-smi is on every CUDA machine we run on)
+    for name, row in rows.items():
+        clocks = row["gpu_clocks"]
+        assert clocks["samples"] > 0 and 100 < clocks["sm_mhz"]["median"] <= 5000, (name, clocks)
 
 
 def test_lossless_stages_match_stage0(stage_table):

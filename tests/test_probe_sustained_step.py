@@ -1,11 +1,13 @@
 """tools/probe_sustained_step.py: the phases run end to end (CPU, tiny) and nvidia-smi's lines are read right."""
 import json
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+import gpu_clocks  # noqa: E402
 import probe_sustained_step as pss  # noqa: E402
 
 
@@ -28,20 +30,47 @@ def test_sustained_and_gapped_phases_time_every_call(tmp_path, cache_dir, monkey
 
 
 def test_nvidia_smi_lines_parse_into_numbers_and_reasons():
-    fields = pss.FIELD_SETS[0]
+    fields = gpu_clocks.FIELD_SETS[0]
     line = "1755, 2619, 698.51, 61, 700.00, Active, Not Active, Not Active, Not Active"
-    s = pss.parse_sample(line, fields)
+    s = gpu_clocks.parse_sample(line, fields)
     assert s == {"sm_mhz": 1755.0, "mem_mhz": 2619.0, "power_w": 698.51, "temp_c": 61.0, "power_limit_w": 700.0,
                  "sw_power_cap": True, "hw_slowdown": False, "sw_thermal_slowdown": False,
                  "hw_power_brake_slowdown": False}
-    assert pss.parse_sample("1755, 2619", fields) is None  # a torn line is dropped, not misread
-    assert pss.parse_sample("[N/A], 2619, 1, 2, 3, Active, Active, Active, Active", fields)["sm_mhz"] is None
+    assert gpu_clocks.parse_sample("1755, 2619", fields) is None  # a torn line is dropped, not misread
+    assert gpu_clocks.parse_sample("[N/A], 2619, 1, 2, 3, Active, Active, Active, Active", fields)["sm_mhz"] is None
 
 
 def test_samples_summarise_per_window():
-    sampler = pss.ClockSampler()
+    sampler = gpu_clocks.ClockSampler()
     sampler.samples = [(1.0, {"sm_mhz": 1980.0, "sw_power_cap": False}), (2.0, {"sm_mhz": 1700.0, "sw_power_cap": True}),
                        (3.0, {"sm_mhz": 1600.0, "sw_power_cap": True}), (9.0, {"sm_mhz": 1980.0, "sw_power_cap": False})]
     w = sampler.window(1.5, 3.5)
     assert w == {"samples": 2, "sm_mhz": {"median": 1650.0, "min": 1600.0, "max": 1700.0}, "sw_power_cap_share": 1.0}
     assert sampler.window(4, 5) == {"samples": 0}
+
+
+def test_the_stage_benchmark_reports_the_clocks_of_its_timed_runs_only(tiny_service):
+    """time_request asks the sampler for the window of its timed runs (not the warm-up), and the table shows it."""
+    import benchmark
+    from schemas import InferenceRequest
+
+    class Sampler:
+        def window(self, t0, t1):
+            self.span = (t0, t1)
+            return {"samples": 3, "sm_mhz": {"median": 1605.0, "min": 1455.0, "max": 1980.0},
+                    "power_w": {"median": 690.4, "min": 500.0, "max": 699.0}}
+
+    sampler = Sampler()
+    before = time.monotonic()
+    row = benchmark.time_request(tiny_service, InferenceRequest(prompt="p", width=256, height=256, steps=2), None,
+                                 runs=2, sampler=sampler)
+    t0, t1 = sampler.span
+    assert before < t0 < t1 <= time.monotonic()
+    # the window opens after the warm-up: it is shorter than the whole call by at least the warm-up run
+    assert (t1 - t0) * 1000 < (time.monotonic() - before) * 1000 - row["first_run_ms"] * 0.5
+    assert row["gpu_clocks"]["sm_mhz"]["median"] == 1605.0
+    assert benchmark.clocks_cell(row["gpu_clocks"]) == "1605, 690"
+    assert benchmark.clocks_cell(None) == "-" and benchmark.clocks_cell({"unavailable": "no CUDA device"}) == "-"
+    row.pop("_result")
+    result = {"rows": [dict(row, stage="0", label="x", speedup_vs_stage0=1.0)], "device": "cpu", "model": "tiny"}
+    assert "| SM MHz, W |" in benchmark.to_markdown(result) and "| 1605, 690 |" in benchmark.to_markdown(result)
