@@ -6,10 +6,14 @@ H100 profile of an fp8 step at edit-512 (BENCHMARKS.md, 2026-11-23) those kernel
 ~0.6 ms to read each row once and write its fp8 bytes once, and quantising the attention output (a copy out of
 cuDNN's (batch, heads, seq, head_dim) layout, then amax and cast) another 0.95 ms against ~0.4 ms. Here:
 
-- `norm_modulate_quant`: one program holds whole rows (3,072 values) in registers: optionally the residual update
+- `norm_modulate_quant`: one program holds a whole row (3,072 values) in registers: optionally the residual update
   before the norm (h = x + gate * delta, written once, the stream the block carries on with), LayerNorm without
   affine, * (1 + scale) + shift, the row amax and the fp8 cast. The single blocks' text and image rows are read
-  where they lie, so their concatenation is never written.
+  where they lie, so their concatenation is never written. The row is held as at most three unpadded pieces of a
+  power-of-two width (`row_chunks`: 3 x 1,024, on 2 warps), not padded to 4,096 lanes as the kernel before it
+  (`norm_modulate_quant_padded_kernel`, kept for the benchmark tools): tools/bench_row_quant.py measured the
+  chunked layout 11-20% faster on an H100 in the plain case (BENCHMARKS.md, "The fp8 row-quantisation kernels:
+  other layouts").
 - `quantize_heads`: reads the attention output in cuDNN's layout and writes contiguous fp8 rows.
 
 The rows travel as fp8_linear.Fp8Rows to the linears, which skip their own quantisation. So the blocks change: the
@@ -20,7 +24,10 @@ only to the fp8 copy, and only to blocks whose consumers are all fp8 linears; `F
 for A/B runs.
 
 Numerics: fp32 from load to cast, as inductor's fused code computed it (eager diffusers rounds the modulated norm to
-bf16 before quantising); the residual stream h is rounded once to the model's dtype; scales as quantize_rows.
+bf16 before quantising); the mean, then the variance of the centred values, over the row in registers; the residual
+stream h is rounded once to the model's dtype and the norm reads it so rounded; scales as quantize_rows. The chunked
+and the padded kernel sum the row in a different order (per piece, then the pieces), so an fp8 value can rarely
+land one step apart between them.
 Lossy like the rest of the fp8 tier; tests compare the kernels with a torch reference and the rewritten blocks with
 the unfused fp8 copy.
 """
@@ -37,8 +44,9 @@ from .fp8_linear import Fp8Linear, Fp8Rows, quantize_rows
 from .qk_norm_rope import FusedQKNormRopeProcessor, triton_cdiv
 
 VERIFIED_DIFFUSERS = "0.42.1"
-# Rows per program and warps of the norm kernel; tokens per program and warps of the attention-output kernel.
-NORM_ROWS, NORM_WARPS = 1, 4
+# The padded norm kernel's rows per program and warps (the layout before the chunked one; the benchmark tools time
+# it); tokens per program and warps of the attention-output kernel.
+PADDED_NORM_ROWS, PADDED_NORM_WARPS = 1, 4
 HEADS_TOKENS, HEADS_WARPS = 2, 8
 
 
@@ -49,19 +57,61 @@ def _kernels():
     return fp8_norm_quant_kernel
 
 
+# ---- the row-chunk layout of the row-quantisation kernels (this module's norm kernel and fp8_gelu_quant.py's) ----
+def row_chunks(k: int) -> tuple[int, int]:
+    """(CHUNK, NCHUNK): a K-wide row as NCHUNK unpadded CHUNK-wide pieces, CHUNK the power of two >= K / 3, so
+    NCHUNK is at most 3 (3,072 = 3 x 1,024; 12,288 = 3 x 4,096) and only the last piece may run past K."""
+    chunk = _next_power_of_2(triton_cdiv(k, 3))
+    return chunk, triton_cdiv(k, chunk)
+
+
+def chunk_warps(chunk: int) -> int:
+    """Warps for a row held as CHUNK-wide pieces: 16 values of each piece per thread, 1 to 8 warps. That is the
+    layout of both configurations chosen from tools/bench_row_quant.py's H100 figures (BENCHMARKS.md: GELU,
+    4,096-wide pieces on 8 warps; norm, 1,024-wide pieces on 2 warps); other sizes (the tiny test model's) are not
+    measured, and fewer warps keep small rows from leaving most threads idle."""
+    return min(8, max(1, chunk // (16 * 32)))
+
+
 # ---- the kernels as functions of tensors -------------------------------------------------------------------------
 def launch_norm_modulate_quant(kernel, x, tail, delta, mod, shift_chunk: int, scale_chunk: int, gate_chunk: int,
-                               eps: float, rows: int = NORM_ROWS, num_warps: int = NORM_WARPS):
-    """Run `kernel` (the Triton kernel, or torch.library's wrap_triton of it). x: (batch, S_x, K); tail: rows after
-    x's (batch, S_tail, K) or None; delta: the residual update (batch, S_x, K) or None; mod: the AdaLN output
+                               eps: float, num_warps: int | None = None):
+    """Run `kernel`, the chunked norm kernel (`norm_modulate_quant_kernel`, or torch.library's wrap_triton of it):
+    one row per program, the row as row_chunks(K) pieces. x: (batch, S_x, K); tail: rows after x's
+    (batch, S_tail, K) or None; delta: the residual update (batch, S_x, K) or None; mod: the AdaLN output
     (batch, n * K), whose K-wide chunks `shift_chunk`, `scale_chunk` and `gate_chunk` (the residual's gate; -1
     without delta) are used. mod is taken whole, not as chunk views: inductor would write each view out as a tensor of
     its own before the call (one small kernel each). Returns fp8 rows (batch, S, K), their fp32 scales (batch, S, 1)
     and the updated residual stream h (batch, S, K) (an empty tensor without delta)."""
+    outputs, args = _norm_operands(x, tail, delta, mod, shift_chunk, scale_chunk, gate_chunk, eps)
+    b, s, k = outputs[0].shape
+    chunk, nchunk = row_chunks(k)
+    kernel[(s, b)](*args, CHUNK=chunk, NCHUNK=nchunk, EVEN=k % chunk == 0, HAS_TAIL=tail is not None,
+                   HAS_DELTA=delta is not None, num_warps=num_warps or chunk_warps(chunk))
+    return outputs
+
+
+def launch_norm_modulate_quant_padded(kernel, x, tail, delta, mod, shift_chunk: int, scale_chunk: int,
+                                      gate_chunk: int, eps: float, rows: int = PADDED_NORM_ROWS,
+                                      num_warps: int = PADDED_NORM_WARPS):
+    """launch_norm_modulate_quant for the padded layout before it (`norm_modulate_quant_padded_kernel`): `rows` rows
+    per program, each padded to a power of two. Same arguments and results; for the benchmark tools."""
+    outputs, args = _norm_operands(x, tail, delta, mod, shift_chunk, scale_chunk, gate_chunk, eps)
+    b, s, k = outputs[0].shape
+    kernel[(triton_cdiv(s, rows), b)](*args, BLOCK_K=_next_power_of_2(k), ROWS=rows, HAS_TAIL=tail is not None,
+                                      HAS_DELTA=delta is not None, num_warps=num_warps)
+    return outputs
+
+
+def _norm_operands(x, tail, delta, mod, shift_chunk: int, scale_chunk: int, gate_chunk: int, eps: float):
+    """Both norm kernels' outputs (q, q_scale, h) and their run-time arguments (the kernels take the same ones),
+    after checking the inputs."""
     b, s_head, k = x.shape
     s = s_head + (tail.shape[1] if tail is not None else 0)
     if tail is not None and delta is not None:
         raise ValueError("norm_modulate_quant: a residual update over concatenated rows is not supported")
+    if tail is not None and tail.dtype != x.dtype:  # the chunked kernel picks a row's source pointer: one type
+        raise ValueError("norm_modulate_quant: the tail rows must have x's dtype")
     for t in (x, tail, delta, mod):
         if t is not None and t.stride(-1) != 1:
             raise ValueError("rows must be contiguous in their last dimension")
@@ -73,12 +123,10 @@ def launch_norm_modulate_quant(kernel, x, tail, delta, mod, shift_chunk: int, sc
     h = torch.empty((b, s, k) if delta is not None else (0,), dtype=x.dtype, device=x.device)
     t_src = tail if tail is not None else x  # unread without a tail / delta
     d_src = delta if delta is not None else x
-    kernel[(triton_cdiv(s, rows), b)](
-        x, t_src, d_src, mod, q, q_scale, h, s, s_head, k, x.stride(0), x.stride(1), t_src.stride(0),
-        t_src.stride(1), d_src.stride(0), d_src.stride(1), mod.stride(0), shift_chunk * k, scale_chunk * k,
-        max(gate_chunk, 0) * k, eps, BLOCK_K=_next_power_of_2(k), ROWS=rows, HAS_TAIL=tail is not None,
-        HAS_DELTA=delta is not None, num_warps=num_warps)
-    return q, q_scale, h
+    args = (x, t_src, d_src, mod, q, q_scale, h, s, s_head, k, x.stride(0), x.stride(1), t_src.stride(0),
+            t_src.stride(1), d_src.stride(0), d_src.stride(1), mod.stride(0), shift_chunk * k, scale_chunk * k,
+            max(gate_chunk, 0) * k, eps)
+    return (q, q_scale, h), args
 
 
 def launch_quantize_heads(kernel, out, tokens: int = HEADS_TOKENS, num_warps: int = HEADS_WARPS):

@@ -24,11 +24,18 @@ def assert_fp8_matches(got: torch.Tensor, want: torch.Tensor, exact_fraction: fl
     assert float(((g - w).abs() / step).max()) <= 1.01
 
 
-def _inputs(b=2, s_head=5, s_tail=7, k=48, device="cpu", dtype=torch.float32, seed=0):
+def _inputs(b=2, s_head=5, s_tail=7, k=48, device="cpu", dtype=torch.float32, seed=0, strided=False):
+    """x, tail, delta and mod; `strided`: each a view into a wider tensor, so that its row (and batch) strides are
+    not K (and S * K), and differ between the tensors."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+
+    def r(*shape, pad, gain=1.0, offset=0.0):
+        wide = torch.randn(*shape[:-1], shape[-1] + (pad if strided else 0), generator=g) * gain + offset
+        return wide.to(device, dtype)[..., :shape[-1]]
+
     # mod: an AdaLN output (batch, 6 * k); the chunks used are shift 3, scale 4, gate 2, as norm2 takes them
-    return dict(x=r(b, s_head, k) * 3 + 1, tail=r(b, s_tail, k), delta=r(b, s_head, k), mod=r(b, 6 * k) * 0.5)
+    return dict(x=r(b, s_head, k, pad=3, gain=3, offset=1), tail=r(b, s_tail, k, pad=10),
+                delta=r(b, s_head, k, pad=6), mod=r(b, 6 * k, pad=4, gain=0.5))
 
 
 VARIANTS = {"plain": ("x",), "concatenated": ("x", "tail"), "residual": ("x", "delta")}
@@ -39,20 +46,65 @@ def _call(fn, t, variant):
     return fn(*args, t["mod"], 3, 4, 2 if variant == "residual" else -1, 1e-6)
 
 
+# K as the chunked kernel splits it (fp8_norm_quant.row_chunks): 48 = 3 x 16 (no masks, as 3,072 = 3 x 1,024),
+# 40 = 3 x 16 with the last chunk masked, 100 = 2 x 64 with the last chunk masked.
+ROW_WIDTHS = {48: (16, 3), 40: (16, 3), 100: (64, 2)}
+
+
+def test_rows_split_into_at_most_three_unpadded_chunks():
+    for k, chunks in {**ROW_WIDTHS, 3072: (1024, 3), 12288: (4096, 3), 128: (64, 2), 1: (1, 1)}.items():
+        assert fp8_norm_quant.row_chunks(k) == chunks, k
+    # the measured layouts (tools/bench_row_quant.py): GELU 3 x 4,096 on 8 warps, norm 3 x 1,024 on 2
+    assert fp8_norm_quant.chunk_warps(4096) == 8 and fp8_norm_quant.chunk_warps(1024) == 2
+    assert fp8_norm_quant.chunk_warps(16) == 1
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+@pytest.mark.parametrize("k", sorted(ROW_WIDTHS))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_norm_kernel_matches_its_reference(variant):
+def test_norm_kernel_matches_its_reference(variant, k, strided):
+    """The op (the chunked kernel) on batch 2, with and without masks, on contiguous rows and on views with other
+    row and batch strides."""
     fp8_norm_quant._ops()
-    t = _inputs()
+    t = _inputs(k=k, strided=strided)
+    if strided:
+        assert t["x"].stride(1) != k and t["tail"].stride(1) != t["x"].stride(1) and t["mod"].stride(0) != 6 * k
     q, s, h = _call(torch.ops.flux_kontext.norm_modulate_quant, t, variant)
     rq, rs, rh = _call(fp8_norm_quant.norm_modulate_quant_reference, t, variant)
     rows = 5 + (7 if variant == "concatenated" else 0)
-    assert q.shape == (2, rows, 48) and s.shape == (2, rows, 1) and s.dtype == torch.float32
+    assert q.shape == (2, rows, k) and s.shape == (2, rows, 1) and s.dtype == torch.float32
     torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
     assert_fp8_matches(q, rq)
     if variant == "residual":
         torch.testing.assert_close(h, rh, rtol=1e-6, atol=1e-6)
     else:
         assert h.numel() == 0
+
+
+def test_norm_kernel_rounds_the_residual_stream_once_to_the_model_dtype():
+    """bf16 (the model's dtype; the tests above are fp32, where the rounding of h does not show): h is x + gate *
+    delta in fp32 rounded once to bf16, and the norm reads that rounded h."""
+    fp8_norm_quant._ops()
+    t = _inputs(k=40, strided=True, dtype=torch.bfloat16)
+    q, s, h = _call(torch.ops.flux_kontext.norm_modulate_quant, t, "residual")
+    rq, rs, rh = _call(fp8_norm_quant.norm_modulate_quant_reference, t, "residual")
+    assert h.dtype == torch.bfloat16 and torch.equal(h, rh)
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    assert_fp8_matches(q, rq)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_padded_norm_kernel_matches_its_reference(variant):
+    """The layout before (kept for the benchmark tools), 2 rows per program over an odd row count, masked K."""
+    t = _inputs(k=40, strided=True)
+    kernel = fp8_norm_quant._kernels().norm_modulate_quant_padded_kernel
+    launch = lambda *a: fp8_norm_quant.launch_norm_modulate_quant_padded(kernel, *a, rows=2)  # noqa: E731
+    q, s, h = _call(launch, t, variant)
+    rq, rs, rh = _call(fp8_norm_quant.norm_modulate_quant_reference, t, variant)
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=0)
+    assert_fp8_matches(q, rq)
+    if variant == "residual":
+        torch.testing.assert_close(h, rh, rtol=1e-6, atol=1e-6)
 
 
 def test_heads_kernel_quantises_rows_of_the_attention_layout():
@@ -78,6 +130,10 @@ def test_launchers_check_their_inputs():
         launch(None, t["x"], None, t["delta"], t["mod"], 3, 4, -1, 1e-6)  # a residual update needs its gate
     with pytest.raises(ValueError, match="last dimension"):
         launch(None, t["x"].transpose(1, 2), None, None, t["mod"], 3, 4, -1, 1e-6)
+    with pytest.raises(ValueError, match="tail rows must have x's dtype"):
+        launch(None, t["x"], t["tail"].double(), None, t["mod"], 3, 4, -1, 1e-6)
+    with pytest.raises(ValueError, match="chunks"):  # the padded layout's launcher checks the same
+        fp8_norm_quant.launch_norm_modulate_quant_padded(None, t["x"], None, None, t["mod"], 3, 6, -1, 1e-6)
     with pytest.raises(ValueError, match="head_dim"):
         fp8_norm_quant.launch_quantize_heads(None, torch.randn(1, 4, 2, 12))
 

@@ -736,7 +736,7 @@ def test_attention_choice_follows_what_is_importable_and_says_so(monkeypatch):
         assert name == backend and phrase in desc
 
 
-# ---- fp8 GELU quantisation (the math; the Triton kernel and the rewrite are checked in test_gpu.py) -------------
+# ---- fp8 GELU quantisation (the math, the kernel in the CPU interpreter; test_gpu.py checks it and the rewrite) -
 def test_gelu_quant_reference_is_rowwise_fp8_of_the_tanh_gelu():
     import torch.nn.functional as F
 
@@ -753,6 +753,27 @@ def test_gelu_quant_reference_is_rowwise_fp8_of_the_tanh_gelu():
     deq = q.float() * s
     assert float((deq - y).norm() / y.norm()) < 0.04  # e4m3 keeps 3 mantissa bits
     assert (q[2].float() == 0).all()
+
+
+@pytest.mark.parametrize("k", [12288, 1000, 40])
+def test_gelu_quant_op_matches_the_padded_kernel_bit_for_bit(k):
+    """The op (the chunked kernel, in Triton's CPU interpreter) against the padded kernel it replaced: 12,288 =
+    3 x 4,096 without masks, 1,000 = 2 x 512 and 40 = 3 x 16 with the last piece masked; one row all zeros."""
+    from optimizations.fp8_gelu_quant import _gelu_quant_rows_kernel, _op
+    from optimizations.fp8_norm_quant import _next_power_of_2
+
+    torch.manual_seed(0)
+    m = 3
+    x = torch.randn(m, k, dtype=torch.bfloat16) * 3
+    x[1] = 0  # the scale floor; zeros out
+    x[0, -1] = x[2, k // 2] = 40  # the row amax in the last lane (in the masked piece when K is uneven), the middle
+    q, s = _op()(x)
+    pq, ps = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(m, 1)
+    _gelu_quant_rows_kernel()[(m,)](x, pq, ps, k, k, k, BLOCK=_next_power_of_2(k))
+    assert q.shape == (m, k) and q.dtype == torch.float8_e4m3fn and s.shape == (m, 1)
+    assert torch.equal(q.view(torch.uint8), pq.view(torch.uint8)) and torch.equal(s, ps)
+    assert (q[1].float() == 0).all() and float(s[1]) == pytest.approx(1e-12 / 448)
+    assert (q[[0, 2]].float().abs().amax(1) == 448.0).all()  # each row's amax maps to the largest fp8 value
 
 
 def test_gelu_fusion_reports_why_it_did_not_run_on_cpu():

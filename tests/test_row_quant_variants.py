@@ -1,16 +1,20 @@
-"""tools/bench_row_quant.py's candidate layouts compute what the kernels in use compute (Triton's CPU interpreter,
-set up by conftest), and tools/probe_fp8_gemm_step.py's GEMM list is the step's: the GPU figures in BENCHMARKS.md
-compare like with like only if both hold."""
+"""tools/bench_row_quant.py's layouts compute what the kernels in use compute (Triton's CPU interpreter, set up by
+conftest), its "in use" label names the kernel the model's ops launch, and tools/probe_fp8_gemm_step.py's GEMM list
+is the step's: the GPU figures in BENCHMARKS.md compare like with like only if all hold."""
+import pytest
 import torch
 
 import bench_row_quant as rq
 import probe_fp8_gemm_step as probe
-from optimizations import fp8_norm_quant
-from optimizations.fp8_gelu_quant import _gelu_quant_rows_kernel
+from optimizations import fp8_gelu_quant, fp8_norm_quant
 
 
 def _bits(q):
     return q.view(torch.uint8)
+
+
+def _labelled_once(names, label):
+    return sum(label in n for n in names) == 1
 
 
 def test_gelu_layouts_match_the_kernel_in_use_bit_for_bit():
@@ -18,33 +22,45 @@ def test_gelu_layouts_match_the_kernel_in_use_bit_for_bit():
     m, k = 3, rq.GELU_K
     x = torch.randn(m, k, dtype=torch.bfloat16) * 3
     x[1] = 0  # an all-zero row: the scale floor
-    outs = {}
-    for name, launch in {
-        "in use": lambda q, s: _gelu_quant_rows_kernel()[(m,)](x, q, s, k, k, k, BLOCK=16384),
-        "chunks": lambda q, s: rq.gelu_quant_chunks[(m,)](x, q, s, k, k, CHUNK=4096, CHUNKS=3),
-        "two passes": lambda q, s: rq.gelu_quant_two_pass[(m,)](x, q, s, k, k, k, BLOCK=2048),
-    }.items():
-        q, s = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(m, 1)
-        launch(q, s)
-        outs[name] = (q, s)
-    ref_q, ref_s = outs["in use"]
-    for name in ("chunks", "two passes"):
-        assert torch.equal(_bits(outs[name][0]), _bits(ref_q)), name
-        assert torch.equal(outs[name][1], ref_s), name
-
-
-def test_norm_chunks_match_the_kernel_in_use():
-    torch.manual_seed(0)
-    m, k = 4, rq.NORM_K
-    x = torch.randn(1, m, k, dtype=torch.bfloat16)
-    mod = torch.randn(1, 6 * k, dtype=torch.bfloat16) * 0.1
-    q_ref, s_ref, _ = fp8_norm_quant.launch_norm_modulate_quant(
-        fp8_norm_quant._kernels().norm_modulate_quant_kernel, x, None, None, mod, 0, 1, -1, 1e-6)
     q, s = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(m, 1)
-    rq.norm_quant_chunks[(m,)](x, mod, q, s, k, 0, k, 1e-6, CHUNK=1024)
-    # fp32 sums in another order: at most a rare one-step difference
-    assert (_bits(q) != _bits(q_ref.reshape(m, k))).float().mean() < 1e-3
-    torch.testing.assert_close(s.reshape(m), s_ref.reshape(m), rtol=1e-6, atol=0)
+    variants = rq.gelu_variants(m, k, [x], [q], [s])
+    names = list(variants)
+    assert rq.IN_USE in names[0] and _labelled_once(names, rq.IN_USE) and _labelled_once(names, rq.BEFORE)
+    assert "3 x 4096 chunks, 8 warps" in names[0] and "padded to 16384 lanes, 16 warps" in \
+        next(n for n in names if rq.BEFORE in n)
+    op_q, op_s = fp8_gelu_quant._op()(x)  # what the model runs
+    for name, launch in variants.items():
+        q.zero_(), s.zero_()
+        launch(0)
+        assert torch.equal(_bits(q), _bits(op_q)), name
+        assert torch.equal(s, op_s), name
+
+
+@pytest.mark.parametrize("case", sorted(rq.NORM_CASES))
+def test_norm_layouts_match_the_kernel_in_use(case):
+    torch.manual_seed(0)
+    inputs, rows, _ = rq.norm_case_inputs(case, m=3, n=1, text=2, device="cpu")
+    mod = torch.randn(1, 6 * rq.NORM_K, dtype=torch.bfloat16) * 0.1
+    outs = [None]
+    variants = rq.norm_variants(inputs, mod, rq.NORM_CASES[case], outs)
+    names = list(variants)
+    assert rq.IN_USE in names[0] and _labelled_once(names, rq.IN_USE) and _labelled_once(names, rq.BEFORE)
+    assert "3 x 1024 chunks, 2 warps" in names[0] and "padded, 1 row x 4 warps" in \
+        next(n for n in names if rq.BEFORE in n)
+    fp8_norm_quant._ops()
+    want = torch.ops.flux_kontext.norm_modulate_quant(*inputs(0), mod, *rq.NORM_CASES[case], 1e-6)  # the model's
+    assert want[0].shape == (1, rows, rq.NORM_K) and (want[2].numel() > 0) == (case == "residual")
+    for name, launch in variants.items():
+        launch(0)
+        # fp32 sums in another order: at most a rare one-step difference, within the tool's own tolerance
+        agreement = rq.norm_agreement(outs[0], want)
+        assert agreement["matches"], (name, agreement)
+        if rq.IN_USE in name:  # the op's own kernel and launch: the same bits
+            assert agreement["q_mismatch_frac"] == 0 and agreement["scale_max_rel"] == 0, name
+    # and the tool's check tells a wrong result: shift and scale swapped
+    shift, scale, gate = rq.NORM_CASES[case]
+    wrong = torch.ops.flux_kontext.norm_modulate_quant(*inputs(0), mod, scale, shift, gate, 1e-6)
+    assert not rq.norm_agreement(wrong, want)["matches"]
 
 
 def test_probe_runs_the_steps_266_gemms():

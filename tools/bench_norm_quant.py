@@ -9,7 +9,8 @@ Per workload, bf16, batch 1, 3,072 features:
   output (a single block's).
 The reference is the code the fp8 copy ran before the kernels (diffusers' norm and modulation in bf16, then
 fp8_linear.quantize_rows) compiled by torch.compile. Prints microseconds per call (median of triton's do_bench)
-and the bandwidth over the bytes that must move, for several tile shapes. Usage:
+and the bandwidth over the bytes that must move: for the norm, the chunked kernel in use and several tile shapes
+(rows per program x warps) of the padded layout before it; for the attention output, several tile shapes. Usage:
 python tools/bench_norm_quant.py [--out results.json]
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from optimizations.fp8_linear import quantize_rows  # noqa: E402
 
 IMAGE_TOKENS = {"edit-512": 2048, "t2i-1024": 4096, "edit-1024": 8192}
 TEXT, K, HEADS, D = 512, 3072, 24, 128
-NORM_TILES = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8)]  # (rows per program, warps)
+NORM_TILES = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8)]  # (rows per program, warps) of the padded layout
 HEADS_TILES = [(1, 4), (2, 4), (2, 8), (4, 8)]  # (tokens per program, warps)
 
 
@@ -75,16 +76,18 @@ def main() -> None:
             want = ref_n(a, t, d, mod)
             row = dict(workload=name, case=case, rows=n,
                        inductor_us=round(1000 * bench(lambda: ref_n(a, t, d, mod)), 1))
-            for nr, nw in NORM_TILES:
-                def call(nr=nr, nw=nw):
-                    return fp8_norm_quant.launch_norm_modulate_quant(
-                        kernels.norm_modulate_quant_kernel, a, t, d, mod, 3, 4, 2 if d is not None else -1, 1e-6,
-                        rows=nr, num_warps=nw)
+            gate = 2 if d is not None else -1
+            calls = {"chunked": lambda: fp8_norm_quant.launch_norm_modulate_quant(  # the kernel in use
+                kernels.norm_modulate_quant_kernel, a, t, d, mod, 3, 4, gate, 1e-6)}
+            for nr, nw in NORM_TILES:  # the padded layout before it
+                calls[f"padded_{nr}x{nw}"] = lambda nr=nr, nw=nw: fp8_norm_quant.launch_norm_modulate_quant_padded(
+                    kernels.norm_modulate_quant_padded_kernel, a, t, d, mod, 3, 4, gate, 1e-6, rows=nr, num_warps=nw)
+            for tile, call in calls.items():
                 q, s, _ = call()
-                row[f"kernel_{nr}x{nw}_us"] = round(1000 * bench(call), 1)
+                row[f"kernel_{tile}_us"] = round(1000 * bench(call), 1)
                 # against a reference that rounds the modulated norm to bf16 before quantising (diffusers' bf16 code)
-                row[f"kernel_{nr}x{nw}_fp8_mismatch"] = float((q.reshape(-1, K).float() != want[0].float())
-                                                             .float().mean())
+                row[f"kernel_{tile}_fp8_mismatch"] = float((q.reshape(-1, K).float() != want[0].float())
+                                                          .float().mean())
             rows.append(_finish(row, moved))
         o = r(1, HEADS, n_img + TEXT, D).transpose(1, 2)
         want = ref_h(o)
