@@ -104,6 +104,10 @@ def seq_len_for(width: int, height: int, edit: bool, text_tokens: int = 512) -> 
     return img * (2 if edit else 1) + text_tokens
 
 
+# image tokens (output + reference image) per workload: the row counts the kernel benchmark tools use
+IMAGE_TOKENS = {name: seq_len_for(w, h, edit, text_tokens=0) for name, (w, h, edit) in WORKLOADS.items()}
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
     """PSNR in dB for images in [0, 1]; None when identical (infinite PSNR is not valid JSON)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))

@@ -70,3 +70,15 @@ def test_probe_runs_the_steps_266_gemms():
         gemms = probe.step_gemms(image)
         assert sum(c for *_, c in gemms) == 266
         assert (image + probe.TEXT, probe.D, 3 * probe.D + probe.MLP, probe.SINGLE) in gemms
+
+
+def test_kernel_tools_take_their_row_counts_from_the_workloads():
+    """Image tokens per workload (output + reference image, 16x16-pixel patches): the row counts the tools time."""
+    import bench_norm_quant
+    import bench_qk_norm_rope
+
+    import benchmark
+
+    assert benchmark.IMAGE_TOKENS == {"edit-1024": 8192, "t2i-1024": 4096, "edit-512": 2048}
+    for tokens in (rq.TOKENS, probe.IMAGE, bench_norm_quant.IMAGE_TOKENS, bench_qk_norm_rope.IMAGE_TOKENS):
+        assert dict(tokens) == benchmark.IMAGE_TOKENS

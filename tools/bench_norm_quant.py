@@ -25,10 +25,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import benchmark  # noqa: E402
 from optimizations import fp8_norm_quant  # noqa: E402
 from optimizations.fp8_linear import quantize_rows  # noqa: E402
 
-IMAGE_TOKENS = {"edit-512": 2048, "t2i-1024": 4096, "edit-1024": 8192}
+IMAGE_TOKENS = {name: benchmark.IMAGE_TOKENS[name] for name in ("edit-512", "t2i-1024", "edit-1024")}
 TEXT, K, HEADS, D = 512, 3072, 24, 128
 NORM_TILES = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8)]  # (rows per program, warps) of the padded layout
 HEADS_TILES = [(1, 4), (2, 4), (2, 8), (4, 8)]  # (tokens per program, warps)

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import benchmark  # noqa: E402
 from optimizations import qk_norm_rope  # noqa: E402
 
-IMAGE_TOKENS = {"edit-512": 2048, "t2i-1024": 4096, "edit-1024": 8192}
+IMAGE_TOKENS = {name: benchmark.IMAGE_TOKENS[name] for name in ("edit-512", "t2i-1024", "edit-1024")}
 TEXT, HEADS, D = 512, 24, 128
 TILES = [(8, 4), (16, 4), (32, 4), (32, 8), (64, 8)]  # (tokens per program, warps)
 

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from benchmark import WORKLOADS, seq_len_for  # noqa: E402
+from benchmark import IMAGE_TOKENS  # noqa: E402
 from optimizations import fp8_norm_quant  # noqa: E402
 from optimizations.fp8_gelu_quant import (_gelu_quant_chunks_kernel, _gelu_quant_rows_kernel,  # noqa: E402
                                           launch_gelu_quant_chunks)
@@ -46,7 +46,7 @@ GELU_K, NORM_K, TEXT = 12288, 3072, 512
 NORM_MAX_MISMATCH, NORM_SCALE_RTOL = 1e-3, 1e-6
 IN_USE, BEFORE = " (in use)", " (before)"  # the layout in use now, and the one it replaced
 # image tokens per workload (+ TEXT for the single blocks), as the stage table's sequence length counts them
-TOKENS = {name: seq_len_for(*WORKLOADS[name], text_tokens=0) for name in ("edit-512", "t2i-1024", "edit-1024")}
+TOKENS = {name: IMAGE_TOKENS[name] for name in ("edit-512", "t2i-1024", "edit-1024")}
 
 
 @triton.jit

@@ -21,10 +21,10 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from benchmark import WORKLOADS, seq_len_for  # noqa: E402
+from benchmark import IMAGE_TOKENS  # noqa: E402
 
 D, MLP, TEXT, DOUBLE, SINGLE = 3072, 12288, 512, 19, 38
-IMAGE = {name: seq_len_for(*WORKLOADS[name], text_tokens=0) for name in WORKLOADS}  # image tokens per workload
+IMAGE = IMAGE_TOKENS  # image tokens per workload
 
 
 def step_gemms(image: int) -> list[tuple[int, int, int, int]]:
