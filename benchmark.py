@@ -241,7 +241,8 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
     L = seq_len_for(width, height, edit)
     transformer = service.transformer_variants["bf16"]
     # an H100 at its power cap clocks down under sustained fp8 work: each row says what clocks its runs had
-    sampler = ClockSampler(sample_ms=100).start() if service.device_info.is_cuda else None
+    sampler = (ClockSampler(sample_ms=100, device_index=torch.device(service.device).index or 0).start()
+               if service.device_info.is_cuda else None)
     rows = []
     cumulative: list[str] = []
     try:

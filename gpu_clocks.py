@@ -10,6 +10,7 @@ nvidia-smi it samples nothing and every window says why.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -56,37 +57,57 @@ def parse_sample(line: str, fields: list[str]) -> dict | None:
     return out
 
 
-class ClockSampler:
-    """nvidia-smi in loop mode in a child process; each line is stamped with the host's monotonic clock on arrival."""
+def nvidia_smi_id(device_index: int, visible: str | None) -> str:
+    """nvidia-smi's id for CUDA device `device_index` of this process. nvidia-smi ignores CUDA_VISIBLE_DEVICES and
+    numbers every GPU of the machine, so a process that sees only GPU 3 as cuda:0 must ask for 3 (or its UUID)."""
+    if not visible:
+        return str(device_index)
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    return entries[device_index] if device_index < len(entries) else str(device_index)
 
-    def __init__(self, sample_ms: int = 50, gpu: int = 0):
-        self.sample_ms, self.gpu = sample_ms, gpu
+
+class ClockSampler:
+    """nvidia-smi in loop mode in a child process; each line is stamped with the host's monotonic clock on arrival.
+    Never raises: where sampling cannot start, `unavailable` says why and every window reports that."""
+
+    def __init__(self, sample_ms: int = 50, device_index: int | None = None):
+        self.sample_ms, self.device_index = sample_ms, device_index
         self.samples: list[tuple[float, dict]] = []
         self.fields: list[str] | None = None
         self.unavailable: str | None = None
         self._proc = self._thread = None
 
-    def _pick_fields(self) -> list[str] | None:
+    def _query(self, fields: list[str], gpu: str) -> list[str]:
+        return ["nvidia-smi", "-i", gpu, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"]
+
+    def _pick_fields(self, gpu: str) -> list[str] | None:
         for fields in FIELD_SETS:
-            r = subprocess.run(["nvidia-smi", "-i", str(self.gpu), f"--query-gpu={','.join(fields)}",
-                                "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
-            if r.returncode == 0 and parse_sample(r.stdout.strip().splitlines()[0], fields) is not None:
+            r = subprocess.run(self._query(fields, gpu), capture_output=True, text=True, timeout=30)
+            lines = r.stdout.strip().splitlines()
+            if r.returncode == 0 and lines and parse_sample(lines[0], fields) is not None:
                 return fields
         return None
 
     def start(self) -> "ClockSampler":
         if not torch.cuda.is_available():
             self.unavailable = "no CUDA device"
-        elif shutil.which("nvidia-smi") is None:
+            return self
+        if shutil.which("nvidia-smi") is None:
             self.unavailable = "nvidia-smi not found"
-        elif (fields := self._pick_fields()) is None:
-            self.unavailable = "nvidia-smi accepted none of the field sets"
-        if self.unavailable:
+            return self
+        index = torch.cuda.current_device() if self.device_index is None else self.device_index
+        gpu = nvidia_smi_id(index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+        try:
+            fields = self._pick_fields(gpu)
+            if fields is None:
+                self.unavailable = f"nvidia-smi -i {gpu} accepted none of the field sets"
+                return self
+            self._proc = subprocess.Popen(self._query(fields, gpu) + ["-lms", str(self.sample_ms)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except (OSError, subprocess.SubprocessError) as e:  # a broken nvidia-smi must not stop a benchmark
+            self.unavailable = f"nvidia-smi failed: {e}"
             return self
         self.fields = fields
-        self._proc = subprocess.Popen(
-            ["nvidia-smi", "-i", str(self.gpu), f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
-             "-lms", str(self.sample_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         return self
@@ -100,7 +121,10 @@ class ClockSampler:
     def stop(self):
         if self._proc is not None:
             self._proc.terminate()
-            self._proc.wait(timeout=10)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
             self._thread.join(timeout=10)
 
     def window(self, t0: float, t1: float) -> dict:

@@ -74,3 +74,26 @@ def test_the_stage_benchmark_reports_the_clocks_of_its_timed_runs_only(tiny_serv
     row.pop("_result")
     result = {"rows": [dict(row, stage="0", label="x", speedup_vs_stage0=1.0)], "device": "cpu", "model": "tiny"}
     assert "| SM MHz, W |" in benchmark.to_markdown(result) and "| 1605, 690 |" in benchmark.to_markdown(result)
+
+
+def test_the_sampler_asks_nvidia_smi_for_the_gpu_this_process_uses():
+    """nvidia-smi numbers all GPUs of the machine; CUDA_VISIBLE_DEVICES renumbers them for the process."""
+    assert gpu_clocks.nvidia_smi_id(0, None) == "0"
+    assert gpu_clocks.nvidia_smi_id(0, "3") == "3"
+    assert gpu_clocks.nvidia_smi_id(1, "2, 5") == "5"
+    assert gpu_clocks.nvidia_smi_id(0, "GPU-8a1b2c3d") == "GPU-8a1b2c3d"
+
+
+def test_a_broken_nvidia_smi_does_not_stop_the_benchmark(monkeypatch):
+    monkeypatch.setattr(gpu_clocks.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_clocks.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(gpu_clocks.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+
+    def broken(*args, **kwargs):
+        raise OSError("exec format error")
+
+    monkeypatch.setattr(gpu_clocks.subprocess, "run", broken)
+    sampler = gpu_clocks.ClockSampler().start()
+    assert sampler.unavailable == "nvidia-smi failed: exec format error"
+    assert sampler.window(0, 1) == {"unavailable": "nvidia-smi failed: exec format error"}
+    sampler.stop()  # nothing started: a no-op
