@@ -184,6 +184,14 @@ def _finish_rows(rows: list[dict], ref_key: str = "0") -> None:
         row.pop("_result", None)
 
 
+def clock_sampler(service) -> ClockSampler | None:
+    """A started sampler of the service's GPU, None on CPU. An H100 at its power cap clocks down under sustained fp8
+    work (BENCHMARKS.md, "power cap"): each benchmark row says what clocks its timed runs had."""
+    if not service.device_info.is_cuda:
+        return None
+    return ClockSampler(sample_ms=100, device_index=torch.device(service.device).index or 0).start()
+
+
 def run_request_benchmark(service, runs: int = 3, steps: int = 4, width: int = 256, height: int = 256,
                           edit: bool = False, should_stop=None, progress=None) -> dict:
     """Unoptimised vs the server's default vs everything it prepared, on the loaded model."""
@@ -194,14 +202,19 @@ def run_request_benchmark(service, runs: int = 3, steps: int = 4, width: int = 2
                 ("all", "everything prepared (incl. lossy: fp8, DPM-Solver++, step cache)",
                  {f: True for f in FLAG_TO_OPTIMIZATION})]
     rows = []
-    for key, label, flags in variants:
-        if progress:
-            progress(label)
-        req = InferenceRequest(**base, **flags)
-        if key == "all" and req.use_dpm_solver and "dpm_solver" in service.prepared:
-            req = req.model_copy(update={"steps": max(1, steps // 2)})  # the solver's point: half the steps
-        row = {"stage": key, "label": label, **time_request(service, req, image, runs, should_stop)}
-        rows.append(row)
+    sampler = clock_sampler(service)
+    try:
+        for key, label, flags in variants:
+            if progress:
+                progress(label)
+            req = InferenceRequest(**base, **flags)
+            if key == "all" and req.use_dpm_solver and "dpm_solver" in service.prepared:
+                req = req.model_copy(update={"steps": max(1, steps // 2)})  # the solver's point: half the steps
+            row = {"stage": key, "label": label, **time_request(service, req, image, runs, should_stop, sampler)}
+            rows.append(row)
+    finally:
+        if sampler is not None:
+            sampler.stop()
     _finish_rows(rows)
     return {"model": service.model.source, "synthetic": service.model.synthetic,
             "device": service.device_info.name, "workload": {"width": width, "height": height, "edit": edit,
@@ -240,9 +253,7 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
     image = _test_image(width, height) if edit else None
     L = seq_len_for(width, height, edit)
     transformer = service.transformer_variants["bf16"]
-    # an H100 at its power cap clocks down under sustained fp8 work: each row says what clocks its runs had
-    sampler = (ClockSampler(sample_ms=100, device_index=torch.device(service.device).index or 0).start()
-               if service.device_info.is_cuda else None)
+    sampler = clock_sampler(service)
     rows = []
     cumulative: list[str] = []
     try:

@@ -97,3 +97,25 @@ def test_a_broken_nvidia_smi_does_not_stop_the_benchmark(monkeypatch):
     assert sampler.unavailable == "nvidia-smi failed: exec format error"
     assert sampler.window(0, 1) == {"unavailable": "nvidia-smi failed: exec format error"}
     sampler.stop()  # nothing started: a no-op
+
+
+def test_the_request_benchmark_samples_clocks_and_stops_its_sampler(tiny_service, monkeypatch):
+    """GET /benchmark's rows carry the clocks of their timed runs, and the sampler's child process is stopped."""
+    import benchmark
+
+    class Sampler:
+        stopped = False
+
+        def window(self, t0, t1):
+            return {"samples": 1, "sm_mhz": {"median": 1980.0, "min": 1980.0, "max": 1980.0}}
+
+        def stop(self):
+            self.stopped = True
+
+    sampler = Sampler()
+    monkeypatch.setattr(benchmark, "clock_sampler", lambda service: sampler)
+    result = benchmark.run_request_benchmark(tiny_service, runs=1, steps=2, width=256, height=256)
+    assert [r["gpu_clocks"]["sm_mhz"]["median"] for r in result["rows"]] == [1980.0] * 3
+    assert sampler.stopped
+    monkeypatch.undo()
+    assert benchmark.clock_sampler(tiny_service) is None  # CPU: nothing to sample
