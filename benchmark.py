@@ -11,6 +11,7 @@ Protocol (DESIGN.md section 4): warm-up first (compile / capture reported separa
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -192,6 +193,17 @@ def clock_sampler(service) -> ClockSampler | None:
     return ClockSampler(sample_ms=100, device_index=torch.device(service.device).index or 0).start()
 
 
+@contextlib.contextmanager
+def sampling_clocks(service):
+    """clock_sampler's sampler (or None) for the duration of a benchmark; its nvidia-smi child stopped after."""
+    sampler = clock_sampler(service)
+    try:
+        yield sampler
+    finally:
+        if sampler is not None:
+            sampler.stop()
+
+
 def run_request_benchmark(service, runs: int = 3, steps: int = 4, width: int = 256, height: int = 256,
                           edit: bool = False, should_stop=None, progress=None) -> dict:
     """Unoptimised vs the server's default vs everything it prepared, on the loaded model."""
@@ -202,8 +214,7 @@ def run_request_benchmark(service, runs: int = 3, steps: int = 4, width: int = 2
                 ("all", "everything prepared (incl. lossy: fp8, DPM-Solver++, step cache)",
                  {f: True for f in FLAG_TO_OPTIMIZATION})]
     rows = []
-    sampler = clock_sampler(service)
-    try:
+    with sampling_clocks(service) as sampler:
         for key, label, flags in variants:
             if progress:
                 progress(label)
@@ -212,9 +223,6 @@ def run_request_benchmark(service, runs: int = 3, steps: int = 4, width: int = 2
                 req = req.model_copy(update={"steps": max(1, steps // 2)})  # the solver's point: half the steps
             row = {"stage": key, "label": label, **time_request(service, req, image, runs, should_stop, sampler)}
             rows.append(row)
-    finally:
-        if sampler is not None:
-            sampler.stop()
     _finish_rows(rows)
     return {"model": service.model.source, "synthetic": service.model.synthetic,
             "device": service.device_info.name, "workload": {"width": width, "height": height, "edit": edit,
@@ -253,10 +261,9 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
     image = _test_image(width, height) if edit else None
     L = seq_len_for(width, height, edit)
     transformer = service.transformer_variants["bf16"]
-    sampler = clock_sampler(service)
     rows = []
     cumulative: list[str] = []
-    try:
+    with sampling_clocks(service) as sampler:
         for stage in stage_plan():
             cumulative += stage.prepare  # a stage includes everything the stages before it prepared
             if stages is not None and stage.name not in stages:
@@ -286,9 +293,6 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
                 row["floor_ms_per_step"] = round(floor, 1)
                 row["floor_ratio"] = round(row["timings_ms"]["transformer_per_step"] / floor, 2)
             rows.append(row)
-    finally:
-        if sampler is not None:
-            sampler.stop()
     _finish_rows(rows)
     return {"workload": workload, "width": width, "height": height, "edit": edit, "seq_len": L,
             "model": service.model.source, "synthetic": service.model.synthetic, "device": service.device_info.name,

@@ -1,4 +1,4 @@
-"""Small shared helpers: image codec (decode untrusted input safely, encode output) and stage timing."""
+"""Small shared helpers: image codec (decode untrusted input safely, encode output) and GPU timing."""
 from __future__ import annotations
 
 import base64
@@ -141,3 +141,16 @@ def module_bytes(module) -> int:
 
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}  # shared tensors count once
     return sum(tensor_bytes(t) for t in tensors.values())
+
+
+def cuda_ms(fn) -> float:
+    """Milliseconds of the GPU work `fn` enqueues: CUDA events recorded around it, then a wait for it to finish.
+    The tools' one way of timing a single call or graph replay."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)

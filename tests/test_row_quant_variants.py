@@ -66,7 +66,7 @@ def test_norm_layouts_match_the_kernel_in_use(case):
 def test_probe_runs_the_steps_266_gemms():
     """19 double blocks x 2 streams x 4 linears + 38 single blocks x 3 (the fused input projection and proj_out's
     two halves): the count of _scaled_mm calls per step in the model's profile."""
-    for image in probe.IMAGE.values():
+    for image in probe.IMAGE_TOKENS.values():
         gemms = probe.step_gemms(image)
         assert sum(c for *_, c in gemms) == 266
         assert (image + probe.TEXT, probe.D, 3 * probe.D + probe.MLP, probe.SINGLE) in gemms
@@ -80,5 +80,5 @@ def test_kernel_tools_take_their_row_counts_from_the_workloads():
     import benchmark
 
     assert benchmark.IMAGE_TOKENS == {"edit-1024": 8192, "t2i-1024": 4096, "edit-512": 2048}
-    for tokens in (rq.TOKENS, probe.IMAGE, bench_norm_quant.IMAGE_TOKENS, bench_qk_norm_rope.IMAGE_TOKENS):
+    for tokens in (rq.TOKENS, probe.IMAGE_TOKENS, bench_norm_quant.IMAGE_TOKENS, bench_qk_norm_rope.IMAGE_TOKENS):
         assert dict(tokens) == benchmark.IMAGE_TOKENS

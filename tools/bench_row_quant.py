@@ -11,9 +11,10 @@ times the kernels in use in optimizations/ against other layouts of the same com
   two tensors): in use, the row as three unpadded 1,024-wide chunks (fp8_norm_quant.py's chunked kernel) on its own
   warps and others; the padded layout before it (1 row x 4 warps, each row padded to 4,096 lanes) and other
   (rows per program, warps).
-The chunked layouts were adopted from this tool's H100 figures, then taken for the norm's plain case only
-(BENCHMARKS.md, "The fp8 row-quantisation kernels: other layouts"). Timing: each variant is captured 20 times in a CUDA graph over rotating inputs larger than L2 (so
-the reads come from HBM, as in the model, where the input is a GEMM's output of 25-200 MB), median of 7 replays.
+The chunked layouts in use were chosen from this tool's H100 figures (BENCHMARKS.md, "The fp8 row-quantisation
+kernels: other layouts" and "power cap"). Timing: each variant is captured 20 times in a CUDA graph over rotating
+inputs larger than L2 (so the reads come from HBM, as in the model, where the input is a GEMM's output of 25-200
+MB), median of 7 replays.
 Each variant's fp8 values and scales are compared with the kernel in use (`matches` in each row; the tool exits
 non-zero when one does not): the GELU variants must match bit for bit; the norm variants may differ by one fp8 step
 in a few values (NORM_MAX_MISMATCH) and by NORM_SCALE_RTOL in the scales, where fp32 sums in another order round
@@ -39,6 +40,7 @@ from benchmark import IMAGE_TOKENS  # noqa: E402
 from optimizations import fp8_norm_quant  # noqa: E402
 from optimizations.fp8_gelu_quant import (_gelu_quant_chunks_kernel, _gelu_quant_rows_kernel,  # noqa: E402
                                           launch_gelu_quant_chunks)
+from utils import cuda_ms  # noqa: E402
 
 GELU_K, NORM_K, TEXT = 12288, 3072, 512
 # How far a norm variant may be from the kernel in use: fp32 sums in another order move an fp8 value by one step in
@@ -82,15 +84,7 @@ def graph_us(launch, n_inputs: int, calls: int = 20, replays: int = 7) -> float:
             launch(i % n_inputs)
     g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
+    return statistics.median(cuda_ms(g.replay) * 1000 / calls for _ in range(replays))
 
 
 def n_rotating(bytes_per_input: int, l2: int = 50 * 2**20) -> int:

@@ -29,6 +29,7 @@ import model_sources  # noqa: E402
 from optimizations.cuda_graphs import CudaGraphEncoder  # noqa: E402
 from patches import t5_contiguous_position_bias  # noqa: E402
 from profile_step import category  # noqa: E402
+from utils import cuda_ms  # noqa: E402
 
 
 SMALL = dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, vocab_size=1000)  # CPU smoke test
@@ -64,12 +65,7 @@ def time_ms(fn, runs: int = 20) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1000)
             continue
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(cuda_ms(fn))
     return round(statistics.median(times), 3)
 
 

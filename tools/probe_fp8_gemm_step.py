@@ -22,9 +22,9 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from benchmark import IMAGE_TOKENS  # noqa: E402
+from utils import cuda_ms  # noqa: E402
 
 D, MLP, TEXT, DOUBLE, SINGLE = 3072, 12288, 512, 19, 38
-IMAGE = IMAGE_TOKENS  # image tokens per workload
 
 
 def step_gemms(image: int) -> list[tuple[int, int, int, int]]:
@@ -39,14 +39,14 @@ def step_gemms(image: int) -> list[tuple[int, int, int, int]]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--workload", default="edit-512", choices=sorted(IMAGE))
+    p.add_argument("--workload", default="edit-512", choices=sorted(IMAGE_TOKENS))
     p.add_argument("--dtype", default="fp8", choices=["fp8", "bf16"],
                    help="bf16: the exact tier's GEMMs (F.linear with bias, which torch runs through cuBLASLt)")
     p.add_argument("--out")
     args = p.parse_args()
     torch.manual_seed(0)
     calls = []
-    for m, k, n, count in step_gemms(IMAGE[args.workload]):
+    for m, k, n, count in step_gemms(IMAGE_TOKENS[args.workload]):
         dtype = torch.float8_e4m3fn if args.dtype == "fp8" else torch.bfloat16
         a = torch.randn(m, k, device="cuda").to(dtype)
         w = torch.randn(n, k, device="cuda").to(dtype).t()
@@ -79,14 +79,7 @@ def main() -> None:
         one_step()
     g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0.record()
-        g.replay()
-        t1.record()
-        torch.cuda.synchronize()
-        times.append(t0.elapsed_time(t1))
+    times = [cuda_ms(g.replay) for _ in range(7)]
     result = {"workload": args.workload, "dtype": args.dtype, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "CUBLASLT_WORKSPACE_SIZE": os.environ.get("CUBLASLT_WORKSPACE_SIZE", "(default)"),
               "gemms_per_step": len(calls), "graph_ms_per_step": round(statistics.median(times), 3),

@@ -40,6 +40,7 @@ from gpu_clocks import ClockSampler  # noqa: E402
 from profile_step import add_model_and_workload_args, parse_flags, workload_request  # noqa: E402
 from schemas import InferenceRequest  # noqa: E402
 from service import FluxService, ServiceConfig  # noqa: E402
+from utils import cuda_ms  # noqa: E402
 
 def summarise_calls(ms: list[float]) -> dict:
     return {"calls": len(ms), "median_ms": round(statistics.median(ms), 2), "min_ms": round(min(ms), 2),
@@ -70,12 +71,7 @@ def time_calls(call, n: int, cuda: bool, gap_s: float = 0.0) -> list[float]:
     for _ in range(n):
         torch.cuda.synchronize()
         time.sleep(gap_s)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        torch.cuda.synchronize()
-        out.append(start.elapsed_time(end))
+        out.append(cuda_ms(call))
     return out
 
 
