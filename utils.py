@@ -1,4 +1,4 @@
-"""Small shared helpers: image codec (decode untrusted input safely, encode output) and GPU timing."""
+"""Small shared helpers: image codec (decode untrusted input safely, encode output), stage timing and CUDA-event timing."""
 from __future__ import annotations
 
 import base64

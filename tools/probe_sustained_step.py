@@ -42,6 +42,7 @@ from schemas import InferenceRequest  # noqa: E402
 from service import FluxService, ServiceConfig  # noqa: E402
 from utils import cuda_ms  # noqa: E402
 
+
 def summarise_calls(ms: list[float]) -> dict:
     return {"calls": len(ms), "median_ms": round(statistics.median(ms), 2), "min_ms": round(min(ms), 2),
             "max_ms": round(max(ms), 2), "first5_median_ms": round(statistics.median(ms[:5]), 2),
