@@ -64,3 +64,15 @@ class Optimization:
     def activate(self, run: RunContext) -> tuple[ContextManager, str]:
         """Per-request selection: a context that applies it for this call only, and the detail to report."""
         return contextlib.nullcontext(), "applied"
+
+
+def bind_forward(module, fn) -> None:
+    """Give one module instance its own forward: `module.forward = fn` bound to it.
+
+    fn is renamed "forward": torch's guard serialiser (used when a compiled region is saved whole, aot_regions.py)
+    finds a bound method again as getattr(owner, method.__func__.__name__), and fails on any other name.
+    """
+    import types
+
+    fn.__name__ = "forward"
+    module.forward = types.MethodType(fn, module)

@@ -34,11 +34,11 @@ the unfused fp8 copy.
 from __future__ import annotations
 
 import functools
-import types
 
 import torch
 import torch.nn.functional as F
 
+from .base import bind_forward
 from .compile_cache import switched_off
 from .fp8_linear import Fp8Linear, Fp8Rows, quantize_rows
 from .qk_norm_rope import FusedQKNormRopeProcessor, triton_cdiv
@@ -352,7 +352,7 @@ def fuse_norm_quantisation(transformer: torch.nn.Module) -> str:
             if processor is None:  # one per transformer, keeping its attention backend
                 processor = Fp8OutputProcessor()
                 processor._attention_backend = block.attn.processor._attention_backend
-            block.forward = types.MethodType(forward, block)
+            bind_forward(block, forward)
             block.attn.set_processor(processor)
             done[kind] += 1
     note = (f"LayerNorm + modulation (+ residual) + fp8 quantisation in one Triton pass, and the attention output "

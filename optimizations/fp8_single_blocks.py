@@ -14,10 +14,10 @@ original block) and `FLUX_FP8_SPLIT_PROJ_OUT=0` turns it off for A/B runs.
 """
 from __future__ import annotations
 
-import types
 
 import torch
 
+from .base import bind_forward
 from .compile_cache import switched_off
 
 VERIFIED_DIFFUSERS = "0.42.1"
@@ -73,6 +73,6 @@ def split_single_block_proj_out(transformer: torch.nn.Module) -> str:
     for block in getattr(transformer, "single_transformer_blocks", []):
         if isinstance(block.proj_out, torch.nn.Linear):
             block.proj_out = SplitProjOut(block.proj_out, block.proj_out.out_features)  # attention output is `dim`
-            block.forward = types.MethodType(_forward_without_concat, block)
+            bind_forward(block, _forward_without_concat)
             n += 1
     return f"{n} single blocks without the proj_out concatenation"

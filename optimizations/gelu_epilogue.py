@@ -28,11 +28,11 @@ On CPU (tests) the forwards compute exactly what diffusers' do.
 """
 from __future__ import annotations
 
-import types
 
 import torch
 import torch.nn.functional as F
 
+from .base import bind_forward
 from .compile_cache import switched_off
 
 ENV = "FLUX_BF16_GELU_EPILOGUE"
@@ -77,14 +77,14 @@ def install(transformer: torch.nn.Module) -> str:
         for ff in (block.ff, block.ff_context):
             act = ff.net[0]
             if _is_tanh_gelu_module(act) and "forward" not in act.__dict__:
-                act.forward = types.MethodType(_ff_input_forward, act)
+                bind_forward(act, _ff_input_forward)
                 n += 1
     for block in getattr(transformer, "single_transformer_blocks", []):
         act, proj = block.act_mlp, block.proj_mlp
         if isinstance(act, torch.nn.GELU) and act.approximate == "tanh" and type(proj) is torch.nn.Linear \
                 and "forward" not in act.__dict__:
-            proj.forward = types.MethodType(_linear_with_gelu_forward, proj)
-            act.forward = types.MethodType(_identity_forward, act)
+            bind_forward(proj, _linear_with_gelu_forward)
+            bind_forward(act, _identity_forward)
             n += 1
     return f"GELU in the GEMM epilogue (cuBLASLt) for {n} FF / MLP input linears (off with {ENV}=0)"
 

@@ -73,6 +73,15 @@ class TableState:
     def __deepcopy__(self, memo):  # shared, never copied: the fp8 copy of the transformer uses the same table
         return self
 
+    def __getstate__(self) -> dict:
+        # Pickled only by torch's guard serialiser when a compiled block is saved whole (aot_regions.py): it walks
+        # what a block reads. The compiled code reads the tensors; the host-side bookkeeping stays out, above all
+        # `timesteps`, a closure over the pipeline (and whatever a request has swapped into it, e.g. CUDA events).
+        return {k: v for k, v in self.__dict__.items() if k not in ("timesteps", "entries")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, timesteps=None, entries={})
+
     def reset(self) -> None:
         """Drop all rows. Conditionings keep their call counts (a long request refills from its current step);
         those idle for a whole epoch are forgotten."""
