@@ -297,7 +297,8 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
     return {"workload": workload, "width": width, "height": height, "edit": edit, "seq_len": L,
             "model": service.model.source, "synthetic": service.model.synthetic, "device": service.device_info.name,
             "torch": torch.__version__, "code_switches": code_switches(), "runs": runs,
-            "clock_fields": sampler.fields if sampler is not None else None, "rows": rows}
+            "clock_fields": sampler.fields if sampler is not None else None,
+            "compiled_regions": service.registry["compile"].aot_stats.as_dict(), "rows": rows}
 
 
 def to_markdown(result: dict) -> str:
@@ -319,6 +320,11 @@ def to_markdown(result: dict) -> str:
             f"{r.get('floor_ratio', '-')} | {clocks_cell(r.get('gpu_clocks'))} | {fid_s} |")
     if result.get("code_switches"):  # an A/B run: say so under its table
         lines.append("\nswitches: " + ", ".join(f"{k}={v}" for k, v in result["code_switches"].items()))
+    regions = result.get("compiled_regions") or {}
+    if regions.get("compiled") or regions.get("loaded") or regions.get("notes"):
+        lines.append(f"\nsaved compiled regions: {regions.get('compiled', 0)} compiled, {regions.get('loaded', 0)} "
+                     f"loaded, {regions.get('to_dynamo', 0)} left to dynamo"
+                     + "".join(f"\n- {n}" for n in regions.get("notes", [])))
     return "\n".join(lines)
 
 

@@ -247,6 +247,8 @@ class FluxService:
             self.prepared[name] = self.registry[name].prepare(self)
             self.prepare_seconds[name] = time.perf_counter() - t0
             log.info("prepared %s in %.1f s: %s", name, self.prepare_seconds[name], self.prepared[name])
+        if names and "compile" in self.prepared:  # saved compiled regions follow blocks changed since compile
+            self.registry["compile"].refresh(self)
         # Weights each variant holds (fp8: fp8 data + scales + the linears kept in bf16), measured from its tensors
         # once here, where variants appear and QKV fusion frees weights, not on every /health poll.
         self.transformer_variant_bytes = {name: module_bytes(m) for name, m in self.transformer_variants.items()}
@@ -528,6 +530,7 @@ class FluxService:
                                      "saves": self.compile_cache.saves,
                                      "saves_skipped": self.compile_cache.saves_skipped,
                                      "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
+                                     "aot_regions": self.registry["compile"].aot_stats.as_dict(),
                                      **self.compile_cache.counters()}
         info["bytecode_cache"] = bytecode_cache.status
         info["cublaslt_workspace"] = cublaslt_workspace.status

@@ -13,12 +13,11 @@ shape); the service runs that call as a reported warm-up, never inside a request
 """
 from __future__ import annotations
 
-import types
 
 import torch
 
-from . import gelu_epilogue
-from .base import Optimization
+from . import aot_regions, gelu_epilogue
+from .base import Optimization, bind_forward
 
 # The seed's inductor flags (flux-fast uses the same set). conv_1x1_as_mm helps the VAE's 1x1 convolutions;
 # epilogue fusion off avoids slow fused epilogues on some shapes; shape padding aligns GEMM shapes. Coordinate
@@ -100,7 +99,7 @@ def canonical_single_block_outputs(module: torch.nn.Module) -> int:
         if getattr(block.forward, "__func__", None) is _single_block_forward_canonical:
             continue
         block._forward_before_canonical_strides = block.forward
-        block.forward = types.MethodType(_single_block_forward_canonical, block)
+        bind_forward(block, _single_block_forward_canonical)
         n += 1
     return n
 
@@ -116,14 +115,37 @@ class Compile(Optimization):
         if inductor_flags not in INDUCTOR_PRESETS:
             raise ValueError(f"inductor flags preset must be one of {sorted(INDUCTOR_PRESETS)}")
         self.mode, self.inductor_flags, self.compile_vae, self.scope = mode, inductor_flags, compile_vae, scope
+        self.aot: dict | None = None  # where compiled regions are saved whole (aot_regions), set by prepare
+        self.aot_stats = aot_regions.Stats()  # this service's loads / compiles, for /health
+        self.aot_regions: dict = {}  # block structure -> its region, shared by the transformer variants
 
     def compile_transformer(self, module: torch.nn.Module) -> None:
         kwargs = dict(mode=self.mode, fullgraph=True, dynamic=False)
         canonical_single_block_outputs(module)  # one compiled single-block graph instead of two
-        if self.scope == "regional":
+        if self.scope == "regional" and self.aot is not None:
+            aot_regions.install_blocks(module, self.aot["directory"], self.aot["key"], kwargs, self.aot_stats,
+                                       self.aot_regions)
+        elif self.scope == "regional":
             module.compile_repeated_blocks(**kwargs)
         else:
             module.compile(**kwargs)
+
+    def refresh(self, service) -> None:
+        """After another optimisation changed prepared blocks (the benchmark prepares stage by stage): a block whose
+        structure changed moves to a new region (dynamo's guards do this for in-place compile)."""
+        if self.aot is not None:
+            for module in service.transformer_variants.values():
+                self.compile_transformer(module)  # re-routes only the blocks that changed
+
+    def aot_unavailable(self, service) -> str | None:
+        """None when regions can be saved whole (aot_regions), else why dynamo compiles them in place."""
+        if not aot_regions.enabled():
+            return f"{aot_regions.ENV}=0"
+        if self.scope != "regional":
+            return "the full-scope compile is one dynamo graph of the whole transformer"
+        if getattr(service, "compile_cache", None) is None:
+            return "no compile cache directory"
+        return aot_regions.unsupported_reason()
 
     def prepare(self, service) -> str:
         apply_inductor_flags(self.inductor_flags)
@@ -133,14 +155,21 @@ class Compile(Optimization):
             gelu_note = "; " + gelu_epilogue.install(service.transformer_variants["bf16"])
         # Static shapes: one specialised graph per resolution (the fastest kernels); a server sees few sizes.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        aot_reason = self.aot_unavailable(service)
+        self.aot = None if aot_reason else {"directory": service.compile_cache.path.parent / "aot",
+                                            "key": service.compile_cache.key}
         for module in service.transformer_variants.values():
             self.compile_transformer(module)
         if self.compile_vae:
             # Encode too: the reference image of an edit goes through the encoder every request (15 ms at 512x512,
             # 63-75 ms at 1024x1024 eager on the H100). Both compile to one graph each (checked with dynamo's explain).
+            # Dynamo's, also with saved regions: a saved VAE function did not load back (torch 2.13 cannot pickle
+            # diffusers' decorated encode / decode, and the unwrapped one needs globals that dynamo names by id).
             service.vae_encode_compiled = torch.compile(service.vae_encode_eager, mode=self.mode, dynamic=False)
             service.vae_decode_compiled = torch.compile(service.vae_decode_eager, mode=self.mode, dynamic=False)
+        aot_note = (f"; transformer blocks saved whole and loaded without dynamo on a warm start ({aot_regions.ENV})"
+                    if self.aot else f"; regions traced by dynamo on every start ({aot_reason})")
         return (f"torch.compile {self.scope} (mode={self.mode}, fullgraph, static shapes; inductor flags "
-                + self.inductor_flags + ")"
+                + self.inductor_flags + ")" + aot_note
                 + ("; VAE encode and decode compiled" if self.compile_vae else "") + gelu_note
                 + " (load-time, always on)")

@@ -432,20 +432,52 @@ COMPILE_SCRIPT = textwrap.dedent("""
     print("RESULT", json.dumps(dict(ready_s=ready, cache=svc.health()["compile_cache"],
           applied=res.optimizations["compile"].applied, eager_applied=eager.optimizations["compile"].applied,
           compiled_blocks=sum(m._compiled_call_impl is not None for m in svc.pipe.transformer.modules()),
-          graphs=int(counters["stats"]["unique_graphs"]),
+          graphs=int(counters["stats"]["unique_graphs"]), detail=svc.prepared["compile"],
+          latents_sum=float(res.latents.double().sum()),
           max_diff=float((res.latents - eager.latents).abs().max()))))
 """)
 
 
 
+def _run_compile_script(script: str, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_saved_regions_load_in_a_second_process_without_dynamo(tmp_path):
+    """The default path (optimizations/aot_regions.py): the first process compiles each block kind whole and saves
+    it, the second loads both packages, traces nothing with dynamo, and computes the same latents."""
+    import model_sources
+
+    model_sources.ensure_tiny_saved(tmp_path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = COMPILE_SCRIPT.format(root=root, cache=str(tmp_path))
+    env = {k: v for k, v in os.environ.items() if k != "FLUX_AOT_REGIONS"}
+    first = _run_compile_script(script, dict(env, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")))
+    second = _run_compile_script(script, dict(env, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor")))
+    regions1, regions2 = first["cache"]["aot_regions"], second["cache"]["aot_regions"]
+    assert (regions1["compiled"], regions1["saved"], regions1["loaded"]) == (2, 2, 0), regions1
+    assert (regions2["compiled"], regions2["loaded"], regions2["to_dynamo"]) == (0, 2, 0), regions2
+    assert "saved whole" in first["detail"]
+    assert second["graphs"] == 0  # dynamo traced nothing (the VAE is not compiled in this script)
+    assert first["compiled_blocks"] == second["compiled_blocks"] == 3
+    assert first["max_diff"] < 1e-4 and second["latents_sum"] == first["latents_sum"]
+    print(f"compile cold start {first['ready_s']:.1f} s, loaded {second['ready_s']:.1f} s")
+
+
 @pytest.mark.slow
 def test_compile_and_cache_artifacts_are_reused_by_a_second_process(tmp_path, cache_dir):
+    """Dynamo's path with the mega-cache (FLUX_AOT_REGIONS=0; the VAE and any region that cannot be saved whole
+    take it by default)."""
     import model_sources
 
     model_sources.ensure_tiny_saved(tmp_path)  # a fresh cache dir: the first process must miss
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = COMPILE_SCRIPT.format(root=root, cache=str(tmp_path))
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-1"))
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-1"), FLUX_AOT_REGIONS="0")
 
     def run(env):
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
@@ -461,7 +493,7 @@ def test_compile_and_cache_artifacts_are_reused_by_a_second_process(tmp_path, ca
     assert first["cache"]["saved_bytes"] > 0
     assert first["max_diff"] < 1e-4  # compiled output matches eager
     # A different inductor cache dir: only the saved mega-cache file can make the second start warm.
-    second = run(dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-2")))
+    second = run(dict(env, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-2")))
     assert second["cache"]["loaded"] is True and second["cache"]["key"] == first["cache"]["key"]
     print(f"compile cold start {first['ready_s']:.1f} s, with cache {second['ready_s']:.1f} s")
     # Inductor's own counters: the first process compiled (misses), the second took every graph from the cache.
