@@ -296,27 +296,25 @@ def test_dpm_and_fp8_and_graphs_together_are_finite(full_service):
     _record("fast_tier_512_t2i_timings_ms", res.timings_ms)
 
 
-def test_compile_cache_hit_on_second_start_gpu(tmp_path):
-    """Tiny model on the GPU (a full-size compile takes minutes): the second process loads the saved artifacts."""
-    import subprocess
-    import sys
-
-    from tests.test_optimizations import COMPILE_SCRIPT
+def _two_gpu_starts(tmp_path, envs: list[dict]) -> list[dict]:
+    """test_optimizations' compile script on the GPU, once per environment, each a fresh process. With the
+    FA3-class attention prepared too: diffusers' cuDNN backend puts torch's sdpa_kernel helpers into the block
+    graphs, which AOTAutograd's cache bypassed until compile marked them (optimizations/compile.py)."""
+    from tests.test_optimizations import COMPILE_SCRIPT, _run_compile_script
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # With the FA3-class attention prepared too: diffusers' cuDNN backend puts torch's sdpa_kernel helpers into the
-    # block graphs, which AOTAutograd's cache bypassed until compile marked them (optimizations/compile.py).
     script = (COMPILE_SCRIPT.format(root=root, cache=str(tmp_path)).replace('device="cpu"', 'device="cuda"')
               .replace('svc.prepare(["compile"])', 'svc.prepare(["attention", "compile"])'))
     assert 'svc.prepare(["attention", "compile"])' in script
-    results = []
-    for i in range(2):  # dynamo's path with the mega-cache (the VAE's, and any region not saved whole)
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor-{i}"), FLUX_AOT_REGIONS="0")
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=500)
-        assert out.returncode == 0, out.stderr[-3000:]
-        line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
-        results.append(json.loads(line[len("RESULT "):]))
-    first, second = results
+    return [_run_compile_script(script, env) for env in envs]
+
+
+def test_compile_cache_hit_on_second_start_gpu(tmp_path):
+    """Tiny model on the GPU (a full-size compile takes minutes): the second process loads the saved artifacts.
+    Dynamo's path with the mega-cache (the VAE's, and any region not saved whole)."""
+    first, second = _two_gpu_starts(tmp_path, [
+        dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor-{i}"), FLUX_AOT_REGIONS="0")
+        for i in range(2)])
     _record("compile_cache_gpu_tiny", {"first_ready_s": round(first["ready_s"], 1),
                                        "second_ready_s": round(second["ready_s"], 1),
                                        "first": first["cache"], "second": second["cache"]})
@@ -334,23 +332,9 @@ def test_compile_cache_hit_on_second_start_gpu(tmp_path):
 def test_saved_regions_load_on_second_start_gpu(tmp_path):
     """The default path on the GPU (tiny model, attention + compile): the second process loads each block kind's
     saved package, dynamo traces nothing, and the latents are bit-identical to the first process's."""
-    import subprocess
-    import sys
-
-    from tests.test_optimizations import COMPILE_SCRIPT
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = (COMPILE_SCRIPT.format(root=root, cache=str(tmp_path)).replace('device="cpu"', 'device="cuda"')
-              .replace('svc.prepare(["compile"])', 'svc.prepare(["attention", "compile"])'))
     env = {k: v for k, v in os.environ.items() if k != "FLUX_AOT_REGIONS"}
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
-    results = []
-    for _ in range(2):
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=500)
-        assert out.returncode == 0, out.stderr[-3000:]
-        line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
-        results.append(json.loads(line[len("RESULT "):]))
-    first, second = results
+    first, second = _two_gpu_starts(tmp_path, [env, env])
     _record("saved_regions_gpu_tiny", {"first_ready_s": round(first["ready_s"], 1),
                                        "second_ready_s": round(second["ready_s"], 1),
                                        "first": first["cache"]["aot_regions"],

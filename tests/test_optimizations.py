@@ -479,13 +479,7 @@ def test_compile_and_cache_artifacts_are_reused_by_a_second_process(tmp_path, ca
     script = COMPILE_SCRIPT.format(root=root, cache=str(tmp_path))
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-1"), FLUX_AOT_REGIONS="0")
 
-    def run(env):
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
-        return json.loads(line[len("RESULT "):])
-
-    first = run(env)
+    first = _run_compile_script(script, env)
     assert first["applied"] and not first["eager_applied"]
     assert first["compiled_blocks"] == 3  # regional: the tiny model's 1 double + 2 single blocks
     assert first["graphs"] == 2  # one per block kind (the single block is not compiled a second time)
@@ -493,7 +487,7 @@ def test_compile_and_cache_artifacts_are_reused_by_a_second_process(tmp_path, ca
     assert first["cache"]["saved_bytes"] > 0
     assert first["max_diff"] < 1e-4  # compiled output matches eager
     # A different inductor cache dir: only the saved mega-cache file can make the second start warm.
-    second = run(dict(env, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-2")))
+    second = _run_compile_script(script, dict(env, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor-2")))
     assert second["cache"]["loaded"] is True and second["cache"]["key"] == first["cache"]["key"]
     print(f"compile cold start {first['ready_s']:.1f} s, with cache {second['ready_s']:.1f} s")
     # Inductor's own counters: the first process compiled (misses), the second took every graph from the cache.

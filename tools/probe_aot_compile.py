@@ -33,14 +33,12 @@ def phase(mode: str, art: str, device: str) -> dict:
              generator=torch.Generator(device).manual_seed(0))
     for h in hs:
         h.remove()
-    from torch._dynamo.guards import CheckFunctionManager as CFM
+    from optimizations.aot_regions import _serialisable_guards
 
-    bad = set(CFM.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
     dropped = []
 
-    def guard_filter(entries):
-        keep = [not (e.is_global or e.guard_type in bad or bad.intersection(e.derived_guard_types or ()))
-                for e in entries]
+    def guard_filter(entries):  # the service's filter, recording the local guards it drops
+        keep = _serialisable_guards(entries)
         dropped.extend(f"{e.guard_type} {e.name}" for e, k in zip(entries, keep) if not k and not e.is_global)
         return keep
 
