@@ -197,7 +197,7 @@ class AOTRegion:
         self.prefix = f"{name}-{_digest(cache_key, code_key(), structure, self.compile_kwargs)}"
         self.entries: dict[tuple, Any] = {}  # signature -> loaded or compiled package (None: dynamo's)
         self.checked: dict[tuple, bool] = {}  # (id(owner), signature) -> the package's guards pass
-        self._dynamo: dict[int, Callable] = {}  # id(owner) -> torch.compile of that owner's method
+        self._dynamo: dict[tuple, Callable] = {}  # (id(owner), function) -> torch.compile of that bound method
 
     # -- the call path ------------------------------------------------------------------------------------------
     def __call__(self, bound: Callable, *args, **kwargs):
@@ -228,9 +228,11 @@ class AOTRegion:
         return entry(owner, *args, **kwargs)
 
     def dynamo(self, bound: Callable) -> Callable:
-        fn = self._dynamo.get(id(bound.__self__))
+        # Keyed by the function too: a block's forward and its _call_impl (taken when it has hooks) are two compiles.
+        key = (id(bound.__self__), bound.__func__)
+        fn = self._dynamo.get(key)
         if fn is None:
-            fn = self._dynamo[id(bound.__self__)] = torch.compile(bound, **self.compile_kwargs)
+            fn = self._dynamo[key] = torch.compile(bound, **self.compile_kwargs)
         return fn
 
     # -- packages -----------------------------------------------------------------------------------------------

@@ -155,6 +155,25 @@ def test_a_failed_aot_compile_leaves_the_shape_to_dynamo(transformer, tmp_path):
     assert torch.equal(out, ref)
 
 
+def test_a_block_with_hooks_runs_them_after_a_dynamo_fallback(transformer, tmp_path):
+    """A block's forward and its _call_impl (taken once it has hooks) are separate dynamo compiles: the hook runs
+    even when the block's forward already went to dynamo."""
+    def backend(gm, example_inputs):
+        return gm.forward
+
+    model = copy.deepcopy(transformer)
+    _install(model, tmp_path, aot_regions.Stats(), kwargs=dict(backend=backend, fullgraph=False, dynamic=False))
+    seen = []
+    with torch.no_grad():
+        model(**_inputs(model))  # every block's forward compiled by dynamo (the backend cannot be packaged)
+        handle = model.transformer_blocks[0].register_forward_hook(lambda *a: seen.append(1))
+        try:
+            model(**_inputs(model))
+        finally:
+            handle.remove()
+    assert seen == [1]
+
+
 def test_a_stale_or_unreadable_package_is_compiled_again(transformer, tmp_path, monkeypatch):
     model = copy.deepcopy(transformer)
     _install(model, tmp_path, aot_regions.Stats())
