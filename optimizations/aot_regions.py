@@ -183,7 +183,6 @@ class Stats:
                 "notes": list(self.notes)}
 
 
-
 class AOTRegion:
     """One compiled function for owners of one structure: packages per input signature, on disk under `directory`.
 
@@ -270,11 +269,10 @@ class AOTRegion:
         t0 = time.perf_counter()
         kw = dict(self.compile_kwargs)
         mode = kw.pop("mode", None)
-        # torch.compile takes a mode or options, not both: the mode's options, plus the guard filter
-        options = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
-        options["guard_filter_fn"] = _serialisable_guards
-        if kw.get("backend", "inductor") != "inductor":
-            options = {"guard_filter_fn": _serialisable_guards}
+        # torch.compile takes a mode or options, not both: the guard filter, plus inductor's options for the mode
+        options = {"guard_filter_fn": _serialisable_guards}
+        if kw.get("backend", "inductor") == "inductor" and mode not in (None, "default"):
+            options.update(torch._inductor.list_mode_options(mode))
         try:
             with torch._dynamo.config.patch(enable_aot_compile=True):  # off by default on torch 2.11
                 entry = torch.compile(bound, options=options, **kw).aot_compile((args, kwargs))

@@ -13,7 +13,6 @@ shape); the service runs that call as a reported warm-up, never inside a request
 """
 from __future__ import annotations
 
-
 import torch
 
 from . import aot_regions, gelu_epilogue

@@ -14,7 +14,6 @@ original block) and `FLUX_FP8_SPLIT_PROJ_OUT=0` turns it off for A/B runs.
 """
 from __future__ import annotations
 
-
 import torch
 
 from .base import bind_forward

@@ -28,7 +28,6 @@ On CPU (tests) the forwards compute exactly what diffusers' do.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
