@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import aot_regions, gelu_epilogue
+from . import aot_regions, gelu_epilogue, split_proj_out
 from .base import Optimization, bind_forward
 
 # The seed's inductor flags (flux-fast uses the same set). conv_1x1_as_mm helps the VAE's 1x1 convolutions;
@@ -149,9 +149,11 @@ class Compile(Optimization):
     def prepare(self, service) -> str:
         apply_inductor_flags(self.inductor_flags)
         mark_graph_functions_cacheable()
-        gelu_note = ""
+        bf16_notes = ""
         if gelu_epilogue.enabled():  # the exact (bf16) transformer only; an fp8 copy takes it out again
-            gelu_note = "; " + gelu_epilogue.install(service.transformer_variants["bf16"])
+            bf16_notes = "; " + gelu_epilogue.install(service.transformer_variants["bf16"])
+        if split_proj_out.bf16_enabled():  # likewise; the fp8 copy splits its proj_out into two quantised halves
+            bf16_notes += "; " + split_proj_out.install_bf16(service.transformer_variants["bf16"])
         # Static shapes: one specialised graph per resolution (the fastest kernels); a server sees few sizes.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         aot_reason = self.aot_unavailable(service)
@@ -170,5 +172,5 @@ class Compile(Optimization):
                     if self.aot else f"; regions traced by dynamo on every start ({aot_reason})")
         return (f"torch.compile {self.scope} (mode={self.mode}, fullgraph, static shapes; inductor flags "
                 + self.inductor_flags + ")" + aot_note
-                + ("; VAE encode and decode compiled" if self.compile_vae else "") + gelu_note
+                + ("; VAE encode and decode compiled" if self.compile_vae else "") + bf16_notes
                 + " (load-time, always on)")

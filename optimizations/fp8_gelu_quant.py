@@ -135,7 +135,7 @@ def fuse_gelu_into_quantisation(transformer: torch.nn.Module) -> str:
                 ff.net[0], ff.net[2] = act.proj, GeluFp8Linear.from_torchao(out)
                 n += 1
     for block in getattr(transformer, "single_transformer_blocks", []):
-        mlp = getattr(block.proj_out, "mlp", None)  # a SplitProjOut (fp8_single_blocks.py)
+        mlp = getattr(block.proj_out, "mlp", None)  # a SplitProjOut (split_proj_out.py)
         if isinstance(block.act_mlp, torch.nn.GELU) and _tanh_gelu(block.act_mlp) \
                 and is_torchao_row_scaled_fp8(mlp):
             block.act_mlp, block.proj_out.mlp = torch.nn.Identity(), GeluFp8Linear.from_torchao(mlp)

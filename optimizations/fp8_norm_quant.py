@@ -17,7 +17,7 @@ cuDNN's (batch, heads, seq, head_dim) layout, then amax and cast) another 0.95 m
 - `quantize_heads`: reads the attention output in cuDNN's layout and writes contiguous fp8 rows.
 
 The rows travel as fp8_linear.Fp8Rows to the linears, which skip their own quantisation. So the blocks change: the
-double and single blocks' forwards below are diffusers 0.42.1's (the single one as fp8_single_blocks.py rewrites
+double and single blocks' forwards below are diffusers 0.42.1's (the single one as split_proj_out.py rewrites
 it) with the norms, the modulation and the attention residual before norm2 replaced by these calls, and their
 attention processor (Fp8OutputProcessor) returns the output as fp8 rows. Applied only on that diffusers version,
 only to the fp8 copy, and only to blocks whose consumers are all fp8 linears; `FLUX_FP8_FUSED_NORM=0` turns it off
@@ -240,7 +240,7 @@ def _double_block_forward(self, hidden_states, encoder_hidden_states, temb, imag
 def _single_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
                           joint_attention_kwargs=None):
     """FluxSingleTransformerBlock.forward (diffusers 0.42.1, proj_out's halves called directly as in
-    fp8_single_blocks.py) with the norm + modulation one kernel that reads the text and image rows in place and
+    split_proj_out.py) with the norm + modulation one kernel that reads the text and image rows in place and
     writes the fp8 rows that both the MLP and the attention projections take."""
     text_seq_len = encoder_hidden_states.shape[1]
     mod = _modulation(self.norm, temb)
@@ -315,14 +315,14 @@ def double_block_reason(block) -> str | None:
 
 
 def single_block_reason(block) -> str | None:
-    from .fp8_single_blocks import SplitProjOut
+    from .split_proj_out import SplitProjOut
 
     if not _plain_layer_norm(getattr(block.norm, "norm", None)):
         return "its AdaLN norm is not a LayerNorm without affine"
     if not (isinstance(block.proj_mlp, Fp8Linear) and _attention_inputs_fp8(block.attn, with_text=False)):
         return "its MLP / attention projections are not all fp8 linears behind the fused processor"
     if not (isinstance(block.proj_out, SplitProjOut) and isinstance(block.proj_out.attn, Fp8Linear)):
-        return "its proj_out is not split into fp8 halves (fp8_single_blocks.py)"
+        return "its proj_out is not split into fp8 halves (split_proj_out.py)"
     return None
 
 

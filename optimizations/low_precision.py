@@ -6,7 +6,7 @@
 - anywhere else: unavailable, with the reason. torchmx is not used (DESIGN.md: pins old deps, emulates only).
 
 Quantised: every token-wise linear of the 57 blocks (the single blocks' proj_out as two halves, see
-fp8_single_blocks.py; the linears after a GELU quantise their input in one fused pass, see fp8_gelu_quant.py;
+split_proj_out.py; the linears after a GELU quantise their input in one fused pass, see fp8_gelu_quant.py;
 torchao quantises, then every quantised linear becomes a plain module, see fp8_linear.py; the norms and the
 attention output hand the linears fp8 rows quantised in the same pass, see fp8_norm_quant.py);
 kept bf16: embedders, final projection, per-step modulation linears (see skip_module).
@@ -19,12 +19,12 @@ import copy
 
 import torch
 
-from . import gelu_epilogue
+from . import gelu_epilogue, split_proj_out
 from .base import DeviceInfo, Optimization
 from .fp8_gelu_quant import fuse_gelu_into_quantisation
 from .fp8_linear import unwrap_torchao_linears
 from .fp8_norm_quant import fuse_norm_quantisation
-from .fp8_single_blocks import split_single_block_proj_out
+from .split_proj_out import split_single_block_proj_out
 from .modulation_table import MODULATION_SUFFIXES
 
 
@@ -85,6 +85,7 @@ class LowPrecision(Optimization):
         finally:
             restore_compiled(saved)
         gelu_epilogue.remove(q)  # the bf16 GELU epilogue, if on: this copy fuses its GELU into the fp8 quantisation
+        split_proj_out.remove(q)  # the bf16 rewrite (weight views), if on: this copy splits proj_out itself, or not
         split_note = split_single_block_proj_out(q)  # before quantising: the two halves are quantised separately
         quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
         gelu_note = fuse_gelu_into_quantisation(q)  # after quantising: it takes torchao's fp8 weights

@@ -164,7 +164,7 @@ def fp8_tiny(cache_dir):
     """The tiny transformer as the low-precision optimisation prepares its fp8 copy (fused q/k norm processor, split
     single-block proj_out, every block linear an Fp8Linear), with modulation strong enough that a wrong shift, scale
     or gate shows; and the same model in fp32 before quantisation."""
-    from optimizations.fp8_single_blocks import split_single_block_proj_out
+    from optimizations.split_proj_out import split_single_block_proj_out
 
     svc = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="none", cache_dir=cache_dir))
     svc.load()

@@ -181,6 +181,9 @@ def test_compile_routes_vae_encode_and_decode_through_their_compiled_versions(ca
             return fn(*args, **kwargs)
         return compiled
 
+    # compile's bf16 rewrite of the single blocks reorders a sum (split_proj_out.py, tested on its own): off here,
+    # so that the compiled path runs exactly the eager code
+    monkeypatch.setenv("FLUX_BF16_SPLIT_PROJ_OUT", "0")
     svc = _service(cache_dir, "none")
     image = Image.new("RGB", (256, 256), (90, 140, 30))
     eager = svc.generate(InferenceRequest(**BASE), image, output_type="latent")
@@ -648,7 +651,7 @@ def test_fp8_quantises_every_token_wise_block_linear_and_keeps_the_rest_bf16(pla
 def test_single_blocks_without_concat_compute_the_same_thing(plain):
     """The fp8 copy's single blocks call proj_out's two halves instead of proj_out(cat(...)): same maths, checked on
     every single block of the tiny transformer and on the whole transformer (fp32 on CPU; summation order only)."""
-    from optimizations.fp8_single_blocks import SplitProjOut, split_single_block_proj_out
+    from optimizations.split_proj_out import SplitProjOut, split_single_block_proj_out
     from optimizations.low_precision import skip_module
 
     ref_model = plain.pipe.transformer
@@ -661,6 +664,79 @@ def test_single_blocks_without_concat_compute_the_same_thing(plain):
         torch.testing.assert_close(model(**inputs)[0], ref_model(**inputs)[0], rtol=1e-5, atol=1e-5)
     names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not skip_module(m, n)}
     assert {"single_transformer_blocks.0.proj_out.attn", "single_transformer_blocks.0.proj_out.mlp"} <= names
+
+
+def test_bf16_single_blocks_without_concat_keep_their_weights_and_come_out_of_a_copy(plain):
+    """The exact transformer's single blocks (split_proj_out.install_bf16, with compile) multiply by views of
+    proj_out's weight instead of building the concatenation: the same output (fp32 on CPU; summation order only),
+    the same state dict, idempotent, a deep copy calls its own block, and `remove` finds the rewrite also under
+    compile's stride wrapper (what the fp8 preparation's copy holds) and gives diffusers' forward back."""
+    from optimizations import split_proj_out
+    from optimizations.compile import canonical_single_block_outputs
+
+    ref_model = plain.pipe.transformer
+    model = copy.deepcopy(ref_model)
+    n = len(model.single_transformer_blocks)
+    assert split_proj_out.install_bf16(model).startswith(f"{n} single blocks without the proj_out concatenation")
+    assert split_proj_out.install_bf16(model).startswith("0 single blocks")  # idempotent
+    assert model.state_dict().keys() == ref_model.state_dict().keys()
+    assert all(type(b.proj_out) is torch.nn.Linear for b in model.single_transformer_blocks)
+    inputs = transformer_inputs(model, n_img=16, n_txt=8, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        expected = ref_model(**inputs)[0]
+        torch.testing.assert_close(model(**inputs)[0], expected, rtol=1e-5, atol=1e-5)
+        # the views are really used: a changed weight changes the output
+        w = model.single_transformer_blocks[-1].proj_out.weight
+        w[:, :4] += 1.0
+        assert not torch.allclose(model(**inputs)[0], expected, rtol=1e-3, atol=1e-3)
+        w[:, :4] -= 1.0
+    assert canonical_single_block_outputs(model) == n  # what compile_transformer does next
+    copied = copy.deepcopy(model)
+    block = copied.single_transformer_blocks[0]
+    assert block._forward_before_canonical_strides.__self__ is block  # rebound to the copy's block
+    assert split_proj_out.remove(copied) == n and split_proj_out.remove(copied) == 0
+    assert not any("forward" in b.__dict__ or "_forward_before_canonical_strides" in b.__dict__
+                   for b in copied.single_transformer_blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(**inputs)[0], expected, rtol=1e-5, atol=1e-5)
+    assert split_proj_out.remove(model) == n  # the original keeps it until asked
+
+
+def test_bf16_split_proj_out_is_on_with_compile_unless_switched_off_and_the_fp8_copy_splits_its_own(
+        cache_dir, monkeypatch):
+    """Compile installs the bf16 rewrite unless FLUX_BF16_SPLIT_PROJ_OUT=0 and says so; the fp8 preparation's copy
+    gets SplitProjOut halves (quantised separately), or, with FLUX_FP8_SPLIT_PROJ_OUT=0, diffusers' own forward on
+    its Linear, never the bf16 weight views."""
+    import torchao.quantization
+
+    from optimizations import low_precision, split_proj_out
+    from optimizations.compile import Compile
+
+    class Service:  # what Compile.prepare and LowPrecision.prepare touch
+        def __init__(self, transformer):
+            self.transformer_variants = {"bf16": transformer}
+            self.vae_encode_eager = self.vae_decode_eager = None
+            self.device_info, self.prepared, self.registry = H100, {}, {}
+
+    monkeypatch.setattr(torchao.quantization, "quantize_", lambda *a, **k: None)  # fp8 needs a GPU
+    svc = _service(cache_dir, "none")
+    t = svc.pipe.transformer
+    n = len(t.single_transformer_blocks)
+    monkeypatch.setenv(split_proj_out.BF16_ENV, "0")
+    assert "concatenation" not in Compile(compile_vae=False).prepare(Service(t))
+    assert split_proj_out.remove(t) == 0
+    monkeypatch.delenv(split_proj_out.BF16_ENV)
+    on = Service(t)
+    assert f"{n} single blocks without the proj_out concatenation" in Compile(compile_vae=False).prepare(on)
+    low_precision.LowPrecision().prepare(on)
+    fp8 = on.transformer_variants["fp8"]
+    assert all(isinstance(b.proj_out, split_proj_out.SplitProjOut) for b in fp8.single_transformer_blocks)
+    monkeypatch.setenv("FLUX_FP8_SPLIT_PROJ_OUT", "0")
+    low_precision.LowPrecision().prepare(on)
+    fp8 = on.transformer_variants["fp8"]
+    assert all(type(b.proj_out) is torch.nn.Linear and "forward" not in b.__dict__
+               for b in fp8.single_transformer_blocks)
+    assert split_proj_out.remove(t) == n  # the bf16 transformer kept it
 
 
 def test_gelu_epilogue_rewrite_is_exact_on_cpu_and_comes_out_of_a_copy(plain):
@@ -739,7 +815,7 @@ def test_benchmark_records_the_ab_switches_it_ran_with(plain, monkeypatch):
 def test_single_block_rewrite_is_skipped_and_says_why(plain, monkeypatch):
     import diffusers
 
-    from optimizations.fp8_single_blocks import split_single_block_proj_out
+    from optimizations.split_proj_out import split_single_block_proj_out
 
     model = copy.deepcopy(plain.pipe.transformer)
     monkeypatch.setenv("FLUX_FP8_SPLIT_PROJ_OUT", "0")
