@@ -18,8 +18,10 @@ otherwise the region compiles again. A package that fails to load compiles again
 or save leaves that signature to dynamo (`torch.compile` in place, as without this module). Nothing here can fail
 a request that plain compile would have served.
 
-The VAE stays with dynamo: torch cannot pickle diffusers' decorated encode / decode, and a package of the
-undecorated one needs globals that dynamo names by object id, which a new process cannot supply.
+The VAE's encoder and decoder modules are regions too (`install_modules`), called by diffusers' own encode /
+decode, which stay eager: a package of those decorated methods could not be pickled (torch 2.13), and one of the
+undecorated function needed globals that dynamo names by object id, which a new process cannot supply. What runs
+outside the two modules is a few small tensor ops (the latent distribution's split, the output dataclass).
 
 Guards: the package keeps dynamo's serialisable guards (tensor shapes, strides and dtypes of the inputs and
 parameters, constants) and drops what cannot be serialised: globals and identity guards, such as the attention
@@ -27,7 +29,7 @@ processor's `__call__`. Every such object is fixed at load time by the prepared 
 file name. The kept guards are checked once per (owner, signature), the first time an owner (a block) meets it;
 after that a call costs a signature lookup. So a block must not change under its region: `module_structure`
 fingerprints what the code depends on beyond the inputs (module tree, parameter shapes, instance forwards,
-attention processors), and `install_blocks`, run again after every prepare, moves a changed block to a new region.
+attention processors), and `install_modules`, run again after every prepare, moves a changed block to a new region.
 
 `torch.compiler.set_stance` is honoured as dynamo honours it: "force_eager" (the service's --new-shapes eager)
 runs the block's own code, "eager_on_recompile" loads saved packages but compiles nothing.
@@ -55,6 +57,13 @@ CODE_DIRS = ("optimizations", "patches")  # our code that can run inside a compi
 
 def enabled() -> bool:
     return os.environ.get(ENV, "1") != "0"
+
+
+VAE_ENV = "FLUX_AOT_VAE"  # "0": the VAE's encode / decode compile with dynamo, as before it was saved too (A/B)
+
+
+def vae_enabled() -> bool:
+    return enabled() and os.environ.get(VAE_ENV, "1") != "0"
 
 
 def unsupported_reason() -> str | None:
@@ -118,7 +127,7 @@ def _simple_attrs(obj: Any) -> tuple:
 
 def module_structure(module: torch.nn.Module) -> str:
     """What a block's compiled code depends on besides its inputs: the module tree, every parameter's and buffer's
-    shape and dtype (the weights are inputs of the compiled graph, not constants, so blocks with the same structure
+    shape, strides and dtype (the weights are inputs of the compiled graph, not constants, so blocks with the same structure
     share a package), every instance-level forward, and each attention processor's class and settings (diffusers
     keeps processors outside the module tree, and the attention optimisation swaps them)."""
     parts: list = [repr(module)]
@@ -128,7 +137,7 @@ def module_structure(module: torch.nn.Module) -> str:
         proc = getattr(m, "processor", None)
         if proc is not None and not isinstance(proc, torch.nn.Module):
             parts.append((name, "processor", _qualname(type(proc)), _simple_attrs(proc)))
-    parts.append([(n, tuple(t.shape), str(t.dtype)) for n, t in
+    parts.append([(n, tuple(t.shape), t.stride(), str(t.dtype)) for n, t in  # strides: channels-last weights
                   list(module.named_parameters()) + list(module.named_buffers())])
     return repr(parts)
 
@@ -295,38 +304,43 @@ class AOTRegion:
         return entry
 
 
-def _block_call(region: AOTRegion, block: torch.nn.Module, *args, **kwargs):
-    """A block's call through its region; a block with hooks goes to dynamo, which traces them (the package does
-    not: it holds the block's forward)."""
+def _module_call(region: AOTRegion, module: torch.nn.Module, *args, **kwargs):
+    """A module's call through its region; a module with hooks goes to dynamo, which traces them (the package does
+    not: it holds the module's forward)."""
     from torch.nn.modules import module as nn_module
 
-    if (block._forward_hooks or block._forward_pre_hooks or nn_module._global_forward_hooks
+    if (module._forward_hooks or module._forward_pre_hooks or nn_module._global_forward_hooks
             or nn_module._global_forward_pre_hooks):
-        return region.dynamo(block._call_impl)(*args, **kwargs)
-    return region(block.forward, *args, **kwargs)
+        return region.dynamo(module._call_impl)(*args, **kwargs)
+    return region(module.forward, *args, **kwargs)
+
+
+def install_modules(modules, directory: Path, cache_key: str, compile_kwargs: dict, stats: Stats,
+                    regions: dict[str, AOTRegion]) -> int:
+    """Route each of `modules` through the region of its structure, shared by the modules of one structure as
+    `compile_repeated_blocks` shares dynamo's graphs (in place, as `nn.Module.compile`: the module's
+    `_compiled_call_impl`). `regions` (structure -> region) persists between calls: call again after anything
+    changes the modules (the service does after each prepare), and a module whose structure changed gets another
+    region, so it compiles anew instead of running code compiled for what it was (the packages' guards are checked
+    once per module and signature). Returns the modules re-routed."""
+    n = 0
+    for module in modules:
+        structure = f"{_qualname(module.forward)}|{module_structure(module)}"
+        region = regions.get(structure)
+        if region is None:
+            region = regions[structure] = AOTRegion(type(module).__name__, directory, cache_key, compile_kwargs,
+                                                    structure, stats)
+        current = module.__dict__.get("_compiled_call_impl")
+        if isinstance(current, functools.partial) and current.args and current.args[0] is region:
+            continue
+        module._compiled_call_impl = functools.partial(_module_call, region, module)
+        n += 1
+    return n
 
 
 def install_blocks(transformer: torch.nn.Module, directory: Path, cache_key: str, compile_kwargs: dict,
                    stats: Stats, regions: dict[str, AOTRegion]) -> int:
-    """Route every repeated block (diffusers' `_repeated_blocks`) through the region of its structure, shared by the
-    blocks of one structure as `compile_repeated_blocks` shares dynamo's graphs. `regions` (structure -> region)
-    persists between calls: call again after anything changes the blocks (the service does after each prepare),
-    and a block whose structure changed gets another region, so it compiles anew instead of running code compiled
-    for what it was (the packages' guards are checked once per block and signature). Returns the blocks re-routed.
-    """
+    """install_modules for every repeated block of `transformer` (diffusers' `_repeated_blocks`)."""
     names = set(getattr(transformer, "_repeated_blocks", ()) or ())
-    n = 0
-    for block in transformer.modules():
-        if type(block).__name__ not in names:
-            continue
-        structure = f"{_qualname(block.forward)}|{module_structure(block)}"
-        region = regions.get(structure)
-        if region is None:
-            region = regions[structure] = AOTRegion(type(block).__name__, directory, cache_key, compile_kwargs,
-                                                    structure, stats)
-        current = block.__dict__.get("_compiled_call_impl")
-        if isinstance(current, functools.partial) and current.args and current.args[0] is region:
-            continue
-        block._compiled_call_impl = functools.partial(_block_call, region, block)
-        n += 1
-    return n
+    blocks = [m for m in transformer.modules() if type(m).__name__ in names]
+    return install_modules(blocks, directory, cache_key, compile_kwargs, stats, regions)

@@ -117,9 +117,13 @@ class Compile(Optimization):
         self.aot: dict | None = None  # where compiled regions are saved whole (aot_regions), set by prepare
         self.aot_stats = aot_regions.Stats()  # this service's loads / compiles, for /health
         self.aot_regions: dict = {}  # block structure -> its region, shared by the transformer variants
+        self.vae_regions: list = []  # the VAE's encoder and decoder when they are compiled as regions
+
+    def _kwargs(self) -> dict:
+        return dict(mode=self.mode, fullgraph=True, dynamic=False)
 
     def compile_transformer(self, module: torch.nn.Module) -> None:
-        kwargs = dict(mode=self.mode, fullgraph=True, dynamic=False)
+        kwargs = self._kwargs()
         canonical_single_block_outputs(module)  # one compiled single-block graph instead of two
         if self.scope == "regional" and self.aot is not None:
             aot_regions.install_blocks(module, self.aot["directory"], self.aot["key"], kwargs, self.aot_stats,
@@ -135,6 +139,8 @@ class Compile(Optimization):
         if self.aot is not None:
             for module in service.transformer_variants.values():
                 self.compile_transformer(module)  # re-routes only the blocks that changed
+            if self.vae_regions:
+                self._install_vae_regions()
 
     def aot_unavailable(self, service) -> str | None:
         """None when regions can be saved whole (aot_regions), else why dynamo compiles them in place."""
@@ -161,16 +167,32 @@ class Compile(Optimization):
                                             "key": service.compile_cache.key}
         for module in service.transformer_variants.values():
             self.compile_transformer(module)
-        if self.compile_vae:
-            # Encode too: the reference image of an edit goes through the encoder every request (15 ms at 512x512,
-            # 63-75 ms at 1024x1024 eager on the H100). Both compile to one graph each (checked with dynamo's explain).
-            # Dynamo's, also with saved regions: a saved VAE function did not load back (torch 2.13 cannot pickle
-            # diffusers' decorated encode / decode, and the unwrapped one needs globals that dynamo names by id).
-            service.vae_encode_compiled = torch.compile(service.vae_encode_eager, mode=self.mode, dynamic=False)
-            service.vae_decode_compiled = torch.compile(service.vae_decode_eager, mode=self.mode, dynamic=False)
+        vae_note = self._compile_vae(service) if self.compile_vae else ""
         aot_note = (f"; transformer blocks saved whole and loaded without dynamo on a warm start ({aot_regions.ENV})"
                     if self.aot else f"; regions traced by dynamo on every start ({aot_reason})")
         return (f"torch.compile {self.scope} (mode={self.mode}, fullgraph, static shapes; inductor flags "
-                + self.inductor_flags + ")" + aot_note
-                + ("; VAE encode and decode compiled" if self.compile_vae else "") + bf16_notes
-                + " (load-time, always on)")
+                + self.inductor_flags + ")" + aot_note + vae_note + bf16_notes + " (load-time, always on)")
+
+    def _compile_vae(self, service) -> str:
+        """Encode too: the reference image of an edit goes through the encoder every request (15 ms at 512x512,
+        63-75 ms at 1024x1024 eager on the H100). Each compiles to one graph (checked with dynamo's explain).
+        With saved regions, the VAE's encoder and decoder modules are compiled in place and saved like the blocks
+        (a warm start traced the decoder with dynamo for 1.1-1.7 s on the H100 before); diffusers' encode / decode
+        around them stay eager (aot_regions.py says why). Otherwise dynamo compiles encode and decode whole."""
+        vae = service.pipe.vae
+        modules = [getattr(vae, "encoder", None), getattr(vae, "decoder", None)]
+        saved = self.aot is not None and aot_regions.vae_enabled()
+        if saved and all(isinstance(m, torch.nn.Module) for m in modules):
+            self.vae_regions = modules
+            self._install_vae_regions()
+            service.vae_encode_compiled, service.vae_decode_compiled = (service.vae_encode_eager,
+                                                                        service.vae_decode_eager)
+            return "; VAE encode and decode compiled (its encoder and decoder saved whole)"
+        service.vae_encode_compiled = torch.compile(service.vae_encode_eager, mode=self.mode, dynamic=False)
+        service.vae_decode_compiled = torch.compile(service.vae_decode_eager, mode=self.mode, dynamic=False)
+        why = (f"{aot_regions.VAE_ENV}=0" if not aot_regions.vae_enabled() else "no encoder / decoder modules")
+        return "; VAE encode and decode compiled" + (f" (by dynamo: {why})" if self.aot else "")
+
+    def _install_vae_regions(self) -> None:
+        aot_regions.install_modules(self.vae_regions, self.aot["directory"], self.aot["key"], self._kwargs(),
+                                    self.aot_stats, self.aot_regions)

@@ -64,6 +64,40 @@ def test_blocks_compile_save_and_load_back_without_compiling(transformer, tmp_pa
     assert torch.equal(second, first)
 
 
+def test_vae_encoder_and_decoder_compile_save_and_load_back(cache_dir, tmp_path):
+    """The VAE's encoder and decoder as regions (install_modules), called by diffusers' own encode / decode: same
+    output as eager, one package each, loaded by fresh regions as a new process would; a contiguous copy has
+    another structure (its weights' strides), so it does not reuse the channels-last one's packages. Prepared as a
+    GPU server prepares the VAE (fused attention projections, channels-last; aot_eager on CPU also trips over the
+    plain VAE's group norm, which inductor decomposes)."""
+    svc = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="qkv_fusion,channels_last",
+                                    cache_dir=cache_dir))
+    svc.load()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+    def run(vae):
+        with torch.inference_mode():
+            z = vae.encode(x).latent_dist.mode()
+            return z, vae.decode(z, return_dict=False)[0]
+
+    ref = run(svc.pipe.vae)
+    vae = copy.deepcopy(svc.pipe.vae)
+    stats = aot_regions.Stats()
+    assert aot_regions.install_modules([vae.encoder, vae.decoder], tmp_path, "test-key", KWARGS, stats, {}) == 2
+    first = run(vae)
+    assert (stats.compiled, stats.saved, stats.to_dynamo) == (2, 2, 0), stats.notes
+    fresh = copy.deepcopy(svc.pipe.vae)
+    stats2 = aot_regions.Stats()
+    aot_regions.install_modules([fresh.encoder, fresh.decoder], tmp_path, "test-key", KWARGS, stats2, {})
+    second = run(fresh)
+    assert (stats2.loaded, stats2.compiled, stats2.to_dynamo) == (2, 0, 0), stats2.notes
+    for a, b, c in zip(ref, first, second):
+        torch.testing.assert_close(b, a)
+        assert torch.equal(c, b)
+    nchw = copy.deepcopy(svc.pipe.vae).to(memory_format=torch.contiguous_format)
+    assert aot_regions.module_structure(nchw.decoder) != aot_regions.module_structure(fresh.decoder)
+
+
 def test_a_new_shape_gets_its_own_package(transformer, tmp_path):
     model = copy.deepcopy(transformer)
     stats = aot_regions.Stats()

@@ -168,19 +168,29 @@ def test_first_block_cache_through_service_counts_and_isolates(tiny_service):
     assert torch.equal(again.latents, ref.latents)
 
 
-def test_compile_routes_vae_encode_and_decode_through_their_compiled_versions(cache_dir, monkeypatch):
-    """With compile prepared, an edit request encodes its reference image and decodes through the compiled
-    callables; before, through the eager ones. torch.compile is replaced by a recorder (inductor on CPU is slow)."""
+@pytest.mark.parametrize("aot,vae", [("1", "1"), ("1", "0"), ("0", "1")])
+def test_compile_routes_vae_encode_and_decode_through_their_compiled_versions(cache_dir, monkeypatch, aot, vae):
+    """With compile prepared, an edit request encodes its reference image and decodes through compiled code;
+    before, through the eager one. With saved regions (FLUX_AOT_REGIONS, the default) diffusers' encode / decode
+    call the VAE's encoder / decoder modules compiled in place; with dynamo's path, encode / decode are compiled
+    whole (also with FLUX_AOT_VAE=0, the A/B switch). torch.compile is replaced by a recorder (inductor on CPU is slow); it has no `aot_compile`, so the
+    regions fall back to dynamo, i.e. to the recorder, which names what it runs."""
     from PIL import Image
 
     compiled_calls = []
 
     def recording_compile(fn, **_kwargs):
+        owner = getattr(fn, "__self__", None)
+        name = f"{type(owner).__name__}.{fn.__name__}"
+
         def compiled(*args, **kwargs):
-            compiled_calls.append(getattr(fn, "__name__", ""))
+            compiled_calls.append(name)
             return fn(*args, **kwargs)
         return compiled
 
+    monkeypatch.setenv("FLUX_AOT_REGIONS", aot)
+    monkeypatch.setenv("FLUX_AOT_VAE", vae)
+    saved = aot == vae == "1"
     # compile's bf16 rewrite of the single blocks reorders a sum (split_proj_out.py, tested on its own): off here,
     # so that the compiled path runs exactly the eager code
     monkeypatch.setenv("FLUX_BF16_SPLIT_PROJ_OUT", "0")
@@ -190,14 +200,17 @@ def test_compile_routes_vae_encode_and_decode_through_their_compiled_versions(ca
     monkeypatch.setattr(torch, "compile", recording_compile)
     svc.prepare(["compile"])
     assert "VAE encode and decode compiled" in svc.prepared["compile"]
+    assert ("encoder and decoder saved whole" in svc.prepared["compile"]) == saved
+    assert ("by dynamo: FLUX_AOT_VAE=0" in svc.prepared["compile"]) == (aot == "1" and vae == "0")
+    enc, dec = ("Encoder.forward", "Decoder.forward") if saved else ("AutoencoderKL.encode", "AutoencoderKL.decode")
     compiled_calls.clear()  # drop the blocks' calls from preparing
     res = svc.generate(InferenceRequest(**BASE), image, output_type="latent")
     assert res.optimizations["compile"].applied
     # warm-up + timed run: each encodes once and decodes once (output_type="latent" skips decode)
-    assert compiled_calls.count("encode") == 2 and "decode" not in compiled_calls
+    assert compiled_calls.count(enc) == 2 and dec not in compiled_calls
     compiled_calls.clear()
     svc.generate(InferenceRequest(**BASE), image, output_type="np")
-    assert compiled_calls.count("encode") == 1 and compiled_calls.count("decode") == 1
+    assert compiled_calls.count(enc) == 1 and compiled_calls.count(dec) == 1
     assert torch.equal(res.latents, eager.latents)  # the recorder runs the same eager code
 
 
