@@ -30,7 +30,7 @@ def _triton_version() -> str:
 
 
 # Environment switches that change the modules being compiled (A/B switches of the fp8 rewrites and of the bf16
-# GELU epilogue): a start with another setting compiles other graphs, so it gets its own file.
+# GELU epilogue and proj_out split): a start with another setting compiles other graphs, so it gets its own file.
 CODE_SWITCHES = ("FLUX_FP8_SPLIT_PROJ_OUT", "FLUX_FP8_FUSED_GELU", "FLUX_FP8_FUSED_NORM", "FLUX_FP8_PLAIN_LINEARS",
                  "FLUX_BF16_GELU_EPILOGUE", "FLUX_BF16_SPLIT_PROJ_OUT")
 
