@@ -35,6 +35,8 @@ from .compile_cache import switched_off
 
 VERIFIED_DIFFUSERS = "0.42.1"
 BF16_ENV = "FLUX_BF16_SPLIT_PROJ_OUT"
+# Where compile.canonical_single_block_outputs keeps the forward it wraps (an attribute, so a deep copy rebinds it).
+_WRAPPED = "_forward_before_canonical_strides"
 
 
 class SplitProjOut(torch.nn.Module):
@@ -90,10 +92,9 @@ def _unverified_diffusers() -> str | None:
 
 
 def _rewritten(block) -> bool:
-    """Whether the block calls _forward_without_concat, directly or under compile's stride wrapper
-    (compile.canonical_single_block_outputs keeps the wrapped forward as `_forward_before_canonical_strides`)."""
+    """Whether the block calls _forward_without_concat, directly or under compile's stride wrapper."""
     return any(getattr(block.__dict__.get(name), "__func__", None) is _forward_without_concat
-               for name in ("forward", "_forward_before_canonical_strides"))
+               for name in ("forward", _WRAPPED))
 
 
 def bf16_enabled() -> bool:
@@ -109,8 +110,7 @@ def install_bf16(transformer: torch.nn.Module) -> str:
     n = 0
     for block in getattr(transformer, "single_transformer_blocks", []):
         # the forward the block runs: its own, or the one under compile's stride wrapper if already compiled
-        name = "_forward_before_canonical_strides" if "_forward_before_canonical_strides" in block.__dict__ \
-            else "forward"
+        name = _WRAPPED if _WRAPPED in block.__dict__ else "forward"
         current = block.__dict__.get(name)
         if type(block.proj_out) is torch.nn.Linear and (
                 current is None or getattr(current, "__func__", None) is type(block).forward):
@@ -128,7 +128,7 @@ def remove(transformer: torch.nn.Module) -> int:
     n = 0
     for block in getattr(transformer, "single_transformer_blocks", []):
         if _rewritten(block):
-            for name in ("forward", "_forward_before_canonical_strides"):  # compile wraps the copy again itself
+            for name in ("forward", _WRAPPED):  # compile wraps the copy again itself
                 block.__dict__.pop(name, None)
             n += 1
     return n
