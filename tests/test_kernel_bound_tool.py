@@ -1,0 +1,41 @@
+"""tools/probe_kernel_bound.py: its kernel list is one FLUX step, the FLOPs DESIGN.md's floor model counts.
+
+The GPU run itself needs CUDA (BENCHMARKS.md "kernel bound"); on CPU the list and the floor are checked against the
+full-size architecture built on the meta device, so a change to either the model's floor or the tool's shapes fails.
+"""
+import pytest
+import torch
+
+import benchmark
+import model_sources
+import probe_kernel_bound  # tools/ is on sys.path: conftest
+
+
+@pytest.fixture(scope="module")
+def full_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    with model_sources.building_on("meta", torch.bfloat16):
+        return FluxTransformer2DModel(**model_sources.full_configs()["transformer"])
+
+
+@pytest.mark.parametrize("workload", ["edit-512", "t2i-1024", "edit-1024"])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_kernel_list_has_the_floor_models_flops(full_transformer, workload, fp8):
+    ops = probe_kernel_bound.block_ops(benchmark.IMAGE_TOKENS[workload])
+    seq = benchmark.IMAGE_TOKENS[workload] + probe_kernel_bound.TEXT
+    floor = probe_kernel_bound.floor_ms(ops, fp8)
+    assert floor["total_ms"] == pytest.approx(benchmark.floor_ms_per_step(full_transformer, seq, fp8), abs=0.01)
+    cfg = full_transformer.config
+    attention = [o for o in ops if o[0] == "attention"]
+    assert len(attention) == cfg.num_layers + cfg.num_single_layers == 57
+    assert {o[1] for o in attention} == {seq}  # joint attention over text + image (+ reference) tokens
+    # the step's GEMM count as the profiles show it (19 x 8 + 38 x 3; BENCHMARKS.md "cuBLASLt workspace")
+    assert sum(1 for o in ops if o[0] == "gemm") == 266
+
+
+def test_without_cuda_it_says_why_and_exits_2(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    assert probe_kernel_bound.main(["--workload", "edit-512"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().out
