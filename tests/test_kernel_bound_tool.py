@@ -39,3 +39,25 @@ def test_without_cuda_it_says_why_and_exits_2(capsys):
         pytest.skip("CPU-only check")
     assert probe_kernel_bound.main(["--workload", "edit-512"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["kernel_bound-1.json", "kernel_bound-fp8-1.json"])
+def test_the_summary_reproduces_the_committed_h100_results(name):
+    """summarise() and to_markdown() rebuild BENCHMARKS.md's figures from the phases the H100 run recorded."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "2026-11-24-h100-bound" / name
+    recorded = json.loads(path.read_text())["results"]
+    rebuilt = [probe_kernel_bound.summarise(r["workload"], probe_kernel_bound.block_ops(
+        benchmark.IMAGE_TOKENS[r["workload"]]), r["dtype"] == "fp8", r["phases"]) for r in recorded]
+    for old, new in zip(recorded, rebuilt):
+        for key in ("seq_len", "kernels", "floor", "target_1_15x_ms", "sustained_mean_over_floor",
+                    "first_call_over_floor"):
+            assert new[key] == old[key], key
+    table = probe_kernel_bound.to_markdown(rebuilt).splitlines()
+    assert len(table) == 2 + len(recorded)
+    if name == "kernel_bound-1.json":  # BENCHMARKS.md, "kernel bound": t2i-1024 on machine A
+        t2i = next(line for line in table if line.startswith("| t2i-1024 "))
+        assert "| 98.2 | 112.9 | 104.95 |" in t2i and "| 114.64 |" in t2i and "| 1.168 |" in t2i
+        assert t2i.endswith("| 1425 | 697 |")

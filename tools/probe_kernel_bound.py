@@ -123,8 +123,6 @@ def capture(step) -> torch.cuda.CUDAGraph:
 
 def probe(workload: str, fp8: bool, calls: int, gapped: int, gap_ms: float, idle_s: float, sampler) -> dict:
     ops = block_ops(IMAGE_TOKENS[workload])
-    seq = IMAGE_TOKENS[workload] + TEXT
-    floor = floor_ms(ops, fp8)
     graph = capture(build_step(ops, fp8))
     time.sleep(idle_s)  # start each workload from the idle clock, as the step probe does
     phases = {}
@@ -134,12 +132,36 @@ def probe(workload: str, fp8: bool, calls: int, gapped: int, gap_ms: float, idle
         phases[name] = {**summarise_calls(ms), "gap_ms": gap * 1000, "clocks": sampler.window(t0, time.monotonic())}
     del graph
     torch.cuda.empty_cache()
+    return summarise(workload, ops, fp8, phases)
+
+
+def summarise(workload: str, ops: list[tuple], fp8: bool, phases: dict) -> dict:
+    """One workload's result: its kernels, floor and target, and the phases with the sustained mean against them."""
+    floor = floor_ms(ops, fp8)
     s = phases["sustained"]
-    return {"workload": workload, "seq_len": seq, "dtype": "fp8" if fp8 else "bf16",
-            "kernels": {"gemm": sum(1 for o in ops if o[0] == "gemm"), "attention": sum(1 for o in ops if o[0] == "attention")},
+    mean = sum(s["per_call_ms"]) / len(s["per_call_ms"])
+    kinds = [o[0] for o in ops]
+    attention_rows = {o[1] for o in ops if o[0] == "attention"}
+    return {"workload": workload, "seq_len": max(attention_rows), "dtype": "fp8" if fp8 else "bf16",
+            "kernels": {"gemm": kinds.count("gemm"), "attention": kinds.count("attention")},
             "floor": floor, "target_1_15x_ms": round(1.15 * floor["total_ms"], 2),
-            "sustained_mean_over_floor": round(sum(s["per_call_ms"]) / len(s["per_call_ms"]) / floor["total_ms"], 3),
+            "sustained_mean_ms": round(mean, 3), "sustained_mean_over_floor": round(mean / floor["total_ms"], 3),
             "first_call_over_floor": round(s["per_call_ms"][0] / floor["total_ms"], 3), "phases": phases}
+
+
+def to_markdown(results: list[dict]) -> str:
+    lines = ["| workload | floor ms | 1.15x ms | first call | sustained median (min-max) | mean | last 20 "
+             "| mean / floor | gapped median | SM MHz median | power W median |", "|---" * 11 + "|"]
+    for r in results:
+        s, g = r["phases"]["sustained"], r["phases"]["gapped"]
+        c = s["clocks"]
+        sm = f"{c['sm_mhz']['median']:.0f}" if c.get("sm_mhz") else c.get("unavailable", "-")
+        pw = f"{c['power_w']['median']:.0f}" if c.get("power_w") else "-"
+        lines.append(f"| {r['workload']} | {r['floor']['total_ms']:.1f} | {r['target_1_15x_ms']:.1f} "
+                     f"| {s['per_call_ms'][0]:.2f} | {s['median_ms']:.2f} ({s['min_ms']:.2f}-{s['max_ms']:.2f}) "
+                     f"| {r['sustained_mean_ms']:.2f} | {s['last20_median_ms']:.2f} "
+                     f"| {r['sustained_mean_over_floor']:.3f} | {g['median_ms']:.2f} | {sm} | {pw} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -163,23 +185,14 @@ def main(argv=None) -> int:
             results.append(probe(w, a.dtype == "fp8", a.calls, a.gapped_calls, a.gap_ms, a.idle_s, sampler))
     finally:
         sampler.stop()
-    print(f"\nGEMMs + attention only, {a.dtype}, CUDA graph, on {torch.cuda.get_device_name()} (torch {torch.__version__})")
-    print("\n| workload | floor ms | 1.15x ms | first call | sustained median (min-max) | mean | last 20 | mean / floor "
-          "| gapped median | SM MHz median | power W median |\n|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        s, g = r["phases"]["sustained"], r["phases"]["gapped"]
-        c = s["clocks"]
-        sm = f"{c['sm_mhz']['median']:.0f}" if c.get("sm_mhz") else c.get("unavailable", "-")
-        pw = f"{c['power_w']['median']:.0f}" if c.get("power_w") else "-"
-        mean = sum(s["per_call_ms"]) / len(s["per_call_ms"])
-        print(f"| {r['workload']} | {r['floor']['total_ms']:.1f} | {r['target_1_15x_ms']:.1f} | {s['per_call_ms'][0]:.2f} "
-              f"| {s['median_ms']:.2f} ({s['min_ms']:.2f}-{s['max_ms']:.2f}) | {mean:.2f} | {s['last20_median_ms']:.2f} "
-              f"| {r['sustained_mean_over_floor']:.3f} | {g['median_ms']:.2f} | {sm} | {pw} |")
+    print(f"\nGEMMs + attention only, {a.dtype}, CUDA graph, on {torch.cuda.get_device_name()} "
+          f"(torch {torch.__version__})")
+    print("\n" + to_markdown(results))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                           "clock_fields": sampler.fields,
-                                           "cublaslt_workspace": cublaslt_workspace.status, "results": results}, indent=1))
+        report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "clock_fields": sampler.fields,
+                  "cublaslt_workspace": cublaslt_workspace.status, "results": results}
+        Path(a.out).write_text(json.dumps(report, indent=1))
     return 0
 
 
