@@ -127,9 +127,9 @@ def _simple_attrs(obj: Any) -> tuple:
 
 def module_structure(module: torch.nn.Module) -> str:
     """What a block's compiled code depends on besides its inputs: the module tree, every parameter's and buffer's
-    shape, strides and dtype (the weights are inputs of the compiled graph, not constants, so blocks with the same structure
-    share a package), every instance-level forward, and each attention processor's class and settings (diffusers
-    keeps processors outside the module tree, and the attention optimisation swaps them)."""
+    shape, strides and dtype (the weights are inputs of the compiled graph, not constants, so blocks with the same
+    structure share a package), every instance-level forward, and each attention processor's class and settings
+    (diffusers keeps processors outside the module tree, and the attention optimisation swaps them)."""
     parts: list = [repr(module)]
     for name, m in module.named_modules():
         if "forward" in m.__dict__:

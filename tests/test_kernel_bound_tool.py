@@ -61,3 +61,18 @@ def test_the_summary_reproduces_the_committed_h100_results(name):
         t2i = next(line for line in table if line.startswith("| t2i-1024 "))
         assert "| 98.2 | 112.9 | 104.95 |" in t2i and "| 114.64 |" in t2i and "| 1.168 |" in t2i
         assert t2i.endswith("| 1425 | 697 |")
+
+
+def test_the_kernel_list_has_the_gemms_of_the_fp8_gemm_probe():
+    """Two views of one step's GEMMs: block_ops in block order (this tool), step_gemms grouped by shape with counts
+    (tools/probe_fp8_gemm_step.py). They must list the same GEMMs, or the two tools time different steps."""
+    from collections import Counter
+
+    import probe_fp8_gemm_step
+
+    for image in benchmark.IMAGE_TOKENS.values():
+        ours = Counter(tuple(dims) for kind, *dims in probe_kernel_bound.block_ops(image) if kind == "gemm")
+        theirs = Counter()
+        for m, k, n, count in probe_fp8_gemm_step.step_gemms(image):
+            theirs[(m, k, n)] += count
+        assert ours == theirs

@@ -173,8 +173,9 @@ def test_compile_routes_vae_encode_and_decode_through_their_compiled_versions(ca
     """With compile prepared, an edit request encodes its reference image and decodes through compiled code;
     before, through the eager one. With saved regions (FLUX_AOT_REGIONS, the default) diffusers' encode / decode
     call the VAE's encoder / decoder modules compiled in place; with dynamo's path, encode / decode are compiled
-    whole (also with FLUX_AOT_VAE=0, the A/B switch). torch.compile is replaced by a recorder (inductor on CPU is slow); it has no `aot_compile`, so the
-    regions fall back to dynamo, i.e. to the recorder, which names what it runs."""
+    whole (also with FLUX_AOT_VAE=0, the A/B switch). torch.compile is replaced by a recorder (inductor on CPU is
+    slow); it has no `aot_compile`, so the regions fall back to dynamo, i.e. to the recorder, which names what it
+    runs."""
     from PIL import Image
 
     compiled_calls = []
