@@ -1,11 +1,11 @@
 """FA3-class attention: the fastest attention kernel this machine has, through diffusers' attention dispatcher.
 
-Preference: FA3 (`flash_attn_interface`) > cuDNN SDPA. flash-attn is not installable on our GPU machines
-(DESIGN.md), and torch 2.11's cuDNN SDPA measured at FA3 level on Hopper, so the usual result there is cuDNN.
+Preference: FA3 (`flash_attn_interface`) > cuDNN SDPA. flash-attn has no installable wheel for our GPU machines
+and torch's cuDNN SDPA measures at FA3 level on Hopper (docs/design.md), so the usual result there is cuDNN.
 flash-attn-4 is detected (`flash_attn.cute`) and reported, but not used: diffusers 0.42.1 reaches it only as a hub
-kernel (`flash_4_hub`, a download at run time through the `kernels` package), which our machines cannot do, and its
-92 MB wheel is not on them, so it has never been measured here (DESIGN.md). The backend is set on the transformer's attention processors at load time (before
-compilation), so compiled graphs contain the kernel directly: no graph break per call.
+kernel (`flash_4_hub`, a download at run time through the `kernels` package), which an offline server cannot do.
+The backend is set on the transformer's attention processors at load time (before compilation), so compiled graphs
+contain the kernel directly: no graph break per call.
 
 The attention path also gets its prologue fused: q/k RMSNorm, the text/image concatenation and RoPE in one Triton
 pass (qk_norm_rope.py), on every transformer variant. Where Triton is missing or a model does not fit the kernel,
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from . import qk_norm_rope
-from .base import DeviceInfo, Optimization
+from optimizations import qk_norm_rope
+from optimizations.base import Components, DeviceInfo, Optimization
 
 
 def _importable(mod: str) -> bool:
@@ -46,21 +46,23 @@ class Attention(Optimization):
             return "FA3-class kernels need a CUDA GPU; CPU uses PyTorch's default SDPA"
         return None
 
-    def prepare(self, service) -> str:
-        backend, desc = best_backend(service.device_info)
-        for module in service.transformer_variants.values():
+    def prepare(self, components: Components) -> str:
+        backend, desc = best_backend(components.device_info)
+        for module in components.variants.values():
             module.set_attention_backend(backend)
         self.backend = backend
-        return f"{desc}; diffusers backend {backend!r}; {install_fused_prologue(service)} (load-time, always on)"
+        return (f"{desc}; diffusers backend {backend!r}; {install_fused_prologue(components.variants.values())} "
+                "(load-time, always on)")
 
 
-def install_fused_prologue(service) -> str:
-    """Install the fused q/k norm + RoPE processor on every transformer variant; returns the report line."""
+def install_fused_prologue(transformers) -> str:
+    """Install the fused q/k norm + RoPE processor on every transformer given; returns the report line."""
+    transformers = list(transformers)
     if not _importable("triton"):
         return "q/k norm + RoPE left to diffusers (Triton is not installed)"
-    for module in service.transformer_variants.values():
+    for module in transformers:
         reason = qk_norm_rope.unsupported_reason(module)
         if reason:
             return f"q/k norm + RoPE left to diffusers ({reason})"
-    n = sum(qk_norm_rope.install(m) for m in service.transformer_variants.values())
+    n = sum(qk_norm_rope.install(m) for m in transformers)
     return f"q/k RMSNorm + text/image concatenation + RoPE in one Triton pass ({n} attention modules)"

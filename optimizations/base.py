@@ -1,19 +1,26 @@
 """The optimisation interface: every optimisation is a small object behind a request flag.
 
-Two kinds:
-- load-time: changes weights or compiled code (compile, QKV fusion, channels-last, fp8). `prepare` runs once at
-  start-up, when the server is told to prepare it; a request can then select it (or not, where the service keeps
-  the unoptimised variant too).
-- per-request: selected per call (scheduler, step cache threshold). `prepare` may still build shared objects.
+What an optimisation is (one subclass of `Optimization` per registry entry, registry.py orders them):
+- a name, the request flag that selects it, whether it is load-time (changes weights or compiled code: prepared once
+  at start-up, then always on where `toggle` is False) or per-request, whether it is lossy (fidelity is reported);
+- `available(device)`: None, or why it cannot run here;
+- `prepare(components)`: load-time work on the loaded `Components`; returns the detail /health and responses show;
+- `conflicts()`: the optimisations it cannot run with in one request, and which of the two yields (the planner
+  applies them: the service never names a pair);
+- per request, for the optimisations a request's plan applies, in stack order: `configure(run)` (decisions taken
+  before the pipeline call is built: which transformer variant, how many steps by default) and `activate(run)`, a
+  context manager that applies it for this call only; `bypass(run)` for one prepared but not applied.
 
-`activate` runs inside the single GPU worker for one request and returns a context manager; everything it
-changes is undone when that context exits, so no request leaks into the next.
+Contract: everything `activate` and `bypass` change is undone when their context exits, so no request leaks into the
+next (tests/optimizations/test_contract.py runs this over every registry entry). Optimisations meet the server only
+through `Components` and `RunContext`; they never import the service.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Any, ContextManager
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Mapping
 
 
 @dataclass
@@ -37,13 +44,65 @@ class DeviceInfo:
 
 
 @dataclass
-class RunContext:
-    """What one request's generation carries through the optimisations (worker thread only)."""
+class Decision:
+    """What a request gets from one optimisation: whether it asked (or the server default did), whether it runs,
+    and the detail the response reports (what ran, or why not)."""
+    requested: bool
+    applied: bool
+    detail: str
 
-    service: Any  # FluxService
-    request: Any  # the validated request (schemas.InferenceRequest)
-    call_kwargs: dict  # keyword arguments for the pipeline call; per-request optimisations may edit them
-    precision: str = "bf16"  # which transformer variant this request runs ("bf16" or "fp8")
+
+@dataclass(frozen=True)
+class Conflict:
+    """Two optimisations that cannot run in one request: when both would apply, `drop` does not, for `reason`."""
+    other: str
+    drop: str
+    reason: str
+
+
+@dataclass
+class Components:
+    """The loaded model as the optimisations see it (the service builds it; `prepare` acts on it).
+
+    `variants` holds the transformer per precision ("bf16" always: the exact tier; "fp8" once low-precision GEMMs
+    are prepared); a new variant goes through `add_variant`, so optimisations prepared earlier adopt it. The VAE's
+    encode / decode functions are kept by kind ("eager"; "compiled" once compile prepares them)."""
+    pipe: Any  # diffusers FluxKontextPipeline
+    device_info: DeviceInfo
+    variants: dict[str, Any] = field(default_factory=dict)
+    vae_encode: dict[str, Callable] = field(default_factory=dict)
+    vae_decode: dict[str, Callable] = field(default_factory=dict)
+    compile_cache: Any = None  # optimizations.compiling.cache.CompileCache, opened by the service for compile
+    on_new_variant: list[Callable[[str, Any], None]] = field(default_factory=list)
+
+    def add_variant(self, precision: str, module) -> None:
+        self.variants[precision] = module
+        for listener in self.on_new_variant:
+            listener(precision, module)
+
+
+@dataclass
+class RunContext:
+    """One request's generation as it passes through the optimisations (worker thread only).
+
+    `configure` may set `precision` and `default_steps`; `activate` may replace `transformer` (what the pipeline
+    calls), `vae_encode` / `vae_decode`, edit `call_kwargs`, and leave per-request results in `report` (e.g. the
+    first-block cache's step counts)."""
+    components: Components
+    request: Any  # the validated request (kontext_server.request.InferenceRequest)
+    plan: Mapping[str, Decision]
+    precision: str = "bf16"  # which transformer variant this request runs
+    default_steps: int | None = None  # steps when the request gives none (None: the pipeline's default)
+    call_kwargs: dict = field(default_factory=dict)  # keyword arguments of the pipeline call
+    transformer: Any = None
+    vae_encode: Callable | None = None
+    vae_decode: Callable | None = None
+    report: dict = field(default_factory=dict)
+
+    @property
+    def variant(self):
+        """The transformer module of this request's precision (before any wrapper such as a CUDA-graph runner)."""
+        return self.components.variants[self.precision]
 
 
 class Optimization:
@@ -52,18 +111,41 @@ class Optimization:
     load_time: bool = True
     lossy: bool = False  # changes numerics beyond float reordering: fidelity must be reported
     toggle: bool = True  # once prepared, can a request turn it off? (False: in-place change, always on)
+    # Compiled or captured per input shape: a request at a new shape first runs a short warm-up (a cold start).
+    needs_warmup: bool = False
+    # Its being applied changes what a shape's warm-up compiles or captures (part of the warm-up key).
+    in_warm_key: bool = False
+    # The first request at a shape compiles (minutes on the full model): --new-shapes eager may run it without.
+    compiles_per_shape: bool = False
 
     def available(self, device: DeviceInfo) -> str | None:
         """None when this optimisation can run on `device`, else the reason it cannot."""
         return None
 
-    def prepare(self, service) -> str:
+    def prepare(self, components: Components) -> str:
         """Load-time work (runs once, at start-up). Returns a short detail for /health and responses."""
         return "prepared"
 
-    def activate(self, run: RunContext) -> tuple[ContextManager, str]:
-        """Per-request selection: a context that applies it for this call only, and the detail to report."""
-        return contextlib.nullcontext(), "applied"
+    def conflicts(self) -> list[Conflict]:
+        """The optimisations this one cannot run with in one request (see Conflict)."""
+        return []
+
+    def adopt(self, components: Components, precision: str, module) -> None:
+        """A transformer variant was made after this was prepared (e.g. the fp8 copy): apply to it as well."""
+
+    def refresh(self, components: Components) -> None:
+        """Other optimisations were just prepared after this one (the benchmark prepares stage by stage)."""
+
+    def configure(self, run: RunContext) -> None:
+        """Decisions taken before the pipeline call is built (applied optimisations only, in stack order)."""
+
+    def activate(self, run: RunContext) -> ContextManager:
+        """Apply it for one call only; everything it changes is undone on exit."""
+        return contextlib.nullcontext()
+
+    def bypass(self, run: RunContext) -> ContextManager:
+        """Prepared but not applied to this request: make sure it does not run (e.g. compiled code in place)."""
+        return contextlib.nullcontext()
 
 
 def bind_forward(module, fn) -> None:
@@ -72,7 +154,5 @@ def bind_forward(module, fn) -> None:
     fn is renamed "forward": torch's guard serialiser (used when a compiled region is saved whole, aot_regions.py)
     finds a bound method again as getattr(owner, method.__func__.__name__), and fails on any other name.
     """
-    import types
-
     fn.__name__ = "forward"
     module.forward = types.MethodType(fn, module)

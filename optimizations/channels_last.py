@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Optimization
+from optimizations.base import Components, Optimization
 
 
 class ChannelsLast(Optimization):
     name, flag, load_time = "channels_last", "use_channels_last", True
     toggle = False
 
-    def prepare(self, service) -> str:
-        service.pipe.vae.to(memory_format=torch.channels_last)
+    def prepare(self, components: Components) -> str:
+        components.pipe.vae.to(memory_format=torch.channels_last)
         return "VAE in channels-last (the transformer has no convolutions: not applicable there)"

@@ -13,10 +13,13 @@ shape); the service runs that call as a reported warm-up, never inside a request
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from . import aot_regions, gelu_epilogue, split_proj_out
-from .base import Optimization, bind_forward
+from optimizations.compiling import aot_regions
+from optimizations.fusions import gelu_epilogue, split_proj_out
+from optimizations.base import Components, Conflict, Optimization, RunContext, bind_forward
 
 # The seed's inductor flags (flux-fast uses the same set). conv_1x1_as_mm helps the VAE's 1x1 convolutions;
 # epilogue fusion off avoids slow fused epilogues on some shapes; shape padding aligns GEMM shapes. Coordinate
@@ -106,6 +109,7 @@ def canonical_single_block_outputs(module: torch.nn.Module) -> int:
 class Compile(Optimization):
     name, flag, load_time = "compile", "use_compile", True
     toggle = False  # compiled in place: the server either prepared it or not
+    needs_warmup = in_warm_key = compiles_per_shape = True
 
     def __init__(self, mode: str = "default", inductor_flags: str = "light", compile_vae: bool = True,
                  scope: str = "regional"):
@@ -118,6 +122,13 @@ class Compile(Optimization):
         self.aot_stats = aot_regions.Stats()  # this service's loads / compiles, for /health
         self.aot_regions: dict = {}  # block structure -> its region, shared by the transformer variants
         self.vae_regions: list = []  # the VAE's encoder and decoder when they are compiled as regions
+
+    def conflicts(self) -> list[Conflict]:
+        if self.scope == "full":  # the step cache's skip decision cannot live inside one whole-model graph
+            return [Conflict("first_block_cache", drop="first_block_cache",
+                             reason="not combinable with full-graph compile (start the server with "
+                                    "--compile-scope regional)")]
+        return []
 
     def _kwargs(self) -> dict:
         return dict(mode=self.mode, fullgraph=True, dynamic=False)
@@ -133,63 +144,75 @@ class Compile(Optimization):
         else:
             module.compile(**kwargs)
 
-    def refresh(self, service) -> None:
+    def adopt(self, components: Components, precision: str, module) -> None:
+        self.compile_transformer(module)  # a variant made after compile was prepared (the benchmark's stage order)
+
+    def refresh(self, components: Components) -> None:
         """After another optimisation changed prepared blocks (the benchmark prepares stage by stage): a block whose
         structure changed moves to a new region (dynamo's guards do this for in-place compile)."""
         if self.aot is not None:
-            for module in service.transformer_variants.values():
+            for module in components.variants.values():
                 self.compile_transformer(module)  # re-routes only the blocks that changed
             if self.vae_regions:
                 self._install_vae_regions()
 
-    def aot_unavailable(self, service) -> str | None:
+    def aot_unavailable(self, components: Components) -> str | None:
         """None when regions can be saved whole (aot_regions), else why dynamo compiles them in place."""
         if not aot_regions.enabled():
             return f"{aot_regions.ENV}=0"
         if self.scope != "regional":
             return "the full-scope compile is one dynamo graph of the whole transformer"
-        if getattr(service, "compile_cache", None) is None:
+        if components.compile_cache is None:
             return "no compile cache directory"
         return aot_regions.unsupported_reason()
 
-    def prepare(self, service) -> str:
+    def prepare(self, components: Components) -> str:
         apply_inductor_flags(self.inductor_flags)
         mark_graph_functions_cacheable()
         bf16_notes = ""
         if gelu_epilogue.enabled():  # the exact (bf16) transformer only; an fp8 copy takes it out again
-            bf16_notes = "; " + gelu_epilogue.install(service.transformer_variants["bf16"])
+            bf16_notes = "; " + gelu_epilogue.install(components.variants["bf16"])
         if split_proj_out.bf16_enabled():  # likewise; the fp8 copy splits its proj_out into two quantised halves
-            bf16_notes += "; " + split_proj_out.install_bf16(service.transformer_variants["bf16"])
+            bf16_notes += "; " + split_proj_out.install_bf16(components.variants["bf16"])
         # Static shapes: one specialised graph per resolution (the fastest kernels); a server sees few sizes.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        aot_reason = self.aot_unavailable(service)
-        self.aot = None if aot_reason else {"directory": service.compile_cache.path.parent / "aot",
-                                            "key": service.compile_cache.key}
-        for module in service.transformer_variants.values():
+        aot_reason = self.aot_unavailable(components)
+        self.aot = None if aot_reason else {"directory": components.compile_cache.path.parent / "aot",
+                                            "key": components.compile_cache.key}
+        for module in components.variants.values():
             self.compile_transformer(module)
-        vae_note = self._compile_vae(service) if self.compile_vae else ""
+        vae_note = self._compile_vae(components) if self.compile_vae else ""
         aot_note = (f"; transformer blocks saved whole and loaded without dynamo on a warm start ({aot_regions.ENV})"
                     if self.aot else f"; regions traced by dynamo on every start ({aot_reason})")
         return (f"torch.compile {self.scope} (mode={self.mode}, fullgraph, static shapes; inductor flags "
                 + self.inductor_flags + ")" + aot_note + vae_note + bf16_notes + " (load-time, always on)")
 
-    def _compile_vae(self, service) -> str:
-        """Encode too: the reference image of an edit goes through the encoder every request (15 ms at 512x512,
-        63-75 ms at 1024x1024 eager on the H100). Each compiles to one graph (checked with dynamo's explain).
-        With saved regions, the VAE's encoder and decoder modules are compiled in place and saved like the blocks
-        (a warm start traced the decoder with dynamo for 1.1-1.7 s on the H100 before); diffusers' encode / decode
-        around them stay eager (aot_regions.py says why). Otherwise dynamo compiles encode and decode whole."""
-        vae = service.pipe.vae
+    def activate(self, run: RunContext):
+        if "compiled" in run.components.vae_decode:
+            run.vae_encode = run.components.vae_encode["compiled"]
+            run.vae_decode = run.components.vae_decode["compiled"]
+        return contextlib.nullcontext()
+
+    def bypass(self, run: RunContext):
+        """Compiled in place: a request that must not run compiled code (--new-shapes eager) runs the originals."""
+        return torch.compiler.set_stance("force_eager")
+
+    def _compile_vae(self, components: Components) -> str:
+        """Encode too: the reference image of an edit goes through the encoder on every request. Each compiles to
+        one graph. With saved regions, the VAE's encoder and decoder modules are compiled in place and saved like the
+        blocks (a warm start then traces nothing with dynamo); diffusers' encode / decode around them stay eager
+        (aot_regions.py says why). Otherwise dynamo compiles encode and decode whole."""
+        vae = components.pipe.vae
         modules = [getattr(vae, "encoder", None), getattr(vae, "decoder", None)]
         saved = self.aot is not None and aot_regions.vae_enabled()
+        eager_encode, eager_decode = components.vae_encode["eager"], components.vae_decode["eager"]
         if saved and all(isinstance(m, torch.nn.Module) for m in modules):
             self.vae_regions = modules
             self._install_vae_regions()
-            service.vae_encode_compiled, service.vae_decode_compiled = (service.vae_encode_eager,
-                                                                        service.vae_decode_eager)
+            components.vae_encode["compiled"], components.vae_decode["compiled"] = eager_encode, eager_decode
             return "; VAE encode and decode compiled (its encoder and decoder saved whole)"
-        service.vae_encode_compiled = torch.compile(service.vae_encode_eager, mode=self.mode, dynamic=False)
-        service.vae_decode_compiled = torch.compile(service.vae_decode_eager, mode=self.mode, dynamic=False)
+        components.vae_encode["compiled"] = torch.compile(eager_encode, mode=self.mode, dynamic=False)
+        components.vae_decode["compiled"] = torch.compile(eager_decode, mode=self.mode, dynamic=False)
         why = (f"{aot_regions.VAE_ENV}=0" if not aot_regions.vae_enabled() else "no encoder / decoder modules")
         return "; VAE encode and decode compiled" + (f" (by dynamo: {why})" if self.aot else "")
 

@@ -7,9 +7,9 @@ captures (and, on a compiled transformer, compiles): the service runs it as a re
 request's timing. Not combinable with the first-block cache, whose skip decision is data-dependent.
 
 The text encoders get the same treatment because the pipeline pads every prompt to a fixed length (512 T5 tokens,
-77 CLIP tokens): one graph per encoder serves every request. A replay is one launch instead of hundreds. On the
-H100 (BENCHMARKS.md) CLIP went from 8.1 to 0.8 ms per prompt, host-bound before. T5 went from 32.0 to 25.4 ms: it
-is GPU-bound, so the graph removes only its launch cost.
+77 CLIP tokens): one graph per encoder serves every request. A replay is one launch instead of hundreds: it helps
+the host-bound CLIP most; T5 is GPU-bound, so the graph removes only its launch cost (bench/bench_text_encoder.py).
+Bit-identical to eager (tested).
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Callable
 
 import torch
 
-from .base import DeviceInfo, Optimization
-from .modulation_table import before_replay
+from optimizations.base import Components, DeviceInfo, Optimization, RunContext
+from optimizations.modulation_table import before_replay
 
 
 class _GraphCache:
@@ -123,8 +123,8 @@ class CudaGraphEncoder(_GraphCache):
 class CudaGraphCall(_GraphCache):
     """One tensor in, one tensor out (the VAE's encode to moments, its decode to pixels), replayed per input shape.
 
-    Why the VAE: compiled, its encoder is host-bound at 512x512. In a whole-request profile on the H100 it took
-    9-10 ms to launch 3.8 ms of kernels, with the GPU idle between them (BENCHMARKS.md)."""
+    Why the VAE: compiled, its encoder is host-bound at 512x512: a whole-request profile showed the GPU idle between
+    its kernels (tools/profile_request.py)."""
 
     def __init__(self, fn: Callable, pool=None):
         super().__init__(pool)
@@ -164,14 +164,46 @@ def vae_decode_from_pixels(pixels: Callable[[torch.Tensor], torch.Tensor]) -> Ca
 
 class CudaGraphs(Optimization):
     name, flag, load_time = "cuda_graphs", "use_cuda_graphs", False
+    needs_warmup = in_warm_key = True  # captured per shape on first use
+
+    def __init__(self):
+        self.pool = None
+        self.transformers: dict[str, CudaGraphTransformer] = {}  # precision -> runner
+        self.text_encoders: dict[str, CudaGraphEncoder] = {}  # pipeline attribute -> runner
+        self.vae: dict[tuple, tuple[CudaGraphCall, CudaGraphCall]] = {}  # (encode, decode) -> their runners
 
     def available(self, device: DeviceInfo) -> str | None:
         return None if device.is_cuda else "CUDA graphs need a CUDA GPU"
 
-    def prepare(self, service) -> str:
-        service.cuda_graph_pool = torch.cuda.graph_pool_handle()
-        service.cuda_graph_runners = {}
-        service.text_encoder_graphs = {}
-        service.vae_graphs = {}
+    def prepare(self, components: Components) -> str:
+        self.pool = torch.cuda.graph_pool_handle()
         return ("transformer step, text encoders (T5, CLIP) and VAE encode / decode captured per shape on first use "
                 "(reported as warm-up), replayed after")
+
+    def refresh(self, components: Components) -> None:
+        """Other optimisations changed the modules: graphs captured before would replay the old code."""
+        self.transformers.clear()
+        self.text_encoders.clear()
+        self.vae.clear()
+
+    @contextlib.contextmanager
+    def activate(self, run: RunContext):
+        runner = self.transformers.get(run.precision)
+        if runner is None:
+            runner = self.transformers[run.precision] = CudaGraphTransformer(run.variant, self.pool)
+        run.transformer = runner
+        key = (run.vae_encode, run.vae_decode)  # eager or compiled: captured apart
+        vae = self.vae.get(key)
+        if vae is None:
+            encode, decode = key
+            vae = self.vae[key] = (CudaGraphCall(lambda x: encode(x).latent_dist.parameters, self.pool),
+                                   CudaGraphCall(lambda z: decode(z, return_dict=False)[0], self.pool))
+        run.vae_encode, run.vae_decode = vae_encode_from_moments(vae[0]), vae_decode_from_pixels(vae[1])
+        with contextlib.ExitStack() as stack:  # each encoder's forward replays its graph (timing hooks stay)
+            for attr in ("text_encoder", "text_encoder_2"):
+                encoder = self.text_encoders.get(attr)
+                if encoder is None:
+                    encoder = self.text_encoders[attr] = CudaGraphEncoder(getattr(run.components.pipe, attr),
+                                                                          self.pool)
+                stack.enter_context(encoder.installed())
+            yield

@@ -1,9 +1,10 @@
 """DPM-Solver++ 2M in its flow-matching form, per request (`use_dpm_solver`).
 
 A second-order multistep solver of the same flow ODE that Euler integrates: about half the steps for the same
-accuracy, so the default step count drops to 14 when the flag is on and `steps` is not given. Uses FLUX's
+accuracy, so a request that gives no `steps` runs `default_steps` (14 instead of 28). Uses FLUX's
 resolution-dependent shift `mu` and the same sigma schedule as the Euler scheduler. The stock diffusers scheduler
 rejects the `sigmas` that FluxKontextPipeline passes: patches/dpm_solver_custom_sigmas.py fixes that.
+Lossy (fewer steps): the benchmark reports its fidelity against Euler with the same seed.
 """
 from __future__ import annotations
 
@@ -11,26 +12,30 @@ import contextlib
 
 from patches.dpm_solver_custom_sigmas import make_flow_dpm_solver
 
-from .base import Optimization, RunContext
+from optimizations.base import Components, Optimization, RunContext
 
 
 class DPMSolver(Optimization):
     name, flag, load_time, lossy = "dpm_solver", "use_dpm_solver", False, True
 
-    def prepare(self, service) -> str:
-        service.dpm_scheduler = make_flow_dpm_solver(dict(service.pipe.scheduler.config))
+    def __init__(self, default_steps: int = 14):
+        self.default_steps = default_steps
+        self.scheduler = None
+
+    def prepare(self, components: Components) -> str:
+        self.scheduler = make_flow_dpm_solver(dict(components.pipe.scheduler.config))
         return "DPM-Solver++ 2M (flow sigmas, dynamic shift mu)"
 
-    def activate(self, run: RunContext):
-        @contextlib.contextmanager
-        def swap():
-            pipe = run.service.pipe
-            euler = pipe.scheduler
-            # Plain attribute swap (not register_modules): the pipeline's saved config keeps naming Euler.
-            pipe.__dict__["scheduler"] = run.service.dpm_scheduler
-            try:
-                yield
-            finally:
-                pipe.__dict__["scheduler"] = euler
+    def configure(self, run: RunContext) -> None:
+        run.default_steps = self.default_steps
 
-        return swap(), "DPM-Solver++ 2M, flow-matching form"
+    @contextlib.contextmanager
+    def activate(self, run: RunContext):
+        pipe = run.components.pipe
+        euler = pipe.scheduler
+        # Plain attribute swap (not register_modules): the pipeline's saved config keeps naming Euler.
+        pipe.__dict__["scheduler"] = self.scheduler
+        try:
+            yield
+        finally:
+            pipe.__dict__["scheduler"] = euler

@@ -3,12 +3,13 @@
 - sm_89 / sm_90 (Ada, Hopper): float8 e4m3, row-wise dynamic scales for activations and weights
   (`Float8DynamicActivationFloat8WeightConfig(PerRow())`). Hopper has no FP4 tensor cores.
 - sm_100+ (Blackwell): MXFP4 through `torchao.prototype.mx_formats`.
-- anywhere else: unavailable, with the reason. torchmx is not used (DESIGN.md: pins old deps, emulates only).
+- anywhere else: unavailable, with the reason. torchmx is not used (docs/design.md: it pins old dependencies
+  and only emulates MX formats).
 
 Quantised: every token-wise linear of the 57 blocks (the single blocks' proj_out as two halves, see
-split_proj_out.py; the linears after a GELU quantise their input in one fused pass, see fp8_gelu_quant.py;
-torchao quantises, then every quantised linear becomes a plain module, see fp8_linear.py; the norms and the
-attention output hand the linears fp8 rows quantised in the same pass, see fp8_norm_quant.py);
+split_proj_out.py; the linears after a GELU quantise their input in one fused pass, see fp8/gelu_quant.py;
+torchao quantises, then every quantised linear becomes a plain module, see fp8/linear.py; the norms and the
+attention output hand the linears fp8 rows quantised in the same pass, see fp8/norm_quant.py);
 kept bf16: embedders, final projection, per-step modulation linears (see skip_module).
 The quantised transformer is a separate copy: the bf16 weights stay, so a request without the flag gets the
 exact bf16 model. Lossy: fidelity against bf16 is reported by the benchmark and the GPU tests.
@@ -19,13 +20,13 @@ import copy
 
 import torch
 
-from . import gelu_epilogue, split_proj_out
-from .base import DeviceInfo, Optimization
-from .fp8_gelu_quant import fuse_gelu_into_quantisation
-from .fp8_linear import unwrap_torchao_linears
-from .fp8_norm_quant import fuse_norm_quantisation
-from .split_proj_out import split_single_block_proj_out
-from .modulation_table import MODULATION_SUFFIXES
+from optimizations.fusions import gelu_epilogue, split_proj_out
+from optimizations.base import Components, DeviceInfo, Optimization, RunContext
+from optimizations.fp8.gelu_quant import fuse_gelu_into_quantisation
+from optimizations.fp8.linear import unwrap_torchao_linears
+from optimizations.fp8.norm_quant import fuse_norm_quantisation
+from optimizations.fusions.split_proj_out import split_single_block_proj_out
+from optimizations.modulation_table import MODULATION_SUFFIXES
 
 
 def quant_config(capability: tuple[int, int]):
@@ -72,13 +73,13 @@ class LowPrecision(Optimization):
             return f"{device.name} (sm_{device.capability[0]}{device.capability[1]}) has no fp8 or fp4 tensor cores"
         return None
 
-    def prepare(self, service) -> str:
+    def prepare(self, components: Components) -> str:
         from torchao.quantization import quantize_
 
-        from .compile import restore_compiled, strip_compiled
+        from optimizations.compile import restore_compiled, strip_compiled
 
-        cfg, desc = quant_config(service.device_info.capability)
-        bf16 = service.transformer_variants["bf16"]
+        cfg, desc = quant_config(components.device_info.capability)
+        bf16 = components.variants["bf16"]
         saved = strip_compiled(bf16)  # copy the weights, not bf16's compiled code
         try:
             q = copy.deepcopy(bf16)  # an installed first-block cache is copied as its own (see its __deepcopy__)
@@ -91,9 +92,10 @@ class LowPrecision(Optimization):
         gelu_note = fuse_gelu_into_quantisation(q)  # after quantising: it takes torchao's fp8 weights
         plain_note = unwrap_torchao_linears(q)  # every quantised linear the GELU fusion did not take
         norm_note = fuse_norm_quantisation(q)  # last: it takes Fp8Linears as the consumers of its fp8 rows
-        if "compile" in service.prepared:  # prepared after compile (the benchmark's stage order): compile it too
-            service.registry["compile"].compile_transformer(q)
-        service.transformer_variants["fp8"] = q
+        components.add_variant("fp8", q)  # optimisations prepared before (compile, in the benchmark's order) adopt it
         self.description = desc
         return (f"{desc}; separate copy, bf16 kept for exact requests; {split_note}; {gelu_note}; {plain_note}; "
                 f"{norm_note}")
+
+    def configure(self, run: RunContext) -> None:
+        run.precision = "fp8"  # the separate quantised copy; requests without the flag run the exact bf16 one

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .base import DeviceInfo, Optimization, RunContext
+from optimizations.base import Components, DeviceInfo, Optimization, RunContext
 
 # The AdaLN modulation linears, by name: AdaLayerNormZero (double blocks), AdaLayerNormZeroSingle (single blocks),
 # AdaLayerNormContinuous (norm_out). Each computes linear(silu(temb)) (norm_out's `.to(x.dtype)` is a no-op here:
@@ -243,31 +243,27 @@ class ModulationTable(Optimization):
             return "not with full-graph compile (its host-side row bookkeeping would be traced): use regional"
         return None
 
-    def prepare(self, service) -> str:
-        for module in service.transformer_variants.values():
+    def prepare(self, components: Components) -> str:
+        for module in components.variants.values():
             self.state = install(module, self.state)
-        pipe = service.pipe
+        pipe = components.pipe
         self.state.timesteps = lambda: getattr(pipe.scheduler, "timesteps", None)
         mib = self.state.table.numel() * self.state.table.element_size() / 2**20
         return (f"AdaLN modulation ({self.state.table.shape[1]:,} outputs per step) computed once per request for "
                 f"all timesteps, gathered per step ({self.state.table.shape[0]}-row table, {mib:.0f} MiB)")
 
+    @contextlib.contextmanager
     def activate(self, run: RunContext):
         state = self.state
-
-        @contextlib.contextmanager
-        def checked():
-            try:
-                yield
-            except BaseException:
-                state.misses.zero_()  # this request failed anyway: do not charge its misses to the next one
-                raise
-            finally:
-                state.entries.clear()  # this request's conditioning tensors are not reused: drop the references
-            missed = int(state.misses.item())  # after the generation: its outputs have synchronised already
-            if missed:
-                state.misses.zero_()
-                raise RuntimeError(f"modulation table: {missed} transformer call(s) matched no table row; "
-                                   "the result would be wrong, so the request fails (a bug: please report it)")
-
-        return checked(), "applied"
+        try:
+            yield
+        except BaseException:
+            state.misses.zero_()  # this request failed anyway: do not charge its misses to the next one
+            raise
+        finally:
+            state.entries.clear()  # this request's conditioning tensors are not reused: drop the references
+        missed = int(state.misses.item())  # after the generation: its outputs have synchronised already
+        if missed:
+            state.misses.zero_()
+            raise RuntimeError(f"modulation table: {missed} transformer call(s) matched no table row; "
+                               "the result would be wrong, so the request fails (a bug: please report it)")

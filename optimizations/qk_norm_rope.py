@@ -20,13 +20,13 @@ import functools
 import torch
 
 # Tokens per program and warps: a program holds BLOCK_T x head_dim values of q, k and v for one head.
-# Chosen with tools/bench_qk_norm_rope.py on an H100 (BENCHMARKS.md).
+# Chosen with bench/bench_qk_norm_rope.py on an H100 (BENCHMARKS.md).
 BLOCK_T, NUM_WARPS = 16, 4
 
 
 @functools.cache
 def _kernel():
-    from .qk_norm_rope_kernel import qk_norm_rope_kernel
+    from optimizations.kernels.qk_norm_rope import qk_norm_rope_kernel
 
     return qk_norm_rope_kernel
 

@@ -7,20 +7,20 @@ processor takes the fused path), so we free them rather than carry them, and int
 """
 from __future__ import annotations
 
-from .base import Optimization
+from optimizations.base import Components, Optimization
 
 
 class QKVFusion(Optimization):
     name, flag, load_time = "qkv_fusion", "use_qkv_fusion", True
     toggle = False
 
-    def prepare(self, service) -> str:
-        if "fp8" in service.transformer_variants:
+    def prepare(self, components: Components) -> str:
+        if "fp8" in components.variants:
             raise RuntimeError("QKV fusion must be prepared before the low-precision copy is made")
-        transformer = service.transformer_variants["bf16"]
+        transformer = components.variants["bf16"]
         transformer.fuse_qkv_projections()
         freed = drop_unfused_projections(transformer)
-        service.pipe.vae.fuse_qkv_projections()
+        components.pipe.vae.fuse_qkv_projections()
         return (f"transformer and VAE attention projections fused; {freed / 1e6:.1f} M unfused transformer "
                 "parameters freed (load-time, always on)")
 

@@ -6,16 +6,16 @@ quantisation produced, and the step cache attaches to the final eager modules, s
 """
 from __future__ import annotations
 
-from .attention import Attention
-from .base import DeviceInfo, Optimization
-from .channels_last import ChannelsLast
-from .compile import Compile
-from .cuda_graphs import CudaGraphs
-from .dpm_solver import DPMSolver
-from .low_precision import LowPrecision
-from .modulation_table import ModulationTable
-from .qkv_fusion import QKVFusion
-from .step_cache import FirstBlockCacheOpt
+from optimizations.attention import Attention
+from optimizations.base import DeviceInfo, Optimization
+from optimizations.channels_last import ChannelsLast
+from optimizations.compile import Compile
+from optimizations.cuda_graphs import CudaGraphs
+from optimizations.dpm_solver import DPMSolver
+from optimizations.low_precision import LowPrecision
+from optimizations.modulation_table import ModulationTable
+from optimizations.qkv_fusion import QKVFusion
+from optimizations.first_block_cache import FirstBlockCacheOpt
 
 STACK_ORDER = ["compile", "qkv_fusion", "channels_last", "modulation_table", "first_block_cache", "attention",
                "low_precision", "dpm_solver", "cuda_graphs"]
@@ -28,10 +28,11 @@ NOT_AUTO_ON_CPU = {"compile", "qkv_fusion", "channels_last", "modulation_table"}
 
 
 def build_registry(compile_mode: str = "default", compile_vae: bool = True, compile_scope: str = "regional",
-                   inductor_flags: str = "light") -> dict[str, Optimization]:
+                   inductor_flags: str = "light", dpm_default_steps: int = 14) -> dict[str, Optimization]:
+    """One registry per service: the optimisation objects hold that service's prepared state."""
     opts = [Compile(mode=compile_mode, compile_vae=compile_vae, scope=compile_scope, inductor_flags=inductor_flags),
             QKVFusion(), ChannelsLast(), ModulationTable(compile_scope), FirstBlockCacheOpt(), Attention(),
-            LowPrecision(), DPMSolver(), CudaGraphs()]
+            LowPrecision(), DPMSolver(dpm_default_steps), CudaGraphs()]
     reg = {o.name: o for o in opts}
     assert list(reg) == STACK_ORDER
     return reg

@@ -7,7 +7,7 @@ strides (.., 1, k * heads, heads). T5 passes it to SDPA as the additive mask. tr
 `create_position_bias_mask` hands that view on unchanged, and PyTorch's fused GPU kernels require the mask's last
 dimension to have stride 1 ("All fused kernels require the last dimension of the input to have stride 1 ...
 Attn_mask.stride(-1): 64"). So every layer ran the math backend, which upcasts bf16 to fp32: on the H100 0.65 ms
-per layer against 0.096 ms for the memory-efficient kernel on the same values (`tools/probe_t5_attention.py`,
+per layer against 0.096 ms for the memory-efficient kernel on the same values (`bench/probe_t5_attention.py`,
 benchmarks/2026-11-23-h100-late/t5_attention.json), ~13 ms of FLUX's 512-token T5 call. transformers 5.23 adds a
 `.contiguous()` in `create_position_bias_mask`, which copies the 64 x 512 x 512 mask again in every one of the 24
 layers.

@@ -19,25 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from schemas import parse_warmup_sizes  # noqa: E402  (pydantic only: the parent stays light)
+from kontext_server import settings
+from kontext_server.request import parse_warmup_sizes  # pydantic only: the parent stays light
 
 CHILD = textwrap.dedent("""
     import json, sys, time
     t0 = time.perf_counter()
     for name in {hide!r}:  # as if not installed: importlib's find_spec answers None for a None entry
         sys.modules[name] = None
-    sys.path.insert(0, {root!r})
-    from service import FluxService, ServiceConfig
+    from kontext_server.service import FluxService, ServiceConfig
     import_s = time.perf_counter() - t0
     import logging
     bypassed = []  # why AOTAutograd's cache was bypassed (it logs the reason at INFO)
@@ -71,11 +67,11 @@ CHILD = textwrap.dedent("""
 
 
 def start_once(args, cache_dir: Path, inductor_dir: Path) -> dict:
-    code = CHILD.format(root=str(ROOT), model=args.model, device=args.device, opts=args.optimizations,
+    code = CHILD.format(model=args.model, device=args.device, opts=args.optimizations,
                         cache=str(cache_dir), sizes=parse_warmup_sizes(args.warmup),
                         hide=[n for n in args.hide_packages.split(",") if n])
     # The cache directory by env too: the bytecode cache picks it up when service is imported, before the config.
-    env = dict(os.environ, FLUX_LOG_LEVEL="WARNING", FLUX_CACHE_DIR=str(cache_dir))
+    env = settings.environ_with(FLUX_LOG_LEVEL="WARNING", FLUX_CACHE_DIR=str(cache_dir))
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     if args.bytecode_prefix:  # as on an image whose packages keep their bytecode (see --bytecode-prefix)
         env["PYTHONPYCACHEPREFIX"] = args.bytecode_prefix

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs on a GPU machine (the device tool), from the repo root, with the wheels from ../shared/gpu/wheels.sh in .whl/:
+# Runs on a GPU machine, from the repo root, with the wheels from tools/fetch_gpu_wheels.sh in .whl/:
 #   bash tools/gpu_session.sh tests                      # GPU tests (pytest -m gpu), figures in $OUT/gpu_checks.json
 #   bash tools/gpu_session.sh bench --workload edit-512  # stage table; markdown on stdout, JSON + PNG in $OUT
 #   bash tools/gpu_session.sh profile --workload t2i-1024 --optimizations all --flags --flags use_mxfp4=true
@@ -7,7 +7,7 @@
 #   bash tools/gpu_session.sh coldstart --optimizations all --warmup 1024x1024,edit:1024x1024 \
 #        --hide-packages peft,scipy,sklearn  # tools/cold_start.py (on the image, not installed by our requirements;
 #                                            # diffusers and transformers import them at start-up when present)
-#   bash tools/gpu_session.sh py tools/bench_gelu_quant.py --out "$OUT/gelu_quant.json"   # any script, same env
+#   bash tools/gpu_session.sh py bench/bench_gelu_quant.py --out "$OUT/gelu_quant.json"   # any script, same env
 # Several modes in one device call: chain them with `;` (the wheels are installed once per machine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -31,7 +31,7 @@ export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor} FLUX_LO
 mode=$1; shift
 case "$mode" in
   # One process per test file: on an 80 GB H100 the stage table's service does not fit beside test_gpu.py's.
-  tests) for f in "${@:-tests/test_gpu.py}"; do
+  tests) for f in "${@:-tests/gpu/test_gpu.py}"; do
            python3 -m pytest -q -m gpu -s -p no:cacheprovider "$f" 2>&1 | tee -a "$OUT/gpu_tests.log"; done ;;
   bench) python3 flux_kontext_optimized.py benchmark --model synthetic-full --out-dir "$OUT" "$@" 2>&1 \
            | grep -v "Warning\|warn(" | tee -a "$OUT/bench.log" ;;

@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
 import re
 import signal
 import socket
@@ -46,6 +45,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+
+from kontext_server import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PAYLOAD = {"prompt": "a red car on a mountain road", "width": 256, "height": 256, "steps": 1}
@@ -332,7 +333,7 @@ class ServerProcess:
                         else tempfile.mkstemp(prefix="flux-load-server-", suffix=".log")[1])
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        env = settings.environ_with(PYTHONUNBUFFERED="1", **(env or {}))
         if cache_dir:
             env["FLUX_CACHE_DIR"] = str(cache_dir)
         cmd = [sys.executable, str(ROOT / "flux_kontext_optimized.py"), "serve", "--model", "tiny", "--device", "cpu",

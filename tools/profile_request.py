@@ -29,17 +29,14 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-import torch  # noqa: E402
-from torch.profiler import record_function  # noqa: E402
+import torch
+from torch.profiler import record_function
 
-import utils  # noqa: E402
-from profile_step import add_model_and_workload_args, parse_flags, workload_request  # noqa: E402
-from schemas import InferenceRequest  # noqa: E402
-from service import FluxService, ServiceConfig  # noqa: E402
+import utils
+from kontext_server.benchmark.workloads import add_model_and_workload_args, parse_flags, workload_request
+from kontext_server.request import InferenceRequest
+from kontext_server.service import FluxService, ServiceConfig
 
 UNMARKED = "(pipeline, unmarked)"
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -106,7 +103,7 @@ def phase_marks(svc) -> contextlib.ExitStack:
     for attr in ("preprocess", "postprocess", "resize"):
         stack.enter_context(_marked(pipe.image_processor, attr, f"image_processor:{attr}"))
     # Schedulers at class level: the DPM-Solver optimisation swaps its scheduler in per request.
-    for cls in {type(pipe.scheduler), type(getattr(svc, "dpm_scheduler", pipe.scheduler))}:
+    for cls in {type(pipe.scheduler), type(svc.registry["dpm_solver"].scheduler or pipe.scheduler)}:
         for attr in ("set_timesteps", "step"):
             stack.enter_context(_marked(cls, attr, f"scheduler:{attr}"))
     return stack

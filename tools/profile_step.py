@@ -14,65 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-import benchmark  # noqa: E402
-from schemas import InferenceRequest  # noqa: E402
-from service import FluxService, ServiceConfig  # noqa: E402
-
-CATEGORIES = [  # first match wins; names of CUDA kernels and aten ops, lower-cased
-    # inductor's fused kernels are named after every op they absorbed ("..._scaled_dot_product_cudnn_attention_...",
-    # "..._scaled_mm_..."): classify them by what they compute, not by the names they borrowed
-    ("activation quantisation (fused)", r"^triton_.*amax"),
-    ("norm / elementwise (triton)", r"^triton_"),
-    ("attention", r"flash|fmha|cudnn.*(attn|sdpa|mha)|attention|sdpa"),
-    ("gemm (fp8)", r"^nvjet_sm\d+_qq|f8|fp8|e4m3|scaled_mm|ovscale"),  # cuBLAS names fp8 GEMMs nvjet_*_qq*
-    ("gemm", r"gemm|matmul|sm90_xmma|cutlass|cublas|nvjet|addmm|\bmm\b|linear"),
-    ("activation quantisation", r"quant|amax|abs_max|float8|to_fp8"),
-    ("norm / elementwise", r"layer_norm|rms_norm|norm|gelu|silu|mul|add|elementwise|sin|cos"),
-    ("copies", r"copy|memcpy|memset|cat|clone|contiguous"),
-]
-
-
-def category(name: str) -> str:
-    low = name.lower()
-    for cat, pattern in CATEGORIES:
-        if re.search(pattern, low):
-            return cat
-    return "other"
-
-
-def parse_flags(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        out[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return out
-
-
-def add_model_and_workload_args(p: argparse.ArgumentParser, workload: str) -> None:
-    """The arguments both profile tools share: which model, device, optimisations, and which request shape."""
-    p.add_argument("--model", default="synthetic-full")
-    p.add_argument("--device", default=None)
-    p.add_argument("--workload", choices=sorted(benchmark.WORKLOADS), default=workload)
-    p.add_argument("--width", type=int, help="override the workload's size (e.g. 256 for tiny on CPU)")
-    p.add_argument("--height", type=int)
-    p.add_argument("--optimizations", default="none")
-
-
-def workload_request(a) -> tuple:
-    """(width, height, reference image or None) for the parsed arguments' workload and size overrides."""
-    width, height, edit = benchmark.WORKLOADS[a.workload]
-    width, height = a.width or width, a.height or height
-    return width, height, benchmark._test_image(width, height) if edit else None
-
+from kontext_server.benchmark import fidelity, floor
+from kontext_server.benchmark.profiling import category
+from kontext_server.benchmark.workloads import add_model_and_workload_args, parse_flags, workload_request
+from kontext_server.request import InferenceRequest
+from kontext_server.service import FluxService, ServiceConfig
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,7 +61,7 @@ def main(argv=None) -> int:
 def profile_plan(svc, a, width, height, image, flags: dict) -> dict:
     """Warm up one plan (compile / capture), then profile `a.calls` transformer calls; prints and saves a summary."""
     req = InferenceRequest(prompt="make the car red", width=width, height=height, steps=4, seed=1, **flags)
-    probe = benchmark.StepProbe(call_index=2)
+    probe = fidelity.StepProbe(call_index=2)
     svc.transformer_call_observer = probe.observe
     try:
         warm = svc.generate(req, image)  # warm-up: compile / capture, and the probe records real step inputs
@@ -117,7 +69,7 @@ def profile_plan(svc, a, width, height, image, flags: dict) -> dict:
         svc.transformer_call_observer = None
     cold_start_s = warm.timings_ms.get("cold_start", 0.0) / 1000  # the service's own compile / capture time
     plan = svc.plan(req)
-    _, transformer = svc._transformer_for(plan)
+    transformer = svc.transformer_for(plan)
     cuda = svc.device_info.is_cuda
     with torch.inference_mode():
         transformer(**probe.inputs)  # one more un-profiled call: no lazy init inside the profile
@@ -136,16 +88,16 @@ def profile_plan(svc, a, width, height, image, flags: dict) -> dict:
     for e in events:
         per_cat[category(e.key)] = per_cat.get(category(e.key), 0.0) + getattr(e, attr) / 1000 / a.calls
     step_ms = sum(per_cat.values())
-    seq = benchmark.seq_len_for(width, height, image is not None)
+    seq = floor.seq_len_for(width, height, image is not None)
     fp8 = plan["low_precision"].applied
-    floor = benchmark.floor_ms_per_step(svc.transformer_variants["bf16"], seq, fp8) if cuda else None
+    floor_ms = floor.floor_ms_per_step(svc.transformer_variants["bf16"], seq, fp8) if cuda else None
     top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[: a.top]
 
     applied = [k for k, d in plan.items() if d.applied]
     print(f"\n{a.workload} {width}x{height} (L={seq}) on {svc.device_info.name}; applied: {', '.join(applied)}; "
           f"compile mode {a.compile_mode}, scope {a.compile_scope}, inductor flags {a.inductor_flags}")
     print(f"{'device' if cuda else 'CPU'} time per transformer call: {step_ms:.1f} ms"
-          + (f" (floor {floor:.1f} ms, ratio {step_ms / floor:.2f})" if floor else ""))
+          + (f" (floor {floor_ms:.1f} ms, ratio {step_ms / floor_ms:.2f})" if floor_ms else ""))
     print("\n| category | ms per step | share |\n|---|---|---|")
     for cat, ms in sorted(per_cat.items(), key=lambda kv: -kv[1]):
         print(f"| {cat} | {ms:.2f} | {ms / step_ms:.0%} |")
@@ -164,7 +116,7 @@ def profile_plan(svc, a, width, height, image, flags: dict) -> dict:
     report = {
         "workload": a.workload, "width": width, "height": height, "seq_len": seq, "device": svc.device_info.name,
         "compile": {"mode": a.compile_mode, "scope": a.compile_scope, "inductor_flags": a.inductor_flags},
-        "applied": applied, "cold_start_s": round(cold_start_s, 2), "ms_per_step": step_ms, "floor_ms": floor,
+        "applied": applied, "cold_start_s": round(cold_start_s, 2), "ms_per_step": step_ms, "floor_ms": floor_ms,
         "by_category_ms": per_cat,
         "top": [{"kernel": e.key, "ms_per_step": getattr(e, attr) / 1000 / a.calls, "calls": e.count // a.calls,
                  "launched_by": launched_by.get(e.key, {})} for e in top]}

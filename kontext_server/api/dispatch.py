@@ -1,0 +1,28 @@
+"""Submitting a job to the engine from a route and awaiting it, while watching the client.
+
+A client that disconnects cancels its job (a queued one never runs, a running one stops at its next step); a job
+that waits longer than the queue timeout is answered 503. The event loop only awaits: no model work runs on it."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import Request
+
+from kontext_server import engine as eng
+
+
+async def submit_and_wait(engine: eng.Engine, request: Request, payload, job_id: str):
+    """(job, result); raises EngineError (QueueFull / ShuttingDown at submit, or the job's own error)."""
+    job = engine.submit(payload, job_id=job_id)
+    fut = asyncio.wrap_future(job.future)
+    while True:
+        done, _ = await asyncio.wait({fut}, timeout=0.2)
+        if done:
+            return job, fut.result()
+        if await request.is_disconnected():
+            engine.cancel(job, eng.Cancelled)
+            await asyncio.wait({fut}, timeout=5)
+            raise eng.Cancelled("client disconnected")
+        if job.started_at is None and time.monotonic() - job.enqueued_at > engine.queue_timeout:
+            engine.cancel(job, eng.QueueTimeout)

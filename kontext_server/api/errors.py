@@ -1,0 +1,45 @@
+"""Error bodies of the /inference family of routes: {"error": code, "message": text, "detail": [...]}.
+
+Every error a route returns goes through here, so the shape is the same everywhere: validation errors name the
+field; 429 and 503 carry Retry-After."""
+from __future__ import annotations
+
+from fastapi.responses import JSONResponse
+
+from kontext_server import engine as eng
+
+
+def error_response(status: int, code: str, message: str, detail=None, headers=None) -> JSONResponse:
+    body = {"error": code, "message": message}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def field_error(status: int, code: str, field: str, message: str, kind: str = "value_error") -> JSONResponse:
+    """One field's error: the message names the field, the detail lists it."""
+    return error_response(status, code, f"{field}: {message}", [{"field": field, "message": message, "type": kind}])
+
+
+def clean_errors(errors) -> list[dict]:
+    """pydantic errors without the raw input (it may be huge, binary or unserialisable)."""
+    out = []
+    for e in errors:
+        kind = str(e.get("type", "value_error"))
+        msg = str(e.get("msg", "invalid"))
+        loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+        if kind == "json_invalid":  # its location is a character offset, not a field
+            msg, loc = f"{msg} at character {loc[-1] if loc else '?'}", []
+        out.append({"field": ".".join(loc) or "body", "message": msg, "type": kind})
+    return out
+
+
+def engine_error_response(exc: eng.EngineError, engine: eng.Engine) -> JSONResponse:
+    headers = None
+    if exc.status in (429, 503):
+        headers = {"Retry-After": str(engine.retry_after_seconds())}
+    return error_response(exc.status, exc.code, str(exc), headers=headers)
+
+
+def not_ready_response(state: str) -> JSONResponse:
+    return error_response(503, "not_ready", f"model is {state}", headers={"Retry-After": "5"})

@@ -1,0 +1,117 @@
+"""ASGI middleware of the app: a body-size limit (413 before a huge body is buffered) and the request context (a
+request id on every response, metrics, one log line per request, a JSON 500 for anything a route did not handle).
+
+Pure ASGI on purpose: BaseHTTPMiddleware would hide client disconnects from the routes."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from kontext_server.api.metrics import Metrics
+
+log = logging.getLogger("flux.api")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 before a huge body is buffered, with or without Content-Length.
+
+    A chunked body that grows past the limit is cut off: the app sees the client as gone (so nothing raises
+    through FastAPI's body parser, which would turn it into a 400), its own answer is dropped, and the client
+    gets the 413."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = False
+                if too_big:
+                    return await self._reject(send)
+        seen = 0
+        exceeded = False
+
+        async def limited_receive():
+            nonlocal seen, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    exceeded = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not exceeded:
+                await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+        if exceeded:
+            await self._reject(send)
+
+    async def _reject(self, send):
+        await send_json(send, 413, {"error": "payload_too_large",
+                                     "message": f"request body is larger than {self.max_bytes} bytes"})
+
+
+async def send_json(send, status: int, body: dict, extra_headers: list | None = None) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
+    await send({"type": "http.response.body", "body": data})
+
+
+class RequestContext:
+    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes): a request id on
+    every response, metrics, one log line per request, and a JSON 500 for anything a route did not handle."""
+
+    def __init__(self, app, metrics: Metrics, known_paths: set[str]):
+        # known_paths: the app's route paths, reported by name in metrics; anything else is "other" (no unbounded
+        # label values from scanners). The app fills the set once its routes are attached.
+        self.app, self.metrics, self.known_paths = app, metrics, known_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-request-id"), "")
+        rid = rid if REQUEST_ID_RE.match(rid) else uuid.uuid4().hex[:16]
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        rid_header = (b"x-request-id", rid.encode())
+        status = {"code": None}
+        t0 = time.perf_counter()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message = dict(message, headers=list(message.get("headers", [])) + [rid_header])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # noqa: BLE001 - last resort: still JSON, still counted, still logged
+            log.exception("request %s: unhandled error on %s", rid, scope.get("path"))
+            if status["code"] is None:
+                status["code"] = 500
+                await send_json(send, 500, {"error": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
+                                 [rid_header])
+        finally:
+            path = scope.get("path", "")
+            label = path if path in self.known_paths else "other"
+            code = status["code"] or 499  # no answer sent: the client went away
+            elapsed = time.perf_counter() - t0
+            self.metrics.requests.labels(label, str(code)).inc()
+            self.metrics.latency.labels(label).observe(elapsed)
+            if not state.get("logged"):  # /inference logs its own, richer line
+                log.info("request %s %s %s status=%s ms=%.0f", rid, scope.get("method"), path, code, elapsed * 1000)

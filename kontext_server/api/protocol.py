@@ -1,0 +1,37 @@
+"""The /inference route's wire format: its request is kontext_server.request.InferenceRequest; its response and
+error bodies are declared here."""
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from kontext_server.request import InferenceRequest
+
+__all__ = ["InferenceRequest", "InferenceResponse", "ModelInfo", "OptimizationReport"]
+
+
+class OptimizationReport(BaseModel):
+    requested: bool
+    applied: bool
+    detail: str
+
+
+class ModelInfo(BaseModel):
+    source: str
+    synthetic: bool
+    description: str
+
+
+class InferenceResponse(BaseModel):
+    request_id: str
+    images: list[str]
+    output_format: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    steps_computed: int
+    steps_skipped: int
+    timings_ms: dict[str, float]
+    optimizations: dict[str, OptimizationReport]
+    model: ModelInfo
+    warnings: list[str] = []

@@ -1,0 +1,1 @@
+"""One router per endpoint group; app.build_app attaches them."""

@@ -1,0 +1,32 @@
+"""Probes and scrapes: GET /health (200 ready, 503 loading / failed / draining), GET /live, GET /metrics."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from kontext_server.api.context import server
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request):
+    srv = server(request)
+    info = srv.service.health()
+    info["queue_depth"], info["in_flight"] = srv.engine.queue_depth, srv.engine.in_flight
+    if not srv.engine.accepting:
+        info["status"] = "draining"
+    ok = srv.service.state == "ready" and srv.engine.accepting
+    return JSONResponse(info, status_code=200 if ok else 503)
+
+
+@router.get("/live")
+async def live():
+    return {"status": "alive"}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    srv = server(request)
+    data = srv.metrics.render(srv.engine, ready=srv.service.state == "ready")
+    return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")

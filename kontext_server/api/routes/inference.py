@@ -1,0 +1,67 @@
+"""POST /inference: the server's own JSON generation route (errors: kontext_server.api.errors' shape)."""
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+
+from kontext_server import engine as eng
+from kontext_server.api.context import server
+from kontext_server.api.dispatch import submit_and_wait
+from kontext_server.api.errors import engine_error_response, error_response, field_error, not_ready_response
+from kontext_server.api.protocol import InferenceRequest, InferenceResponse, ModelInfo, OptimizationReport
+from kontext_server.jobs import GenerateJob
+from kontext_server.service import StrictError
+from utils import ImageInputError, decode_image, encode_image
+
+log = logging.getLogger("flux.api")
+router = APIRouter()
+
+
+@router.post("/inference", response_model=InferenceResponse,
+             responses={413: {}, 422: {}, 429: {}, 500: {}, 503: {}, 504: {}})
+async def inference(body: InferenceRequest, request: Request):
+    srv = server(request)
+    service, engine, metrics = srv.service, srv.engine, srv.metrics
+    rid = request.state.request_id
+    if service.state != "ready":
+        return not_ready_response(service.state)
+    image = None
+    if body.image is not None:
+        try:
+            image = await run_in_threadpool(decode_image, body.image)
+        except ImageInputError as exc:
+            code = "payload_too_large" if exc.status == 413 else "validation_error"
+            return field_error(exc.status, code, "image", str(exc))
+    try:
+        plan = service.plan(body, image)
+    except StrictError as exc:
+        return error_response(422, "validation_error", str(exc),
+                              [{"field": f, "message": m, "type": "strict"} for f, m in exc.problems])
+    t0 = time.perf_counter()
+    try:
+        job, result = await submit_and_wait(engine, request, GenerateJob(body, image, plan), rid)
+    except eng.EngineError as exc:
+        request.state.logged = True
+        log.info("request %s prompt_len=%d size=%sx%s steps=%s outcome=%s %s", rid, len(body.prompt),
+                 body.width, body.height, body.steps, exc.status, exc.code)
+        return engine_error_response(exc, engine)
+    images = await run_in_threadpool(lambda: [encode_image(im, body.output_format) for im in result.images])
+    timings = dict(result.timings_ms)
+    timings["queue_wait"] = round(((job.started_at or job.enqueued_at) - job.enqueued_at) * 1000, 3)
+    timings["request_total"] = round((time.perf_counter() - t0) * 1000, 3)
+    metrics.observe_result(timings, result.steps_computed, result.steps_skipped)
+    request.state.logged = True
+    log.info("request %s size=%dx%d steps=%d images=%d edit=%s timings_ms=%s outcome=200", rid, result.width,
+             result.height, result.steps, len(images), image is not None, {k: round(v) for k, v in timings.items()})
+    m = service.model
+    return InferenceResponse(
+        request_id=rid, images=images, output_format=body.output_format, seed=result.seed,
+        width=result.width, height=result.height, steps=result.steps, steps_computed=result.steps_computed,
+        steps_skipped=result.steps_skipped, timings_ms=timings,
+        optimizations={k: OptimizationReport(requested=d.requested, applied=d.applied, detail=d.detail)
+                       for k, d in result.optimizations.items()},
+        model=ModelInfo(source=m.source, synthetic=m.synthetic, description=m.description),
+        warnings=result.warnings)

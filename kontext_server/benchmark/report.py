@@ -1,0 +1,62 @@
+"""A benchmark result as a markdown table and a stacked bar chart (matplotlib, imported only when drawing)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def to_markdown(result: dict) -> str:
+    head = ("| stage | what | text enc | img enc | transformer (per step) | VAE dec | glue | total (min-max) | "
+            "x stage 0 | x prev | steps comp/skip | peak GiB | cold start | floor ratio | SM MHz, W | fidelity vs 0 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in result["rows"]:
+        t = r["timings_ms"]
+        fid = dict(r.get("fidelity_vs_stage0") or {})
+        if r.get("step_rel_error_vs_stage0"):
+            fid = {"step_rel_err": r["step_rel_error_vs_stage0"], **fid}
+        fid_s = ", ".join(f"{k}={v}" for k, v in fid.items()) or "-"
+        lines.append(
+            f"| {r['stage']} | {r['label']} | {t['text_encode']:.1f} | {t['image_encode']:.1f} | "
+            f"{t['transformer']:.1f} ({t['transformer_per_step']:.1f}) | {t['vae_decode']:.1f} | {t['glue']:.1f} | "
+            f"{t['total']:.1f} ({r['total_min_ms']:.0f}-{r['total_max_ms']:.0f}) | {r['speedup_vs_stage0']} | "
+            f"{r.get('speedup_vs_previous', '-')} | {r['steps_computed']}/{r['steps_skipped']} | "
+            f"{r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} | {r['cold_start_ms']:.0f} ms | "
+            f"{r.get('floor_ratio', '-')} | {clocks_cell(r.get('gpu_clocks'))} | {fid_s} |")
+    if result.get("code_switches"):  # an A/B run: say so under its table
+        lines.append("\nswitches: " + ", ".join(f"{k}={v}" for k, v in result["code_switches"].items()))
+    regions = result.get("compiled_regions") or {}
+    if regions.get("compiled") or regions.get("loaded") or regions.get("notes"):
+        lines.append(f"\nsaved compiled regions: {regions.get('compiled', 0)} compiled, {regions.get('loaded', 0)} "
+                     f"loaded, {regions.get('to_dynamo', 0)} left to dynamo"
+                     + "".join(f"\n- {n}" for n in regions.get("notes", [])))
+    return "\n".join(lines)
+
+
+def clocks_cell(clocks: dict | None) -> str:
+    """The timed runs' median SM clock and power draw, e.g. "1605, 690"; "-" where nothing was sampled."""
+    if not clocks or "sm_mhz" not in clocks:
+        return "-"
+    power = clocks.get("power_w")
+    return f"{clocks['sm_mhz']['median']:.0f}, {power['median']:.0f}" if power else f"{clocks['sm_mhz']['median']:.0f}"
+
+
+def bar_chart(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [r["stage"] for r in rows]
+    parts = ["text_encode", "image_encode", "transformer", "vae_decode", "glue"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bottom = np.zeros(len(rows))
+    for p in parts:
+        vals = np.array([r["timings_ms"][p] for r in rows])
+        ax.bar(labels, vals, bottom=bottom, label=p)
+        bottom += vals
+    ax.set_ylabel("ms (median)")
+    ax.set_title(f"{result.get('workload', 'benchmark')} on {result['device']} ({result['model']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

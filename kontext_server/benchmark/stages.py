@@ -1,0 +1,92 @@
+"""The stage table: stage 0 (naive) -> 5 (CUDA graphs), preparing optimisations stage by stage on one loaded model,
+for `flux_kontext_optimized.py benchmark --workload W`. Each row: per-stage medians, speed-up against stage 0 and
+the previous stage, the ratio of the step to the floor model, and fidelity against stage 0 with the same seed."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kontext_server.benchmark.fidelity import StepProbe
+from kontext_server.benchmark.floor import WORKLOADS, floor_ms_per_step, seq_len_for
+from kontext_server.benchmark.timing import finish_rows, sampling_clocks, test_image, time_request
+from kontext_server.request import FLAG_TO_OPTIMIZATION, InferenceRequest
+from kontext_server.settings import code_switches
+
+
+@dataclass
+class Stage:
+    name: str
+    label: str
+    prepare: list  # optimisations to prepare before this stage (added to the previous stages')
+    flags: dict  # request flags
+    steps: int | None = None
+
+
+def stage_plan() -> list[Stage]:
+    lossless = dict(use_compile=True, use_qkv_fusion=True, use_channels_last=True, use_modulation_table=True)
+    return [
+        Stage("0", "naive bf16 (eager, Euler)", [], {f: False for f in FLAG_TO_OPTIMIZATION}),
+        Stage("1", "+ compile, QKV fusion, channels-last, modulation table",
+              ["qkv_fusion", "channels_last", "modulation_table", "compile"],
+              dict(lossless, use_first_block_cache=False, use_flash_attention=False, use_mxfp4=False,
+                   use_dpm_solver=False, use_cuda_graphs=False)),
+        Stage("1c", "stage 1 lossless + first-block cache 0.12 (eager: cache skips blocks per step)",
+              ["first_block_cache"], dict(use_first_block_cache=True, use_mxfp4=False, use_dpm_solver=False)),
+        Stage("2", "+ FA3-class attention (cuDNN) + fused q/k norm + RoPE", ["attention"],
+              dict(lossless, use_flash_attention=True, use_mxfp4=False, use_dpm_solver=False, use_cuda_graphs=False)),
+        Stage("3", "+ fp8 GEMMs (MXFP4 flag)", ["low_precision"],
+              dict(lossless, use_flash_attention=True, use_mxfp4=True, use_dpm_solver=False, use_cuda_graphs=False)),
+        Stage("4", "+ DPM-Solver++ 2M, 14 steps", ["dpm_solver"],
+              dict(lossless, use_flash_attention=True, use_mxfp4=True, use_dpm_solver=True, use_cuda_graphs=False)),
+        Stage("5", "+ CUDA graphs", ["cuda_graphs"],
+              dict(lossless, use_flash_attention=True, use_mxfp4=True, use_dpm_solver=True, use_cuda_graphs=True)),
+    ]
+
+
+def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, progress=None,
+                        stages: list[str] | None = None) -> dict:
+    width, height, edit = WORKLOADS[workload]
+    probe = StepProbe()
+    image = test_image(width, height) if edit else None
+    L = seq_len_for(width, height, edit)
+    transformer = service.transformer_variants["bf16"]
+    rows = []
+    cumulative: list[str] = []
+    with sampling_clocks(service) as sampler:
+        for stage in stage_plan():
+            cumulative += stage.prepare  # a stage includes everything the stages before it prepared
+            if stages is not None and stage.name not in stages:
+                continue
+            if progress:
+                progress(f"stage {stage.name}: {stage.label}")
+            t0 = time.perf_counter()
+            todo = [n for n in cumulative if n not in service.prepared
+                    and service.registry[n].available(service.device_info) is None]
+            service.prepare(todo)
+            prepare_ms = (time.perf_counter() - t0) * 1000
+            flags = dict(stage.flags)
+            req = InferenceRequest(prompt="make the car red, photo", width=width, height=height,
+                                   steps=None if flags.get("use_dpm_solver") else steps, seed=1234, **flags)
+            if probe.inputs is None:
+                service.transformer_call_observer = probe.observe
+            try:
+                row = {"stage": stage.name, "label": stage.label,
+                       **time_request(service, req, image, runs, sampler=sampler)}
+            finally:
+                service.transformer_call_observer = None
+            row["prepare_ms"] = round(prepare_ms, 1)
+            row["step_rel_error_vs_stage0"] = probe.rel_error(service.transformer_for(service.plan(req)))
+            fp8 = "low_precision" in row["applied"]
+            if service.device_info.is_cuda:
+                floor = floor_ms_per_step(transformer, L, fp8)
+                row["floor_ms_per_step"] = round(floor, 1)
+                row["floor_ratio"] = round(row["timings_ms"]["transformer_per_step"] / floor, 2)
+            rows.append(row)
+    finish_rows(rows)
+    return {"workload": workload, "width": width, "height": height, "edit": edit, "seq_len": L,
+            "model": service.model.source, "synthetic": service.model.synthetic, "device": service.device_info.name,
+            "torch": torch.__version__, "code_switches": code_switches(), "runs": runs,
+            "clock_fields": sampler.fields if sampler is not None else None,
+            "compiled_regions": service.registry["compile"].aot_stats.as_dict(), "rows": rows}

@@ -1,0 +1,93 @@
+"""Timing a request the way every benchmark here does: a warm-up first (compile / capture reported as cold start),
+then `runs` timed runs; medians and spread per stage, peak memory, the GPU's clocks during the timed runs."""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kontext_server.benchmark.fidelity import fidelity
+from kontext_server.benchmark.gpu_clocks import ClockSampler
+from kontext_server.request import InferenceRequest
+
+STAGE_KEYS = ("text_encode", "image_encode", "transformer", "transformer_per_step", "vae_decode", "glue", "total")
+
+
+def test_image(width: int, height: int) -> Image.Image:
+    """A deterministic, structured input image (gradients + shapes), not constant: encoders see real content."""
+    x = np.linspace(0, 1, width)[None, :, None]
+    y = np.linspace(0, 1, height)[:, None, None]
+    arr = np.concatenate([x * np.ones_like(y), y * np.ones_like(x), (x * y) ** 0.5], axis=2)
+    return Image.fromarray((arr * 255).astype(np.uint8))
+
+
+def time_request(service, req: InferenceRequest, image, runs: int, should_stop=None,
+                 sampler: ClockSampler | None = None) -> dict:
+    """Warm-up (reported), then `runs` timed runs: medians and spread per stage, and with a sampler the GPU's
+    clocks and power during the timed runs."""
+    cuda = service.device_info.is_cuda
+    t0 = time.perf_counter()
+    warm = service.generate(req, image, should_stop=should_stop, output_type="np")
+    warm_ms = (time.perf_counter() - t0) * 1000
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    results = []
+    t_runs = time.monotonic()
+    for _ in range(runs):
+        if should_stop and (err := should_stop()):
+            raise err
+        results.append(service.generate(req, image, should_stop=should_stop, output_type="np"))
+    clocks = sampler.window(t_runs, time.monotonic()) if sampler is not None else None
+    med = {k: statistics.median(r.timings_ms.get(k, 0.0) for r in results) for k in STAGE_KEYS}
+    totals = [r.timings_ms["total"] for r in results]
+    return {
+        "timings_ms": {k: round(v, 2) for k, v in med.items()},
+        "total_min_ms": round(min(totals), 2), "total_max_ms": round(max(totals), 2),
+        "cold_start_ms": round(warm.timings_ms.get("cold_start", 0.0), 1),  # compile / capture, not the timed runs
+        "first_run_ms": round(warm_ms, 1),
+        "steps": results[-1].steps, "steps_computed": results[-1].steps_computed,
+        "steps_skipped": results[-1].steps_skipped,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "applied": [k for k, d in results[-1].optimizations.items() if d.applied],
+        "not_applied": {k: d.detail for k, d in results[-1].optimizations.items() if d.requested and not d.applied},
+        "gpu_clocks": clocks,
+        "_result": results[-1],
+    }
+
+
+def finish_rows(rows: list[dict], ref_key: str = "0") -> None:
+    base = next((r for r in rows if r["stage"] == ref_key), rows[0])
+    prev = None
+    for row in rows:
+        row["speedup_vs_stage0"] = round(base["timings_ms"]["total"] / row["timings_ms"]["total"], 2)
+        if prev is not None:
+            row["speedup_vs_previous"] = round(prev["timings_ms"]["total"] / row["timings_ms"]["total"], 2)
+        row["fidelity_vs_stage0"] = fidelity(base["_result"], row["_result"]) if row is not base else {}
+        if not row["stage"].endswith("c"):  # side rows (cache variant) are not "the previous stage"
+            prev = row
+    for row in rows:
+        row.pop("_result", None)
+
+
+def clock_sampler(service) -> ClockSampler | None:
+    """A started sampler of the service's GPU, None on CPU. An H100 at its power cap clocks down under sustained fp8
+    work (docs/benchmarking.md): each benchmark row says what clocks its timed runs had."""
+    if not service.device_info.is_cuda:
+        return None
+    return ClockSampler(sample_ms=100, device_index=torch.device(service.device).index or 0).start()
+
+
+@contextlib.contextmanager
+def sampling_clocks(service):
+    """clock_sampler's sampler (or None) for the duration of a benchmark; its nvidia-smi child stopped after."""
+    sampler = clock_sampler(service)
+    try:
+        yield sampler
+    finally:
+        if sampler is not None:
+            sampler.stop()

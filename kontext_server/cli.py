@@ -1,0 +1,243 @@
+"""The command line: `serve`, `generate`, `benchmark` (the default: unoptimised vs optimised on the configured model).
+
+Every option that has an environment variable takes its default from kontext_server.settings, and its help says
+which variable and default. Light to import: parsing arguments (and `--help`) loads neither torch nor the model;
+each command imports what it needs when it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from kontext_server import settings
+from kontext_server.request import parse_warmup_sizes
+from kontext_server.service.config import NEW_SHAPE_POLICIES, ServiceConfig
+
+log = logging.getLogger("flux")
+WORKLOAD_NAMES = ["edit-1024", "t2i-1024", "edit-512"]  # kontext_server.benchmark.floor.WORKLOADS (kept light)
+
+
+def _warmup_sizes_arg(spec: str) -> list[tuple[int, int, bool]]:
+    try:
+        return parse_warmup_sizes(spec)
+    except ValueError as exc:  # argparse shows an ArgumentTypeError's message (a ValueError's only as "invalid")
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _env_help(text: str, var: settings.EnvVar) -> str:
+    default = var.default if var.default is not None else "unset"
+    return f"{text} (env {var.name}; default {default})"
+
+
+def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto") -> None:
+    p.add_argument("--model", default=settings.MODEL.get(),
+                   help=_env_help("tiny | synthetic-full | a hub id | a local diffusers directory", settings.MODEL))
+    p.add_argument("--device", default=settings.DEVICE.get(), help=_env_help("cuda, cuda:1, cpu", settings.DEVICE))
+    p.add_argument("--optimizations",
+                   default=settings.OPTIMIZATIONS.get() if settings.OPTIMIZATIONS.is_set() else default_opts,
+                   help=_env_help("all | none | auto | comma list of: compile,qkv_fusion,channels_last,"
+                                  "modulation_table,first_block_cache,attention,low_precision,dpm_solver,cuda_graphs",
+                                  settings.OPTIMIZATIONS))
+    p.add_argument("--compile-mode", default=settings.COMPILE_MODE.get(),
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help=_env_help("torch.compile mode", settings.COMPILE_MODE))
+    p.add_argument("--compile-scope", default=settings.COMPILE_SCOPE.get(), choices=["regional", "full"],
+                   help=_env_help("compile each transformer block (fast to compile) or one graph",
+                                  settings.COMPILE_SCOPE))
+    p.add_argument("--inductor-flags", default=settings.INDUCTOR_FLAGS.get(), choices=["none", "light", "seed"],
+                   help=_env_help("light: the seed's flags without coordinate-descent tuning; seed: all of them "
+                                  "(much slower compile)", settings.INDUCTOR_FLAGS))
+    p.add_argument("--cache-dir", default=settings.CACHE_DIR.get(),
+                   help=_env_help("tiny model, compile caches, bytecode", settings.CACHE_DIR))
+
+
+def service_config(a) -> ServiceConfig:
+    return ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations, compile_mode=a.compile_mode,
+                         compile_scope=a.compile_scope, inductor_flags=a.inductor_flags,
+                         cache_dir=Path(a.cache_dir) if a.cache_dir else None,
+                         warmup_sizes=getattr(a, "warmup", None) or [],
+                         new_shapes=getattr(a, "new_shapes", None) or "compile")
+
+
+def server_settings(a):
+    from kontext_server.api.context import ServerSettings
+
+    return ServerSettings(max_queue=a.max_queue, queue_timeout=a.queue_timeout, request_timeout=a.request_timeout,
+                          shutdown_grace=a.shutdown_grace)
+
+
+def config_from_env():
+    """What `serve` with no arguments would use: the CLI's defaults, which come from the settings."""
+    a = build_parser().parse_args(["serve"])
+    return service_config(a), server_settings(a)
+
+
+def _load_or_exit(cfg: ServiceConfig):
+    from kontext_server.models import ModelLoadError
+    from kontext_server.service import FluxService
+
+    svc = FluxService(cfg)
+    try:
+        svc.load()
+    except ModelLoadError as exc:
+        sys.exit(f"error: {exc}")
+    return svc
+
+
+def cmd_serve(a) -> None:
+    import uvicorn
+
+    from kontext_server.api.app import build_app
+    from kontext_server.models import ModelLoadError
+    from kontext_server.service import FluxService
+
+    settings_ = server_settings(a)
+    svc = FluxService(service_config(a))
+    if not a.background_load:
+        try:  # fail at start-up, with the message, when the model cannot be found
+            svc.load()
+        except ModelLoadError as exc:
+            sys.exit(f"error: {exc}")
+    # uvicorn re-raises SIGTERM after its graceful shutdown; this handler, restored by then, makes a clean drain
+    # exit with status 0 instead of dying of the signal.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Work still running after the grace period is interrupted by the app (JSON 503); the margin lets that answer
+    # reach the client before uvicorn's own timeout cancels the handlers.
+    uvicorn.run(build_app(svc, settings_), host=a.host, port=a.port, log_level=a.log_level,
+                timeout_graceful_shutdown=int(a.shutdown_grace) + 5)
+
+
+def cmd_generate(a) -> None:
+    import base64
+
+    from kontext_server.request import InferenceRequest
+    from utils import decode_image
+
+    image = decode_image(base64.b64encode(Path(a.image).read_bytes()).decode()) if a.image else None
+    req = InferenceRequest(prompt=a.prompt, width=a.width, height=a.height, steps=a.steps, seed=a.seed,
+                           guidance_scale=a.guidance_scale)
+    svc = _load_or_exit(service_config(a))
+    res = svc.generate(req, image)
+    res.images[0].save(a.out)
+    print(json.dumps({"out": a.out, "seed": res.seed, "width": res.width, "height": res.height, "steps": res.steps,
+                      "timings_ms": res.timings_ms,
+                      "optimizations": {k: d.applied for k, d in res.optimizations.items()}}, indent=1))
+
+
+def cmd_benchmark(a) -> None:
+    from tqdm import tqdm
+
+    from kontext_server.benchmark import report
+    from kontext_server.benchmark.requests import run_request_benchmark
+    from kontext_server.benchmark.stages import run_stage_benchmark, stage_plan
+
+    svc = _load_or_exit(service_config(a))
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages = a.stages.split(",") if a.stages else None
+    n = len([s for s in stage_plan() if stages is None or s.name in stages]) if a.workload else 3
+    bar = tqdm(total=n, desc=a.workload or "benchmark", file=sys.stderr)
+
+    def progress(msg: str) -> None:  # called as each stage starts: the bar counts stages started
+        bar.update(1)
+        bar.set_postfix_str(msg[:50])
+
+    if a.workload:
+        result = run_stage_benchmark(svc, a.workload, runs=a.runs, steps=a.steps, progress=progress, stages=stages)
+        name = a.workload
+    else:
+        result = run_request_benchmark(svc, runs=a.runs, steps=a.steps, width=a.width, height=a.height, edit=a.edit,
+                                       progress=progress)
+        name = "request-benchmark"
+    bar.close()
+    md = report.to_markdown(result)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    report.bar_chart(result, str(out_dir / f"{name}.png"))
+    print(f"\n{result.get('workload', 'benchmark')} | model {result['model']} | device {result['device']} | "
+          f"torch {result['torch']}\n")
+    print(md)
+    print(f"\nJSON: {out_dir / (name + '.json')}  chart: {out_dir / (name + '.png')}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; every default that has an environment variable reads it through kontext_server.settings."""
+    p = argparse.ArgumentParser(prog="flux_kontext_optimized.py",
+                                description="FLUX.1-Kontext inference server. With no command: `benchmark` "
+                                            "(unoptimised vs optimised on the configured model).")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the HTTP server")
+    _add_model_args(s)
+    s.add_argument("--host", default=settings.HOST.get(), help=_env_help("listen address", settings.HOST))
+    s.add_argument("--port", type=int, default=settings.PORT.get_int(), help=_env_help("listen port", settings.PORT))
+    s.add_argument("--max-queue", type=int, default=settings.MAX_QUEUE.get_int(),
+                   help=_env_help("requests waiting beside the running one before 429", settings.MAX_QUEUE))
+    s.add_argument("--queue-timeout", type=float, default=settings.QUEUE_TIMEOUT.get_float(),
+                   help=_env_help("seconds a request may wait in the queue before 503", settings.QUEUE_TIMEOUT))
+    s.add_argument("--request-timeout", type=float, default=settings.REQUEST_TIMEOUT.get_float(),
+                   help=_env_help("seconds a generation may run before it is stopped (504)", settings.REQUEST_TIMEOUT))
+    s.add_argument("--shutdown-grace", type=float, default=settings.SHUTDOWN_GRACE.get_float(),
+                   help=_env_help("seconds work gets to finish after SIGTERM", settings.SHUTDOWN_GRACE))
+    s.add_argument("--warmup", type=_warmup_sizes_arg, default=settings.WARMUP_SIZES.get(),
+                   help=_env_help("request shapes to compile / capture before serving: WxH (text-to-image) or "
+                                  "edit:WxH, comma-separated, e.g. 1024x1024,edit:1024x1024", settings.WARMUP_SIZES))
+    s.add_argument("--new-shapes", choices=NEW_SHAPE_POLICIES, default=settings.NEW_SHAPES.get(),
+                   help=_env_help("a request at a shape --warmup did not compile: compile it then (the worker and "
+                                  "the queue wait) or run it uncompiled (eager), which the response reports",
+                                  settings.NEW_SHAPES))
+    s.add_argument("--background-load", action="store_true",
+                   help="answer /live at once and load the model in the background (/health 503 until ready)")
+    s.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
+    s.set_defaults(fn=cmd_serve)
+
+    g = sub.add_parser("generate", help="one image to a file")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--image", help="input image (PNG / JPEG / WebP): an edit; without it, text-to-image")
+    g.add_argument("--out", required=True, help="output file (PNG)")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--guidance-scale", type=float, default=2.5)
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("benchmark", help="stage table (--workload) or unoptimised vs optimised (default)")
+    _add_model_args(b, default_opts=None)
+    b.add_argument("--workload", choices=WORKLOAD_NAMES)
+    b.add_argument("--stages", help="comma list of stage names (default: all)")
+    b.add_argument("--runs", type=int, default=None, help="timed runs per row (default 5 with --workload, else 3)")
+    b.add_argument("--steps", type=int, default=None)
+    b.add_argument("--width", type=int, default=256)
+    b.add_argument("--height", type=int, default=256)
+    b.add_argument("--edit", action="store_true")
+    b.add_argument("--out-dir", default=settings.BENCH_DIR.get(), help=_env_help("results", settings.BENCH_DIR))
+    b.set_defaults(fn=cmd_benchmark)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=settings.LOG_LEVEL.get(), format="%(asctime)s %(name)s %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # the seed script's behaviour: unoptimised vs optimised on the configured model
+        argv = ["benchmark"]
+    p = build_parser()
+    a = p.parse_args(argv)
+    from kontext_server.startup import prepare_process
+
+    prepare_process()  # before any command imports torch: see kontext_server/startup
+    if a.cmd == "benchmark" and a.optimizations is None:
+        # The stage table starts from the naive model and prepares stage by stage; the request benchmark compares
+        # what a server started with `auto` would have.
+        a.optimizations = "none" if a.workload else "auto"
+    if a.cmd == "benchmark" and a.workload and a.optimizations != "none":
+        p.error("--workload prepares optimisations stage by stage: leave --optimizations unset (or none)")
+    if a.cmd == "benchmark" and a.steps is None:
+        a.steps = 28 if a.workload else 4
+    if a.cmd == "benchmark" and a.runs is None:
+        a.runs = 5 if a.workload else 3
+    a.fn(a)

@@ -1,0 +1,35 @@
+"""The work the engine's worker runs, as typed jobs: each knows how to run itself on the service.
+
+The engine (engine.py) knows nothing of FLUX: it queues payloads and calls `payload.run(service, should_stop)`
+through the function the app gives it. `should_stop` is checked between denoising steps (cancel, timeout, drain).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kontext_server.request import InferenceRequest
+
+ShouldStop = Callable[[], Exception | None]
+
+
+@dataclass
+class GenerateJob:
+    """One generation: the validated request, its decoded reference image, and the plan decided before queueing."""
+    request: InferenceRequest
+    image: Any = None  # PIL image or None
+    plan: dict | None = None
+
+    def run(self, service, should_stop: ShouldStop):
+        return service.generate(self.request, self.image, should_stop=should_stop, plan=self.plan)
+
+
+@dataclass
+class BenchmarkJob:
+    """GET /benchmark: the request benchmark on the loaded model (it takes the worker like a generation)."""
+    params: dict = field(default_factory=dict)
+
+    def run(self, service, should_stop: ShouldStop):
+        from kontext_server.benchmark.requests import run_request_benchmark
+
+        return run_request_benchmark(service, should_stop=should_stop, **self.params)

@@ -1,0 +1,116 @@
+"""The generation request: what every route turns its body into, and what the service runs.
+
+Validation lives here (pydantic, unknown fields forbidden) so that bad input becomes a 422 naming the field, and the
+limits (sizes, steps, seeds) are declared once. The optimisation flags map to registry names (FLAG_TO_OPTIMIZATION).
+Light to import (pydantic only): the CLI parses warm-up sizes with it before torch is loaded."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+MIN_SIDE, MAX_SIDE, SIDE_MULTIPLE = 256, 2048, 16
+MAX_STEPS = 100
+DEFAULT_STEPS = 28
+DEFAULT_DPM_STEPS = 14  # DPM-Solver++ 2M reaches Euler-28 quality in about half the steps
+MAX_SEED = 2**63 - 1
+
+# Request flag -> optimisation name (optimizations/registry.py). Names from the seed API; kept as they are.
+FLAG_TO_OPTIMIZATION = {
+    "use_compile": "compile",
+    "use_qkv_fusion": "qkv_fusion",
+    "use_channels_last": "channels_last",
+    "use_modulation_table": "modulation_table",
+    "use_first_block_cache": "first_block_cache",
+    "use_flash_attention": "attention",
+    "use_mxfp4": "low_precision",
+    "use_dpm_solver": "dpm_solver",
+    "use_cuda_graphs": "cuda_graphs",
+}
+
+
+def _check_side(name: str, v: int | None) -> int | None:
+    if v is not None and v % SIDE_MULTIPLE:
+        raise ValueError(f"{name} must be a multiple of {SIDE_MULTIPLE} (got {v})")
+    return v
+
+
+class InferenceRequest(BaseModel):
+    # Unknown fields are an error: a misspelt flag ("use_complie") must not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=4000, description="Instruction (edit) or description (text-to-image)")
+    image: str | None = Field(None, description="Input image, base64 or data URL (PNG/JPEG/WebP). Present = edit.")
+    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Multiple of 16; default from the input image")
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Multiple of 16; default from the input image")
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Default 28 (14 with use_dpm_solver)")
+    guidance_scale: float = Field(2.5, ge=0.0, le=30.0, allow_inf_nan=False)
+    true_cfg_scale: float = Field(1.0, ge=1.0, le=30.0, allow_inf_nan=False)
+    negative_prompt: str | None = Field(None, max_length=4000, validate_default=True)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_images: int = Field(1, ge=1, le=4)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+
+    # Optimisation flags. None = the server's default for that optimisation: lossless ones that the server
+    # prepared are on, lossy ones (fp8, DPM-Solver++ step count, step cache) are off unless asked for.
+    use_compile: bool | None = None
+    use_qkv_fusion: bool | None = None
+    use_channels_last: bool | None = None
+    use_modulation_table: bool | None = None
+    use_first_block_cache: bool | None = None
+    cache_threshold: float = Field(0.12, ge=0.0, le=10.0, allow_inf_nan=False)
+    use_flash_attention: bool | None = None
+    use_mxfp4: bool | None = None
+    use_dpm_solver: bool | None = None
+    use_cuda_graphs: bool | None = None
+    strict: bool = Field(False, description="Fail with 422 instead of running without a requested optimisation")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be blank")
+        return v
+
+    @field_validator("width")
+    @classmethod
+    def _width_multiple(cls, v):
+        return _check_side("width", v)
+
+    @field_validator("height")
+    @classmethod
+    def _height_multiple(cls, v):
+        return _check_side("height", v)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt_for_cfg(cls, v, info: ValidationInfo):
+        # A field validator (after true_cfg_scale is validated) so the 422 names negative_prompt.
+        if info.data.get("true_cfg_scale", 1.0) > 1.0 and not (v and v.strip()):
+            raise ValueError("a non-empty negative_prompt is needed when true_cfg_scale > 1")
+        return v
+
+    def flags(self) -> dict[str, bool | None]:
+        """Optimisation name -> what the request said (True/False/None = server default)."""
+        return {opt: getattr(self, flag) for flag, opt in FLAG_TO_OPTIMIZATION.items()}
+
+
+def parse_warmup_sizes(spec: str | None) -> list[tuple[int, int, bool]]:
+    """"1024x1024,edit:1024x1024" -> [(1024, 1024, False), (1024, 1024, True)] (warm-up shapes; edit: with an image)."""
+    out = []
+    for part in (spec or "").split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        edit = part.startswith("edit:")
+        size = part.removeprefix("edit:")
+        w, sep, h = size.partition("x")
+        if not (sep and w.isdigit() and h.isdigit()):
+            raise ValueError(f"warm-up size {part!r}: expected WxH or edit:WxH, e.g. 1024x1024")
+        try:  # the same limits as a request's width and height: a bad size fails here, not after loading the model
+            InferenceRequest(prompt="warm-up", width=int(w), height=int(h))
+        except ValidationError as exc:
+            reasons = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"warm-up size {part!r}: {reasons}") from None
+        out.append((int(w), int(h), edit))
+    return out

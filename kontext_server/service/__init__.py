@@ -1,0 +1,23 @@
+"""The service: one loaded model on one device, its optimisations, and running requests on it.
+
+config.py (ServiceConfig) -> service.py (FluxService: load, prepare, plan, generate, warm_up, health), built from
+components.py (what was loaded), planner.py (pure: flags -> decisions), runner.py (one request) and health.py.
+The names below load lazily: `kontext_server.service.config` stays importable without torch (the CLI's --help).
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"NEW_SHAPE_POLICIES": "config", "ServiceConfig": "config", "StrictError": "planner",
+            "GenerationResult": "runner", "reference_image_tensor": "runner", "FluxService": "service"}
+__all__ = sorted(_EXPORTS) + ["Decision"]
+
+
+def __getattr__(name: str):
+    if name == "Decision":
+        from optimizations.base import Decision
+
+        return Decision
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"kontext_server.service.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'kontext_server.service' has no attribute {name!r}")

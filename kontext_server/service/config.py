@@ -1,0 +1,31 @@
+"""What a service is started with (the CLI and the settings fill it in; tests build it directly)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NEW_SHAPE_POLICIES = ("compile", "eager")
+
+
+@dataclass
+class ServiceConfig:
+    model: str = "tiny"  # tiny | synthetic-full | a hub id | a local directory (kontext_server.models.sources)
+    device: str | None = None  # None: cuda if available, else cpu
+    optimizations: str = "auto"  # all | none | auto | comma list (see optimizations/registry.py)
+    compile_mode: str = "default"
+    compile_vae: bool = True
+    compile_scope: str = "regional"  # regional (per block) | full (one graph)
+    inductor_flags: str = "light"  # inductor flag preset: none | light | seed (adds coordinate-descent tuning)
+    cache_dir: Path | None = None
+    # Request shapes to compile / capture at start-up: (width, height) for text-to-image, (width, height, True) for an
+    # edit (its reference image doubles the transformer's sequence, a different compiled shape).
+    warmup_sizes: list[tuple] = field(default_factory=list)
+    # A request at a shape no warm-up compiled: "compile" compiles it on that request's time (tens of seconds for the
+    # full model, with the worker and every queued request waiting); "eager" runs it uncompiled and says so.
+    new_shapes: str = "compile"
+
+    def __post_init__(self):
+        if self.new_shapes not in NEW_SHAPE_POLICIES:
+            raise ValueError(f"new_shapes must be one of {NEW_SHAPE_POLICIES}, not {self.new_shapes!r}")
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)

@@ -1,0 +1,272 @@
+"""Running one request: the pipeline call under the optimisations its plan applies, timed per stage.
+
+What: `Runner.generate` builds a `RunContext`, lets each applied optimisation `configure` it (transformer variant,
+default steps) and `activate` around the call (in stack order; prepared-but-not-applied ones `bypass`), swaps timing
+stand-ins for the transformer and the VAE into the pipeline for that call only, and returns a `GenerationResult`.
+The first call at a shape that compiles or captures runs first as a short warm-up, reported as `cold_start` and
+never counted in `total`.
+Contract: worker thread only (one owner of the device); nothing here names a particular optimisation.
+"""
+from __future__ import annotations
+
+import contextlib
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kontext_server.request import DEFAULT_STEPS, MAX_SEED, InferenceRequest
+from optimizations.base import Decision, RunContext
+from optimizations.registry import STACK_ORDER
+from utils import StageTimer, default_size_for
+
+STAGES = ("text_encode", "image_encode", "transformer", "vae_decode")
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images (or numpy arrays with output_type="np")
+    seed: int
+    width: int
+    height: int
+    steps: int
+    steps_computed: int
+    steps_skipped: int
+    timings_ms: dict[str, float]
+    optimizations: dict[str, Decision]
+    warnings: list[str]
+    latents: Any = None  # final packed latents (for fidelity checks; not sent over HTTP)
+
+
+class _Timed:
+    """Stand-in for the transformer that times each call; everything else is the wrapped object's."""
+
+    def __init__(self, inner, timer: StageTimer, stage: str, observer: Callable | None = None):
+        self._inner, self._timer, self._stage, self._observer = inner, timer, stage, observer
+
+    def __call__(self, *args, **kwargs):
+        if self._observer is not None:
+            self._observer(kwargs)  # the benchmark records real step inputs for its per-step fidelity check
+        self._timer.start(self._stage)
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            self._timer.stop(self._stage)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+class _TimedVAE:
+    """Stand-in for the VAE: times encode and decode, and routes each to the function the run chose."""
+
+    def __init__(self, vae, encode_impl: Callable, decode_impl: Callable, timer: StageTimer):
+        self._vae, self._encode, self._decode, self._timer = vae, encode_impl, decode_impl, timer
+
+    def encode(self, *args, **kwargs):
+        self._timer.start("image_encode")
+        try:
+            return self._encode(*args, **kwargs)
+        finally:
+            self._timer.stop("image_encode")
+
+    def decode(self, *args, **kwargs):
+        self._timer.start("vae_decode")
+        try:
+            return self._decode(*args, **kwargs)
+        finally:
+            self._timer.stop("vae_decode")
+
+    def __getattr__(self, name):
+        return getattr(self._vae, name)
+
+
+def reference_image_tensor(image: Image.Image, width: int, height: int, device) -> torch.Tensor:
+    """The reference image as the pipeline's preprocessing leaves it before normalising: (1, 3, H, W) float32 in
+    [0, 1], made on `device`. Given a PIL image, diffusers converts it with numpy on the host while the GPU waits;
+    here only the uint8 pixels cross to the device and the division is the same float32 operation, so the values
+    are identical, and the pipeline normalises the tensor to [-1, 1] as before."""
+    if image.size != (width, height):
+        # The reference image is encoded at the output size: its tokens line up with the output's.
+        image = image.resize((width, height), Image.LANCZOS)
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).to(device)  # (H, W, 3) uint8, a writable copy
+    return (pixels.permute(2, 0, 1)[None].to(torch.float32) / 255.0).contiguous()
+
+
+@contextlib.contextmanager
+def _swap(pipe, name: str, value):
+    """Use `value` as pipeline component `name` for one call. A plain attribute swap on purpose: the pipeline's
+    register_modules bookkeeping (its saved config) must keep naming the real component."""
+    old = pipe.__dict__[name]
+    pipe.__dict__[name] = value
+    try:
+        yield
+    finally:
+        pipe.__dict__[name] = old
+
+
+def output_size(req: InferenceRequest, image: Image.Image | None) -> tuple[int, int]:
+    default_w, default_h = default_size_for(image)
+    return req.width or default_w, req.height or default_h
+
+
+class Runner:
+    """Runs requests on loaded components with a registry (whose prepared entries `prepared` names)."""
+
+    def __init__(self, components, registry: Mapping, prepared: Mapping[str, str], device: str,
+                 synthetic_warning: str | None = None):
+        self.components, self.registry, self.prepared, self.device = components, registry, prepared, device
+        self.synthetic_warning = synthetic_warning
+        # (shape, applied warm-key optimisations, true CFG) already compiled / captured. Replaced, never mutated:
+        # the planner reads it from the event loop while the worker adds to it.
+        self.warm_keys: frozenset = frozenset()
+        self.warmup_ms_total = 0.0
+        self.transformer_call_observer: Callable | None = None  # benchmark only: sees each transformer call's kwargs
+        self.on_warmed: Callable[[], None] | None = None  # after a warm-up compiled something (saves the cache)
+        self._text_timer: StageTimer | None = None
+        for enc in (components.pipe.text_encoder, components.pipe.text_encoder_2):
+            enc.register_forward_pre_hook(lambda *_: self._text_timer and self._text_timer.start("text_encode"))
+            enc.register_forward_hook(lambda *_: self._text_timer and self._text_timer.stop("text_encode"))
+
+    # ---- shapes ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def precision(plan: Mapping[str, Decision], registry: Mapping) -> str:
+        """The transformer variant a plan runs (what the applied optimisations' configure() choose)."""
+        run = RunContext(components=None, request=None, plan=plan)
+        for name in STACK_ORDER:
+            if plan[name].applied:
+                registry[name].configure(run)
+        return run.precision
+
+    def compile_shape(self, req: InferenceRequest, image, plan: Mapping[str, Decision]) -> tuple:
+        """What a compiled graph is specialised on: precision, output size, edit or not, images per prompt."""
+        return (self.precision(plan, self.registry), *output_size(req, image), image is not None, req.num_images)
+
+    def warm_key(self, req: InferenceRequest, image, plan: Mapping[str, Decision]) -> tuple:
+        applied = tuple(n for n in STACK_ORDER if plan[n].applied and self.registry[n].in_warm_key)
+        return self.compile_shape(req, image, plan), applied, req.true_cfg_scale > 1.0
+
+    def shape_is_compiled(self, shape: tuple) -> bool:
+        """Whether a warm run with a shape-compiling optimisation applied has run at `shape`."""
+        compiling = {n for n, o in self.registry.items() if o.compiles_per_shape}
+        return any(key[0] == shape and compiling & set(key[1]) for key in self.warm_keys)
+
+    # ---- one request ------------------------------------------------------------------------------------------------
+    def _context(self, req: InferenceRequest, image, plan: Mapping[str, Decision], output_type: str) -> tuple:
+        """The RunContext a request starts with (configured by its optimisations), and its seed."""
+        run = RunContext(components=self.components, request=req, plan=plan, default_steps=DEFAULT_STEPS)
+        for name in STACK_ORDER:
+            if plan[name].applied:
+                self.registry[name].configure(run)
+        seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
+        width, height = output_size(req, image)
+        do_cfg = req.true_cfg_scale > 1.0
+        run.call_kwargs = dict(prompt=req.prompt, image=image, width=width, height=height,
+                               num_inference_steps=req.steps or run.default_steps,
+                               guidance_scale=req.guidance_scale, true_cfg_scale=req.true_cfg_scale,
+                               negative_prompt=req.negative_prompt if do_cfg else None,
+                               num_images_per_prompt=req.num_images, max_area=width * height, _auto_resize=False,
+                               output_type=output_type)
+        return run, seed
+
+    def warm(self, req: InferenceRequest, image, plan: Mapping[str, Decision], seed: int,
+             output_type: str = "pil") -> float | None:
+        """The first call at a shape compiles / captures: run it as a 2-step generation, reported as cold start.
+
+        Returns its milliseconds, or None when nothing needs warming or this shape is already warm."""
+        if not any(plan[n].applied and self.registry[n].needs_warmup for n in STACK_ORDER):
+            return None
+        key = self.warm_key(req, image, plan)
+        if key in self.warm_keys:
+            return None
+        run, _ = self._context(req, image, plan, output_type)
+        run.call_kwargs["num_inference_steps"] = 2
+        t0 = time.perf_counter()
+        self._run(run, seed, None)
+        cold_ms = (time.perf_counter() - t0) * 1000
+        self.warmup_ms_total += cold_ms
+        self.warm_keys = self.warm_keys | {key}
+        if self.on_warmed is not None:
+            self.on_warmed()
+        return cold_ms
+
+    def generate(self, req: InferenceRequest, image, plan: Mapping[str, Decision],
+                 should_stop: Callable[[], Exception | None] | None = None,
+                 output_type: str = "pil") -> GenerationResult:
+        t_total = time.perf_counter()
+        run, seed = self._context(req, image, plan, output_type)
+        warnings = [self.synthetic_warning] if self.synthetic_warning else []
+        timings: dict[str, float] = {}
+        cold_ms = self.warm(req, image, plan, seed, output_type)
+        if cold_ms is not None:  # a reported cold-start cost, not part of the request's timing
+            timings["cold_start"] = cold_ms
+        t0 = time.perf_counter()
+        images, timer_ms, counts, latents = self._run(run, seed, should_stop)
+        wall = (time.perf_counter() - t0) * 1000
+        for k in STAGES:
+            timings[k] = timer_ms.get(k, 0.0)
+        calls = counts.get("transformer", 0)
+        do_cfg = req.true_cfg_scale > 1.0
+        timings["transformer_per_step"] = timings["transformer"] / max(1, calls // (2 if do_cfg else 1))
+        timings["glue"] = max(0.0, wall - sum(timings[k] for k in STAGES))
+        timings["total"] = wall
+        timings["service_total"] = (time.perf_counter() - t_total) * 1000
+        stats = run.report.get("step_cache")
+        computed = stats.computed if stats is not None else calls
+        skipped = stats.skipped if stats is not None else 0
+        call = run.call_kwargs
+        return GenerationResult(images=images, seed=seed, width=call["width"], height=call["height"],
+                                steps=call["num_inference_steps"], steps_computed=computed, steps_skipped=skipped,
+                                timings_ms={k: round(v, 3) for k, v in timings.items()}, optimizations=dict(plan),
+                                warnings=warnings, latents=latents)
+
+    def _run(self, run: RunContext, seed: int, should_stop) -> tuple:
+        timer = StageTimer(cuda=self.components.device_info.is_cuda)
+        call = run.call_kwargs
+        if call["image"] is not None:  # inside the timed run: the request's wall time includes it
+            call = dict(call, image=reference_image_tensor(call["image"], call["width"], call["height"], self.device))
+        pipe = self.components.pipe
+        run.transformer = run.variant
+        run.vae_encode, run.vae_decode = self.components.vae_encode["eager"], self.components.vae_decode["eager"]
+        run.report.clear()
+        generator = torch.Generator(self.device).manual_seed(seed)
+        final = {}
+
+        def on_step_end(pipe, i, t, kwargs):
+            final["latents"] = kwargs.get("latents")
+            if should_stop is not None:
+                err = should_stop()
+                if err is not None:
+                    raise err  # ends the denoising loop now; the engine answers with the error's status
+            return {}
+
+        with contextlib.ExitStack() as stack:
+            for name in STACK_ORDER:  # in order: a later one may wrap what an earlier one chose (CUDA graphs)
+                opt = self.registry[name]
+                if run.plan[name].applied:
+                    stack.enter_context(opt.activate(run))
+                elif name in self.prepared:
+                    stack.enter_context(opt.bypass(run))
+            stack.enter_context(_swap(pipe, "transformer", _Timed(run.transformer, timer, "transformer",
+                                                                  self.transformer_call_observer)))
+            stack.enter_context(_swap(pipe, "vae", _TimedVAE(pipe.vae, run.vae_encode, run.vae_decode, timer)))
+            self._text_timer = timer
+            stack.callback(setattr, self, "_text_timer", None)
+            with torch.inference_mode():
+                out = pipe(**call, generator=generator, callback_on_step_end=on_step_end)
+        return list(out.images), timer.finish(), dict(timer.counts), final.get("latents")
+
+    def transformer_for(self, plan: Mapping[str, Decision], req: InferenceRequest | None = None):
+        """The module a request with this plan calls as its transformer (the benchmark's per-step probe calls it)."""
+        run, _ = self._context(req or InferenceRequest(prompt="probe"), None, plan, "pil")
+        run.transformer = run.variant
+        run.vae_encode, run.vae_decode = self.components.vae_encode["eager"], self.components.vae_decode["eager"]
+        with contextlib.ExitStack() as stack:
+            for name in STACK_ORDER:
+                if plan[name].applied:
+                    stack.enter_context(self.registry[name].activate(run))
+        return run.transformer

@@ -1,0 +1,206 @@
+"""FluxService: load -> optimise -> plan -> generate, for one device.
+
+What: the façade the HTTP layer, the CLI and the benchmark use. It owns the loaded components (components.py), the
+registry of optimisations, the planner's inputs (planner.py) and the runner (runner.py).
+Contract: `load`, `prepare`, `generate` and `warm_up` run on the engine's worker thread only (one owner of the
+device); `plan` and `health` are safe anywhere (they read state that is replaced, never mutated, while the worker
+runs).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from kontext_server.startup import prepare_process
+
+prepare_process()  # before torch is imported below: see kontext_server/startup
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from kontext_server import settings  # noqa: E402
+from kontext_server.request import DEFAULT_DPM_STEPS, InferenceRequest  # noqa: E402
+from kontext_server.service import components as comp  # noqa: E402
+from kontext_server.service.config import ServiceConfig  # noqa: E402
+from kontext_server.service.health import health_report  # noqa: E402
+from kontext_server.service.planner import plan as make_plan  # noqa: E402
+from kontext_server.service.runner import GenerationResult, Runner, output_size  # noqa: E402
+from optimizations.base import Decision, DeviceInfo  # noqa: E402
+from optimizations.registry import build_registry, resolve_names  # noqa: E402
+from utils import module_bytes  # noqa: E402
+
+log = logging.getLogger("flux.service")
+
+
+class FluxService:
+    def __init__(self, config: ServiceConfig | None = None):
+        self.config = config or ServiceConfig()
+        self.device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device_info = DeviceInfo.detect(self.device)
+        self.cache_root = self.config.cache_dir or settings.default_cache_dir()
+        self.registry = build_registry(self.config.compile_mode, self.config.compile_vae, self.config.compile_scope,
+                                       self.config.inductor_flags, dpm_default_steps=DEFAULT_DPM_STEPS)
+        self.state = "loading"
+        self.error: str | None = None
+        self.loaded: comp.Loaded | None = None
+        self.runner: Runner | None = None
+        self.prepared: dict[str, str] = {}  # name -> detail; replaced on each prepare, never mutated
+        self.prepare_seconds: dict[str, float] = {}
+        self.transformer_variant_bytes: dict[str, int] = {}
+        self.compile_cache = None
+        self.warmups: list[dict] = []  # start-up warm-ups: shape, precision, milliseconds (in /health)
+
+    # ---- what was loaded ------------------------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.loaded.model if self.loaded else None
+
+    @property
+    def pipe(self):
+        return self.loaded.components.pipe if self.loaded else None
+
+    @property
+    def components(self):
+        return self.loaded.components if self.loaded else None
+
+    @property
+    def transformer_variants(self) -> dict[str, Any]:
+        return self.loaded.components.variants if self.loaded else {}
+
+    @property
+    def load_fixes(self) -> dict:
+        return self.loaded.load_fixes if self.loaded else {}
+
+    @property
+    def warmup_ms_total(self) -> float:
+        return self.runner.warmup_ms_total if self.runner else 0.0
+
+    @property
+    def transformer_call_observer(self) -> Callable | None:
+        return self.runner.transformer_call_observer
+
+    @transformer_call_observer.setter
+    def transformer_call_observer(self, fn: Callable | None) -> None:
+        self.runner.transformer_call_observer = fn
+
+    # ---- 1. load ----------------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        try:
+            self.loaded = comp.load_components(self.config.model, self.device, self.device_info, self.cache_root)
+            components = self.loaded.components
+            components.on_new_variant.append(self._adopt_variant)
+            warning = None
+            if self.loaded.model.synthetic:
+                warning = f"model {self.loaded.model.source!r} has random weights: the images carry no meaning"
+            self.runner = Runner(components, self.registry, self.prepared, self.device, warning)
+            self.runner.on_warmed = self._save_compile_cache
+            self.prepare(resolve_names(self.config.optimizations, self.registry, self.device_info))
+            for size in self.config.warmup_sizes:
+                self.warm_up(*size)
+            self.state = "ready"
+        except Exception as exc:
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            raise
+
+    # ---- 2. optimise (additive: the benchmark prepares stage by stage on one loaded model) -----------------------
+    def prepare(self, names: list[str]) -> None:
+        names = [n for n in names if n not in self.prepared]
+        for name in names:
+            reason = self.registry[name].available(self.device_info)
+            if reason:
+                raise ValueError(f"cannot prepare {name!r} on {self.device_info.name}: {reason}")
+        components = self.loaded.components
+        if "compile" in names:
+            settings_key = f"{self.config.compile_mode}/{self.config.compile_scope}/{self.config.inductor_flags}"
+            self.compile_cache = components.compile_cache = comp.open_compile_cache(
+                self.loaded, self.cache_root, sorted(set(self.prepared) | set(names)), settings_key)
+        for name in names:
+            t0 = time.perf_counter()
+            detail = self.registry[name].prepare(components)
+            self.prepare_seconds[name] = time.perf_counter() - t0
+            self._set_prepared({**self.prepared, name: detail})
+            log.info("prepared %s in %.1f s: %s", name, self.prepare_seconds[name], detail)
+        if names:  # compiled code and captured graphs may now be stale: warm up and capture again
+            self.runner.warm_keys = frozenset()
+            for name in self.prepared:
+                self.registry[name].refresh(components)
+        # Weights each variant holds (fp8: fp8 data + scales + the linears kept in bf16), measured from its tensors
+        # once here, where variants appear and QKV fusion frees weights, not on every /health poll.
+        self.transformer_variant_bytes = {name: module_bytes(m) for name, m in components.variants.items()}
+
+    def _set_prepared(self, prepared: dict[str, str]) -> None:
+        self.prepared = prepared
+        if self.runner is not None:
+            self.runner.prepared = prepared
+
+    def _adopt_variant(self, precision: str, module) -> None:
+        for name in self.prepared:
+            self.registry[name].adopt(self.loaded.components, precision, module)
+
+    # ---- 3. plan: what a request gets, decided before it is queued --------------------------------------------------
+    def plan(self, req: InferenceRequest, image: Image.Image | None = None,
+             new_shape_policy: bool = True) -> dict[str, Decision]:
+        """What the request gets (StrictError: a `strict` request cannot get what it asked for). `image` (the
+        decoded reference image, if any) sets its shape, which the --new-shapes eager policy needs; warm-ups pass
+        new_shape_policy=False (they are what compiles a shape)."""
+        unwarmed = None
+        if new_shape_policy and self.config.new_shapes == "eager" and self.runner is not None:
+            runner = self.runner
+
+            def unwarmed(decisions) -> str | None:
+                shape = runner.compile_shape(req, image, decisions)
+                if runner.shape_is_compiled(shape):
+                    return None
+                w, h = shape[1], shape[2]
+                return f"{w}x{h} {'edit' if image is not None else 'text-to-image'} ({shape[0]})"
+
+        return make_plan(req.flags(), self.registry, self.prepared, self.device_info, strict=req.strict,
+                         unwarmed_shape=unwarmed)
+
+    # ---- 4. generate ------------------------------------------------------------------------------------------------
+    def generate(self, req: InferenceRequest, image: Image.Image | None = None,
+                 should_stop: Callable[[], Exception | None] | None = None, output_type: str = "pil",
+                 plan: dict[str, Decision] | None = None) -> GenerationResult:
+        if self.state != "ready":
+            raise RuntimeError(f"service is {self.state}")
+        return self.runner.generate(req, image, plan or self.plan(req, image), should_stop, output_type)
+
+    def warm_up(self, width: int, height: int, edit: bool = False) -> float:
+        """Compile / capture a request shape ahead of traffic (start-up cost, reported in /health).
+
+        Every prepared transformer variant is warmed (exact bf16 and, with low_precision prepared, fp8: a request
+        asking for it would otherwise compile it on its own time), with the server's default flags otherwise.
+        Only the cold runs: a generation after them would add seconds to start-up and warm nothing more. Returns
+        their milliseconds (0.0 when nothing is compiled or captured, or the shape was already warm).
+        """
+        img = Image.new("RGB", (width, height), (128, 128, 128)) if edit else None
+        total = 0.0
+        for fp8 in ([False, True] if "low_precision" in self.prepared else [False]):
+            req = InferenceRequest(prompt="warm-up", width=width, height=height, steps=2, seed=0,
+                                   use_mxfp4=True if fp8 else None)
+            plan = self.plan(req, img, new_shape_policy=False)
+            ms = self.runner.warm(req, img, plan, seed=0)
+            if ms is not None:
+                self.warmups.append({"width": width, "height": height, "edit": edit,
+                                     "precision": self.runner.precision(plan, self.registry), "ms": round(ms, 1)})
+                total += ms
+        return total
+
+    def output_size(self, req: InferenceRequest, image: Image.Image | None) -> tuple[int, int]:
+        return output_size(req, image)
+
+    def transformer_for(self, plan: dict[str, Decision]):
+        """The module a request with this plan calls as its transformer (graph runner included)."""
+        return self.runner.transformer_for(plan)
+
+    def _save_compile_cache(self) -> None:
+        if self.compile_cache is not None:
+            try:
+                self.compile_cache.save()
+            except Exception as exc:  # saving is an optimisation; never fail a request for it
+                log.warning("could not save compile cache: %s", exc)
+
+    # ---- health -----------------------------------------------------------------------------------------------------
+    def health(self) -> dict:
+        return health_report(self)

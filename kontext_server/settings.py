@@ -1,0 +1,146 @@
+"""Every environment variable the server reads or sets, declared once (the one module that touches os.environ).
+
+What: each variable is an `EnvVar` with its name, default, group and one line of help; `docs/operations.md` holds
+the table `markdown_table()` renders (a test keeps the two equal). The CLI's defaults come from here, so a flag and
+its variable can never disagree.
+Why here: vLLM's `envs.py` pattern. One reader means one place to document, test and audit (no secrets are logged:
+`HF_TOKEN` is read only where the hub needs it).
+Contract: `get()` reads the environment at call time (tests change variables per test; the server reads each at
+start-up); `set_process_env` is for the variables the server itself exports for libraries that read them
+(cuBLASLt, inductor). Stdlib only: the bytecode cache and cuBLASLt settings read this before torch is imported.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+_ALL: list["EnvVar"] = []
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str | None
+    group: str
+    help: str
+    documented: bool = True  # False: set by the server for a library, or read for a library, not a user setting
+
+    def __post_init__(self):
+        _ALL.append(self)
+
+    def get(self) -> str | None:
+        return os.environ.get(self.name, self.default)
+
+    def get_int(self) -> int:
+        return int(self.get())
+
+    def get_float(self) -> float:
+        return float(self.get())
+
+    def is_set(self) -> bool:
+        return self.name in os.environ
+
+    def off(self) -> bool:
+        """A switch (default on) turned off: its variable is "0"."""
+        return os.environ.get(self.name, self.default or "1") == "0"
+
+
+# ---- serving --------------------------------------------------------------------------------------------------------
+MODEL = EnvVar("FLUX_MODEL", "tiny", "model", "tiny | synthetic-full | a hub id | a local diffusers directory")
+DEVICE = EnvVar("FLUX_DEVICE", None, "model", "cuda, cuda:1 or cpu (default: cuda when available)")
+OPTIMIZATIONS = EnvVar("FLUX_OPTIMIZATIONS", "auto", "model",
+                       "optimisations prepared at start-up: auto | all | none | a comma list of registry names")
+COMPILE_MODE = EnvVar("FLUX_COMPILE_MODE", "default", "model", "torch.compile mode")
+COMPILE_SCOPE = EnvVar("FLUX_COMPILE_SCOPE", "regional", "model",
+                       "regional (each transformer block) or full (one graph; no first-block cache)")
+INDUCTOR_FLAGS = EnvVar("FLUX_INDUCTOR_FLAGS", "light", "model",
+                        "inductor preset: none | light | seed (seed adds coordinate-descent tuning: slow compiles)")
+CACHE_DIR = EnvVar("FLUX_CACHE_DIR", None, "model",
+                   "tiny model, compile artifacts, inductor kernels, Python bytecode "
+                   "(default ~/.cache/flux-kontext-server); keep it on a volume that survives restarts")
+WARMUP_SIZES = EnvVar("FLUX_WARMUP_SIZES", None, "model",
+                      "shapes compiled / captured before ready: WxH (text-to-image) or edit:WxH, comma-separated")
+NEW_SHAPES = EnvVar("FLUX_NEW_SHAPES", "compile", "model",
+                    "a request at a shape not warmed up: compile it then (compile) or run it uncompiled (eager)")
+HOST = EnvVar("FLUX_HOST", "127.0.0.1", "server", "listen address")
+PORT = EnvVar("FLUX_PORT", "8000", "server", "listen port")
+MAX_QUEUE = EnvVar("FLUX_MAX_QUEUE", "16", "server", "requests that may wait beside the running one (then 429)")
+QUEUE_TIMEOUT = EnvVar("FLUX_QUEUE_TIMEOUT", "120", "server", "seconds a request may wait in the queue (then 503)")
+REQUEST_TIMEOUT = EnvVar("FLUX_REQUEST_TIMEOUT", "600", "server",
+                         "seconds a generation may run before it is stopped at its next step (504)")
+SHUTDOWN_GRACE = EnvVar("FLUX_SHUTDOWN_GRACE", "30", "server",
+                        "seconds running and queued work gets after SIGTERM before it is answered 503")
+LOG_LEVEL = EnvVar("FLUX_LOG_LEVEL", "INFO", "server", "Python log level of the server's loggers")
+BENCH_DIR = EnvVar("FLUX_BENCH_DIR", "benchmarks/latest", "server", "where `benchmark` writes its JSON and chart")
+
+# ---- start-up ---------------------------------------------------------------------------------------------------------
+BYTECODE_CACHE = EnvVar("FLUX_BYTECODE_CACHE", "1", "start-up",
+                        "0: do not keep Python's bytecode under the cache directory on images that do not keep it")
+CUBLASLT_NO_WORKSPACE = EnvVar("FLUX_CUBLASLT_NO_WORKSPACE", "1", "start-up",
+                               "0: keep torch's cuBLASLt workspace (the server sets CUBLASLT_WORKSPACE_SIZE=0)")
+
+# ---- A/B switches of code the compiled graphs contain (all on unless "0"; part of the compile-cache key) --------------
+AOT_REGIONS = EnvVar("FLUX_AOT_REGIONS", "1", "switch",
+                     "0: compiled blocks are traced by dynamo on every start instead of saved whole")
+AOT_VAE = EnvVar("FLUX_AOT_VAE", "1", "switch", "0: the VAE is compiled by dynamo instead of saved whole")
+FP8_SPLIT_PROJ_OUT = EnvVar("FLUX_FP8_SPLIT_PROJ_OUT", "1", "switch",
+                            "0: the fp8 single blocks call proj_out on the concatenation")
+FP8_FUSED_GELU = EnvVar("FLUX_FP8_FUSED_GELU", "1", "switch", "0: no fused GELU + fp8 quantisation kernel")
+FP8_FUSED_NORM = EnvVar("FLUX_FP8_FUSED_NORM", "1", "switch",
+                        "0: no fused norm / attention-output fp8 quantisation kernels")
+FP8_PLAIN_LINEARS = EnvVar("FLUX_FP8_PLAIN_LINEARS", "1", "switch", "0: keep torchao's tensor-subclass linears")
+BF16_GELU_EPILOGUE = EnvVar("FLUX_BF16_GELU_EPILOGUE", "1", "switch", "0: no GELU in cuBLASLt's epilogue (exact tier)")
+BF16_SPLIT_PROJ_OUT = EnvVar("FLUX_BF16_SPLIT_PROJ_OUT", "1", "switch",
+                             "0: the exact tier's single blocks call proj_out on the concatenation")
+# Switches that change the compiled code: each is part of the compile-cache key and the benchmark's record.
+CODE_SWITCHES = (FP8_SPLIT_PROJ_OUT, FP8_FUSED_GELU, FP8_FUSED_NORM, FP8_PLAIN_LINEARS, BF16_GELU_EPILOGUE,
+                 BF16_SPLIT_PROJ_OUT)
+
+# ---- read or set for libraries -------------------------------------------------------------------------------------
+HF_TOKEN = EnvVar("HF_TOKEN", None, "library", "Hugging Face token for the gated FLUX.1-Kontext-dev repository")
+HF_TOKEN_LEGACY = EnvVar("HUGGING_FACE_HUB_TOKEN", None, "library", "older name of HF_TOKEN", documented=False)
+CUBLASLT_WORKSPACE_SIZE = EnvVar("CUBLASLT_WORKSPACE_SIZE", None, "library",
+                                 "cuBLASLt's workspace in KiB; the server sets 0 unless you set it")
+INDUCTOR_CACHE_DIR = EnvVar("TORCHINDUCTOR_CACHE_DIR", None, "library",
+                            "inductor's kernel cache; the server puts it under the cache directory unless you set it")
+CUDA_VISIBLE_DEVICES = EnvVar("CUDA_VISIBLE_DEVICES", None, "library",
+                              "which GPUs the process sees (the clock sampler maps it to nvidia-smi's ids)")
+PYTHON_DONT_WRITE_BYTECODE = EnvVar("PYTHONDONTWRITEBYTECODE", None, "library",
+                                    "set on images that keep no bytecode: the server then keeps its own",
+                                    documented=False)
+
+
+def default_cache_dir() -> Path:
+    """FLUX_CACHE_DIR, or ~/.cache/flux-kontext-server."""
+    value = CACHE_DIR.get()
+    return Path(value) if value else Path.home() / ".cache" / "flux-kontext-server"
+
+
+def code_switches() -> dict[str, str]:
+    """The code switches turned off in this process (recorded by benchmarks, part of the compile-cache key). Only
+    the off ones: an explicit "1" runs the same code as an unset switch."""
+    return {v.name: "0" for v in CODE_SWITCHES if v.off()}
+
+
+def set_process_env(var: EnvVar, value: str) -> None:
+    """Export a variable for a library that reads it from the environment (cuBLASLt, inductor)."""
+    os.environ[var.name] = value
+
+
+def environ_with(**overrides: str) -> dict[str, str]:
+    """This process's environment with overrides: the environment of a child process (tools, tests)."""
+    return {**os.environ, **overrides}
+
+
+def all_vars() -> list[EnvVar]:
+    return list(_ALL)
+
+
+def markdown_table() -> str:
+    """The table of docs/operations.md: every documented variable, its default and what it does."""
+    rows = ["| variable | default | group | what it does |", "|---|---|---|---|"]
+    for v in _ALL:
+        if v.documented:
+            rows.append(f"| `{v.name}` | {f'`{v.default}`' if v.default is not None else '-'} | {v.group} | {v.help} |")
+    return "\n".join(rows)
