@@ -9,7 +9,7 @@ uvicorn).
 """
 from __future__ import annotations
 
-from kontext_server.cli import build_parser, config_from_env, main
+from kontext_server.cli import build_parser, config_from_env, configure_logging, main
 
 __all__ = ["app", "build_parser", "config_from_env", "main"]
 
@@ -25,6 +25,7 @@ class _LazyApp:
             from kontext_server.startup import prepare_process
 
             prepare_process()  # before torch: see kontext_server/startup
+            configure_logging()  # uvicorn configures only its own loggers: the per-request lines are ours
             from kontext_server.api.app import build_app
             from kontext_server.service import FluxService
 

@@ -3,7 +3,7 @@ bench/bench_fp8_attention.py. Measured, not part of the server: its error is too
 
 Why try: at 1024x1024 attention is ~40% of an fp8 step (edit-1024: ~88 of ~210 ms on an H100) and bf16 cuDNN SDPA
 already runs at ~1.08x its floor, so only fp8 attention lowers it. FA3's fp8 path is not installable on our machines
-(DESIGN.md); NVIDIA's cudnn-frontend Python package (`nvidia-cudnn-frontend`, one wheel, no build) drives the cuDNN
+(docs/design.md); NVIDIA's cudnn-frontend Python package (`nvidia-cudnn-frontend`, one wheel, no build) drives the cuDNN
 library torch already ships. On Hopper its fp8 attention writes O in fp8 too (bf16 O needs Blackwell).
 
 Scales (all per tensor, all on the GPU, no host sync), as a model integration would set them:

@@ -14,7 +14,7 @@ What it runs, per workload: one transformer step's GEMMs (FLUX's shapes and coun
 `probe_fp8_gemm_step.step_gemms` list, in block order) and its 57 attention calls (cuDNN SDPA, 24 heads x 128,
 over the whole sequence), captured in one CUDA graph. No norm, modulation, RoPE, GELU, gating or residual
 kernel. Then, like `probe_sustained_step.py`: `--calls` replays back to back, each timed with CUDA events, and
-`--gapped-calls` after `--gap-ms` of idle, while nvidia-smi samples the clocks. Reported against DESIGN.md's
+`--gapped-calls` after `--gap-ms` of idle, while nvidia-smi samples the clocks. Reported against docs/design.md's
 floor model, which counts exactly these FLOPs (2 x 6.45e9 x L for the GEMMs, 57 x 4 x L^2 x 3072 for attention).
 
 Not in it: the GELU epilogue of the feed-forward up-projections (the model's GEMM carries it; here plain bias),

@@ -220,8 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def configure_logging() -> None:
+    """The server's loggers (flux.*) at FLUX_LOG_LEVEL, unless the host process configured logging already."""
     logging.basicConfig(level=settings.LOG_LEVEL.get(), format="%(asctime)s %(name)s %(message)s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    configure_logging()
     argv = sys.argv[1:] if argv is None else argv
     if not argv:  # the seed script's behaviour: unoptimised vs optimised on the configured model
         argv = ["benchmark"]

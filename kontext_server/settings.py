@@ -142,5 +142,6 @@ def markdown_table() -> str:
     rows = ["| variable | default | group | what it does |", "|---|---|---|---|"]
     for v in _ALL:
         if v.documented:
-            rows.append(f"| `{v.name}` | {f'`{v.default}`' if v.default is not None else '-'} | {v.group} | {v.help} |")
+            text = v.help.replace("|", "\\|")  # a literal bar inside a cell
+            rows.append(f"| `{v.name}` | {f'`{v.default}`' if v.default is not None else '-'} | {v.group} | {text} |")
     return "\n".join(rows)

@@ -20,7 +20,7 @@ float timesteps = sigma * num_train_timesteps and resets the multistep state the
 `sigmas` it defers to the parent unchanged. Stepping (`step`, `set_begin_index`, the DPM-Solver++ updates) is
 the parent's own code.
 
-Notes on the parent's step behaviour with this schedule (checked in tests/test_dpm_solver.py):
+Notes on the parent's step behaviour with this schedule (checked in tests/optimizations/test_dpm_solver.py):
 - sigma_0 = 1 means alpha_0 = 0 and lambda_0 = -inf; the parent's formulas degrade gracefully there (the first
   update is exactly an Euler step and the second one's D1 term is multiplied by 1/r0 = 0), so the first two steps
   are first order and the rest second order. No NaNs.
@@ -30,7 +30,7 @@ Notes on the parent's step behaviour with this schedule (checked in tests/test_d
   and truncating would give the model a timestep that does not match the sigma the solver uses.
 
 Remove this module once `DPMSolverMultistepScheduler.set_timesteps` accepts `sigmas` upstream
-(tests/test_dpm_solver.py::test_stock_dpm_solver_rejected_by_pipeline starts failing then).
+(tests/optimizations/test_dpm_solver.py::test_stock_dpm_solver_rejected_by_pipeline starts failing then).
 """
 from __future__ import annotations
 

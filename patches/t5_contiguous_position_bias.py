@@ -16,7 +16,7 @@ The fix
 -------
 The encoder's first layer computes the bias and every later layer reuses it, so making `compute_bias`'s result
 contiguous copies it once per call. Same values; on 5.23 the per-layer `.contiguous()` then does nothing, so the
-output is bit-identical there (tests/test_patches.py). Patched per model instance, not on the class.
+output is bit-identical there (tests/patches/test_patches.py). Patched per model instance, not on the class.
 
 Remove once the oldest transformers we support builds the bias contiguous (the test of `compute_bias`'s stride
 without the patch starts failing then).

@@ -79,10 +79,10 @@ def load_model(source: str, device: str, cache_dir: Path | None = None) -> Loade
     _quiet_progress_bars()
     t0 = time.perf_counter()
     if source == TINY:
-        pipe = tiny.load_tiny(device, cache_dir)
+        pipe = tiny_model.load_tiny(device, cache_dir)
         synthetic, desc = True, "tiny: real Kontext pipeline classes at toy size, deterministic random weights"
     elif source == SYNTHETIC_FULL:
-        pipe = synthetic.build_synthetic_full(device)
+        pipe = synthetic_model.build_synthetic_full(device)
         synthetic = True
         desc = "synthetic-full: full FLUX.1-Kontext architecture with RANDOM weights; for speed measurement only"
     else:

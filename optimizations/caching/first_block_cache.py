@@ -119,7 +119,7 @@ class FirstBlockCache:
         if diffusers.__version__ != MIRRORED_DIFFUSERS_VERSION:
             log.warning(
                 "FirstBlockCache mirrors FluxTransformer2DModel.forward of diffusers %s, running %s: "
-                "check that threshold 0 is still bit-identical (tests/test_first_block_cache.py)",
+                "check that threshold 0 is still bit-identical (tests/optimizations/test_first_block_cache.py)",
                 MIRRORED_DIFFUSERS_VERSION, diffusers.__version__,
             )
         self.transformer = transformer

@@ -1,4 +1,4 @@
-"""bench/probe_kernel_bound.py: its kernel list is one FLUX step, the FLOPs DESIGN.md's floor model counts.
+"""bench/probe_kernel_bound.py: its kernel list is one FLUX step, the FLOPs the floor model (docs/design.md) counts.
 
 The GPU run itself needs CUDA (BENCHMARKS.md "kernel bound"); on CPU the list and the floor are checked against the
 full-size architecture built on the meta device, so a change to either the model's floor or the tool's shapes fails.

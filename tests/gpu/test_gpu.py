@@ -1,6 +1,6 @@
 """GPU checks (marked `gpu`; skipped without CUDA). Run on the device machine:
 
-    python -m pytest -q -m gpu tests/test_gpu.py -s
+    python -m pytest -q -m gpu tests/gpu/test_gpu.py -s
 
 `synthetic-full` (full architecture, random weights) at a small shape: fp8 error against bf16 on the same
 inputs, CUDA-graph replay against eager, cuDNN attention against the default kernel. Figures are printed and,
@@ -190,7 +190,7 @@ def test_cuda_graph_output_equals_eager(full_service):
     assert torch.equal(graph.latents, again.latents)
     assert diff == 0.0  # same kernels, same order: replay is bit-identical to eager
     # the text encoders were replayed too (one graph each: prompts are padded to a fixed length)
-    assert {a: len(r.graphs) for a, r in full_service.text_encoder_graphs.items()} == {"text_encoder": 1,
+    assert {a: len(r.graphs) for a, r in full_service.registry["cuda_graphs"].text_encoders.items()} == {"text_encoder": 1,
                                                                                        "text_encoder_2": 1}
 
 
@@ -205,7 +205,8 @@ def test_edit_with_graphed_vae_matches_eager_exactly(full_service):
     eager = full_service.generate(InferenceRequest(**req, use_cuda_graphs=False), image, output_type="np")
     graph = full_service.generate(InferenceRequest(**req, use_cuda_graphs=True), image, output_type="np")
     again = full_service.generate(InferenceRequest(**req, use_cuda_graphs=True), image, output_type="np")
-    encode_runner, decode_runner = full_service.vae_graphs["eager"]
+    eager_vae = (full_service.components.vae_encode["eager"], full_service.components.vae_decode["eager"])
+    encode_runner, decode_runner = full_service.registry["cuda_graphs"].vae[eager_vae]
     assert any(k[0] == (1, 3, 512, 512) for k in encode_runner.graphs)  # keys: (shape, dtype, device, stride)
     assert any(k[0] == (1, 16, 64, 64) for k in decode_runner.graphs)
     _record("vae_graph_capture_ms_512", {"encode": list(encode_runner.capture_ms.values()),

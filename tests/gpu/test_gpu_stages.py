@@ -1,6 +1,6 @@
 """The stage table on a GPU (marked `gpu`): every stage's output is finite, the lossless stages match stage 0.
 
-Run on the device machine: `python -m pytest -q -m gpu tests/test_gpu_stages.py -s` (about 2-3 minutes on an
+Run on the device machine: `python -m pytest -q -m gpu tests/gpu/test_gpu_stages.py -s` (about 2-3 minutes on an
 H200: one regional compile for bf16, one for fp8). Tolerances come from the 2026-11-21 H200 tables in
 BENCHMARKS.md (one-step relative error 1.3-1.6% for the lossless stages, end-to-end latent error ~0.5%).
 """

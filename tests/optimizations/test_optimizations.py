@@ -269,7 +269,7 @@ def test_regionally_compiled_transformer_has_one_graph_per_block_kind(plain):
 
 
 def test_text_encoder_graph_runner_is_the_encoders_forward_only_while_installed(plain):
-    """The plumbing (capture itself needs CUDA: tests/test_gpu.py): the encoder stays the pipeline's nn.Module,
+    """The plumbing (capture itself needs CUDA: tests/gpu/test_gpu.py): the encoder stays the pipeline's nn.Module,
     so diffusers still finds the execution device among the components, and its own forward comes back after."""
     from optimizations.cuda_graphs import CudaGraphEncoder
 
@@ -325,7 +325,7 @@ def test_vae_interfaces_rebuilt_from_a_graphs_tensor_output_match_the_vaes_own(p
 
 def test_cuda_graph_wiring_runs_the_real_pipeline_unchanged(cache_dir, monkeypatch):
     """The service's CUDA-graph wiring on CPU, with capture + replay replaced by direct calls (capture needs CUDA:
-    tests/test_gpu.py): with graphs applied, an edit goes through the text-encoder runners, the VAE runners and the
+    tests/gpu/test_gpu.py): with graphs applied, an edit goes through the text-encoder runners, the VAE runners and the
     transformer runner and returns the same image as without."""
     import numpy as np
     from PIL import Image
@@ -757,7 +757,7 @@ def test_bf16_split_proj_out_is_on_with_compile_unless_switched_off_and_the_fp8_
 def test_gelu_epilogue_rewrite_is_exact_on_cpu_and_comes_out_of_a_copy(plain):
     """The bf16 GELU epilogue (optimizations/gelu_epilogue.py): every FF / MLP input linear of the tiny
     transformer is rewritten, the output is unchanged on CPU (there it computes diffusers' maths; the cuBLASLt path is
-    checked in tests/test_gpu.py), a deep copy calls its own modules, and `remove` restores diffusers' forwards."""
+    checked in tests/gpu/test_gpu.py), a deep copy calls its own modules, and `remove` restores diffusers' forwards."""
     from optimizations.fusions import gelu_epilogue
 
     ref_model = plain.pipe.transformer
