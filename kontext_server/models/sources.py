@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from kontext_server import settings
-from kontext_server.models import ModelLoadError, tiny
+from kontext_server.models import ModelLoadError
+from kontext_server.models import synthetic as synthetic_model
+from kontext_server.models import tiny as tiny_model
 
 log = logging.getLogger(__name__)
 

@@ -75,13 +75,13 @@ def test_fp8_copy_uses_the_fused_gelu_quantisation(full_service):
 
 
 def test_fp8_gemms_run_without_a_cublaslt_memset():
-    """cublaslt_workspace.py: CUBLASLT_WORKSPACE_SIZE=0 is set before the process's first GEMM (here by conftest,
+    """kontext_server/startup/cublaslt_workspace.py: CUBLASLT_WORKSPACE_SIZE=0 is set before the first GEMM (here by conftest,
     in the server by service.py), and cuBLASLt then runs torch._scaled_mm without the memset it launches per call
     with a workspace (one per fp8 GEMM in the step's profile before)."""
-    import service
+    from kontext_server.startup import cublaslt_workspace
     from torch.profiler import ProfilerActivity, profile
 
-    assert service.cublaslt_workspace.status["workspace_kib"] == "0"
+    assert cublaslt_workspace.status["workspace_kib"] == "0"
     a = torch.randn(2560, 3072, device="cuda").to(torch.float8_e4m3fn)
     w = torch.randn(9216, 3072, device="cuda").to(torch.float8_e4m3fn).t()
     sa, sb = torch.rand(2560, 1, device="cuda") + 0.5, torch.rand(1, 9216, device="cuda") + 0.5
@@ -301,10 +301,9 @@ def _two_gpu_starts(tmp_path, envs: list[dict]) -> list[dict]:
     """test_optimizations' compile script on the GPU, once per environment, each a fresh process. With the
     FA3-class attention prepared too: diffusers' cuDNN backend puts torch's sdpa_kernel helpers into the block
     graphs, which AOTAutograd's cache bypassed until compile marked them (optimizations/compile.py)."""
-    from tests.test_optimizations import COMPILE_SCRIPT, _run_compile_script
+    from tests.optimizations.test_optimizations import COMPILE_SCRIPT, _run_compile_script
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = (COMPILE_SCRIPT.format(root=root, cache=str(tmp_path)).replace('device="cpu"', 'device="cuda"')
+    script = (COMPILE_SCRIPT.format(cache=str(tmp_path)).replace('device="cpu"', 'device="cuda"')
               .replace('svc.prepare(["compile"])', 'svc.prepare(["attention", "compile"])'))
     assert 'svc.prepare(["attention", "compile"])' in script
     return [_run_compile_script(script, env) for env in envs]
