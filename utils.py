@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,21 +28,48 @@ class ImageInputError(ValueError):
         self.status = status
 
 
+# Formats people send that the decoder refuses, by their first bytes: the error names the format.
+_OTHER_FORMATS = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"%PDF", "PDF"),
+                  (b"<svg", "SVG"), (b"<?xml", "SVG / XML"))
+_WHITESPACE = re.compile(rb"\s+")
+
+
+def sniff_format(raw: bytes) -> str | None:
+    """The name of a refused format from its magic bytes (GIF, BMP, TIFF, PDF, SVG, HEIF / AVIF), else None."""
+    for magic, name in _OTHER_FORMATS:
+        if raw.startswith(magic):
+            return name
+    if raw[4:8] == b"ftyp":
+        return "HEIF / AVIF"
+    return None
+
+
 def decode_image(data: str) -> Image.Image:
-    """base64 or data-URL string -> RGB PIL image, or ImageInputError saying what is wrong."""
+    """base64 or data-URL string -> RGB PIL image, or ImageInputError saying what is wrong.
+
+    Line-wrapped base64 (MIME, Python's encodebytes) is accepted: whitespace is not data. The image's mode before
+    the RGB conversion is kept in `image.info["source_mode"]` (an RGBA input loses its alpha: callers say so)."""
     if data.startswith("data:"):
         header, _, data = data.partition(",")
         if ";base64" not in header:
             raise ImageInputError("data URL must be base64-encoded (data:image/png;base64,...)")
-    # base64 inflates by 4/3: reject oversize input before decoding it.
-    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 8:
+    # base64 inflates by 4/3: reject oversize input before decoding it (line breaks add at most 1/38 more).
+    if len(data) > MAX_IMAGE_BYTES * 4 // 3 * 39 // 38 + 8:
         raise ImageInputError(f"image is larger than the {MAX_IMAGE_BYTES // (1024 * 1024)} MB limit", status=413)
     try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
+        raw = base64.b64decode(_WHITESPACE.sub(b"", data.encode("ascii")), validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
         raise ImageInputError("image is not valid base64") from None
+    return decode_image_bytes(raw)
+
+
+def decode_image_bytes(raw: bytes) -> Image.Image:
+    """Encoded image bytes -> RGB PIL image (see decode_image), with the same limits and messages."""
     if len(raw) > MAX_IMAGE_BYTES:
         raise ImageInputError(f"image is larger than the {MAX_IMAGE_BYTES // (1024 * 1024)} MB limit", status=413)
+    other = sniff_format(raw)
+    if other is not None:
+        raise ImageInputError(f"image is {other}; accepted formats are PNG, JPEG and WebP")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -52,13 +79,17 @@ def decode_image(data: str) -> Image.Image:
                 raise ImageInputError(
                     f"image is {w}x{h}; at most {MAX_IMAGE_PIXELS} pixels and {MAX_IMAGE_SIDE} per side are accepted")
             img.load()  # decodes now, so truncated data fails here and not inside the GPU worker
-            return img.convert("RGB")
+            rgb = img.convert("RGB")
+            rgb.info["source_mode"] = img.mode
+            return rgb
     except ImageInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageInputError("image declares too many pixels (decompression bomb)") from None
     except Exception as exc:  # PIL raises many types for bad data (UnidentifiedImageError, OSError, SyntaxError...)
-        raise ImageInputError(f"image could not be decoded as PNG, JPEG or WebP: {exc}") from None
+        # PIL's messages name its file object ("<_io.BytesIO object at 0x...>"): not the client's business
+        detail = re.sub(r"\s*<[^>]* at 0x[0-9a-f]+>", "", str(exc)).strip() or type(exc).__name__
+        raise ImageInputError(f"image could not be decoded as PNG, JPEG or WebP ({detail})") from None
 
 
 def encode_image(img: Image.Image, fmt: str) -> str:
@@ -67,19 +98,6 @@ def encode_image(img: Image.Image, fmt: str) -> str:
     kwargs = {"quality": 95} if pil_fmt in ("JPEG", "WEBP") else {}
     img.save(buf, format=pil_fmt, **kwargs)
     return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def default_size_for(image: Image.Image | None, area: int = 1024 * 1024, lo: int = 256, hi: int = 2048,
-                     multiple: int = 16) -> tuple[int, int]:
-    """(width, height): the input's aspect ratio at about `area` pixels, clamped and snapped; 1024x1024 without one."""
-    if image is None:
-        side = int(math.sqrt(area)) // multiple * multiple
-        return side, side
-    aspect = image.width / image.height
-    w = math.sqrt(area * aspect)
-    h = math.sqrt(area / aspect)
-    snap = lambda v: max(lo, min(hi, int(round(v / multiple)) * multiple))  # noqa: E731
-    return snap(w), snap(h)
 
 
 @dataclass

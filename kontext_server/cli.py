@@ -67,7 +67,7 @@ def server_settings(a):
     from kontext_server.api.context import ServerSettings
 
     return ServerSettings(max_queue=a.max_queue, queue_timeout=a.queue_timeout, request_timeout=a.request_timeout,
-                          shutdown_grace=a.shutdown_grace)
+                          shutdown_grace=a.shutdown_grace, drain_seconds=a.drain_seconds)
 
 
 def config_from_env():
@@ -108,7 +108,7 @@ def cmd_serve(a) -> None:
     # Work still running after the grace period is interrupted by the app (JSON 503); the margin lets that answer
     # reach the client before uvicorn's own timeout cancels the handlers.
     uvicorn.run(build_app(svc, settings_), host=a.host, port=a.port, log_level=a.log_level,
-                timeout_graceful_shutdown=int(a.shutdown_grace) + 5)
+                timeout_graceful_shutdown=int(a.shutdown_grace) + 5)  # counted from the end of the drain
 
 
 def cmd_generate(a) -> None:
@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_env_help("seconds a generation may run before it is stopped (504)", settings.REQUEST_TIMEOUT))
     s.add_argument("--shutdown-grace", type=float, default=settings.SHUTDOWN_GRACE.get_float(),
                    help=_env_help("seconds work gets to finish after SIGTERM", settings.SHUTDOWN_GRACE))
+    s.add_argument("--drain-seconds", type=float, default=settings.DRAIN_SECONDS.get_float(),
+                   help=_env_help("seconds the listener stays open after SIGTERM (/health and new work answer 503) "
+                                  "before it closes", settings.DRAIN_SECONDS))
     s.add_argument("--warmup", type=_warmup_sizes_arg, default=settings.WARMUP_SIZES.get(),
                    help=_env_help("request shapes to compile / capture before serving: WxH (text-to-image) or "
                                   "edit:WxH, comma-separated, e.g. 1024x1024,edit:1024x1024", settings.WARMUP_SIZES))

@@ -29,6 +29,26 @@ FLAG_TO_OPTIMIZATION = {
 }
 
 
+# Names other APIs use for our fields (diffusers' pipeline arguments, BFL's and OpenAI's request fields): an unknown
+# field with one of these names gets "did you mean" in its 422.
+FIELD_ALIASES = {
+    "num_inference_steps": "steps", "input_image": "image", "image_url": "image", "init_image": "image",
+    "guidance": "guidance_scale", "cfg_scale": "guidance_scale", "true_cfg": "true_cfg_scale",
+    "num_images_per_prompt": "num_images", "n": "num_images", "negative": "negative_prompt",
+    "format": "output_format", "size": "width and height", "generator": "seed",
+}
+
+
+def suggest_field(name: str) -> str | None:
+    """The field an unknown name probably meant: a known alias, or a close spelling of a field."""
+    import difflib
+
+    if name in FIELD_ALIASES:
+        return FIELD_ALIASES[name]
+    close = difflib.get_close_matches(name, list(InferenceRequest.model_fields), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def _check_side(name: str, v: int | None) -> int | None:
     if v is not None and v % SIDE_MULTIPLE:
         raise ValueError(f"{name} must be a multiple of {SIDE_MULTIPLE} (got {v})")

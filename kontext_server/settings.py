@@ -71,12 +71,17 @@ REQUEST_TIMEOUT = EnvVar("FLUX_REQUEST_TIMEOUT", "600", "server",
                          "seconds a generation may run before it is stopped at its next step (504)")
 SHUTDOWN_GRACE = EnvVar("FLUX_SHUTDOWN_GRACE", "30", "server",
                         "seconds running and queued work gets after SIGTERM before it is answered 503")
+DRAIN_SECONDS = EnvVar("FLUX_DRAIN_SECONDS", "5", "server",
+                       "seconds the listener stays open after SIGTERM, answering /health and new work with 503, "
+                       "so load balancers see the drain (0: close at once)")
 LOG_LEVEL = EnvVar("FLUX_LOG_LEVEL", "INFO", "server", "Python log level of the server's loggers")
 BENCH_DIR = EnvVar("FLUX_BENCH_DIR", "benchmarks/latest", "server", "where `benchmark` writes its JSON and chart")
 
 # ---- start-up ---------------------------------------------------------------------------------------------------------
 BYTECODE_CACHE = EnvVar("FLUX_BYTECODE_CACHE", "1", "start-up",
                         "0: do not keep Python's bytecode under the cache directory on images that do not keep it")
+SHOW_LIBRARY_NOISE = EnvVar("FLUX_SHOW_LIBRARY_NOISE", "0", "start-up",
+                            "1: show the known-harmless library messages the server drops at start-up (docs/operations.md)")
 CUBLASLT_NO_WORKSPACE = EnvVar("FLUX_CUBLASLT_NO_WORKSPACE", "1", "start-up",
                                "0: keep torch's cuBLASLt workspace (the server sets CUBLASLT_WORKSPACE_SIZE=0)")
 

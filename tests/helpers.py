@@ -53,4 +53,5 @@ class LiveServer(ServerProcess):
     server), with its cache and log in the test session's cache directory."""
 
     def __init__(self, cache_dir: Path, *extra: str, env: dict | None = None):
-        super().__init__(extra=list(extra), cache_dir=str(cache_dir), env=env)
+        # no drain period unless a test asks for one: every module's teardown would wait for it
+        super().__init__(extra=["--drain-seconds", "0", *extra], cache_dir=str(cache_dir), env=env)

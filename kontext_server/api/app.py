@@ -41,7 +41,7 @@ def build_app(service, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
-        errors = clean_errors(exc.errors())
+        errors = clean_errors(exc.errors(), request.headers.get("content-type"))
         msg = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
         return error_response(422, "validation_error", msg, errors)
 

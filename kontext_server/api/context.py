@@ -14,6 +14,7 @@ class ServerSettings:
     queue_timeout: float = 120.0
     request_timeout: float = 600.0
     shutdown_grace: float = 30.0
+    drain_seconds: float = 0.0  # after SIGTERM, keep the listener open this long (see lifecycle.py)
     max_body_bytes: int = 32 * 1024 * 1024
     load_in_background: bool = True
 

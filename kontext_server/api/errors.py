@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 from kontext_server import engine as eng
+from kontext_server.request import suggest_field
 
 
 def error_response(status: int, code: str, message: str, detail=None, headers=None) -> JSONResponse:
@@ -21,8 +22,9 @@ def field_error(status: int, code: str, field: str, message: str, kind: str = "v
     return error_response(status, code, f"{field}: {message}", [{"field": field, "message": message, "type": kind}])
 
 
-def clean_errors(errors) -> list[dict]:
-    """pydantic errors without the raw input (it may be huge, binary or unserialisable)."""
+def clean_errors(errors, content_type: str | None = None) -> list[dict]:
+    """pydantic errors without the raw input (it may be huge, binary or unserialisable), with what to do where the
+    cause is a common one: a body that is not JSON, a field named as another API names it."""
     out = []
     for e in errors:
         kind = str(e.get("type", "value_error"))
@@ -30,6 +32,13 @@ def clean_errors(errors) -> list[dict]:
         loc = [str(p) for p in e.get("loc", ()) if p != "body"]
         if kind == "json_invalid":  # its location is a character offset, not a field
             msg, loc = f"{msg} at character {loc[-1] if loc else '?'}", []
+        elif kind == "model_attributes_type" and not loc and "json" not in (content_type or ""):
+            msg = (f"the body must be a JSON object sent with Content-Type: application/json "
+                   f"(this request's Content-Type: {content_type or 'none'})")
+        elif kind == "extra_forbidden" and loc:
+            hint = suggest_field(loc[-1])
+            if hint:
+                msg += f"; did you mean `{hint}`?"
         out.append({"field": ".".join(loc) or "body", "message": msg, "type": kind})
     return out
 

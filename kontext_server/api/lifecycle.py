@@ -30,7 +30,7 @@ def lifespan_for(service, engine: eng.Engine, settings):
                 threading.Thread(target=load, name="model-loader", daemon=True).start()
             else:
                 await run_in_threadpool(load)
-        _chain_sigterm(engine, settings.shutdown_grace)
+        _chain_sigterm(engine, settings.shutdown_grace, settings.drain_seconds)
         yield
         # Shutdown: queued and running work gets the grace period, then a clear 503.
         finished = await run_in_threadpool(engine.drain, settings.shutdown_grace)
@@ -39,22 +39,39 @@ def lifespan_for(service, engine: eng.Engine, settings):
     return lifespan
 
 
-def _chain_sigterm(engine: eng.Engine, grace: float) -> None:
-    """On SIGTERM: stop accepting at once (health turns 503), give running work `grace` seconds, then interrupt
-    what is left so its client gets a JSON 503 before the server's own shutdown timeout; then hand the signal
-    to the server's handler (uvicorn closes the socket and waits for open requests)."""
+def _chain_sigterm(engine: eng.Engine, grace: float, drain_seconds: float) -> None:
+    """On SIGTERM, what a load balancer's readiness probe expects:
+    - at once: stop accepting (/health 503 "draining"; new work 503 shutting_down with Retry-After), while the
+      listening socket stays open for `drain_seconds`, so probes and late clients get those answers instead of a
+      refused connection;
+    - then hand the signal to the server's own handler (uvicorn closes the socket and waits for open requests);
+    - running work gets `grace` seconds from the signal, then what is left is interrupted at its next step and its
+      client gets a JSON 503 before the server's own shutdown timeout."""
     if threading.current_thread() is not threading.main_thread():
         return
     previous = signal.getsignal(signal.SIGTERM)
 
+    def close(signum, frame):
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:  # no server handler: end the process as the default would
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
     def handler(signum, frame):
+        first = engine.accepting
         engine.stop_accepting()
+        if not first:  # a second SIGTERM: stop waiting
+            return close(signum, frame)
         timer = threading.Timer(grace, engine.drain, args=(0.0,))
         timer.daemon = True
         timer.start()
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_DFL:
-            raise SystemExit(0)
+        if drain_seconds > 0:
+            log.info("SIGTERM: draining for %.0f s before closing the listener", drain_seconds)
+            closer = threading.Timer(drain_seconds, close, args=(signum, frame))
+            closer.daemon = True
+            closer.start()
+        else:
+            close(signum, frame)
 
     signal.signal(signal.SIGTERM, handler)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kontext_server import settings
-from kontext_server.startup import bytecode_cache, cublaslt_workspace
+from kontext_server.startup import bytecode_cache, cublaslt_workspace, quiet
 from optimizations.registry import STACK_ORDER
 
 
@@ -36,7 +36,9 @@ def health_report(service) -> dict:
                                  "inductor_cache_dir": settings.INDUCTOR_CACHE_DIR.get(),
                                  "aot_regions": registry["compile"].aot_stats.as_dict(), **cache.counters()}
     info["bytecode_cache"] = bytecode_cache.status
-    info["cublaslt_workspace"] = cublaslt_workspace.status
+    if service.device_info.is_cuda:  # a CPU runs no cuBLASLt GEMM: the setting would mean nothing there
+        info["cublaslt_workspace"] = cublaslt_workspace.status
+    info["library_messages_dropped"] = dict(quiet.counts)  # known-harmless start-up lines (docs/operations.md)
     info["warmup_ms_total"] = round(service.warmup_ms_total, 1)
     info["warmups"] = service.warmups
     info["load_fixes"] = service.load_fixes

@@ -22,7 +22,9 @@ from PIL import Image
 from kontext_server.request import DEFAULT_STEPS, MAX_SEED, InferenceRequest
 from optimizations.base import Decision, RunContext
 from optimizations.registry import STACK_ORDER
-from utils import StageTimer, default_size_for
+from kontext_server.service.sizes import image_notes
+from kontext_server.service.sizes import output_size as size_for
+from utils import StageTimer
 
 STAGES = ("text_encode", "image_encode", "transformer", "vae_decode")
 
@@ -110,8 +112,8 @@ def _swap(pipe, name: str, value):
 
 
 def output_size(req: InferenceRequest, image: Image.Image | None) -> tuple[int, int]:
-    default_w, default_h = default_size_for(image)
-    return req.width or default_w, req.height or default_h
+    size = size_for(req.width, req.height, image)
+    return size.width, size.height
 
 
 class Runner:
@@ -200,6 +202,9 @@ class Runner:
         t_total = time.perf_counter()
         run, seed = self._context(req, image, plan, output_type)
         warnings = [self.synthetic_warning] if self.synthetic_warning else []
+        warnings += size_for(req.width, req.height, image).notes + image_notes(image)
+        warnings += [f"{self.registry[name].flag}: requested but not applied: {d.detail}"
+                     for name, d in plan.items() if d.requested and not d.applied]
         timings: dict[str, float] = {}
         cold_ms = self.warm(req, image, plan, seed, output_type)
         if cold_ms is not None:  # a reported cold-start cost, not part of the request's timing

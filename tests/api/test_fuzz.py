@@ -53,7 +53,7 @@ def stub_client(cache_dir):
     from kontext_server.api.app import ServerSettings, create_app
     from kontext_server.request import DEFAULT_DPM_STEPS, DEFAULT_STEPS
     from kontext_server.service import FluxService, GenerationResult, ServiceConfig
-    from utils import default_size_for
+    from kontext_server.service.sizes import output_size
 
     svc = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="auto", cache_dir=cache_dir))
     svc.load()
@@ -61,8 +61,8 @@ def stub_client(cache_dir):
     def fake_generate(req, image=None, should_stop=None, output_type="pil", plan=None):
         """What service.generate decides (sizes, steps, seed, plan), without running the model."""
         plan = plan or svc.plan(req)
-        w0, h0 = default_size_for(image)
-        width, height = req.width or w0, req.height or h0
+        size = output_size(req.width, req.height, image)
+        width, height = size.width, size.height
         steps = req.steps or (DEFAULT_DPM_STEPS if plan["dpm_solver"].applied else DEFAULT_STEPS)
         if should_stop is not None and (err := should_stop()) is not None:
             raise err
@@ -253,7 +253,9 @@ def test_fuzz_valid_requests(stub, body, rid):
     if "height" in body:
         assert out["height"] == body["height"]
     if "image" not in body:
-        assert (out["width"], out["height"]) == (body.get("width", 1024), body.get("height", 1024))
+        # one side given: the other follows (square without an input image); none: 1024x1024
+        side = body.get("width") or body.get("height") or 1024
+        assert (out["width"], out["height"]) == (body.get("width", side), body.get("height", side))
     if "seed" in body:
         assert out["seed"] == body["seed"]
     if "steps" in body:
@@ -450,13 +452,29 @@ def test_oversize_image_is_413(client):
     (lambda: (lambda b: b[:len(b) // 2])(base64.b64decode(png_b64(256, 256))), "truncated"),  # IDAT cut short
     (lambda: base64.b64decode(png_b64(64, 64))[:60], "truncated"),
     (lambda: _png(64, 64, b"definitely not zlib", bit_depth=8, color_type=2), "decoded"),
-    (lambda: b"GIF89a" + b"\x00" * 64, "decoded"),  # a format the server does not accept
+    (lambda: b"GIF89a" + b"\x00" * 64, "image is GIF; accepted formats are PNG, JPEG and WebP"),
 ], ids=["truncated-idat", "truncated-after-header", "corrupt-idat", "gif"])
 def test_broken_images_are_422(client, make, why):
     r = client.post("/inference", json=dict(SMALL, image=base64.b64encode(make()).decode()))
     assert r.status_code == 422, r.text[:300]
     body = check_error_shape(r, "image")
     assert why in body["message"]
+    assert " at 0x" not in body["message"]  # no Python object reprs reach the client
+
+
+def test_line_wrapped_base64_is_accepted_as_decoders_accept_it(client):
+    wrapped = base64.encodebytes(base64.b64decode(png_b64(256, 256))).decode()  # 76-column lines, as MIME
+    assert "\n" in wrapped
+    r = client.post("/inference", json=dict(SMALL, image=wrapped))
+    assert r.status_code == 200, r.text[:300]
+
+
+def test_an_rgba_input_says_its_alpha_was_dropped(client):
+    buf = io.BytesIO()
+    Image.new("RGBA", (256, 256), (200, 30, 30, 128)).save(buf, format="PNG")
+    r = client.post("/inference", json=dict(SMALL, image=base64.b64encode(buf.getvalue()).decode()))
+    assert r.status_code == 200, r.text[:300]
+    assert any("alpha channel was dropped" in w for w in r.json()["warnings"])
 
 
 def test_png_without_iend_trailer_is_accepted(client):
@@ -493,16 +511,20 @@ def test_extreme_aspect_images_with_size(client, w, h, fmt):
 
 @pytest.mark.parametrize("w, h, expected", [(1, 1, (1024, 1024)), (10000, 10, (2048, 256))])
 def test_extreme_aspect_images_default_size(client, w, h, expected):
-    """Without width/height the output keeps the input's aspect at ~1 MP, snapped to 16 and clamped to 256..2048."""
-    from utils import default_size_for
+    """Without width/height the output keeps the input's aspect at ~1 MP, snapped to 16 and clamped to 256..2048;
+    when the limits cannot keep the aspect, the response says so."""
+    from kontext_server.service.sizes import output_size
 
-    assert default_size_for(Image.new("RGB", (w, h))) == expected
+    size = output_size(None, None, Image.new("RGB", (w, h)))
+    assert (size.width, size.height) == expected
     body = {k: v for k, v in SMALL.items() if k not in ("width", "height")}
     r = client.post("/inference", json=dict(body, image=png_b64(w, h)))
     assert r.status_code == 200, r.text[:300]
     out = r.json()
     assert (out["width"], out["height"]) == expected
     assert decode_b64_image(out["images"][0]).size == expected
+    assert any(w.startswith("image: resized from") for w in out["warnings"])
+    assert any("does not keep the aspect ratio" in w for w in out["warnings"]) == (w != h)
 
 
 @pytest.mark.parametrize("prompt", ["一辆红色的汽车 🚗🚗", "سيارة حمراء", "e\u0301\u0301\u0301 zalgo",
