@@ -111,17 +111,52 @@ def cmd_serve(a) -> None:
                 timeout_graceful_shutdown=int(a.shutdown_grace) + 5)  # counted from the end of the drain
 
 
+def _fail(message: str) -> None:
+    sys.exit(f"error: {message}")
+
+
 def cmd_generate(a) -> None:
-    import base64
+    from pydantic import ValidationError
 
-    from kontext_server.request import InferenceRequest
-    from utils import decode_image
+    from kontext_server.request import DEFAULT_STEPS, InferenceRequest
+    from utils import ImageInputError, decode_image_bytes
 
-    image = decode_image(base64.b64encode(Path(a.image).read_bytes()).decode()) if a.image else None
-    req = InferenceRequest(prompt=a.prompt, width=a.width, height=a.height, steps=a.steps, seed=a.seed,
-                           guidance_scale=a.guidance_scale)
+    try:  # every input is checked before the model loads: a bad one costs nothing
+        req = InferenceRequest(prompt=a.prompt, width=a.width, height=a.height, steps=a.steps, seed=a.seed,
+                               guidance_scale=a.guidance_scale)
+    except ValidationError as exc:
+        _fail("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+                        for e in exc.errors()))
+    image = None
+    if a.image:
+        try:
+            image = decode_image_bytes(Path(a.image).read_bytes())
+        except OSError as exc:
+            _fail(f"--image {a.image}: {exc.strerror or exc}")
+        except ImageInputError as exc:
+            _fail(f"--image {a.image}: {exc}")
+    out = Path(a.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        _fail(f"--out {a.out}: name a .png, .jpg or .webp file")
+    if not out.parent.exists():
+        _fail(f"--out {a.out}: the directory {out.parent} does not exist")
     svc = _load_or_exit(service_config(a))
-    res = svc.generate(req, image)
+    if svc.model.synthetic:
+        print(f"note: model {svc.model.source!r} has random weights, so the image is noise "
+              "(use --model with a hub id or a directory for real weights)", file=sys.stderr)
+    from tqdm import tqdm
+
+    steps = req.steps or DEFAULT_STEPS
+    bar = tqdm(total=steps, desc="denoising", unit="step", file=sys.stderr)
+
+    def progress():  # called between denoising steps; never stops the run
+        bar.update(1)
+        return None
+
+    try:
+        res = svc.generate(req, image, should_stop=progress)
+    finally:
+        bar.close()
     res.images[0].save(a.out)
     print(json.dumps({"out": a.out, "seed": res.seed, "width": res.width, "height": res.height, "steps": res.steps,
                       "timings_ms": res.timings_ms,
@@ -157,8 +192,7 @@ def cmd_benchmark(a) -> None:
     md = report.to_markdown(result)
     (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
     report.bar_chart(result, str(out_dir / f"{name}.png"))
-    print(f"\n{result.get('workload', 'benchmark')} | model {result['model']} | device {result['device']} | "
-          f"torch {result['torch']}\n")
+    print(f"\n{report.header(result)}\n")
     print(md)
     print(f"\nJSON: {out_dir / (name + '.json')}  chart: {out_dir / (name + '.png')}")
 
@@ -231,8 +265,9 @@ def configure_logging() -> None:
 def main(argv: list[str] | None = None) -> None:
     configure_logging()
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:  # the seed script's behaviour: unoptimised vs optimised on the configured model
-        argv = ["benchmark"]
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        # no command: the benchmark (unoptimised vs optimised on the configured model), with any options given
+        argv = ["benchmark", *argv]
     p = build_parser()
     a = p.parse_args(argv)
     from kontext_server.startup import prepare_process

@@ -4,6 +4,31 @@ from __future__ import annotations
 import numpy as np
 
 
+LEGEND = """Columns: times in ms of the timed run with the median total (its stages add up to its total; glue is
+the rest: scheduler, latent packing, pre- and post-processing); total (min-max) over the timed runs. x stage 0 and
+x prev: end-to-end speed-up (higher is faster), marked (noise) when the two rows' min-max ranges overlap, and given
+per step too when the rows ran different step counts. steps comp/skip: transformer evaluations run / skipped by the
+step cache. cold start: compile or capture before the timed runs, never in total. floor ratio: the step over the
+floor model's time (GPU only). fidelity vs 0: against row 0's output with the same seed."""
+
+
+def _ratio(r: dict, key: str, noise_key: str) -> str:
+    if key not in r:
+        return "-"
+    return f"{r[key]} (noise)" if r.get(noise_key) else str(r[key])
+
+
+def header(result: dict) -> str:
+    """One line saying what ran where."""
+    w = result.get("workload")
+    if isinstance(w, dict):  # the request benchmark
+        kind = "edit" if w["edit"] else "text-to-image"
+        what = f"request benchmark: {w['width']}x{w['height']} {kind}, {w['steps']} steps, {w['runs']} timed runs each"
+    else:
+        what = f"stage table: {w}"
+    return f"{what} | model {result['model']} | device {result['device']} | torch {result['torch']}"
+
+
 def to_markdown(result: dict) -> str:
     head = ("| stage | what | text enc | img enc | transformer (per step) | VAE dec | glue | total (min-max) | "
             "x stage 0 | x prev | steps comp/skip | peak GiB | cold start | floor ratio | SM MHz, W | fidelity vs 0 |")
@@ -17,10 +42,12 @@ def to_markdown(result: dict) -> str:
         lines.append(
             f"| {r['stage']} | {r['label']} | {t['text_encode']:.1f} | {t['image_encode']:.1f} | "
             f"{t['transformer']:.1f} ({t['transformer_per_step']:.1f}) | {t['vae_decode']:.1f} | {t['glue']:.1f} | "
-            f"{t['total']:.1f} ({r['total_min_ms']:.0f}-{r['total_max_ms']:.0f}) | {r['speedup_vs_stage0']} | "
-            f"{r.get('speedup_vs_previous', '-')} | {r['steps_computed']}/{r['steps_skipped']} | "
+            f"{t['total']:.1f} ({r['total_min_ms']:.0f}-{r['total_max_ms']:.0f}) | {_x_stage0(r)} | "
+            f"{_ratio(r, 'speedup_vs_previous', 'within_noise_vs_previous')} | "
+            f"{r['steps_computed']}/{r['steps_skipped']} | "
             f"{r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} | {r['cold_start_ms']:.0f} ms | "
             f"{r.get('floor_ratio', '-')} | {clocks_cell(r.get('gpu_clocks'))} | {fid_s} |")
+    lines.append("\n" + LEGEND)
     if result.get("code_switches"):  # an A/B run: say so under its table
         lines.append("\nswitches: " + ", ".join(f"{k}={v}" for k, v in result["code_switches"].items()))
     regions = result.get("compiled_regions") or {}
@@ -29,6 +56,13 @@ def to_markdown(result: dict) -> str:
                      f"loaded, {regions.get('to_dynamo', 0)} left to dynamo"
                      + "".join(f"\n- {n}" for n in regions.get("notes", [])))
     return "\n".join(lines)
+
+
+def _x_stage0(r: dict) -> str:
+    cell = _ratio(r, "speedup_vs_stage0", "within_noise_vs_stage0")
+    if "per_step_speedup_vs_stage0" in r:
+        cell += f"; per step {r['per_step_speedup_vs_stage0']}"
+    return cell
 
 
 def clocks_cell(clocks: dict | None) -> str:

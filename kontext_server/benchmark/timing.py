@@ -25,48 +25,76 @@ def test_image(width: int, height: int) -> Image.Image:
     return Image.fromarray((arr * 255).astype(np.uint8))
 
 
-def time_request(service, req: InferenceRequest, image, runs: int, should_stop=None,
-                 sampler: ClockSampler | None = None) -> dict:
-    """Warm-up (reported), then `runs` timed runs: medians and spread per stage, and with a sampler the GPU's
-    clocks and power during the timed runs."""
-    cuda = service.device_info.is_cuda
+def warm_up(service, req: InferenceRequest, image, should_stop=None):
+    """One untimed generation (compile / capture happen here and are reported as cold start); (result, ms)."""
     t0 = time.perf_counter()
     warm = service.generate(req, image, should_stop=should_stop, output_type="np")
-    warm_ms = (time.perf_counter() - t0) * 1000
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    results = []
-    t_runs = time.monotonic()
-    for _ in range(runs):
-        if should_stop and (err := should_stop()):
-            raise err
-        results.append(service.generate(req, image, should_stop=should_stop, output_type="np"))
-    clocks = sampler.window(t_runs, time.monotonic()) if sampler is not None else None
-    med = {k: statistics.median(r.timings_ms.get(k, 0.0) for r in results) for k in STAGE_KEYS}
+    return warm, (time.perf_counter() - t0) * 1000
+
+
+def timed_run(service, req: InferenceRequest, image, should_stop=None):
+    if should_stop and (err := should_stop()):
+        raise err
+    return service.generate(req, image, should_stop=should_stop, output_type="np")
+
+
+def summarise(results: list, warm, warm_ms: float, clocks: dict | None, cuda: bool) -> dict:
+    """One row from a variant's timed runs. The per-stage figures are those of the run with the median total, so
+    they add up to the total shown (medians taken stage by stage do not); the spread is the totals' min-max."""
     totals = [r.timings_ms["total"] for r in results]
+    median_run = sorted(results, key=lambda r: r.timings_ms["total"])[(len(results) - 1) // 2]
+    last = results[-1]
     return {
-        "timings_ms": {k: round(v, 2) for k, v in med.items()},
+        "timings_ms": {k: round(median_run.timings_ms.get(k, 0.0), 2) for k in STAGE_KEYS},
         "total_min_ms": round(min(totals), 2), "total_max_ms": round(max(totals), 2),
+        "totals_ms": [round(t, 2) for t in totals],
         "cold_start_ms": round(warm.timings_ms.get("cold_start", 0.0), 1),  # compile / capture, not the timed runs
         "first_run_ms": round(warm_ms, 1),
-        "steps": results[-1].steps, "steps_computed": results[-1].steps_computed,
-        "steps_skipped": results[-1].steps_skipped,
+        "steps": last.steps, "steps_computed": last.steps_computed, "steps_skipped": last.steps_skipped,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        "applied": [k for k, d in results[-1].optimizations.items() if d.applied],
-        "not_applied": {k: d.detail for k, d in results[-1].optimizations.items() if d.requested and not d.applied},
+        "applied": [k for k, d in last.optimizations.items() if d.applied],
+        "not_applied": {k: d.detail for k, d in last.optimizations.items() if d.requested and not d.applied},
         "gpu_clocks": clocks,
-        "_result": results[-1],
+        "_result": last,
     }
 
 
+def time_request(service, req: InferenceRequest, image, runs: int, should_stop=None,
+                 sampler: ClockSampler | None = None) -> dict:
+    """Warm-up (reported), then `runs` timed runs of one variant, summarised; with a sampler the GPU's clocks and
+    power during the timed runs."""
+    cuda = service.device_info.is_cuda
+    warm, warm_ms = warm_up(service, req, image, should_stop)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t_runs = time.monotonic()
+    results = [timed_run(service, req, image, should_stop) for _ in range(runs)]
+    clocks = sampler.window(t_runs, time.monotonic()) if sampler is not None else None
+    return summarise(results, warm, warm_ms, clocks, cuda)
+
+
+def within_noise(a: dict, b: dict) -> bool:
+    """Whether two rows' totals overlap (min-max of their timed runs): their ratio is then noise, not a speed-up."""
+    return a["total_min_ms"] <= b["total_max_ms"] and b["total_min_ms"] <= a["total_max_ms"]
+
+
 def finish_rows(rows: list[dict], ref_key: str = "0") -> None:
+    """Ratios against the reference row and the previous row. End to end always; where the step counts differ, per
+    step as well (a row with half the steps is not twice as fast per step); each ratio says when it is inside the
+    noise of the two rows' timed runs."""
     base = next((r for r in rows if r["stage"] == ref_key), rows[0])
     prev = None
     for row in rows:
-        row["speedup_vs_stage0"] = round(base["timings_ms"]["total"] / row["timings_ms"]["total"], 2)
+        t = row["timings_ms"]
+        row["speedup_vs_stage0"] = round(base["timings_ms"]["total"] / t["total"], 2)
+        row["within_noise_vs_stage0"] = row is not base and within_noise(base, row)
+        if row["steps"] != base["steps"] and t["transformer_per_step"]:
+            row["per_step_speedup_vs_stage0"] = round(base["timings_ms"]["transformer_per_step"]
+                                                      / t["transformer_per_step"], 2)
         if prev is not None:
-            row["speedup_vs_previous"] = round(prev["timings_ms"]["total"] / row["timings_ms"]["total"], 2)
+            row["speedup_vs_previous"] = round(prev["timings_ms"]["total"] / t["total"], 2)
+            row["within_noise_vs_previous"] = within_noise(prev, row)
         row["fidelity_vs_stage0"] = fidelity(base["_result"], row["_result"]) if row is not base else {}
         if not row["stage"].endswith("c"):  # side rows (cache variant) are not "the previous stage"
             prev = row
