@@ -214,22 +214,27 @@ class Engine:
         job.started_at = time.monotonic()
         job.deadline = job.started_at + self.request_timeout
         self._on_event("started", job, {"queue_wait_s": waited})
+        oom = None
         try:
             result = self._run(job)
         except EngineError as exc:
             self._finish(job, error=exc)
         except BaseException as exc:  # noqa: BLE001 - one job's failure must never end the worker
             if is_oom(exc):
-                free_device_memory()
-                log.warning("job %s: out of memory: %s", job.id, exc)
-                self._finish(job, error=OutOfMemory(
-                    "the GPU ran out of memory for this request; try fewer images or a smaller size"))
+                oom = str(exc)  # only the text: the exception's traceback holds the job's tensors
             else:
                 log.exception("job %s failed", job.id)
                 self._finish(job, error=GenerationFailed(f"{type(exc).__name__}: {exc}"))
         else:
             self._recent_durations.append(time.monotonic() - job.started_at)
             self._finish(job, result=result)
+        if oom is not None:
+            # Outside the except block: while the exception was being handled its traceback kept the failed
+            # generation's frames (and their tensors) alive, so nothing could be freed there.
+            free_device_memory()
+            log.warning("job %s: out of memory: %s", job.id, oom)
+            self._finish(job, error=OutOfMemory(
+                "the GPU ran out of memory for this request; try fewer images or a smaller size"))
 
 
 def free_device_memory() -> None:

@@ -625,3 +625,55 @@ def test_benchmark_endpoint(client):
         for k in ("text_encode", "transformer", "vae_decode", "total"):
             assert row["timings_ms"][k] > 0, (row["stage"], k)
         assert row["speedup_vs_stage0"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# promises held over HTTP
+# ---------------------------------------------------------------------------------------------------------------
+def test_strict_makes_a_request_that_cannot_get_its_flag_a_422_and_without_it_the_reason_is_a_warning(client):
+    """On a CPU there is no fp8: with strict the request is refused naming the flag, without it it runs and says."""
+    r = client.post("/inference", json=dict(BASE, prompt="a red car", use_mxfp4=True, strict=True))
+    assert r.status_code == 422, r.text[:300]
+    body = r.json()
+    assert body["error"] == "validation_error" and body["detail"][0]["field"] == "use_mxfp4"
+    assert body["detail"][0]["type"] == "strict" and "CUDA" in body["detail"][0]["message"]
+    r = client.post("/inference", json=dict(BASE, prompt="a red car", use_mxfp4=True))
+    assert r.status_code == 200, r.text[:300]
+    out = r.json()
+    assert not out["optimizations"]["low_precision"]["applied"]
+    assert any(w.startswith("use_mxfp4: requested but not applied") for w in out["warnings"])
+
+
+def test_true_cfg_runs_two_transformer_passes_per_step_and_changes_the_output(tiny_service):
+    from kontext_server.request import InferenceRequest
+
+    calls = []
+    tiny_service.transformer_call_observer = calls.append
+    try:
+        plain = tiny_service.generate(InferenceRequest(prompt="a red car", seed=3, **BASE), output_type="latent")
+        n_plain = len(calls)
+        cfg = tiny_service.generate(InferenceRequest(prompt="a red car", seed=3, true_cfg_scale=3.0,
+                                                     negative_prompt="blurry", **BASE), output_type="latent")
+        n_cfg = len(calls) - n_plain
+    finally:
+        tiny_service.transformer_call_observer = None
+    assert (n_plain, n_cfg) == (BASE["steps"], 2 * BASE["steps"])
+    assert cfg.steps_computed == 2 * BASE["steps"]  # transformer evaluations, as documented
+    assert (plain.latents - cfg.latents).abs().max() > 0
+
+
+def test_errors_teach_what_to_send(client):
+    r = client.post("/inference", content="prompt=a red car", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 422 and "Content-Type: application/json" in r.json()["message"]
+    r = client.post("/inference", json=dict(BASE, prompt="x", num_inference_steps=4, input_image="abc", use_complie=True))
+    assert r.status_code == 422
+    message = r.json()["message"]
+    for wrong, right in (("num_inference_steps", "steps"), ("input_image", "image"), ("use_complie", "use_compile")):
+        assert f"{wrong}: Extra inputs are not permitted; did you mean `{right}`?" in message
+
+
+@pytest.mark.parametrize("given, expected", [({"width": 512}, (512, 512)), ({"height": 384}, (384, 384))])
+def test_one_side_alone_keeps_a_square_without_an_input(client, given, expected):
+    r = client.post("/inference", json=dict(prompt="x", steps=1, **given))
+    assert r.status_code == 200, r.text[:300]
+    assert (r.json()["width"], r.json()["height"]) == expected

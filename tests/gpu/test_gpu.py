@@ -58,7 +58,7 @@ def test_fp8_transformer_relative_error_against_bf16(full_service):
     rel = _rel(out, ref)
     _record("fp8_vs_bf16_transformer_rel_error", round(rel, 5))
     assert torch.isfinite(out).all()
-    assert rel < 0.1  # random weights: an fp8 step stays within a few percent of bf16
+    assert rel < 0.035  # about 2x the recorded 0.0164 (H100, 2026-11-24): fp8 GEMMs with row-wise scales
 
 
 def test_fp8_copy_uses_the_fused_gelu_quantisation(full_service):
@@ -171,7 +171,7 @@ def test_fp8_end_to_end_fidelity_reported(full_service):
     assert b.optimizations["low_precision"].applied and not a.optimizations["low_precision"].applied
     rel = _rel(b.latents, a.latents)
     _record("fp8_vs_bf16_latents_rel_error_512_t2i_4steps", round(rel, 5))
-    assert torch.isfinite(b.latents).all() and 0 < rel < 0.2
+    assert torch.isfinite(b.latents).all() and 0 < rel < 0.02  # about 3x the recorded 0.0070 (H100, 2026-11-24)
 
 
 def test_cuda_graph_output_equals_eager(full_service):
@@ -283,18 +283,26 @@ def test_cudnn_attention_matches_default_attention(full_service):
             tr.set_attention_backend(full_service.registry["attention"].backend)
     rel = _rel(out_cudnn, out_flash)
     _record("cudnn_vs_flash2_attention_rel_diff", round(rel, 6))
-    assert rel < 2e-2  # bf16 kernels with different accumulation orders
+    assert rel < 0.012  # about 2x the recorded 0.0052: bf16 kernels with different accumulation orders
 
 
-def test_dpm_and_fp8_and_graphs_together_are_finite(full_service):
-    res = full_service.generate(InferenceRequest(prompt="x", width=512, height=512, seed=1, use_mxfp4=True,
-                                                 use_dpm_solver=True, use_cuda_graphs=True), output_type="np")
-    assert res.steps == 14 and all(res.optimizations[n].applied for n in ("low_precision", "dpm_solver",
-                                                                            "cuda_graphs"))
-    import numpy as np
-
-    assert np.isfinite(res.images[0]).all()
-    _record("fast_tier_512_t2i_timings_ms", res.timings_ms)
+def test_the_fast_tier_stays_within_fp8_error_of_the_same_schedule_in_bf16(full_service):
+    """fp8 + DPM-Solver++ + CUDA graphs against bf16 with the same 14 DPM-Solver++ steps and seed: the fp8 GEMMs'
+    error only (graphs are bit-identical; the solver is the same). Against Euler-28 in bf16 the figure is recorded:
+    on random weights the two trajectories differ by much more than on real ones, so it bounds nothing here."""
+    req = dict(prompt="x", width=512, height=512, seed=1, use_dpm_solver=True)
+    fast = full_service.generate(InferenceRequest(**req, use_mxfp4=True, use_cuda_graphs=True), output_type="latent")
+    assert fast.steps == 14 and all(fast.optimizations[n].applied for n in ("low_precision", "dpm_solver",
+                                                                             "cuda_graphs"))
+    same_schedule = full_service.generate(InferenceRequest(**req, use_mxfp4=False, use_cuda_graphs=False),
+                                          output_type="latent")
+    euler = full_service.generate(InferenceRequest(prompt="x", width=512, height=512, seed=1, use_mxfp4=False,
+                                                   use_cuda_graphs=False), output_type="latent")
+    rel = _rel(fast.latents, same_schedule.latents)
+    _record("fast_tier_vs_bf16_dpm14_latents_rel_error_512_t2i", round(rel, 5))
+    _record("fast_tier_vs_bf16_euler28_latents_rel_error_512_t2i", round(_rel(fast.latents, euler.latents), 5))
+    _record("fast_tier_512_t2i_timings_ms", fast.timings_ms)
+    assert torch.isfinite(fast.latents).all() and 0 < rel < 0.03  # fp8 over 14 steps: a few times the 4-step 0.007
 
 
 def _two_gpu_starts(tmp_path, envs: list[dict]) -> list[dict]:

@@ -251,3 +251,39 @@ def test_direct_calls_with_remaining_double_blocks():
         assert torch.equal(first, ref)
         torch.testing.assert_close(second, ref, rtol=1e-5, atol=1e-5)
         cache.remove()
+
+
+def test_the_reference_is_refreshed_only_on_computed_steps_on_a_controlled_drift():
+    """The first block's residual is made to drift by 5% of the reference per call: with threshold 0.12 the cache
+    skips while the drift from the last *computed* call stays under 12%, then computes and takes a new reference.
+    A cache that also refreshed its reference on skipped calls would compare with the previous call only (5%) and
+    skip every call after the first: the exact pattern below tells the two apart."""
+    torch.manual_seed(0)
+    t = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=1, attention_head_dim=16,
+                               num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                               guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    first = t.transformer_blocks[0]
+    pattern = torch.randn(1, 16, 32)
+    drift = {"c": 1.0}
+
+    def controlled(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        return encoder_hidden_states, hidden_states + drift["c"] * pattern  # residual = c * pattern, exactly
+
+    first.forward = controlled
+    kw = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 5, 32),
+              pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.7]), img_ids=torch.rand(16, 3) * 4,
+              txt_ids=torch.zeros(5, 3), guidance=torch.tensor([2.5]), return_dict=False)
+    cache = FirstBlockCache(t)
+    try:
+        with torch.no_grad(), cache.session(0.12) as stats:
+            decisions = []
+            for k in range(8):
+                drift["c"] = 1.0 + 0.05 * k
+                before = stats.computed
+                t(**kw)
+                decisions.append("C" if stats.computed > before else "s")
+    finally:
+        cache.remove()
+    # computed at c = 1.00 (no reference), 1.15 (15% from 1.00), 1.30 (13% from 1.15); the rest within 12%
+    assert "".join(decisions) == "CssCssCs", decisions
+    assert [round(d, 3) for d in stats.diffs[:3]] == [0.05, 0.1, 0.15]
