@@ -302,7 +302,7 @@ def test_the_fast_tier_stays_within_fp8_error_of_the_same_schedule_in_bf16(full_
     _record("fast_tier_vs_bf16_dpm14_latents_rel_error_512_t2i", round(rel, 5))
     _record("fast_tier_vs_bf16_euler28_latents_rel_error_512_t2i", round(_rel(fast.latents, euler.latents), 5))
     _record("fast_tier_512_t2i_timings_ms", fast.timings_ms)
-    assert torch.isfinite(fast.latents).all() and 0 < rel < 0.03  # fp8 over 14 steps: a few times the 4-step 0.007
+    assert torch.isfinite(fast.latents).all() and 0 < rel < 0.025  # 3x the recorded 0.0082 (H100, 2026-12-06)
 
 
 def _two_gpu_starts(tmp_path, envs: list[dict]) -> list[dict]:
