@@ -23,6 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Mapping
 
 
+# The transformer variant of the exact tier: the model's own weights (bf16 on a GPU, float32 on a CPU, where bf16
+# matmuls are slow). Low-precision copies are keyed by their format ("fp8").
+EXACT = "exact"
+
+
 @dataclass
 class DeviceInfo:
     type: str  # "cuda" or "cpu"
@@ -64,7 +69,7 @@ class Conflict:
 class Components:
     """The loaded model as the optimisations see it (the service builds it; `prepare` acts on it).
 
-    `variants` holds the transformer per precision ("bf16" always: the exact tier; "fp8" once low-precision GEMMs
+    `variants` holds the transformer per precision (EXACT always: the exact tier; "fp8" once low-precision GEMMs
     are prepared); a new variant goes through `add_variant`, so optimisations prepared earlier adopt it. The VAE's
     encode / decode functions are kept by kind ("eager"; "compiled" once compile prepares them)."""
     pipe: Any  # diffusers FluxKontextPipeline
@@ -91,7 +96,7 @@ class RunContext:
     components: Components
     request: Any  # the validated request (kontext_server.request.InferenceRequest)
     plan: Mapping[str, Decision]
-    precision: str = "bf16"  # which transformer variant this request runs
+    precision: str = EXACT  # which transformer variant this request runs
     default_steps: int | None = None  # steps when the request gives none (None: the pipeline's default)
     call_kwargs: dict = field(default_factory=dict)  # keyword arguments of the pipeline call
     transformer: Any = None

@@ -19,7 +19,7 @@ import torch
 
 from optimizations.compiling import aot_regions
 from optimizations.fusions import gelu_epilogue, split_proj_out
-from optimizations.base import Components, Conflict, Optimization, RunContext, bind_forward
+from optimizations.base import Components, Conflict, EXACT, Optimization, RunContext, bind_forward
 
 # The seed's inductor flags (flux-fast uses the same set). conv_1x1_as_mm helps the VAE's 1x1 convolutions;
 # epilogue fusion off avoids slow fused epilogues on some shapes; shape padding aligns GEMM shapes. Coordinate
@@ -171,9 +171,9 @@ class Compile(Optimization):
         mark_graph_functions_cacheable()
         bf16_notes = ""
         if gelu_epilogue.enabled():  # the exact (bf16) transformer only; an fp8 copy takes it out again
-            bf16_notes = "; " + gelu_epilogue.install(components.variants["bf16"])
+            bf16_notes = "; " + gelu_epilogue.install(components.variants[EXACT])
         if split_proj_out.bf16_enabled():  # likewise; the fp8 copy splits its proj_out into two quantised halves
-            bf16_notes += "; " + split_proj_out.install_bf16(components.variants["bf16"])
+            bf16_notes += "; " + split_proj_out.install_bf16(components.variants[EXACT])
         # Static shapes: one specialised graph per resolution (the fastest kernels); a server sees few sizes.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         aot_reason = self.aot_unavailable(components)

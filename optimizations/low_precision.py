@@ -21,7 +21,7 @@ import copy
 import torch
 
 from optimizations.fusions import gelu_epilogue, split_proj_out
-from optimizations.base import Components, DeviceInfo, Optimization, RunContext
+from optimizations.base import Components, DeviceInfo, EXACT, Optimization, RunContext
 from optimizations.fp8.gelu_quant import fuse_gelu_into_quantisation
 from optimizations.fp8.linear import unwrap_torchao_linears
 from optimizations.fp8.norm_quant import fuse_norm_quantisation
@@ -79,7 +79,7 @@ class LowPrecision(Optimization):
         from optimizations.compile import restore_compiled, strip_compiled
 
         cfg, desc = quant_config(components.device_info.capability)
-        bf16 = components.variants["bf16"]
+        bf16 = components.variants[EXACT]
         saved = strip_compiled(bf16)  # copy the weights, not bf16's compiled code
         try:
             q = copy.deepcopy(bf16)  # an installed first-block cache is copied as its own (see its __deepcopy__)

@@ -7,7 +7,7 @@ processor takes the fused path), so we free them rather than carry them, and int
 """
 from __future__ import annotations
 
-from optimizations.base import Components, Optimization
+from optimizations.base import Components, EXACT, Optimization
 
 
 class QKVFusion(Optimization):
@@ -17,7 +17,7 @@ class QKVFusion(Optimization):
     def prepare(self, components: Components) -> str:
         if "fp8" in components.variants:
             raise RuntimeError("QKV fusion must be prepared before the low-precision copy is made")
-        transformer = components.variants["bf16"]
+        transformer = components.variants[EXACT]
         transformer.fuse_qkv_projections()
         freed = drop_unfused_projections(transformer)
         components.pipe.vae.fuse_qkv_projections()

@@ -24,6 +24,7 @@ from kontext_server.benchmark import fidelity, floor
 from kontext_server.benchmark.profiling import category
 from kontext_server.benchmark.workloads import add_model_and_workload_args, parse_flags, workload_request
 from kontext_server.request import InferenceRequest
+from optimizations.base import EXACT
 from kontext_server.service import FluxService, ServiceConfig
 
 def main(argv=None) -> int:
@@ -90,7 +91,7 @@ def profile_plan(svc, a, width, height, image, flags: dict) -> dict:
     step_ms = sum(per_cat.values())
     seq = floor.seq_len_for(width, height, image is not None)
     fp8 = plan["low_precision"].applied
-    floor_ms = floor.floor_ms_per_step(svc.transformer_variants["bf16"], seq, fp8) if cuda else None
+    floor_ms = floor.floor_ms_per_step(svc.transformer_variants[EXACT], seq, fp8) if cuda else None
     top = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[: a.top]
 
     applied = [k for k, d in plan.items() if d.applied]

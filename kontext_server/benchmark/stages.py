@@ -13,6 +13,7 @@ from kontext_server.benchmark.floor import WORKLOADS, floor_ms_per_step, seq_len
 from kontext_server.benchmark.timing import finish_rows, sampling_clocks, test_image, time_request
 from kontext_server.request import FLAG_TO_OPTIMIZATION, InferenceRequest
 from kontext_server.settings import code_switches
+from optimizations.base import EXACT
 
 
 @dataclass
@@ -51,7 +52,7 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
     probe = StepProbe()
     image = test_image(width, height) if edit else None
     L = seq_len_for(width, height, edit)
-    transformer = service.transformer_variants["bf16"]
+    transformer = service.transformer_variants[EXACT]
     rows = []
     cumulative: list[str] = []
     with sampling_clocks(service) as sampler:

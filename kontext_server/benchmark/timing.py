@@ -3,7 +3,6 @@ then `runs` timed runs; medians and spread per stage, peak memory, the GPU's clo
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 
 import numpy as np

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kontext_server import settings
 from kontext_server.models import sources
-from optimizations.base import Components, DeviceInfo
+from optimizations.base import Components, DeviceInfo, EXACT
 from optimizations.compiling.cache import CompileCache, cache_key
 from patches import t5_contiguous_position_bias
 
@@ -31,7 +31,7 @@ class Loaded:
 def load_components(source: str, device: str, device_info: DeviceInfo, cache_root: Path) -> Loaded:
     model = sources.load_model(source, device, cache_root)
     pipe = model.pipe
-    components = Components(pipe=pipe, device_info=device_info, variants={"bf16": pipe.transformer},
+    components = Components(pipe=pipe, device_info=device_info, variants={EXACT: pipe.transformer},
                             vae_encode={"eager": pipe.vae.encode}, vae_decode={"eager": pipe.vae.decode})
     # Older transformers hand T5's bias to SDPA as a strided view: the GPU falls back to fp32 math attention
     fixes = {"t5_contiguous_position_bias": t5_contiguous_position_bias.apply(pipe.text_encoder_2)}
@@ -59,7 +59,7 @@ def open_compile_cache(loaded: Loaded, cache_root: Path, names: list[str], compi
     compile setting that changes generated code (mode / scope / inductor flags)."""
     if _inductor_cache_dir_is_default():
         settings.set_process_env(settings.INDUCTOR_CACHE_DIR, str(cache_root / "inductor"))
-    cfg = dict(loaded.components.variants["bf16"].config)
+    cfg = dict(loaded.components.variants[EXACT].config)
     key = cache_key(loaded.components.device_info.name, {k: v for k, v in cfg.items() if not k.startswith("_")}
                     | {"source": loaded.model.source}, names, compile_settings)
     cache = CompileCache(cache_root / "compile", key)

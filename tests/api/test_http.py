@@ -450,8 +450,8 @@ def test_health_ready(client):
     assert info["optimizations"]["dpm_solver"]["prepared"] is True  # per-request ones are
     assert info["optimizations"]["cuda_graphs"]["prepared"] is False
     assert all(o["detail"] for o in info["optimizations"].values())
-    tiny_params = sum(p.numel() for p in client.app.state.server.service.transformer_variants["bf16"].parameters())
-    assert info["transformer_variant_bytes"] == {"bf16": tiny_params * 4}  # fp32 on CPU
+    tiny_params = sum(p.numel() for p in client.app.state.server.service.transformer_variants["exact"].parameters())
+    assert info["transformer_variant_bytes"] == {"exact": tiny_params * 4}  # fp32 on CPU
     assert info["cublaslt_workspace"]["workspace_kib"] == "0"  # set before torch: see cublaslt_workspace.py
     r = client.get("/live")
     assert r.status_code == 200 and r.json() == {"status": "alive"}

@@ -49,7 +49,7 @@ def _rel(a, b):
 
 
 def test_fp8_transformer_relative_error_against_bf16(full_service):
-    bf16 = full_service.transformer_variants["bf16"]
+    bf16 = full_service.transformer_variants["exact"]
     fp8 = full_service.transformer_variants["fp8"]
     inp = transformer_inputs(bf16)
     with torch.inference_mode():
@@ -272,7 +272,7 @@ def test_t5_attention_runs_a_fused_sdpa_kernel(full_service):
 
 
 def test_cudnn_attention_matches_default_attention(full_service):
-    tr = full_service.transformer_variants["bf16"]
+    tr = full_service.transformer_variants["exact"]
     inp = transformer_inputs(tr, seed=1)
     with torch.inference_mode():
         out_cudnn = tr(**inp)[0]

@@ -62,7 +62,7 @@ def test_table_really_replaces_the_linears(services):
     svc = services["table"]
     state = svc.registry["modulation_table"].state
     ref, _ = _latents(svc, steps=2)
-    transformer = svc.transformer_variants["bf16"]
+    transformer = svc.transformer_variants["exact"]
     kwargs = transformer_inputs(transformer, n_img=16, n_txt=8, device="cpu", dtype=torch.float32)
     with torch.inference_mode():
         good = transformer(**kwargs)[0]
@@ -76,7 +76,7 @@ def test_table_really_replaces_the_linears(services):
 def test_a_call_without_a_row_fails_the_request_instead_of_returning_a_wrong_image(services):
     svc = services["table"]
     opt = svc.registry["modulation_table"]
-    transformer = svc.transformer_variants["bf16"]
+    transformer = svc.transformer_variants["exact"]
     kwargs = transformer_inputs(transformer, n_img=16, n_txt=8, device="cpu", dtype=torch.float32)
     with torch.inference_mode():
         transformer(**kwargs)  # first call of this conditioning: its rows are written
@@ -91,7 +91,7 @@ def test_a_call_without_a_row_fails_the_request_instead_of_returning_a_wrong_ima
 
 def test_deepcopy_shares_the_table(services):
     """The fp8 variant is a deep copy of the bf16 transformer: its lookups must read the same table."""
-    transformer = services["table"].transformer_variants["bf16"]
+    transformer = services["table"].transformer_variants["exact"]
     state = getattr(transformer, mt.STATE_ATTR)
     twin = copy.deepcopy(transformer)
     assert getattr(twin, mt.STATE_ATTR) is state

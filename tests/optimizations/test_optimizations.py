@@ -411,7 +411,7 @@ def test_new_shapes_eager_runs_unwarmed_shapes_uncompiled_and_says_so(cache_dir,
     try:
         svc.load()
         graphs = counters["stats"]["unique_graphs"]
-        assert graphs == 2 and svc.warmups[0]["precision"] == "bf16"
+        assert graphs == 2 and svc.warmups[0]["precision"] == "exact"
         warm = svc.generate(InferenceRequest(**BASE), output_type="latent")
         assert warm.optimizations["compile"].applied and "cold_start" not in warm.timings_ms
         new = svc.generate(InferenceRequest(**{**BASE, "width": 320}), output_type="latent")
@@ -731,7 +731,7 @@ def test_bf16_split_proj_out_is_on_with_compile_unless_switched_off_and_the_fp8_
     from optimizations.compile import Compile
 
     def Service(transformer):  # what Compile.prepare and LowPrecision.prepare act on
-        return Components(pipe=None, device_info=H100, variants={"bf16": transformer})
+        return Components(pipe=None, device_info=H100, variants={"exact": transformer})
 
     monkeypatch.setattr(torchao.quantization, "quantize_", lambda *a, **k: None)  # fp8 needs a GPU
     svc = _service(cache_dir, "none")
@@ -786,7 +786,7 @@ def test_gelu_epilogue_is_on_unless_switched_off_and_stays_out_of_the_fp8_copy(c
     from optimizations.compile import Compile
 
     def Service(transformer):  # what Compile.prepare acts on
-        return Components(pipe=None, device_info=H100, variants={"bf16": transformer})
+        return Components(pipe=None, device_info=H100, variants={"exact": transformer})
 
     svc = _service(cache_dir, "none")
     monkeypatch.setenv(gelu_epilogue.ENV.name, "0")

@@ -90,7 +90,7 @@ def test_planning_on_another_thread_while_warm_keys_change_never_fails(tiny_serv
     def worker():
         i = 0
         while not stop.is_set():
-            runner.warm_keys = runner.warm_keys | {(("bf16", 256 + i, 256, False, 1), ("compile",), False)}
+            runner.warm_keys = runner.warm_keys | {(("exact", 256 + i, 256, False, 1), ("compile",), False)}
             i += 1
 
     t = threading.Thread(target=worker)
@@ -98,7 +98,7 @@ def test_planning_on_another_thread_while_warm_keys_change_never_fails(tiny_serv
     try:
         for _ in range(200):
             try:
-                runner.shape_is_compiled(("bf16", 256, 256, False, 1))
+                runner.shape_is_compiled(("exact", 256, 256, False, 1))
                 tiny_service.plan(InferenceRequest(prompt="x", width=256, height=256))
             except Exception as exc:  # noqa: BLE001
                 errors.append(exc)
