@@ -60,7 +60,8 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto
 
 
 def service_config(a) -> ServiceConfig:
-    return ServiceConfig(model=a.model, transformer=a.transformer, device=a.device, optimizations=a.optimizations, compile_mode=a.compile_mode,
+    return ServiceConfig(model=a.model, transformer=a.transformer, device=a.device, optimizations=a.optimizations,
+                         compile_mode=a.compile_mode,
                          compile_scope=a.compile_scope, inductor_flags=a.inductor_flags,
                          cache_dir=Path(a.cache_dir) if a.cache_dir else None,
                          warmup_sizes=getattr(a, "warmup", None) or [],

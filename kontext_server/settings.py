@@ -106,7 +106,8 @@ HF_TOKEN_LEGACY = EnvVar("HUGGING_FACE_HUB_TOKEN", None, "library", "older name 
 HF_HUB_OFFLINE = EnvVar("HF_HUB_OFFLINE", None, "library",
                         "1: never contact the Hugging Face Hub; a hub id is loaded from the local cache")
 HF_HUB_CACHE = EnvVar("HF_HUB_CACHE", None, "library",
-                      "the Hugging Face cache a hub id is found in (default: huggingface_hub's, ~/.cache/huggingface/hub)")
+                      "the Hugging Face cache a hub id is found in (default: huggingface_hub's, "
+                      "~/.cache/huggingface/hub)")
 CUBLASLT_WORKSPACE_SIZE = EnvVar("CUBLASLT_WORKSPACE_SIZE", None, "library",
                                  "cuBLASLt's workspace in KiB; the server sets 0 unless you set it")
 INDUCTOR_CACHE_DIR = EnvVar("TORCHINDUCTOR_CACHE_DIR", None, "library",

@@ -90,7 +90,8 @@ class LowPrecision(Optimization):
         try:
             q = copy.deepcopy(bf16)  # an installed first-block cache is copied as its own (see its __deepcopy__)
             # the weights the stored fp8 values are recovered from, by name (references: no copy)
-            bf16_weights = {n: m.weight for n, m in bf16.named_modules() if isinstance(m, torch.nn.Linear)}
+            bf16_weights = ({n: m.weight for n, m in bf16.named_modules() if isinstance(m, torch.nn.Linear)}
+                            if stored is not None else {})
         finally:
             restore_compiled(saved)
         gelu_epilogue.remove(q)  # the bf16 GELU epilogue, if on: this copy fuses its GELU into the fp8 quantisation

@@ -55,8 +55,10 @@ def expected_stored(stored: dict, inner: int) -> dict[str, tuple[torch.Tensor, t
     out = {}
     for i in range(1):
         d, b = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-        out |= {b + "attn.to_qkv": rows(d + "img_attn.qkv.weight"), b + "attn.to_added_qkv": rows(d + "txt_attn.qkv.weight"),
-                b + "attn.to_out.0": rows(d + "img_attn.proj.weight"), b + "attn.to_add_out": rows(d + "txt_attn.proj.weight"),
+        out |= {b + "attn.to_qkv": rows(d + "img_attn.qkv.weight"),
+                b + "attn.to_added_qkv": rows(d + "txt_attn.qkv.weight"),
+                b + "attn.to_out.0": rows(d + "img_attn.proj.weight"),
+                b + "attn.to_add_out": rows(d + "txt_attn.proj.weight"),
                 b + "ff.net.0.proj": rows(d + "img_mlp.0.weight"), b + "ff.net.2": rows(d + "img_mlp.2.weight"),
                 b + "ff_context.net.0.proj": rows(d + "txt_mlp.0.weight"),
                 b + "ff_context.net.2": rows(d + "txt_mlp.2.weight")}

@@ -140,8 +140,8 @@ def test_a_file_in_a_dtype_the_server_cannot_read_is_refused(tiny_dir, tiny_bfl,
 def test_a_file_missing_a_tensor_or_with_a_blockwise_scale_is_refused(tiny_dir, tiny_bfl, tmp_path):
     partial = {k: v for k, v in tiny_bfl.items() if k != "double_blocks.0.txt_mlp.2.bias"}
     save_file(partial, str(tmp_path / "partial.safetensors"))
-    assert "incomplete: tensor double_blocks.0.txt_mlp.2.bias is missing" in load_error(tiny_dir,
-                                                                                          tmp_path / "partial.safetensors")
+    msg = load_error(tiny_dir, tmp_path / "partial.safetensors")
+    assert "incomplete: tensor double_blocks.0.txt_mlp.2.bias is missing" in msg
     path = tmp_path / "blockwise.safetensors"
     fp8_file(tiny_bfl, path, "row")
     from safetensors.torch import load_file
