@@ -36,6 +36,10 @@ def _env_help(text: str, var: settings.EnvVar) -> str:
 def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto") -> None:
     p.add_argument("--model", default=settings.MODEL.get(),
                    help=_env_help("tiny | synthetic-full | a hub id | a local diffusers directory", settings.MODEL))
+    p.add_argument("--transformer", default=settings.TRANSFORMER.get(),
+                   help=_env_help("a single .safetensors transformer in Black Forest Labs' layout (bf16, or fp8 e4m3 "
+                                  "with or without scales); the rest of the pipeline from --model",
+                                  settings.TRANSFORMER))
     p.add_argument("--device", default=settings.DEVICE.get(), help=_env_help("cuda, cuda:1, cpu", settings.DEVICE))
     p.add_argument("--optimizations",
                    default=settings.OPTIMIZATIONS.get() if settings.OPTIMIZATIONS.is_set() else default_opts,
@@ -56,7 +60,8 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto
 
 
 def service_config(a) -> ServiceConfig:
-    return ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations, compile_mode=a.compile_mode,
+    return ServiceConfig(model=a.model, transformer=a.transformer, device=a.device, optimizations=a.optimizations,
+                         compile_mode=a.compile_mode,
                          compile_scope=a.compile_scope, inductor_flags=a.inductor_flags,
                          cache_dir=Path(a.cache_dir) if a.cache_dir else None,
                          warmup_sizes=getattr(a, "warmup", None) or [],

@@ -48,6 +48,9 @@ class EnvVar:
 
 # ---- serving --------------------------------------------------------------------------------------------------------
 MODEL = EnvVar("FLUX_MODEL", "tiny", "model", "tiny | synthetic-full | a hub id | a local diffusers directory")
+TRANSFORMER = EnvVar("FLUX_TRANSFORMER", None, "model",
+                     "a single .safetensors transformer in Black Forest Labs' layout (bf16, or fp8 e4m3 with or "
+                     "without scales); the rest of the pipeline comes from FLUX_MODEL")
 DEVICE = EnvVar("FLUX_DEVICE", None, "model", "cuda, cuda:1 or cpu (default: cuda when available)")
 OPTIMIZATIONS = EnvVar("FLUX_OPTIMIZATIONS", "auto", "model",
                        "optimisations prepared at start-up: auto | all | none | a comma list of registry names")
@@ -105,6 +108,11 @@ CODE_SWITCHES = (FP8_SPLIT_PROJ_OUT, FP8_FUSED_GELU, FP8_FUSED_NORM, FP8_PLAIN_L
 # ---- read or set for libraries -------------------------------------------------------------------------------------
 HF_TOKEN = EnvVar("HF_TOKEN", None, "library", "Hugging Face token for the gated FLUX.1-Kontext-dev repository")
 HF_TOKEN_LEGACY = EnvVar("HUGGING_FACE_HUB_TOKEN", None, "library", "older name of HF_TOKEN", documented=False)
+HF_HUB_OFFLINE = EnvVar("HF_HUB_OFFLINE", None, "library",
+                        "1: never contact the Hugging Face Hub; a hub id is loaded from the local cache")
+HF_HUB_CACHE = EnvVar("HF_HUB_CACHE", None, "library",
+                      "the Hugging Face cache a hub id is found in (default: huggingface_hub's, "
+                      "~/.cache/huggingface/hub)")
 CUBLASLT_WORKSPACE_SIZE = EnvVar("CUBLASLT_WORKSPACE_SIZE", None, "library",
                                  "cuBLASLt's workspace in KiB; the server sets 0 unless you set it")
 INDUCTOR_CACHE_DIR = EnvVar("TORCHINDUCTOR_CACHE_DIR", None, "library",
@@ -120,6 +128,11 @@ def default_cache_dir() -> Path:
     """FLUX_CACHE_DIR, or ~/.cache/flux-kontext-server."""
     value = CACHE_DIR.get()
     return Path(value) if value else Path.home() / ".cache" / "flux-kontext-server"
+
+
+def is_true(var: EnvVar) -> bool:
+    """A boolean variable as huggingface_hub reads its own: 1, true, yes or on (any case)."""
+    return (var.get() or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def code_switches() -> dict[str, str]:

@@ -78,6 +78,9 @@ class Components:
     vae_encode: dict[str, Callable] = field(default_factory=dict)
     vae_decode: dict[str, Callable] = field(default_factory=dict)
     compile_cache: Any = None  # optimizations.compiling.cache.CompileCache, opened by the service for compile
+    # optimizations.fp8.stored.StoredFp8: the weights the transformer's file stored in fp8 (None: none), which the
+    # fp8 copy takes instead of quantising the upcast weights again
+    stored_fp8: Any = None
     on_new_variant: list[Callable[[str, Any], None]] = field(default_factory=list)
 
     def add_variant(self, precision: str, module) -> None:

@@ -13,6 +13,10 @@ attention output hand the linears fp8 rows quantised in the same pass, see fp8/n
 kept bf16: embedders, final projection, per-step modulation linears (see skip_module).
 The quantised transformer is a separate copy: the bf16 weights stay, so a request without the flag gets the
 exact bf16 model. Lossy: fidelity against bf16 is reported by the benchmark and the GPU tests.
+
+A transformer loaded from an fp8 e4m3 file (`--transformer`): right after torchao quantises, every linear the file
+stored in fp8 takes the stored values and scales instead (fp8/stored.py), so the file's fp8 weights are not quantised
+a second time; the detail says how many did, or why they were not (an e5m2 file, an MXFP4 GPU).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from optimizations.fusions import gelu_epilogue, split_proj_out
 from optimizations.base import Components, DeviceInfo, EXACT, Optimization, RunContext
 from optimizations.fp8.gelu_quant import fuse_gelu_into_quantisation
 from optimizations.fp8.linear import unwrap_torchao_linears
+from optimizations.fp8.stored import not_reused, reuse_stored_weights
 from optimizations.fp8.norm_quant import fuse_norm_quantisation
 from optimizations.fusions.split_proj_out import split_single_block_proj_out
 from optimizations.modulation_table import MODULATION_SUFFIXES
@@ -80,22 +85,39 @@ class LowPrecision(Optimization):
 
         cfg, desc = quant_config(components.device_info.capability)
         bf16 = components.variants[EXACT]
+        stored = components.stored_fp8
         saved = strip_compiled(bf16)  # copy the weights, not bf16's compiled code
         try:
             q = copy.deepcopy(bf16)  # an installed first-block cache is copied as its own (see its __deepcopy__)
+            # the weights the stored fp8 values are recovered from, by name (references: no copy)
+            bf16_weights = ({n: m.weight for n, m in bf16.named_modules() if isinstance(m, torch.nn.Linear)}
+                            if stored is not None else {})
         finally:
             restore_compiled(saved)
         gelu_epilogue.remove(q)  # the bf16 GELU epilogue, if on: this copy fuses its GELU into the fp8 quantisation
         split_proj_out.remove(q)  # the bf16 rewrite (weight views), if on: this copy splits proj_out itself, or not
         split_note = split_single_block_proj_out(q)  # before quantising: the two halves are quantised separately
         quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
+        stored_note = self._stored_note(q, bf16_weights, stored, components.device_info.capability)
+        del bf16_weights
         gelu_note = fuse_gelu_into_quantisation(q)  # after quantising: it takes torchao's fp8 weights
         plain_note = unwrap_torchao_linears(q)  # every quantised linear the GELU fusion did not take
         norm_note = fuse_norm_quantisation(q)  # last: it takes Fp8Linears as the consumers of its fp8 rows
         components.add_variant("fp8", q)  # optimisations prepared before (compile, in the benchmark's order) adopt it
         self.description = desc
-        return (f"{desc}; separate copy, bf16 kept for exact requests; {split_note}; {gelu_note}; {plain_note}; "
-                f"{norm_note}")
+        return (f"{desc}; separate copy, bf16 kept for exact requests; {stored_note}{split_note}; {gelu_note}; "
+                f"{plain_note}; {norm_note}")
+
+    @staticmethod
+    def _stored_note(q, bf16_weights, stored, capability) -> str:
+        """Take the file's stored fp8 weights (after torchao quantised `q`); the detail's line about it, or ""."""
+        if stored is None:
+            return ""
+        if capability >= (10, 0):
+            return not_reused(stored, "this GPU's low-precision format is MXFP4, not row-scaled fp8 e4m3") + "; "
+        if stored.not_reusable:
+            return not_reused(stored, stored.not_reusable) + "; "
+        return reuse_stored_weights(q, bf16_weights, stored) + "; "
 
     def configure(self, run: RunContext) -> None:
         run.precision = "fp8"  # the separate quantised copy; requests without the flag run the exact bf16 one

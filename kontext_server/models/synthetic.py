@@ -26,10 +26,15 @@ def building_on(device: str, dtype: torch.dtype):
         torch.set_default_dtype(prev)
 
 
-def build_synthetic_full(device: str):
-    """Full-size Kontext with random weights, built on the GPU in bf16 (seconds, no download)."""
+def check_device(device: str) -> None:
     if not device.startswith("cuda"):
         raise ModelLoadError("synthetic-full needs a CUDA GPU (it is ~17B parameters in bf16); use --model tiny on CPU")
+
+
+def build_synthetic_full(device: str, transformer=None):
+    """Full-size Kontext with random weights, built on the GPU in bf16 (seconds, no download). `transformer`: one
+    loaded already (from --transformer) instead of a random one."""
+    check_device(device)
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -37,7 +42,8 @@ def build_synthetic_full(device: str):
     clip_tok, t5_tok = build_tiny_clip_tokenizer(), build_tiny_t5_tokenizer()
     torch.manual_seed(0)
     with building_on(device, torch.bfloat16):
-        transformer = FluxTransformer2DModel(**cfg["transformer"])
+        if transformer is None:
+            transformer = FluxTransformer2DModel(**cfg["transformer"])
         vae = AutoencoderKL(**cfg["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
         text_encoder_2 = T5EncoderModel(T5Config(**cfg["text_encoder_2"]))

@@ -16,6 +16,7 @@ from kontext_server import settings
 from kontext_server.models import sources
 from optimizations.base import Components, DeviceInfo, EXACT
 from optimizations.compiling.cache import CompileCache, cache_key
+from optimizations.fp8.stored import StoredFp8
 from patches import t5_contiguous_position_bias
 
 log = logging.getLogger("flux.service")
@@ -28,11 +29,17 @@ class Loaded:
     load_fixes: dict = field(default_factory=dict)  # patches/ applied to the loaded components, with counts
 
 
-def load_components(source: str, device: str, device_info: DeviceInfo, cache_root: Path) -> Loaded:
-    model = sources.load_model(source, device, cache_root)
+def load_components(source: str, device: str, device_info: DeviceInfo, cache_root: Path,
+                    transformer: str | None = None) -> Loaded:
+    model = sources.load_model(source, device, cache_root, transformer=transformer)
     pipe = model.pipe
+    stored = None
+    if model.fp8 is not None:  # the file's fp8 weights, which the fp8 copy takes instead of quantising again
+        stored = StoredFp8(row_scales=model.fp8.row_scales, source=Path(model.transformer_file["file"]).name,
+                           not_reusable=model.fp8.not_reusable)
     components = Components(pipe=pipe, device_info=device_info, variants={EXACT: pipe.transformer},
-                            vae_encode={"eager": pipe.vae.encode}, vae_decode={"eager": pipe.vae.decode})
+                            vae_encode={"eager": pipe.vae.encode}, vae_decode={"eager": pipe.vae.decode},
+                            stored_fp8=stored)
     # Older transformers hand T5's bias to SDPA as a strided view: the GPU falls back to fp32 math attention
     fixes = {"t5_contiguous_position_bias": t5_contiguous_position_bias.apply(pipe.text_encoder_2)}
     return Loaded(model=model, components=components, load_fixes=fixes)

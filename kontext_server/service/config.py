@@ -10,6 +10,7 @@ NEW_SHAPE_POLICIES = ("compile", "eager")
 @dataclass
 class ServiceConfig:
     model: str = "tiny"  # tiny | synthetic-full | a hub id | a local directory (kontext_server.models.sources)
+    transformer: str | None = None  # a single-file transformer in BFL's layout (kontext_server.models.single_file)
     device: str | None = None  # None: cuda if available, else cpu
     optimizations: str = "auto"  # all | none | auto | comma list (see optimizations/registry.py)
     compile_mode: str = "default"

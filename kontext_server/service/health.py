@@ -16,7 +16,8 @@ def health_report(service) -> dict:
     if service.model is not None:
         m = service.model
         info["model"] = {"source": m.source, "synthetic": m.synthetic, "description": m.description,
-                         "load_seconds": round(m.load_seconds, 2)}
+                         "load_seconds": round(m.load_seconds, 2), "load_stage_seconds": m.stage_seconds,
+                         "origin": m.origin, "transformer_file": m.transformer_file, "host_memory": m.host_memory}
         info["dtype"] = str(service.pipe.transformer.dtype).replace("torch.", "")
     registry = service.registry
     info["optimizations"] = {

@@ -87,7 +87,8 @@ class FluxService:
     # ---- 1. load ----------------------------------------------------------------------------------------------------
     def load(self) -> None:
         try:
-            self.loaded = comp.load_components(self.config.model, self.device, self.device_info, self.cache_root)
+            self.loaded = comp.load_components(self.config.model, self.device, self.device_info, self.cache_root,
+                                               self.config.transformer)
             components = self.loaded.components
             components.on_new_variant.append(self._adopt_variant)
             warning = None
