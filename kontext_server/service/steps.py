@@ -31,6 +31,14 @@ class StepEvent:
     preview: Callable[[], Any]  # () -> PIL image of the predicted clean image (the first of a batch), or None
 
 
+def preview_steps(steps: int, partial_images: int) -> list[int]:
+    """The steps (1-based) whose previews are sent: `partial_images` evenly spaced before the last step."""
+    if partial_images <= 0 or steps <= 1:
+        return []
+    picks = {min(steps - 1, max(1, round(steps * (i + 1) / (partial_images + 1)))) for i in range(partial_images)}
+    return sorted(picks)
+
+
 def _first(output):
     """The tensor a transformer call returned (a tuple with return_dict=False, or an output object)."""
     if isinstance(output, (tuple, list)):

@@ -15,7 +15,7 @@ from openai import OpenAI
 from PIL import Image
 
 from kontext_server.api.app import ServerSettings, create_app
-from kontext_server.api.openai.streaming import preview_steps
+from kontext_server.service.steps import preview_steps
 from tests.helpers import png_b64
 
 FAST = {"steps": 2}

@@ -5,9 +5,9 @@ Events: `image_generation.partial_image` / `image_edit.partial_image` (partial_i
 SSE message, `event: <type>` and `data: <json>`. A failure after the stream began is an `error` event with OpenAI's
 error body (the SDK raises it); a failure before (a full queue) is still an HTTP status.
 Previews come from the service's per-step hook: at `partial_images` evenly spaced steps before the last one
-(`preview_steps`; fewer when the run has fewer steps, as OpenAI allows), the hook asks the step for its preview on the
-worker thread and hands the image to the event loop with `loop.call_soon_threadsafe`. Encoding runs in the thread
-pool; the event loop only moves events. A client that disconnects cancels its job.
+(`preview_steps` in service/steps.py; fewer when the run has fewer steps, as OpenAI allows), the hook asks the step
+for its preview on the worker thread and hands the image to the event loop with `loop.call_soon_threadsafe`.
+Encoding runs in the thread pool; the event loop only moves events. A client that disconnects cancels its job.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import time
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
 
 from kontext_server import engine as eng
 from kontext_server.api.context import Server
@@ -27,20 +28,15 @@ from kontext_server.api.openai.protocol import CompletedEvent, PartialImageEvent
 from kontext_server.api.openai.responses import encode_all, finish_timings, log_outcome, report
 from kontext_server.jobs import GenerateJob
 from kontext_server.request import InferenceRequest
+from kontext_server.service.steps import preview_steps
 
 _DONE = object()
 
 
-def preview_steps(steps: int, partial_images: int) -> list[int]:
-    """The steps (1-based) whose previews are sent: `partial_images` evenly spaced before the last step."""
-    if partial_images <= 0 or steps <= 1:
-        return []
-    picks = {min(steps - 1, max(1, round(steps * (i + 1) / (partial_images + 1)))) for i in range(partial_images)}
-    return sorted(picks)
-
-
-def sse(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def sse(event: str, data: dict | BaseModel) -> bytes:
+    """One server-sent event; a model is serialised by pydantic (fast on megabytes of base64)."""
+    text = data.model_dump_json() if isinstance(data, BaseModel) else json.dumps(data, separators=(",", ":"))
+    return f"event: {event}\ndata: {text}\n\n".encode()
 
 
 def stream_images(request: Request, srv: Server, req: InferenceRequest, image, plan, *, quality: str,
@@ -78,7 +74,7 @@ def stream_images(request: Request, srv: Server, req: InferenceRequest, image, p
                 yield sse(f"{kind}.partial_image", PartialImageEvent(
                     type=f"{kind}.partial_image", b64_json=data[0].b64_json, created_at=int(time.time()),
                     output_format=fmt, partial_image_index=index, quality=quality,
-                    size=f"{item.width}x{item.height}").model_dump())
+                    size=f"{item.width}x{item.height}"))
                 index += 1
             try:
                 result = waiter.result()
@@ -92,7 +88,7 @@ def stream_images(request: Request, srv: Server, req: InferenceRequest, image, p
             log_outcome(request, req, "200", edit, f" stream=True partial_images={index}")
             yield sse(f"{kind}.completed", CompletedEvent(
                 type=f"{kind}.completed", b64_json=data[0].b64_json, created_at=int(time.time()), output_format=fmt,
-                quality=quality, size=f"{result.width}x{result.height}", kontext=rep).model_dump())
+                quality=quality, size=f"{result.width}x{result.height}", kontext=rep))
         finally:
             if not waiter.done():  # the client went away mid-stream: its job stops at the next step
                 waiter.cancel()
