@@ -155,13 +155,19 @@ async def measure(app, reqs: dict, runs: int, warmup: int) -> dict[str, dict[str
 
 
 def summarise(samples: dict[str, dict[str, list[float]]]) -> dict:
-    """Per clock: each route's median and, per pair, the OpenAI route's median minus /inference's."""
+    """Per clock: each route's median; per pair, the OpenAI route's median minus /inference's, and the median and
+    quartiles of the paired differences (each round's OpenAI request minus its /inference request: the two ran
+    back to back, so load that drifts over the run cancels)."""
     out = {}
     for clock, by_name in samples.items():
         med = {name: statistics.median(v) for name, v in by_name.items()}
-        out[clock] = {"median_ms": {k: round(v, 3) for k, v in med.items()},
-                      **{f"{pair}_openai_minus_inference_ms": round(med[f"{pair}/openai"] - med[f"{pair}/inference"], 3)
-                         for pair in ("t2i", "edit")}}
+        out[clock] = {"median_ms": {k: round(v, 3) for k, v in med.items()}}
+        for pair in ("t2i", "edit"):
+            paired = [a - b for a, b in zip(by_name[f"{pair}/openai"], by_name[f"{pair}/inference"])]
+            quartiles = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+            out[clock][f"{pair}_openai_minus_inference_ms"] = round(med[f"{pair}/openai"] - med[f"{pair}/inference"], 3)
+            out[clock][f"{pair}_paired_difference_ms"] = {"median": round(statistics.median(paired), 3),
+                                                          "q1": round(quartiles[0], 3), "q3": round(quartiles[2], 3)}
     return out
 
 
@@ -190,9 +196,11 @@ def main(argv=None) -> int:
     for clock in ("wall", "cpu"):
         r = result[clock]
         for pair in ("t2i", "edit"):
+            d = r[pair + "_paired_difference_ms"]
             print(f"{clock:4s} {pair:4s}  /inference {r['median_ms'][pair + '/inference']:8.2f} ms   "
                   f"OpenAI {r['median_ms'][pair + '/openai']:8.2f} ms   difference "
-                  f"{r[pair + '_openai_minus_inference_ms']:+.2f} ms (medians of {a.runs}, {a.size}x{a.size})")
+                  f"{r[pair + '_openai_minus_inference_ms']:+.2f} ms (medians of {a.runs}, {a.size}x{a.size}); "
+                  f"paired {d['median']:+.2f} ms [{d['q1']:+.2f}, {d['q3']:+.2f}]")
     if a.json_out:
         Path(a.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json_out).write_text(json.dumps(result, indent=1) + "\n")

@@ -52,7 +52,8 @@ def main(argv=None) -> int:
           f"{result['previews_per_request']} previews at steps {w['preview_steps']}: "
           f"{result['preview_ms_per_request']} ms ({result['ms_per_preview']} ms each) = "
           f"{100 * result['preview_fraction_of_request']:.1f}% of the plain request "
-          f"(wall difference {100 * result['wall_overhead_fraction']:.1f}%); "
+          f"(wall difference {100 * result['wall_overhead_fraction']:.1f}%); a preview costs "
+          f"{result['preview_over_vae_decode']}x the request's final VAE decode ({result['vae_decode_ms']} ms); "
           f"PNG encode per preview (thread pool) {result['png_encode_ms_per_preview']} ms")
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(result, indent=1) + "\n")

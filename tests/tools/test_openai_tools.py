@@ -22,6 +22,8 @@ def test_the_route_overhead_tool_times_both_pairs_and_writes_its_json(tmp_path, 
         med = result[clock]["median_ms"]
         diff = result[clock]["t2i_openai_minus_inference_ms"]
         assert diff == pytest.approx(med["t2i/openai"] - med["t2i/inference"], abs=0.002)  # rounded apart
+        paired = result[clock]["edit_paired_difference_ms"]
+        assert paired["q1"] <= paired["median"] <= paired["q3"]
     # the edit pair carries the same reference image both ways: base64 in JSON (4/3 larger) vs a multipart file
     assert result["request_bytes"]["edit/inference"] > result["request_bytes"]["edit/openai"]
 
@@ -49,3 +51,4 @@ def test_the_preview_cost_tool_measures_previews_against_the_plain_request(tmp_p
     assert r["preview_fraction_of_request"] == pytest.approx(r["preview_ms_per_request"] / r["plain_total_ms"],
                                                              abs=1e-3)
     assert r["workload"]["flags"]["use_mxfp4"] is False and r["png_encode_ms_per_preview"] > 0
+    assert r["vae_decode_ms"] > 0 and r["preview_over_vae_decode"] > 0.5  # a preview is a full-size decode

@@ -113,13 +113,13 @@ async def create_images(request: Request, body: ImageRequest, image_bytes: bytes
     refused = check_request(srv, body)
     if refused is not None:
         return refused
-    image, refused = await decode_reference(image_bytes)
-    if refused is not None:
-        return refused
     try:
         req = to_inference_request(body, body.seed if body.seed is not None else secrets.randbelow(MAX_SEED))
     except ValidationError as exc:
         return validation_error(exc)
+    image, refused = await decode_reference(image_bytes)
+    if refused is not None:
+        return refused
     plan, refused = plan_or_error(srv, req, image)
     if refused is not None:
         return refused
