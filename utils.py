@@ -18,6 +18,7 @@ MAX_IMAGE_PIXELS = 4096 * 4096
 MAX_IMAGE_SIDE = 16384
 ALLOWED_INPUT_FORMATS = {"PNG", "JPEG", "WEBP"}
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+DEFAULT_QUALITY = 95  # jpeg / webp encoding quality when a request gives none
 
 
 class ImageInputError(ValueError):
@@ -66,7 +67,8 @@ def decode_image(data: str) -> Image.Image:
 
 
 def decode_image_bytes(raw: bytes) -> Image.Image:
-    """Encoded image bytes -> RGB PIL image (see decode_image), with the same limits and messages."""
+    """Image file bytes (a multipart upload, or decoded base64) -> RGB PIL image, or ImageInputError saying what is
+    wrong. The same limits as decode_image: size first, then the header's pixel count before any pixel is decoded."""
     if len(raw) > MAX_IMAGE_BYTES:
         raise ImageInputError(f"image is larger than the {MAX_IMAGE_BYTES // (1024 * 1024)} MB limit", status=413)
     other = sniff_format(raw)
@@ -94,12 +96,18 @@ def decode_image_bytes(raw: bytes) -> Image.Image:
         raise ImageInputError(f"image could not be decoded as PNG, JPEG or WebP ({detail})") from None
 
 
-def encode_image(img: Image.Image, fmt: str) -> str:
+def encode_image_bytes(img: Image.Image, fmt: str, quality: int = DEFAULT_QUALITY) -> bytes:
+    """The image as a png / jpeg / webp file; `quality` (0-100) applies to jpeg and webp only."""
     buf = io.BytesIO()
     pil_fmt = OUTPUT_FORMATS[fmt]
-    kwargs = {"quality": 95} if pil_fmt in ("JPEG", "WEBP") else {}
+    kwargs = {"quality": quality} if pil_fmt in ("JPEG", "WEBP") else {}
     img.save(buf, format=pil_fmt, **kwargs)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def encode_image(img: Image.Image, fmt: str, quality: int = DEFAULT_QUALITY) -> str:
+    """encode_image_bytes, base64-encoded."""
+    return base64.b64encode(encode_image_bytes(img, fmt, quality)).decode("ascii")
 
 
 @dataclass

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 from kontext_server import settings
+from kontext_server.api.auth import KeyStore, exposure_warning
+from kontext_server.api.rate_limit import RateRule
 from kontext_server.request import parse_warmup_sizes
 from kontext_server.service.config import NEW_SHAPE_POLICIES, ServiceConfig
 
@@ -25,6 +27,20 @@ def _warmup_sizes_arg(spec: str) -> list[tuple[int, int, bool]]:
     try:
         return parse_warmup_sizes(spec)
     except ValueError as exc:  # argparse shows an ArgumentTypeError's message (a ValueError's only as "invalid")
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _api_keys_arg(path: str) -> KeyStore:
+    try:
+        return KeyStore.from_file(path)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _rate_limit_arg(spec: str) -> RateRule:
+    try:
+        return RateRule.parse(spec)
+    except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -72,7 +88,9 @@ def server_settings(a):
     from kontext_server.api.context import ServerSettings
 
     return ServerSettings(max_queue=a.max_queue, queue_timeout=a.queue_timeout, request_timeout=a.request_timeout,
-                          shutdown_grace=a.shutdown_grace, drain_seconds=a.drain_seconds)
+                          shutdown_grace=a.shutdown_grace, drain_seconds=a.drain_seconds, api_keys=a.api_keys,
+                          rate_limit=a.rate_limit, metrics_key_required=a.metrics_key_required,
+                          served_model_name=a.served_model_name)
 
 
 def config_from_env():
@@ -101,6 +119,11 @@ def cmd_serve(a) -> None:
     from kontext_server.service import FluxService
 
     settings_ = server_settings(a)
+    warning = exposure_warning(a.host, settings_.api_keys)
+    if warning:
+        log.warning(warning)
+    if settings_.api_keys is not None:  # how many, never which
+        log.info("API keys: %d from %s", len(settings_.api_keys.digests), settings_.api_keys.source)
     svc = FluxService(service_config(a))
     if not a.background_load:
         try:  # fail at start-up, with the message, when the model cannot be found
@@ -231,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_env_help("a request at a shape --warmup did not compile: compile it then (the worker and "
                                   "the queue wait) or run it uncompiled (eager), which the response reports",
                                   settings.NEW_SHAPES))
+    s.add_argument("--api-keys", type=_api_keys_arg, default=settings.API_KEYS.get(),
+                   help=_env_help("file of API keys, one per line or sha256:<hex>; when set, generation routes, the "
+                                  "/v1 routes and /benchmark need Authorization: Bearer <key> or x-key: <key>",
+                                  settings.API_KEYS))
+    s.add_argument("--rate-limit", type=_rate_limit_arg, default=settings.RATE_LIMIT.get(),
+                   help=_env_help("per-key limit N/UNIT[,C], e.g. 60/min,2: 60 requests a minute and 2 concurrent "
+                                  "jobs per key (one shared limit without --api-keys)", settings.RATE_LIMIT))
+    s.add_argument("--metrics-key-required", action="store_true",
+                   default=settings.METRICS_KEY_REQUIRED.get() == "1",
+                   help=_env_help("/metrics needs an API key too", settings.METRICS_KEY_REQUIRED))
+    s.add_argument("--served-model-name", default=settings.SERVED_MODEL_NAME.get(),
+                   help=_env_help("the model id of the OpenAI routes (default: --model's value)",
+                                  settings.SERVED_MODEL_NAME))
     s.add_argument("--background-load", action="store_true",
                    help="answer /live at once and load the model in the background (/health 503 until ready)")
     s.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")

@@ -15,13 +15,16 @@ ShouldStop = Callable[[], Exception | None]
 
 @dataclass
 class GenerateJob:
-    """One generation: the validated request, its decoded reference image, and the plan decided before queueing."""
+    """One generation: the validated request, its decoded reference image, the plan decided before queueing, and an
+    optional per-step hook (kontext_server.service.steps.StepEvent; called on the worker thread after each step)."""
     request: InferenceRequest
     image: Any = None  # PIL image or None
     plan: dict | None = None
+    on_step: Callable[[Any], None] | None = None
 
     def run(self, service, should_stop: ShouldStop):
-        return service.generate(self.request, self.image, should_stop=should_stop, plan=self.plan)
+        return service.generate(self.request, self.image, should_stop=should_stop, plan=self.plan,
+                                on_step=self.on_step)
 
 
 @dataclass

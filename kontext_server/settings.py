@@ -77,6 +77,15 @@ SHUTDOWN_GRACE = EnvVar("FLUX_SHUTDOWN_GRACE", "30", "server",
 DRAIN_SECONDS = EnvVar("FLUX_DRAIN_SECONDS", "5", "server",
                        "seconds the listener stays open after SIGTERM, answering /health and new work with 503, "
                        "so load balancers see the drain (0: close at once)")
+API_KEYS = EnvVar("FLUX_API_KEYS", None, "server",
+                  "file of API keys, one per line or sha256:<hex> (# comments): when set, every route but /health, "
+                  "/live and /metrics needs a key (Authorization: Bearer or x-key)")
+RATE_LIMIT = EnvVar("FLUX_RATE_LIMIT", None, "server",
+                    "per-key limit N/UNIT[,C]: N requests per s, min or h and at most C concurrent jobs, e.g. 60/min,2 "
+                    "(then 429 with Retry-After)")
+METRICS_KEY_REQUIRED = EnvVar("FLUX_METRICS_KEY_REQUIRED", "0", "server", "1: /metrics needs an API key too")
+SERVED_MODEL_NAME = EnvVar("FLUX_SERVED_MODEL_NAME", None, "server",
+                           "the model id of the /v1 routes (GET /v1/models, a request's model); default: --model")
 LOG_LEVEL = EnvVar("FLUX_LOG_LEVEL", "INFO", "server", "Python log level of the server's loggers")
 BENCH_DIR = EnvVar("FLUX_BENCH_DIR", "benchmarks/latest", "server", "where `benchmark` writes its JSON and chart")
 

@@ -1,7 +1,11 @@
 """build_app: the FastAPI app of one service (lifespan, middleware, error handlers, routers).
 
 The event loop never runs model work: images are decoded / encoded in the thread pool, generation runs on the
-engine's single worker. Routes live in routes/ (one module per endpoint group); their wire formats in protocol.py.
+engine's single worker. Routes live in routes/ (one module per endpoint group) and openai/ (the OpenAI-compatible
+routes); their wire formats in protocol.py and openai/protocol.py. Errors answered outside a route take the shape of
+the route family the path belongs to: OpenAI's under /v1, the /inference shape elsewhere.
+Keys and per-key limits (ServerSettings.api_keys / rate_limit) guard every path but OPEN_PATHS: a route added later
+is guarded unless it is listed there.
 """
 from __future__ import annotations
 
@@ -12,16 +16,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kontext_server import __version__
 from kontext_server import engine as eng
 from kontext_server.api.context import Server, ServerSettings
-from kontext_server.api.errors import clean_errors, error_response
+from kontext_server.api.errors import clean_errors, error_body_for, error_response
 from kontext_server.api.lifecycle import lifespan_for
 from kontext_server.api.metrics import Metrics
-from kontext_server.api.middleware import BodySizeLimit, RequestContext
+from kontext_server.api.middleware import BodySizeLimit, KeyGuard, RequestContext
+from kontext_server.api.openai import errors as openai_errors
+from kontext_server.api.openai import router as openai_router
+from kontext_server.api.output_store import OutputStore
+from kontext_server.api.rate_limit import RateLimiter
 from kontext_server.api.routes import benchmark, health, inference
 
-ROUTERS = (inference.router, health.router, benchmark.router)
+ROUTERS = (inference.router, health.router, benchmark.router, openai_router.router)
+# Open without a key: probes, the scrape (unless --metrics-key-required) and the API's own documentation.
+OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Paths whose requests run a job on the worker: each holds one of its key's concurrency slots.
+JOB_PATHS = frozenset({"/inference", "/benchmark", "/v1/images/generations", "/v1/images/edits"})
 
 
-def build_app(service, settings: ServerSettings | None = None) -> FastAPI:
+def build_app(service, settings: ServerSettings | None = None, output_store: OutputStore | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     metrics = Metrics()
 
@@ -34,19 +46,31 @@ def build_app(service, settings: ServerSettings | None = None) -> FastAPI:
                         on_event=on_event)
     app = FastAPI(title="FLUX.1-Kontext inference server", version=__version__,
                   lifespan=lifespan_for(service, engine, settings))
-    app.state.server = Server(service=service, engine=engine, metrics=metrics, settings=settings)
+    app.state.server = Server(service=service, engine=engine, metrics=metrics, settings=settings,
+                              output_store=output_store)
     known_paths: set[str] = set()
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestContext, metrics=metrics, known_paths=known_paths)  # last = outermost: 413s get an id
+    limiter = (RateLimiter(settings.rate_limit, job_retry_after=engine.retry_after_seconds)
+               if settings.rate_limit is not None else None)
+    open_paths = set(OPEN_PATHS) - ({"/metrics"} if settings.metrics_key_required else set())
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, error_body=error_body_for)
+    app.add_middleware(KeyGuard, keys=settings.api_keys, limiter=limiter, open_paths=open_paths,
+                       job_paths=set(JOB_PATHS), metrics=metrics, error_body=error_body_for)
+    # last = outermost: 413s and 401s get a request id and are counted
+    app.add_middleware(RequestContext, metrics=metrics, known_paths=known_paths, error_body=error_body_for)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
         errors = clean_errors(exc.errors(), request.headers.get("content-type"))
+        if openai_errors.is_openai_path(request.url.path):
+            return openai_errors.validation_response(errors)
         msg = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
         return error_response(422, "validation_error", msg, errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):
+        if openai_errors.is_openai_path(request.url.path):
+            code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+            return openai_errors.error_response(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
         return error_response(exc.status_code, "http_error", str(exc.detail))
 
     for router in ROUTERS:

@@ -1,4 +1,5 @@
-"""What the routes share: the server's settings and the objects one app holds (service, engine, metrics).
+"""What the routes share: the server's settings and the objects one app holds (service, engine, metrics, output
+store).
 
 Routes reach them through `server(request)` (the app's state), so several apps can live in one process (tests)."""
 from __future__ import annotations
@@ -6,6 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import Request
+
+from kontext_server.api.auth import KeyStore
+from kontext_server.api.output_store import OutputStore
+from kontext_server.api.rate_limit import RateRule
 
 
 @dataclass
@@ -17,6 +22,10 @@ class ServerSettings:
     drain_seconds: float = 0.0  # after SIGTERM, keep the listener open this long (see lifecycle.py)
     max_body_bytes: int = 32 * 1024 * 1024
     load_in_background: bool = True
+    api_keys: KeyStore | None = None  # None: every route is open
+    rate_limit: RateRule | None = None  # per key id ("anonymous" without keys)
+    metrics_key_required: bool = False  # /metrics behind the keys too
+    served_model_name: str | None = None  # the id /v1/models lists (default: the service's --model)
 
 
 @dataclass
@@ -25,6 +34,13 @@ class Server:
     engine: object  # kontext_server.engine.Engine
     metrics: object  # kontext_server.api.metrics.Metrics
     settings: ServerSettings
+    output_store: OutputStore | None = None  # response_format "url" needs one; none ships yet
+
+    @property
+    def model_id(self) -> str:
+        """The model id of the /v1 routes: --served-model-name, else what --model named."""
+        config = getattr(self.service, "config", None)
+        return self.settings.served_model_name or str(getattr(config, "model", None) or "flux.1-kontext-dev")
 
 
 def server(request: Request) -> Server:

@@ -1,13 +1,15 @@
 """Error bodies of the /inference family of routes: {"error": code, "message": text, "detail": [...]}.
 
 Every error a route returns goes through here, so the shape is the same everywhere: validation errors name the
-field; 429 and 503 carry Retry-After."""
+field; 429 and 503 carry Retry-After. Errors raised outside a route (middleware, FastAPI's own 404 / 405 / 422) take
+the shape of the route family their path belongs to (`error_body_for`): OpenAI's under /v1, this one elsewhere."""
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
 from kontext_server import engine as eng
 from kontext_server.request import suggest_field
+from kontext_server.api.openai import errors as openai_errors
 
 
 def error_response(status: int, code: str, message: str, detail=None, headers=None) -> JSONResponse:
@@ -15,6 +17,13 @@ def error_response(status: int, code: str, message: str, detail=None, headers=No
     if detail is not None:
         body["detail"] = detail
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def error_body_for(path: str, status: int, code: str, message: str) -> dict:
+    """The body of an error answered for `path` outside its route, in that route family's shape."""
+    if openai_errors.is_openai_path(path):
+        return openai_errors.error_body(status, message, code=code)
+    return {"error": code, "message": message}
 
 
 def field_error(status: int, code: str, field: str, message: str, kind: str = "value_error") -> JSONResponse:

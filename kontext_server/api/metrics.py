@@ -12,6 +12,10 @@ class Metrics:
         r = self.registry
         self.requests = Counter("flux_requests_total", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
+        # Only with API keys or a rate limit. key_id: a key's id (8 hex characters of its SHA-256), never the key;
+        # "none" / "invalid" for requests refused for a missing / unknown key; "anonymous" without keys.
+        self.requests_by_key = Counter("flux_requests_by_key_total", "Requests to keyed routes by key id and status",
+                                       ["key_id", "status"], registry=r)
         self.latency = Histogram("flux_request_seconds", "End-to-end request latency", ["endpoint"],
                                  buckets=STAGE_BUCKETS, registry=r)
         self.stage = Histogram("flux_stage_seconds", "Generation time per stage", ["stage"],

@@ -1,7 +1,9 @@
-"""ASGI middleware of the app: a body-size limit (413 before a huge body is buffered) and the request context (a
-request id on every response, metrics, one log line per request, a JSON 500 for anything a route did not handle).
+"""ASGI middleware of the app: a body-size limit (413 before a huge body is buffered), the key guard (API keys and
+per-key limits: 401 / 429 before the route runs) and the request context (a request id on every response, metrics,
+one log line per request, a JSON 500 for anything a route did not handle).
 
-Pure ASGI on purpose: BaseHTTPMiddleware would hide client disconnects from the routes."""
+Their errors take the shape of the route family the path belongs to (`error_body(path, status, code, message)`, given
+by the app). Pure ASGI on purpose: BaseHTTPMiddleware would hide client disconnects from the routes."""
 from __future__ import annotations
 
 import json
@@ -9,11 +11,19 @@ import logging
 import re
 import time
 import uuid
+from typing import Callable
 
+from kontext_server.api.auth import KeyStore, presented_key
 from kontext_server.api.metrics import Metrics
+from kontext_server.api.rate_limit import RateLimiter
 
 log = logging.getLogger("flux.api")
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ErrorBody = Callable[[str, int, str, str], dict]  # (path, status, code, message) -> JSON body
+
+
+def plain_error_body(path: str, status: int, code: str, message: str) -> dict:
+    return {"error": code, "message": message}
 
 
 class BodySizeLimit:
@@ -23,8 +33,8 @@ class BodySizeLimit:
     through FastAPI's body parser, which would turn it into a 400), its own answer is dropped, and the client
     gets the 413."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, error_body: ErrorBody = plain_error_body):
+        self.app, self.max_bytes, self.error_body = app, max_bytes, error_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -36,7 +46,7 @@ class BodySizeLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    return await self._reject(send)
+                    return await self._reject(scope, send)
         seen = 0
         exceeded = False
 
@@ -58,11 +68,11 @@ class BodySizeLimit:
 
         await self.app(scope, limited_receive, guarded_send)
         if exceeded:
-            await self._reject(send)
+            await self._reject(scope, send)
 
-    async def _reject(self, send):
-        await send_json(send, 413, {"error": "payload_too_large",
-                                     "message": f"request body is larger than {self.max_bytes} bytes"})
+    async def _reject(self, scope, send):
+        await send_json(send, 413, self.error_body(scope.get("path", ""), 413, "payload_too_large",
+                                                   f"request body is larger than {self.max_bytes} bytes"))
 
 
 async def send_json(send, status: int, body: dict, extra_headers: list | None = None) -> None:
@@ -72,14 +82,66 @@ async def send_json(send, status: int, body: dict, extra_headers: list | None = 
     await send({"type": "http.response.body", "body": data})
 
 
+class KeyGuard:
+    """Pure ASGI middleware: every path but the open ones needs a valid API key (when the server has keys) and passes
+    the per-key limits (when it has a rule), before the route runs.
+
+    Refusals: 401 (with `WWW-Authenticate: Bearer`) for a missing or unknown key; 429 with Retry-After over a limit.
+    A request to one of `job_paths` holds one of its key's concurrency slots until its response is sent (a stream's
+    too). Requests are counted per key id in metrics (`none` / `invalid` for refused keys), never per key."""
+
+    def __init__(self, app, keys: KeyStore | None, limiter: RateLimiter | None, open_paths: set[str],
+                 job_paths: set[str], metrics: Metrics, error_body: ErrorBody = plain_error_body):
+        self.app, self.keys, self.limiter, self.metrics, self.error_body = app, keys, limiter, metrics, error_body
+        self.open_paths, self.job_paths = open_paths, job_paths
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in self.open_paths or (self.keys is None and self.limiter is None):
+            return await self.app(scope, receive, send)
+        kid = "anonymous"
+        if self.keys is not None:
+            presented = presented_key(scope.get("headers", []))
+            kid = self.keys.identify(presented) if presented is not None else None
+            if kid is None:
+                label = "none" if presented is None else "invalid"
+                self.metrics.requests_by_key.labels(label, "401").inc()
+                msg = ("missing API key: send Authorization: Bearer <key> or x-key: <key>" if presented is None
+                       else "invalid API key")
+                return await send_json(send, 401, self.error_body(path, 401, "invalid_api_key", msg),
+                                       [(b"www-authenticate", b"Bearer")])
+        job = path in self.job_paths
+        admitted = False
+        if self.limiter is not None:
+            verdict = self.limiter.admit(kid, job=job)
+            if not verdict.ok:
+                self.metrics.requests_by_key.labels(kid, "429").inc()
+                return await send_json(send, 429, self.error_body(path, 429, "rate_limit_exceeded", verdict.reason),
+                                       [(b"retry-after", str(verdict.retry_after_s).encode())])
+            admitted = job
+        status = {"code": None}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            if admitted:
+                self.limiter.release(kid)
+            self.metrics.requests_by_key.labels(kid, str(status["code"] or 499)).inc()
+
+
 class RequestContext:
     """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes): a request id on
     every response, metrics, one log line per request, and a JSON 500 for anything a route did not handle."""
 
-    def __init__(self, app, metrics: Metrics, known_paths: set[str]):
+    def __init__(self, app, metrics: Metrics, known_paths: set[str], error_body: ErrorBody = plain_error_body):
         # known_paths: the app's route paths, reported by name in metrics; anything else is "other" (no unbounded
         # label values from scanners). The app fills the set once its routes are attached.
-        self.app, self.metrics, self.known_paths = app, metrics, known_paths
+        self.app, self.metrics, self.known_paths, self.error_body = app, metrics, known_paths, error_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -104,8 +166,8 @@ class RequestContext:
             log.exception("request %s: unhandled error on %s", rid, scope.get("path"))
             if status["code"] is None:
                 status["code"] = 500
-                await send_json(send, 500, {"error": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
-                                 [rid_header])
+                await send_json(send, 500, self.error_body(scope.get("path", ""), 500, "internal_error",
+                                                           f"{type(exc).__name__}: {exc}"), [rid_header])
         finally:
             path = scope.get("path", "")
             label = path if path in self.known_paths else "other"

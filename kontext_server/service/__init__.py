@@ -1,7 +1,8 @@
 """The service: one loaded model on one device, its optimisations, and running requests on it.
 
 config.py (ServiceConfig) -> service.py (FluxService: load, prepare, plan, generate, warm_up, health), built from
-components.py (what was loaded), planner.py (pure: flags -> decisions), runner.py (one request) and health.py.
+components.py (what was loaded), planner.py (pure: flags -> decisions), runner.py (one request), steps.py (the per-step
+hook and its previews) and health.py.
 The names below load lazily: `kontext_server.service.config` stays importable without torch (the CLI's --help).
 """
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {"NEW_SHAPE_POLICIES": "config", "ServiceConfig": "config", "StrictError": "planner",
-            "GenerationResult": "runner", "reference_image_tensor": "runner", "FluxService": "service"}
+            "GenerationResult": "runner", "reference_image_tensor": "runner", "FluxService": "service",
+            "StepEvent": "steps"}
 __all__ = sorted(_EXPORTS) + ["Decision"]
 
 

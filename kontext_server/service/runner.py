@@ -4,7 +4,7 @@ What: `Runner.generate` builds a `RunContext`, lets each applied optimisation `c
 default steps) and `activate` around the call (in stack order; prepared-but-not-applied ones `bypass`), swaps timing
 stand-ins for the transformer and the VAE into the pipeline for that call only, and returns a `GenerationResult`.
 The first call at a shape that compiles or captures runs first as a short warm-up, reported as `cold_start` and
-never counted in `total`.
+never counted in `total`. An optional `on_step` hook sees every denoising step (steps.py: StepEvent, previews).
 Contract: worker thread only (one owner of the device); nothing here names a particular optimisation.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from kontext_server.request import DEFAULT_STEPS, MAX_SEED, InferenceRequest
+from kontext_server.service.steps import StepEvent, StepProbe
 from optimizations.base import Decision, RunContext
 from optimizations.registry import STACK_ORDER
 from kontext_server.service.sizes import image_notes
@@ -45,19 +46,24 @@ class GenerationResult:
 
 
 class _Timed:
-    """Stand-in for the transformer that times each call; everything else is the wrapped object's."""
+    """Stand-in for the transformer that times each call; everything else is the wrapped object's. `observer` sees
+    each call's inputs, `after` its inputs and output (outside the timed span)."""
 
-    def __init__(self, inner, timer: StageTimer, stage: str, observer: Callable | None = None):
-        self._inner, self._timer, self._stage, self._observer = inner, timer, stage, observer
+    def __init__(self, inner, timer: StageTimer, stage: str, observer: Callable | None = None,
+                 after: Callable[[dict, Any], None] | None = None):
+        self._inner, self._timer, self._stage, self._observer, self._after = inner, timer, stage, observer, after
 
     def __call__(self, *args, **kwargs):
         if self._observer is not None:
             self._observer(kwargs)  # the benchmark records real step inputs for its per-step fidelity check
         self._timer.start(self._stage)
         try:
-            return self._inner(*args, **kwargs)
+            out = self._inner(*args, **kwargs)
         finally:
             self._timer.stop(self._stage)
+        if self._after is not None:
+            self._after(kwargs, out)  # the step hook's probe keeps x_t and v for a preview
+        return out
 
     def __getattr__(self, name):
         return getattr(self._inner, name)
@@ -198,7 +204,9 @@ class Runner:
 
     def generate(self, req: InferenceRequest, image, plan: Mapping[str, Decision],
                  should_stop: Callable[[], Exception | None] | None = None,
-                 output_type: str = "pil") -> GenerationResult:
+                 output_type: str = "pil", on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
+        """One request. `on_step(StepEvent)` is called after every denoising step of the timed run (not of a
+        warm-up), on this thread; the previews it asks for are timed as the `preview` stage."""
         t_total = time.perf_counter()
         run, seed = self._context(req, image, plan, output_type)
         warnings = [self.synthetic_warning] if self.synthetic_warning else []
@@ -210,14 +218,17 @@ class Runner:
         if cold_ms is not None:  # a reported cold-start cost, not part of the request's timing
             timings["cold_start"] = cold_ms
         t0 = time.perf_counter()
-        images, timer_ms, counts, latents = self._run(run, seed, should_stop)
+        images, timer_ms, counts, latents = self._run(run, seed, should_stop, on_step)
         wall = (time.perf_counter() - t0) * 1000
         for k in STAGES:
             timings[k] = timer_ms.get(k, 0.0)
         calls = counts.get("transformer", 0)
         do_cfg = req.true_cfg_scale > 1.0
         timings["transformer_per_step"] = timings["transformer"] / max(1, calls // (2 if do_cfg else 1))
-        timings["glue"] = max(0.0, wall - sum(timings[k] for k in STAGES))
+        preview_ms = timer_ms.get("preview", 0.0)
+        if counts.get("preview"):  # only when the step hook decoded previews
+            timings["preview"] = preview_ms
+        timings["glue"] = max(0.0, wall - sum(timings[k] for k in STAGES) - preview_ms)
         timings["total"] = wall
         timings["service_total"] = (time.perf_counter() - t_total) * 1000
         stats = run.report.get("step_cache")
@@ -229,7 +240,7 @@ class Runner:
                                 timings_ms={k: round(v, 3) for k, v in timings.items()}, optimizations=dict(plan),
                                 warnings=warnings, latents=latents)
 
-    def _run(self, run: RunContext, seed: int, should_stop) -> tuple:
+    def _run(self, run: RunContext, seed: int, should_stop, on_step: Callable[[StepEvent], None] | None = None) -> tuple:
         timer = StageTimer(cuda=self.components.device_info.is_cuda)
         call = run.call_kwargs
         if call["image"] is not None:  # inside the timed run: the request's wall time includes it
@@ -240,6 +251,7 @@ class Runner:
         run.report.clear()
         generator = torch.Generator(self.device).manual_seed(seed)
         final = {}
+        probe = StepProbe(pipe, run, call["width"], call["height"], timer) if on_step is not None else None
 
         def on_step_end(pipe, i, t, kwargs):
             final["latents"] = kwargs.get("latents")
@@ -247,6 +259,8 @@ class Runner:
                 err = should_stop()
                 if err is not None:
                     raise err  # ends the denoising loop now; the engine answers with the error's status
+            if probe is not None:
+                probe.step_done(i + 1, call["num_inference_steps"], final["latents"].shape[1], on_step)
             return {}
 
         with contextlib.ExitStack() as stack:
@@ -257,7 +271,8 @@ class Runner:
                 elif name in self.prepared:
                     stack.enter_context(opt.bypass(run))
             stack.enter_context(_swap(pipe, "transformer", _Timed(run.transformer, timer, "transformer",
-                                                                  self.transformer_call_observer)))
+                                                                  self.transformer_call_observer,
+                                                                  probe.observe if probe is not None else None)))
             stack.enter_context(_swap(pipe, "vae", _TimedVAE(pipe.vae, run.vae_encode, run.vae_decode, timer)))
             self._text_timer = timer
             stack.callback(setattr, self, "_text_timer", None)

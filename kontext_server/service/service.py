@@ -26,6 +26,7 @@ from kontext_server.service.config import ServiceConfig  # noqa: E402
 from kontext_server.service.health import health_report  # noqa: E402
 from kontext_server.service.planner import plan as make_plan  # noqa: E402
 from kontext_server.service.runner import GenerationResult, Runner, output_size  # noqa: E402
+from kontext_server.service.steps import StepEvent  # noqa: E402
 from optimizations.base import Decision, DeviceInfo  # noqa: E402
 from optimizations.registry import build_registry, resolve_names  # noqa: E402
 from utils import module_bytes  # noqa: E402
@@ -162,10 +163,12 @@ class FluxService:
     # ---- 4. generate ------------------------------------------------------------------------------------------------
     def generate(self, req: InferenceRequest, image: Image.Image | None = None,
                  should_stop: Callable[[], Exception | None] | None = None, output_type: str = "pil",
-                 plan: dict[str, Decision] | None = None) -> GenerationResult:
+                 plan: dict[str, Decision] | None = None,
+                 on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
+        """One request on the worker thread. `on_step`: called after every denoising step (service/steps.py)."""
         if self.state != "ready":
             raise RuntimeError(f"service is {self.state}")
-        return self.runner.generate(req, image, plan or self.plan(req, image), should_stop, output_type)
+        return self.runner.generate(req, image, plan or self.plan(req, image), should_stop, output_type, on_step)
 
     def warm_up(self, width: int, height: int, edit: bool = False) -> float:
         """Compile / capture a request shape ahead of traffic (start-up cost, reported in /health).

@@ -58,7 +58,7 @@ def stub_client(cache_dir):
     svc = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="auto", cache_dir=cache_dir))
     svc.load()
 
-    def fake_generate(req, image=None, should_stop=None, output_type="pil", plan=None):
+    def fake_generate(req, image=None, should_stop=None, output_type="pil", plan=None, on_step=None):
         """What service.generate decides (sizes, steps, seed, plan), without running the model."""
         plan = plan or svc.plan(req)
         size = output_size(req.width, req.height, image)

@@ -453,7 +453,7 @@ def test_health_ready(client):
     tiny_params = sum(p.numel() for p in client.app.state.server.service.transformer_variants["exact"].parameters())
     assert info["transformer_variant_bytes"] == {"exact": tiny_params * 4}  # fp32 on CPU
     assert "cublaslt_workspace" not in info  # a CPU runs no cuBLASLt GEMM: nothing to report there
-    assert info["library_messages_dropped"].get("torchao", 0) >= 1  # its optional-kernel lines, counted not shown
+    assert isinstance(info["library_messages_dropped"], dict)  # tests/startup/test_quiet.py checks what it counts
     r = client.get("/live")
     assert r.status_code == 200 and r.json() == {"status": "alive"}
 

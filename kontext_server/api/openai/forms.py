@@ -1,0 +1,57 @@
+"""The body of POST /v1/images/edits: multipart/form-data with one reference image and the request's fields.
+
+What: `read_edit_form(request)` returns (the fields as a dict of strings, the image's bytes), or raises FormError
+naming the part at fault. The image is one file part named `image`, or `image[]` (the SDK's name for a list); every
+other part is a text field, validated afterwards as ImageRequest (pydantic turns "4" and "true" into 4 and True).
+Refused, with the reason: a second image (Kontext edits from one reference image), a `mask` or `markup` part (it edits
+by instruction: describe the change in the prompt), a field given twice, a file in a text field, a body that is not
+multipart. Limits: Starlette's parser with at most 8 files, 200 fields and 1 MiB per text field; the whole body is
+bounded by the app's body-size limit before this reads it.
+"""
+from __future__ import annotations
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+
+IMAGE_PARTS = ("image", "image[]")
+NOT_SUPPORTED = {
+    "mask": "Kontext edits by instruction from one reference image and takes no mask: describe the change (and "
+            "where) in the prompt",
+    "markup": "Kontext edits by instruction from one reference image and takes no markup: describe the change in "
+              "the prompt",
+}
+
+
+class FormError(ValueError):
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+async def read_edit_form(request: Request) -> tuple[dict[str, str], bytes]:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise FormError(None, "/v1/images/edits takes multipart/form-data: the image as a file part named image, "
+                              "the other fields as form fields")
+    async with request.form(max_files=8, max_fields=200) as form:
+        fields: dict[str, str] = {}
+        images: list[UploadFile] = []
+        for name, value in form.multi_items():
+            if name in NOT_SUPPORTED:
+                raise FormError(name, NOT_SUPPORTED[name])
+            if name in IMAGE_PARTS:
+                if not isinstance(value, UploadFile):
+                    raise FormError("image", "must be a file part (an image file), not a text field")
+                images.append(value)
+            elif isinstance(value, UploadFile):
+                raise FormError(name, "unexpected file part (only image takes a file)")
+            elif name in fields:
+                raise FormError(name, "given more than once")
+            else:
+                fields[name] = value
+        if not images:
+            raise FormError("image", "required: the reference image to edit, as a file part named image")
+        if len(images) > 1:
+            raise FormError("image", f"Kontext edits from one reference image; this request has {len(images)}")
+        data = await images[0].read()
+    return fields, data

@@ -1,0 +1,64 @@
+"""What a finished generation becomes on the /v1 routes: encoded images (base64 or stored URLs), our report (the
+extra field `kontext` and the X-Seed / X-Timings-Ms / X-Optimizations headers), the timings and the log line.
+Shared by the JSON response (serving.py) and the stream (streaming.py)."""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+
+from fastapi import Request
+
+from kontext_server.api.context import Server
+from kontext_server.api.openai.protocol import ImageData, Report
+from kontext_server.api.protocol import ModelInfo, OptimizationReport
+from kontext_server.request import InferenceRequest
+from utils import encode_image_bytes
+
+log = logging.getLogger("flux.api")
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def report(rid: str, srv: Server, result, timings: dict) -> Report:
+    m = srv.service.model
+    return Report(request_id=rid, seed=result.seed, width=result.width, height=result.height, steps=result.steps,
+                  steps_computed=result.steps_computed, steps_skipped=result.steps_skipped, timings_ms=timings,
+                  optimizations={k: OptimizationReport(requested=d.requested, applied=d.applied, detail=d.detail)
+                                 for k, d in result.optimizations.items()},
+                  model=ModelInfo(source=m.source, synthetic=m.synthetic, description=m.description),
+                  warnings=result.warnings)
+
+
+def report_headers(rep: Report) -> dict[str, str]:
+    applied = [k for k, o in rep.optimizations.items() if o.applied]
+    return {"X-Seed": str(rep.seed), "X-Timings-Ms": json.dumps(rep.timings_ms, separators=(",", ":")),
+            "X-Optimizations": ",".join(applied) or "none"}
+
+
+def finish_timings(srv: Server, job, result, t0: float) -> dict:
+    timings = dict(result.timings_ms)
+    timings["queue_wait"] = round(((job.started_at or job.enqueued_at) - job.enqueued_at) * 1000, 3)
+    timings["request_total"] = round((time.perf_counter() - t0) * 1000, 3)
+    srv.metrics.observe_result(timings, result.steps_computed, result.steps_skipped)
+    return timings
+
+
+def log_outcome(request: Request, req: InferenceRequest, outcome: str, edit: bool, extra: str = "") -> None:
+    request.state.logged = True
+    log.info("request %s %s size=%sx%s steps=%s images=%d edit=%s%s outcome=%s", request.state.request_id,
+             request.url.path, req.width or "auto", req.height or "auto", req.steps or "default", req.num_images, edit,
+             extra, outcome)
+
+
+def encode_all(images, fmt: str, compression: int | None, store) -> list[ImageData]:
+    """The images encoded (thread pool): base64, or stored and given by URL when a store is passed."""
+    out = []
+    for im in images:
+        data = encode_image_bytes(im, fmt, *([compression] if compression is not None else []))
+        if store is not None:
+            out.append(ImageData(url=store.put(data, CONTENT_TYPES[fmt])))
+        else:
+            out.append(ImageData(b64_json=base64.b64encode(data).decode("ascii")))
+    return out
+
