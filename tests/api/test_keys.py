@@ -181,11 +181,11 @@ def test_metrics_can_require_a_key(cache_dir):
 def test_a_live_server_with_a_key_file_never_logs_a_key(cache_dir, tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text(key_file_text())
-    with LiveServer(cache_dir, "--api-keys", str(keys)) as server:
-        assert httpx.get(server.url + "/health").status_code == 200
-        assert httpx.post(server.url + "/inference", json=SMALL).status_code == 401
-        assert httpx.post(server.url + "/inference", json=SMALL, headers={"x-key": WRONG}).status_code == 401
-        assert httpx.post(server.url + "/inference", json=SMALL, headers={"x-key": KEY_A}).status_code == 200
+    with LiveServer(cache_dir, "--api-keys", str(keys)) as server, httpx.Client(timeout=120) as http:
+        assert http.get(server.url + "/health").status_code == 200
+        assert http.post(server.url + "/inference", json=SMALL).status_code == 401
+        assert http.post(server.url + "/inference", json=SMALL, headers={"x-key": WRONG}).status_code == 401
+        assert http.post(server.url + "/inference", json=SMALL, headers={"x-key": KEY_A}).status_code == 200
         sdk = OpenAI(base_url=server.url + "/v1", api_key=KEY_B, max_retries=0)
         events = list(sdk.images.generate(prompt="x", size="256x256", stream=True, partial_images=1,
                                           extra_body={"steps": 2, "seed": 1}))
