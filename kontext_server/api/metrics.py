@@ -6,14 +6,21 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+def http_metrics(registry: CollectorRegistry) -> tuple[Counter, Histogram]:
+    """The HTTP layer's own families (the middleware counts and times every request), in `registry`: the local
+    server's Metrics and the Ray Serve ingress's (kontext_server/serving/ray_serve/metrics.py) both have them."""
+    requests = Counter("flux_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                       registry=registry)
+    latency = Histogram("flux_request_seconds", "End-to-end request latency", ["endpoint"], buckets=STAGE_BUCKETS,
+                        registry=registry)
+    return requests, latency
+
+
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("flux_requests_total", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=r)
-        self.latency = Histogram("flux_request_seconds", "End-to-end request latency", ["endpoint"],
-                                 buckets=STAGE_BUCKETS, registry=r)
+        self.requests, self.latency = http_metrics(r)
         self.stage = Histogram("flux_stage_seconds", "Generation time per stage", ["stage"],
                                buckets=STAGE_BUCKETS, registry=r)
         self.queue_wait = Histogram("flux_queue_wait_seconds", "Time a job waited for the GPU worker",
