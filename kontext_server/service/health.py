@@ -34,7 +34,8 @@ def health_report(service) -> dict:
                                  "save_seconds": round(cache.save_seconds, 3), "saves": cache.saves,
                                  "saves_skipped": cache.saves_skipped,
                                  "inductor_cache_dir": settings.INDUCTOR_CACHE_DIR.get(),
-                                 "aot_regions": registry["compile"].aot_stats.as_dict(), **cache.counters()}
+                                 "aot_regions": registry["compile"].aot_stats.as_dict(), **cache.counters(),
+                                 "lock": service.compile_lock}
     info["bytecode_cache"] = bytecode_cache.status
     info["cublaslt_workspace"] = cublaslt_workspace.status
     info["warmup_ms_total"] = round(service.warmup_ms_total, 1)
