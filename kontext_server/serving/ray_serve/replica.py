@@ -24,6 +24,7 @@ import os
 import socket
 import threading
 
+import torch
 from ray import serve
 
 from kontext_server import engine as eng
@@ -151,6 +152,7 @@ class FluxModel:
                 "state": svc.state, "error": svc.error, "accepting": engine.accepting,
                 "queue_depth": engine.queue_depth, "in_flight": engine.in_flight,
                 "typical_job_s": engine.typical_job_seconds(), "health": svc.health(),
+                "torch_threads": torch.get_num_threads(),  # CPU results depend on it (Ray: OMP_NUM_THREADS=num_cpus)
                 "prepared": dict(svc.prepared), "device_info": svc.device_info,
                 "new_shapes": svc.config.new_shapes, "warm_keys": svc.runner.warm_keys if svc.runner else frozenset(),
                 "plan_key": plan_key(svc.prepared, svc.device_info),
