@@ -82,7 +82,7 @@ ENGINE = EnvVar("FLUX_ENGINE", "local", "server",
 # ---- --engine ray (kontext_server/serving/ray; docs/operations.md, "Scaling out with Ray Serve") -------------------
 REPLICAS = EnvVar("FLUX_REPLICAS", "1", "ray", "model replicas, a fixed count (FLUX_MIN_REPLICAS / FLUX_MAX_REPLICAS: "
                   "autoscale instead)")
-MIN_REPLICAS = EnvVar("FLUX_MIN_REPLICAS", None, "ray", "autoscaling: the fewest model replicas (0 scales to zero)")
+MIN_REPLICAS = EnvVar("FLUX_MIN_REPLICAS", None, "ray", "autoscaling: the fewest model replicas (at least 1)")
 MAX_REPLICAS = EnvVar("FLUX_MAX_REPLICAS", None, "ray", "autoscaling: the most model replicas")
 TARGET_ONGOING_REQUESTS = EnvVar("FLUX_TARGET_ONGOING_REQUESTS", "2", "ray",
                                  "autoscaling: requests running and queued per replica that the autoscaler aims at")

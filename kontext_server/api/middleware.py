@@ -72,6 +72,13 @@ async def send_json(send, status: int, body: dict, extra_headers: list | None = 
     await send({"type": "http.response.body", "body": data})
 
 
+def route_path(scope) -> str:
+    """The path the app routes on: without the prefix it is mounted under (`root_path`: a Ray Serve route prefix,
+    uvicorn's --root-path), so metrics name /inference however the app is mounted."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
 class RequestContext:
     """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes): a request id on
     every response, metrics, one log line per request, and a JSON 500 for anything a route did not handle."""
@@ -107,7 +114,7 @@ class RequestContext:
                 await send_json(send, 500, {"error": "internal_error", "message": f"{type(exc).__name__}: {exc}"},
                                  [rid_header])
         finally:
-            path = scope.get("path", "")
+            path = route_path(scope)
             label = path if path in self.known_paths else "other"
             code = status["code"] or 499  # no answer sent: the client went away
             elapsed = time.perf_counter() - t0

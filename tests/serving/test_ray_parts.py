@@ -94,7 +94,7 @@ def run_job(handle, payload="p", **kw):
 
 
 def test_a_result_answers_the_job_and_started_sets_its_start():
-    handle = ScriptedHandle(Call([("accepted", "r1"), ("started", None), ("result", result("r1"))]))
+    handle = ScriptedHandle(Call([("started", "r1"), ("result", result("r1"))]))
     job, answer, engine, lost = run_job(handle)
     assert isinstance(answer, GenerationResult) and answer.replica == "r1"
     assert job.started_at is not None and not lost
@@ -102,17 +102,16 @@ def test_a_result_answers_the_job_and_started_sets_its_start():
 
 
 def test_a_replica_that_dies_before_starting_the_job_gets_it_sent_once_more_and_the_answer_says_so():
-    handle = ScriptedHandle(Call([("accepted", "r1")], raises=ActorDiedError()),
-                            Call([("accepted", "r2"), ("started", None), ("result", result("r2"))]))
+    handle = ScriptedHandle(Call([], raises=ActorDiedError()),
+                            Call([("started", "r2"), ("result", result("r2"))]))
     job, answer, _, lost = run_job(handle)
     assert isinstance(answer, GenerationResult) and answer.replica == "r2"
-    assert len(handle.sent) == 2 and lost == ["r1"]
-    assert any("r1 died before starting" in w for w in answer.warnings)
+    assert len(handle.sent) == 2 and lost == [None]
+    assert any("died before starting it; it ran on r2" in w for w in answer.warnings)
 
 
 def test_a_replica_that_dies_after_starting_the_job_is_a_503_replica_lost_without_a_second_run():
-    handle = ScriptedHandle(Call([("accepted", "r1"), ("started", None)], raises=ActorDiedError()),
-                            Call([("result", result())]))
+    handle = ScriptedHandle(Call([("started", "r1")], raises=ActorDiedError()), Call([("result", result())]))
     _, answer, engine, lost = run_job(handle)
     assert isinstance(answer, ReplicaLost) and answer.status == 503 and answer.code == "replica_lost"
     assert len(handle.sent) == 1 and lost == ["r1"]
@@ -120,10 +119,10 @@ def test_a_replica_that_dies_after_starting_the_job_is_a_503_replica_lost_withou
 
 
 def test_only_one_retry():
-    handle = ScriptedHandle(Call([("accepted", "r1")], raises=ActorDiedError()),
-                            Call([("accepted", "r2")], raises=ActorDiedError()), Call([("result", result())]))
+    handle = ScriptedHandle(Call([], raises=ActorDiedError()), Call([], raises=ActorDiedError()),
+                            Call([("result", result())]))
     _, answer, _, lost = run_job(handle)
-    assert isinstance(answer, ReplicaLost) and len(handle.sent) == 2 and lost == ["r1", "r2"]
+    assert isinstance(answer, ReplicaLost) and len(handle.sent) == 2 and lost == [None, None]
 
 
 def test_back_pressure_is_a_429_queue_full():
@@ -133,13 +132,13 @@ def test_back_pressure_is_a_429_queue_full():
 
 
 def test_a_replicas_error_is_the_answer():
-    handle = ScriptedHandle(Call([("accepted", "r1"), ("error", eng.OutOfMemory("oom"))]))
+    handle = ScriptedHandle(Call([("started", "r1"), ("error", eng.OutOfMemory("oom"))]))
     _, answer, _, _ = run_job(handle)
     assert isinstance(answer, eng.OutOfMemory) and answer.status == 503
 
 
 def test_a_call_that_ends_without_an_answer_is_a_500():
-    handle = ScriptedHandle(Call([("accepted", "r1"), ("started", None)]))
+    handle = ScriptedHandle(Call([("started", "r1")]))
     _, answer, _, _ = run_job(handle)
     assert isinstance(answer, eng.GenerationFailed) and answer.status == 500
 
@@ -148,7 +147,7 @@ def test_a_call_that_never_answers_ends_at_the_deadline(monkeypatch):
     from kontext_server.serving.ray_serve import remote_engine
 
     monkeypatch.setattr(remote_engine, "DEADLINE_MARGIN_S", 0.0)
-    handle = ScriptedHandle(Call([("accepted", "r1")], hang=True))
+    handle = ScriptedHandle(Call([], hang=True))
     t0 = time.monotonic()
     _, answer, _, _ = run_job(handle, queue_timeout=0.2, request_timeout=0.3)
     assert isinstance(answer, eng.RequestTimeout) and time.monotonic() - t0 < 5
@@ -156,7 +155,7 @@ def test_a_call_that_never_answers_ends_at_the_deadline(monkeypatch):
 
 
 def test_cancel_answers_at_once_and_cancels_the_call():
-    call = Call([("accepted", "r1")], hang=True)
+    call = Call([], hang=True)
     engine = RemoteEngine(ScriptedHandle(call), max_queue=4, queue_timeout=5, request_timeout=5)
 
     async def main():
@@ -173,7 +172,7 @@ def test_cancel_answers_at_once_and_cancels_the_call():
 
 
 def test_a_queue_timeout_does_not_cancel_a_started_job():
-    call = Call([("accepted", "r1"), ("started", None), ("result", result())])
+    call = Call([("started", "r1"), ("result", result())])
     engine = RemoteEngine(ScriptedHandle(call), max_queue=4, queue_timeout=5, request_timeout=5)
 
     async def main():
@@ -186,7 +185,7 @@ def test_a_queue_timeout_does_not_cancel_a_started_job():
 
 
 def test_drain_answers_what_is_left_with_shutting_down_and_refuses_new_work():
-    engine = RemoteEngine(ScriptedHandle(Call([("accepted", "r1")], hang=True)), max_queue=4, queue_timeout=5,
+    engine = RemoteEngine(ScriptedHandle(Call([], hang=True)), max_queue=4, queue_timeout=5,
                           request_timeout=5)
 
     async def main():
@@ -237,6 +236,7 @@ def test_autoscaling_from_min_and_max_replicas():
 
 @pytest.mark.parametrize("args, message", [
     ({"replicas": 0}, "at least 1"), ({"min_replicas": 3, "max_replicas": 2}, "below"),
+    ({"min_replicas": 0, "max_replicas": 2}, "scaling to zero"),
     ({"modle": "tiny"}, "unknown"), ({"device": "cuda:1"}, "own GPU"), ({"warmup": "100x100"}, "warm-up size"),
 ])
 def test_bad_arguments_are_refused_before_anything_starts(args, message):

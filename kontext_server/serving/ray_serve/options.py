@@ -50,6 +50,9 @@ class RayOptions:
             raise ValueError(f"replicas must be at least 1 (got {self.replicas})")
         if self.replica_queue < 0:
             raise ValueError(f"replica_queue must be 0 or more (got {self.replica_queue})")
+        if self.min_replicas is not None and self.min_replicas < 1:
+            # The ingress answers 503 not_ready while no replica is ready, so no request would ever queue to wake one
+            raise ValueError("min_replicas must be at least 1: scaling to zero is not supported")
         if self.autoscaling and self.max_bound < (self.min_replicas or 0):
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
 

@@ -1,14 +1,15 @@
 """RemoteEngine: the local Engine's interface, running each job on a Ray Serve model replica.
 
 What: `submit(payload)` returns an `engine.Job` at once (its `future` a concurrent Future, as the routes' dispatch
-expects) and drives one streaming call to FluxModel.run on the ingress's event loop: "accepted" names the replica,
-"started" sets `job.started_at`, then the result or the replica's EngineError ends the job. Ray's router holds
+expects) and drives one streaming call to FluxModel.run on the ingress's event loop: "started" names the replica and
+sets `job.started_at`, then the result or the replica's EngineError ends the job. Ray's router holds
 what no replica has room for (the shared queue, `max_queued_requests`); one request more raises BackPressureError,
 answered 429 with Retry-After as the local queue's QueueFull.
 A replica that dies: if its request had not started (in Ray's queue or the replica's), it is sent once more, to
 another replica (Ray's router drops a replica that died from its rotation), and the response's warnings say so; if it
 had started, the answer is 503 `replica_lost` with Retry-After (a generation is not run twice behind the client's
-back). Either way the board forgets the replica at once, so /health's count drops now.
+back). Either way the board forgets the replica at once, so /health's count drops now (one that dies before
+starting anything is not named to the ingress: it leaves /health when its heartbeat goes stale, seconds later).
 Contract: exactly one answer per job: only `_finish` completes the future, and only once. Every wait is bounded:
 the routes' dispatch cancels a job that waits longer than the queue timeout, the replica stops a generation at the
 request timeout, and this engine ends any call still open after both plus a margin (504). cancel() and drain() may
@@ -151,7 +152,7 @@ class RemoteEngine:
                     outcome = await self._attempt(job, payload, attempt, lost)
                     if outcome is None:
                         return
-                    lost = outcome  # the replica that died before starting it: send it once more
+                    lost = outcome  # its replica died before starting it: send it once more
         except TimeoutError:
             self._finish(job, error=eng.RequestTimeout(f"no answer from the model replicas within {budget:.0f} s"))
         except asyncio.CancelledError:
@@ -165,21 +166,20 @@ class RemoteEngine:
                 self._jobs.pop(id(job), None)
 
     async def _attempt(self, job: eng.Job, payload, attempt: int, lost_before: str | None) -> str | None:
-        """One call. None: the job is answered; a replica id: it died before starting the job (retry once)."""
+        """One call. None: the job is answered; "lost": its replica died before starting it (retry once)."""
         gen = self._handle.run.remote(payload, job.id, self._plan_key())
         replica: str | None = None
         try:
             async for kind, value in gen:
-                if kind == "accepted":
+                if kind == "started":
                     replica = value
-                elif kind == "started":
                     job.started_at = time.monotonic()
                 elif kind == "result":
                     if job.started_at is not None:
                         self._recent_durations.append(time.monotonic() - job.started_at)
                     if lost_before is not None and isinstance(value, GenerationResult):
                         value.warnings = list(value.warnings) + [
-                            f"replica {lost_before} died before starting this request; it ran on {replica}"]
+                            f"the replica first given this request died before starting it; it ran on {replica}"]
                     self._finish(job, result=value)
                     return None
                 elif kind == "error":
@@ -193,8 +193,8 @@ class RemoteEngine:
         except RayActorError as exc:  # ActorDiedError, ActorUnavailableError: the replica is gone
             self._on_replica_lost(replica)
             if job.started_at is None and attempt == 1:
-                log.warning("job %s: replica %s died before starting it; sending it once more", job.id, replica)
-                return replica or "unknown"
+                log.warning("job %s: its replica died before starting it; sending it once more", job.id)
+                return "lost"
             log.warning("job %s: replica %s died while running it: %s", job.id, replica, exc)
             self._finish(job, error=ReplicaLost(
                 f"the model replica running this request ({replica}) died; it was not run to the end"))

@@ -3,9 +3,9 @@
 What: the constructor loads and warms the service (the compile cache directory is shared by the replicas of a host:
 the first compiles, the others load its artifacts; service/compile_lock.py), then starts a local Engine: the same
 bounded queue and single worker as the local server. `run(payload, job_id, planned_with)` is a streaming method:
-it yields ("accepted", replica id) when the request reaches this replica, ("started", None) when the worker begins
-it, then ("result", value) or ("error", EngineError). The ingress needs "started" to know whether a request whose
-replica died can be retried elsewhere.
+it yields ("started", replica id) when the worker begins the job, then ("result", value) or ("error", EngineError).
+The ingress needs "started" to know whether a request whose replica died can be retried elsewhere (no event is sent
+on arrival: each streamed item costs a message, and the path's overhead is measured against a plain Serve app).
 Why the constructor blocks on loading: Serve sends a replica no traffic until its constructor returns, so a replica
 that is loading or compiling gets none; `check_health` then fails whenever the replica cannot serve (load failed,
 worker gone), and Serve replaces it.
@@ -76,7 +76,6 @@ class FluxModel:
 
     # ---- requests ------------------------------------------------------------------------------------------------
     async def run(self, payload, job_id: str, planned_with: tuple | None = None):
-        yield ("accepted", self.replica_id)
         payload = self._fit_plan(payload, planned_with)
         try:
             job = self.engine.submit(payload, job_id=job_id)
@@ -94,7 +93,7 @@ class FluxModel:
             done, _ = await asyncio.wait({fut, waiter}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             if started.is_set():
-                yield ("started", None)
+                yield ("started", self.replica_id)
             done, _ = await asyncio.wait({fut}, timeout=budget)
             if not done:
                 self.engine.cancel(job, eng.RequestTimeout)
@@ -102,11 +101,10 @@ class FluxModel:
                 return
             exc = fut.exception()
             yield ("error", exc) if exc is not None else ("result", fut.result())
-        except asyncio.CancelledError:  # the ingress cancelled the call: the client went away, or a queue timeout
-            self.engine.cancel(job, eng.Cancelled)
-            raise
         finally:
             self._started.pop(id(job), None)
+            if not job.future.done():  # the ingress cancelled the call (client gone, queue timeout): the job too
+                self.engine.cancel(job, eng.Cancelled)
 
     def _fit_plan(self, payload, planned_with: tuple | None):
         """The ingress planned with some replica's prepared set; on a replica whose set differs, plan here."""

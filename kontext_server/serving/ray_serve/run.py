@@ -28,12 +28,12 @@ def serve_forever(args: dict, *, host: str, port: int, ray_address: str | None, 
 
     from kontext_server.serving.ray_serve.app import application
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     started_ray = not _joined(ray_address)
     ctx = ray.init(address=ray_address or None)
+    stop = threading.Event()  # after ray.init, whose own SIGTERM handler would abort the process
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(proxy_location="EveryNode", http_options={"host": host, "port": port})
         app = application(a)
         if background_load:
             serve.run_many([serve.RunTarget(app, name=app_name, route_prefix="/")],
