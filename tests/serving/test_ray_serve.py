@@ -3,8 +3,8 @@ behind the ingress, real HTTP through Serve's proxy.
 
 Covers: /health's replica count; 30 concurrent requests all answered 200 by both replicas (the `replica` field and
 X-Replica); the same bytes as the local server for the same seed and flags (text-to-image and edit); strict 422 and
-validation errors from the ingress; GET /benchmark on a replica; /metrics labelled by replica; overload answered 429
-with Retry-After and no other 5xx; one replica killed mid-load: every request answered once (200, or 503
+validation errors from the ingress; GET /benchmark on a replica; /metrics labelled by replica; a client that goes away
+cancels its generation on the replica; overload answered 429 with Retry-After and no other 5xx; one replica killed mid-load: every request answered once (200, or 503
 replica_lost with Retry-After), /health's count drops and recovers with a new replica.
 
 Ray starts once for the module (about 20 s with the replicas' loading) and is shut down after it. The parts that need
@@ -179,6 +179,31 @@ def test_metrics_aggregate_ours_across_replicas_labelled_by_replica(ray_app):
     ready = [s.value for s in by["flux_replicas"].samples if s.labels["state"] == "ready"]
     assert ready == [2.0]
     assert any(s.labels.get("endpoint") == "/inference" for s in by["flux_requests"].samples)
+
+
+def completed_generations(client: httpx.Client) -> float:
+    """Generations the replicas finished, from their last reports (flux_stage_seconds' count of `total`)."""
+    return sum(s.value for fam in text_string_to_metric_families(client.get("/metrics").text)
+               for s in fam.samples if s.name == "flux_stage_seconds_count" and s.labels.get("stage") == "total")
+
+
+def test_a_client_that_goes_away_cancels_its_generation_on_the_replica(ray_app):
+    client = ray_app.client
+    time.sleep(1.5)  # every replica's last report holds the generations so far
+    done_before, gone_before = completed_generations(client), inference_counts(client)[499]
+    with pytest.raises(httpx.TimeoutException):  # 40 steps take seconds; the client leaves after 0.5 s
+        httpx.post(ray_app.url + "/inference", json=dict(BASE, steps=40, seed=5), timeout=0.5)
+
+    def idle():
+        h = client.get("/health").json()
+        return h["in_flight"] == 0 and h["queue_depth"] == 0 and \
+            all(s["in_flight"] == 0 and s["report_age_s"] < 1.0 for s in h["replica_states"].values())
+
+    time.sleep(1.0)
+    wait_for(idle, 60, "the replicas idle again")
+    time.sleep(1.5)
+    assert completed_generations(client) == done_before  # stopped at a step, never finished
+    assert inference_counts(client)[499] == gone_before + 1
 
 
 def test_overload_is_429_with_retry_after_never_another_5xx(ray_app):
