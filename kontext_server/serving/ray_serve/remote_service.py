@@ -81,7 +81,8 @@ class RemoteService:
         info["replicas"] = self.board.counts()
         info["replica_states"] = {
             r["id"]: {"status": self.board.state_of(r), "queue_depth": r["queue_depth"], "in_flight": r["in_flight"],
-                      "host": r["host"], "actor": r["actor"], "error": r["error"], "report_age_s": r["age_s"],
+                      "host": r["host"], "pid": r["pid"], "actor": r["actor"], "error": r["error"],
+                      "report_age_s": r["age_s"],
                       "torch_threads": r["torch_threads"]}
             for r in self.board.replicas()}
         if self.state != "failed":
