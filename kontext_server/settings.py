@@ -129,6 +129,9 @@ INDUCTOR_CACHE_DIR = EnvVar("TORCHINDUCTOR_CACHE_DIR", None, "library",
                             "inductor's kernel cache; the server puts it under the cache directory unless you set it")
 RAY_ADDRESS = EnvVar("RAY_ADDRESS", None, "library",
                      "the Ray cluster `serve --engine ray` joins (unset: it starts a local one)")
+RAY_WORKER_NICENESS = EnvVar("RAY_worker_niceness", None, "library",
+                             "Ray's priority for its workers (the replicas, the ingress), read where the cluster "
+                             "starts: nice 15 unless set; 0 where other processes compete for the CPUs")
 CUDA_VISIBLE_DEVICES = EnvVar("CUDA_VISIBLE_DEVICES", None, "library",
                               "which GPUs the process sees (the clock sampler maps it to nvidia-smi's ids)")
 PYTHON_DONT_WRITE_BYTECODE = EnvVar("PYTHONDONTWRITEBYTECODE", None, "library",

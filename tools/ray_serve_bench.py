@@ -24,7 +24,9 @@ Measured, with a fixed small request (--payload):
    is all accepted requests over all their chunks' wall time.
 Derived: the Ray path's added latency per request against the trivial app's whole p50 (Ray's own cost of one HTTP
 request through proxy, ingress and a model replica), their ratio (target <= 1.5), and the throughput of 2 replicas
-over 1. The added latency is taken around the generation: each response's own generation time (timings_ms.
+over 1. Ray runs its workers at nice 15 unless told (--ray-worker-niceness 0 runs them at the local server's
+priority): on a machine others load, that alone slows the replicas. The added latency is taken around the
+generation: each response's own generation time (timings_ms.
 service_total) is subtracted from its client wall time, and the Ray path's p50 of that difference minus the local
 server's is what Ray adds. (The wall times alone mix in the generation's own speed, which on a shared machine depends
 on torch's thread count and the other load more than on the path: both are in the JSON.) The JSON records the load
@@ -45,6 +47,7 @@ from pathlib import Path
 
 import httpx
 
+from kontext_server import settings
 from load_test import LoadConfig, ServerProcess, free_port, percentile, run_load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +172,8 @@ def run(a) -> dict:
               "commit": git_commit(), "machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
                                                   "platform": platform.platform()},
               "versions": {"ray": ray.__version__, "torch": torch.__version__, "python": platform.python_version()},
-              "payload": a.payload, "loadavg_start": loadavg(), "startup_s": {}}
+              "payload": a.payload, "loadavg_start": loadavg(), "startup_s": {},
+              "ray_worker_niceness": settings.RAY_WORKER_NICENESS.get() or "Ray's default (15)"}
     startup = result["startup_s"]
     t0 = time.monotonic()
     local = ServerProcess(cache_dir=a.cache_dir, max_queue=a.clients * 2,
@@ -246,7 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=3, help="throughput chunks per model server (default 3)")
     p.add_argument("--cache-dir", help="FLUX_CACHE_DIR of the servers (the tiny model is built there once)")
     p.add_argument("--start-timeout", type=float, default=300.0)
+    p.add_argument("--ray-worker-niceness", type=int,
+                   help="the Ray workers' nice value (RAY_worker_niceness; Ray's default is 15, the local server "
+                        "runs at 0)")
     a = p.parse_args(argv)
+    if a.ray_worker_niceness is not None:  # read by the raylet that ray.init starts below
+        settings.set_process_env(settings.RAY_WORKER_NICENESS, str(a.ray_worker_niceness))
     result = run(a)
     text = json.dumps(result, indent=1)
     print(text)
