@@ -17,6 +17,7 @@ from kontext_server.api.app import build_app
 from kontext_server.api.context import ServerSettings
 from kontext_server.service.config import ServiceConfig
 from kontext_server.serving.ray_serve.board import ReplicaBoard
+from kontext_server.serving.ray_serve.logs import configure_logging
 from kontext_server.serving.ray_serve.metrics import IngressMetrics
 from kontext_server.serving.ray_serve.remote_engine import RemoteEngine
 from kontext_server.serving.ray_serve.remote_service import RemoteService
@@ -45,6 +46,7 @@ class OneRequestIdHeader:
 @serve.ingress()
 class FluxIngress:
     def __init__(self, model, status, config: ServiceConfig, server: ServerSettings):
+        configure_logging()
         self.board = ReplicaBoard(status)
         self.board.start()
         self.service = RemoteService(config, self.board)

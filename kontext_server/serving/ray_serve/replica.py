@@ -33,6 +33,7 @@ from kontext_server.api.metrics import Metrics
 from kontext_server.jobs import GenerateJob
 from kontext_server.service import FluxService, GenerationResult, ServiceConfig, StrictError
 from kontext_server.serving.ray_serve.errors import StrictRejected
+from kontext_server.serving.ray_serve.logs import configure_logging
 
 log = logging.getLogger("flux.ray")
 WAIT_MARGIN_S = 60.0  # beyond queue + request timeout, before a call gives up on its own job
@@ -47,6 +48,7 @@ def plan_key(prepared: dict, device_info) -> tuple:
 @serve.deployment(name="FluxModel")
 class FluxModel:
     def __init__(self, config: ServiceConfig, server: ServerSettings, status, heartbeat_s: float = 1.0):
+        configure_logging()
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
         self.actor_name = ctx.replica_id.to_full_id_str()  # Ray's actor name, in namespace "serve"
