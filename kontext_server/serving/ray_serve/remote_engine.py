@@ -130,7 +130,10 @@ class RemoteEngine:
             entry = self._jobs.get(id(job))
         if entry is not None:
             _, task, loop = entry
-            loop.call_soon_threadsafe(task.cancel)
+            try:
+                loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:  # the loop has closed: the call went with it, and the job is answered
+                pass
 
     # ---- the call ----------------------------------------------------------------------------------------------------
     def _finish(self, job: eng.Job, result: Any = None, error: BaseException | None = None) -> None:
