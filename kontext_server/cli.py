@@ -49,6 +49,12 @@ def _env_help(text: str, var: settings.EnvVar) -> str:
     return f"{text} (env {var.name}; default {default})"
 
 
+def _opt(var: settings.EnvVar, kind):
+    """An optional numeric setting: None when unset."""
+    value = var.get()
+    return None if value in (None, "") else kind(value)
+
+
 def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto") -> None:
     p.add_argument("--model", default=settings.MODEL.get(),
                    help=_env_help("tiny | synthetic-full | a hub id | a local diffusers directory", settings.MODEL))
@@ -111,7 +117,25 @@ def _load_or_exit(cfg: ServiceConfig):
     return svc
 
 
+def cmd_serve_ray(a) -> None:
+    """`serve --engine ray`: the same app on Ray Serve, with model replicas (kontext_server/serving/ray_serve)."""
+    try:
+        from kontext_server.serving.ray_serve.options import cli_args
+        from kontext_server.serving.ray_serve.run import serve_forever
+    except ImportError as exc:  # Ray is optional: only this engine needs it
+        sys.exit(f"error: --engine ray needs Ray Serve (pip install \"ray[serve]\"): {exc}")
+    try:
+        serve_forever(cli_args(a), host=a.host, port=a.port, ray_address=a.ray_address,
+                      background_load=a.background_load)
+    except ValueError as exc:  # a bad option, before anything started
+        sys.exit(f"error: {exc}")
+    except RuntimeError as exc:  # Serve could not deploy (a model that cannot load, a port in use)
+        sys.exit(f"error: Ray Serve could not start the application: {exc}")
+
+
 def cmd_serve(a) -> None:
+    if a.engine == "ray":
+        return cmd_serve_ray(a)
     import uvicorn
 
     from kontext_server.api.app import build_app
@@ -270,6 +294,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--background-load", action="store_true",
                    help="answer /live at once and load the model in the background (/health 503 until ready)")
     s.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
+    s.add_argument("--engine", choices=["local", "ray"], default=settings.ENGINE.get(),
+                   help=_env_help("local: this process serves one device; ray: Ray Serve model replicas behind one "
+                                  "ingress (needs ray[serve]; docs/operations.md)", settings.ENGINE))
+    r = s.add_argument_group("--engine ray", "replicas, autoscaling and the Ray cluster (ignored by --engine local)")
+    r.add_argument("--replicas", type=int, default=settings.REPLICAS.get_int(),
+                   help=_env_help("model replicas (one GPU each on GPU machines)", settings.REPLICAS))
+    r.add_argument("--min-replicas", type=int, default=_opt(settings.MIN_REPLICAS, int),
+                   help=_env_help("autoscale: the fewest replicas", settings.MIN_REPLICAS))
+    r.add_argument("--max-replicas", type=int, default=_opt(settings.MAX_REPLICAS, int),
+                   help=_env_help("autoscale: the most replicas", settings.MAX_REPLICAS))
+    r.add_argument("--target-ongoing-requests", type=float, default=settings.TARGET_ONGOING_REQUESTS.get_float(),
+                   help=_env_help("autoscale: running + queued requests per replica to aim at",
+                                  settings.TARGET_ONGOING_REQUESTS))
+    r.add_argument("--upscale-delay", type=float, default=settings.UPSCALE_DELAY.get_float(),
+                   help=_env_help("autoscale: seconds before adding a replica", settings.UPSCALE_DELAY))
+    r.add_argument("--downscale-delay", type=float, default=settings.DOWNSCALE_DELAY.get_float(),
+                   help=_env_help("autoscale: seconds before removing a replica", settings.DOWNSCALE_DELAY))
+    r.add_argument("--replica-queue", type=int, default=settings.REPLICA_QUEUE.get_int(),
+                   help=_env_help("requests a replica holds beside the running one; --max-queue is then the shared "
+                                  "queue in front of all replicas", settings.REPLICA_QUEUE))
+    r.add_argument("--replica-cpus", type=float, default=_opt(settings.REPLICA_CPUS, float),
+                   help=_env_help("CPUs per replica", settings.REPLICA_CPUS))
+    r.add_argument("--replica-gpus", type=float, default=_opt(settings.REPLICA_GPUS, float),
+                   help=_env_help("GPUs per replica", settings.REPLICA_GPUS))
+    r.add_argument("--ray-address", default=settings.RAY_ADDRESS.get(),
+                   help=_env_help("a Ray cluster to join, e.g. auto or ray://head:10001 (unset: start a local one)",
+                                  settings.RAY_ADDRESS))
     s.set_defaults(fn=cmd_serve)
 
     g = sub.add_parser("generate", help="one image to a file")

@@ -113,12 +113,21 @@ class Engine:
     def accepting(self) -> bool:
         return self._accepting
 
+    @property
+    def worker_alive(self) -> bool:
+        """The worker thread is running (False before start() and after a drain ended it)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def typical_job_seconds(self) -> float | None:
+        """The median run time of the last 20 jobs that succeeded (None before any): a median, so that a few
+        cold-start (compile) jobs do not inflate it."""
+        return statistics.median(self._recent_durations) if self._recent_durations else None
+
     def retry_after_seconds(self) -> int:
         """A client's fair wait: the queue ahead times the recent typical job time (at least 1 s)."""
-        # median: a few cold-start (compile) jobs must not inflate every estimate
-        if not self._recent_durations:
+        typical = self.typical_job_seconds()
+        if typical is None:
             return 1  # nothing measured yet: a short wait, not a guess multiplied by the queue
-        typical = statistics.median(self._recent_durations)
         return max(1, int(round(typical * (self.queue_depth + 1))))
 
     # ---- lifecycle ---------------------------------------------------------------------------------------

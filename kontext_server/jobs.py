@@ -21,6 +21,9 @@ class GenerateJob:
     image: Any = None  # PIL image or None
     plan: dict | None = None
     on_step: Callable[[Any], None] | None = None
+    # Steps whose event should carry a decoded preview (service/steps.preview_steps): what a remote replica needs to
+    # replay `on_step`, which does not cross processes (serving/ray_serve relays step events to it).
+    partial_images: int = 0
 
     def run(self, service, should_stop: ShouldStop):
         return service.generate(self.request, self.image, should_stop=should_stop, plan=self.plan,

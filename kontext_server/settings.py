@@ -66,6 +66,9 @@ WARMUP_SIZES = EnvVar("FLUX_WARMUP_SIZES", None, "model",
                       "shapes compiled / captured before ready: WxH (text-to-image) or edit:WxH, comma-separated")
 NEW_SHAPES = EnvVar("FLUX_NEW_SHAPES", "compile", "model",
                     "a request at a shape not warmed up: compile it then (compile) or run it uncompiled (eager)")
+COMPILE_LOCK_WAIT = EnvVar("FLUX_COMPILE_LOCK_WAIT", "1800", "model",
+                           "seconds a start waits while another process compiles into the same cache directory "
+                           "(then loads its artifacts; after the wait it compiles itself)")
 HOST = EnvVar("FLUX_HOST", "127.0.0.1", "server", "listen address")
 PORT = EnvVar("FLUX_PORT", "8000", "server", "listen port")
 MAX_QUEUE = EnvVar("FLUX_MAX_QUEUE", "16", "server", "requests that may wait beside the running one (then 429)")
@@ -88,6 +91,26 @@ SERVED_MODEL_NAME = EnvVar("FLUX_SERVED_MODEL_NAME", None, "server",
                            "the model id of the /v1 routes (GET /v1/models, a request's model); default: --model")
 LOG_LEVEL = EnvVar("FLUX_LOG_LEVEL", "INFO", "server", "Python log level of the server's loggers")
 BENCH_DIR = EnvVar("FLUX_BENCH_DIR", "benchmarks/latest", "server", "where `benchmark` writes its JSON and chart")
+ENGINE = EnvVar("FLUX_ENGINE", "local", "server",
+                "local (this process serves one device) or ray (Ray Serve model replicas behind one ingress)")
+
+# ---- --engine ray (kontext_server/serving/ray; docs/operations.md, "Scaling out with Ray Serve") -------------------
+REPLICAS = EnvVar("FLUX_REPLICAS", "1", "ray", "model replicas, a fixed count (FLUX_MIN_REPLICAS / FLUX_MAX_REPLICAS: "
+                  "autoscale instead)")
+MIN_REPLICAS = EnvVar("FLUX_MIN_REPLICAS", None, "ray", "autoscaling: the fewest model replicas (at least 1)")
+MAX_REPLICAS = EnvVar("FLUX_MAX_REPLICAS", None, "ray", "autoscaling: the most model replicas")
+TARGET_ONGOING_REQUESTS = EnvVar("FLUX_TARGET_ONGOING_REQUESTS", "2", "ray",
+                                 "autoscaling: requests running and queued per replica that the autoscaler aims at")
+UPSCALE_DELAY = EnvVar("FLUX_UPSCALE_DELAY", "30", "ray", "autoscaling: seconds of high load before adding a replica")
+DOWNSCALE_DELAY = EnvVar("FLUX_DOWNSCALE_DELAY", "600", "ray",
+                         "autoscaling: seconds of low load before removing a replica")
+REPLICA_QUEUE = EnvVar("FLUX_REPLICA_QUEUE", "1", "ray",
+                       "requests a replica holds beside the running one (its max_ongoing_requests is 1 + this); "
+                       "the rest wait in the ingress's shared queue of FLUX_MAX_QUEUE")
+REPLICA_CPUS = EnvVar("FLUX_REPLICA_CPUS", None, "ray",
+                      "CPUs reserved per replica (default: 1 with GPUs; without, the cluster's CPUs / replicas)")
+REPLICA_GPUS = EnvVar("FLUX_REPLICA_GPUS", None, "ray",
+                      "GPUs per replica (default: 1 where the cluster has GPUs, else 0)")
 
 # ---- start-up ---------------------------------------------------------------------------------------------------------
 BYTECODE_CACHE = EnvVar("FLUX_BYTECODE_CACHE", "1", "start-up",
@@ -126,6 +149,11 @@ CUBLASLT_WORKSPACE_SIZE = EnvVar("CUBLASLT_WORKSPACE_SIZE", None, "library",
                                  "cuBLASLt's workspace in KiB; the server sets 0 unless you set it")
 INDUCTOR_CACHE_DIR = EnvVar("TORCHINDUCTOR_CACHE_DIR", None, "library",
                             "inductor's kernel cache; the server puts it under the cache directory unless you set it")
+RAY_ADDRESS = EnvVar("RAY_ADDRESS", None, "library",
+                     "the Ray cluster `serve --engine ray` joins (unset: it starts a local one)")
+RAY_WORKER_NICENESS = EnvVar("RAY_worker_niceness", None, "library",
+                             "Ray's priority for its workers (the replicas, the ingress), read where the cluster "
+                             "starts: nice 15 unless set; 0 where other processes compete for the CPUs")
 CUDA_VISIBLE_DEVICES = EnvVar("CUDA_VISIBLE_DEVICES", None, "library",
                               "which GPUs the process sees (the clock sampler maps it to nvidia-smi's ids)")
 PYTHON_DONT_WRITE_BYTECODE = EnvVar("PYTHONDONTWRITEBYTECODE", None, "library",
@@ -148,6 +176,14 @@ def code_switches() -> dict[str, str]:
     """The code switches turned off in this process (recorded by benchmarks, part of the compile-cache key). Only
     the off ones: an explicit "1" runs the same code as an unset switch."""
     return {v.name: "0" for v in CODE_SWITCHES if v.off()}
+
+
+def replica_env() -> dict[str, str]:
+    """The documented FLUX_* variables set in this process: what Ray Serve replicas, possibly on other hosts, need
+    to run the same code (the code switches above are read where they act, not passed in the service's config).
+    Library variables (HF_TOKEN above all: a secret) are not included; the cluster's own environment provides them."""
+    return {v.name: os.environ[v.name] for v in _ALL if v.documented and v.name.startswith("FLUX_")
+            and v.name in os.environ}
 
 
 def set_process_env(var: EnvVar, value: str) -> None:

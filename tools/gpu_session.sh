@@ -8,6 +8,8 @@
 #        --hide-packages peft,scipy,sklearn  # tools/cold_start.py (on the image, not installed by our requirements;
 #                                            # diffusers and transformers import them at start-up when present)
 #   bash tools/gpu_session.sh py bench/bench_gelu_quant.py --out "$OUT/gelu_quant.json"   # any script, same env
+#   bash tools/gpu_session.sh py tools/ray_replicas_bench.py --replicas 2 --kill --json-out "$OUT/ray-replicas.json"
+#        # Ray Serve replicas (needs .whl/ray: RAY=1 bash tools/fetch_gpu_wheels.sh)
 # Several modes in one device call: chain them with `;` (the wheels are installed once per machine).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,6 +24,15 @@ if [ -n "${WHEEL_OVERLAY:-}" ]; then
   [ -f /tmp/site-overlay/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --upgrade --target /tmp/site-overlay "$WHEEL_OVERLAY"/*.whl && touch /tmp/site-overlay/.installed; } || exit 1
   export PYTHONPATH=/tmp/site-overlay:$PYTHONPATH
+fi
+# .whl/ray (RAY=1 bash tools/fetch_gpu_wheels.sh): ray[serve] for `serve --engine ray` and tools/ray_*_bench.py.
+# Installed apart and put after the image's site-packages (a .pth in the user site), so that only what the image
+# lacks comes from there; Ray's workers are started with this environment too.
+if [ -d .whl/ray ]; then
+  [ -f /tmp/site-ray/.installed ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site-ray .whl/ray/*.whl && touch /tmp/site-ray/.installed; } || exit 1
+  usersite=$(python3 -m site --user-site) && mkdir -p "$usersite" && echo /tmp/site-ray > "$usersite/flux-ray.pth"
+  export PATH=/tmp/site-ray/bin:$PATH
 fi
 export FLUX_CACHE_DIR=${FLUX_CACHE_DIR:-/tmp/flux-cache}
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor} FLUX_LOG_LEVEL=WARNING

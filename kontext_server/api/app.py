@@ -6,6 +6,12 @@ routes); their wire formats in protocol.py and openai/protocol.py. Errors answer
 the route family the path belongs to: OpenAI's under /v1, the /inference shape elsewhere.
 Keys and per-key limits (ServerSettings.api_keys / rate_limit) guard every path but OPEN_PATHS: a route added later
 is guarded unless it is listed there.
+
+The engine and the metrics are injectable: by default the app builds the local `engine.Engine` (one worker thread on
+this process's device) and its own `Metrics`. Another engine with the same interface (submit -> a job whose
+`future` is a concurrent Future; cancel, queue_depth, in_flight, accepting, retry_after_seconds, start,
+stop_accepting, drain) serves the same routes, schemas, errors and headers from elsewhere: the Ray Serve ingress
+(kontext_server/serving/ray_serve) passes one that calls model replicas, with a service proxy in place of the service.
 """
 from __future__ import annotations
 
@@ -33,17 +39,14 @@ OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/docs", "/docs/oauth2-r
 JOB_PATHS = frozenset({"/inference", "/benchmark", "/v1/images/generations", "/v1/images/edits"})
 
 
-def build_app(service, settings: ServerSettings | None = None, output_store: OutputStore | None = None) -> FastAPI:
+def build_app(service, settings: ServerSettings | None = None, output_store: OutputStore | None = None,
+              engine=None, metrics=None) -> FastAPI:
+    """The app of one service. `engine` None: a local Engine running jobs on `service` here; `metrics` None: a
+    fresh Metrics registry (the app's own); `output_store` None: `response_format: "url"` is refused."""
     settings = settings or ServerSettings()
-    metrics = Metrics()
-
-    def on_event(event: str, job: eng.Job, info: dict):
-        if event == "started":
-            metrics.queue_wait.observe(info["queue_wait_s"])
-
-    engine = eng.Engine(lambda job: job.payload.run(service, job.should_stop), max_queue=settings.max_queue,
-                        queue_timeout=settings.queue_timeout, request_timeout=settings.request_timeout,
-                        on_event=on_event)
+    metrics = metrics if metrics is not None else Metrics()
+    if engine is None:
+        engine = local_engine(service, settings, metrics)
     app = FastAPI(title="FLUX.1-Kontext inference server", version=__version__,
                   lifespan=lifespan_for(service, engine, settings))
     app.state.server = Server(service=service, engine=engine, metrics=metrics, settings=settings,
@@ -78,6 +81,17 @@ def build_app(service, settings: ServerSettings | None = None, output_store: Out
     known_paths.update(r.path for r in app.routes if hasattr(r, "path"))  # FastAPI's own: /docs, /openapi.json
     known_paths.update(r.path for router in ROUTERS for r in router.routes)
     return app
+
+
+def local_engine(service, settings: ServerSettings, metrics: Metrics) -> eng.Engine:
+    """The local engine: one worker thread running each job's payload on `service`, queue waits into `metrics`."""
+    def on_event(event: str, job: eng.Job, info: dict):
+        if event == "started":
+            metrics.queue_wait.observe(info["queue_wait_s"])
+
+    return eng.Engine(lambda job: job.payload.run(service, job.should_stop), max_queue=settings.max_queue,
+                      queue_timeout=settings.queue_timeout, request_timeout=settings.request_timeout,
+                      on_event=on_event)
 
 
 create_app = build_app  # the name the tests and earlier releases use

@@ -36,4 +36,10 @@ async def wait_for(engine: eng.Engine, request: Request, job: eng.Job):
                 engine.cancel(job, eng.QueueTimeout)
     except asyncio.CancelledError:
         engine.cancel(job, eng.Cancelled)
+        fut.add_done_callback(_retrieve)  # nobody awaits it now: no "exception was never retrieved" line
         raise
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -6,18 +6,26 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+def http_metrics(registry: CollectorRegistry) -> tuple[Counter, Counter, Histogram]:
+    """The HTTP layer's own families (the middleware counts and times every request, the key guard counts per key),
+    in `registry`: the local server's Metrics and the Ray Serve ingress's (kontext_server/serving/ray_serve/metrics.py)
+    both have them. Returns (requests, requests_by_key, latency)."""
+    requests = Counter("flux_requests_total", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                       registry=registry)
+    # Only with API keys or a rate limit. key_id: a key's id (8 hex characters of its SHA-256), never the key;
+    # "none" / "invalid" for requests refused for a missing / unknown key; "anonymous" without keys.
+    requests_by_key = Counter("flux_requests_by_key_total", "Requests to keyed routes by key id and status",
+                              ["key_id", "status"], registry=registry)
+    latency = Histogram("flux_request_seconds", "End-to-end request latency", ["endpoint"], buckets=STAGE_BUCKETS,
+                        registry=registry)
+    return requests, requests_by_key, latency
+
+
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("flux_requests_total", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=r)
-        # Only with API keys or a rate limit. key_id: a key's id (8 hex characters of its SHA-256), never the key;
-        # "none" / "invalid" for requests refused for a missing / unknown key; "anonymous" without keys.
-        self.requests_by_key = Counter("flux_requests_by_key_total", "Requests to keyed routes by key id and status",
-                                       ["key_id", "status"], registry=r)
-        self.latency = Histogram("flux_request_seconds", "End-to-end request latency", ["endpoint"],
-                                 buckets=STAGE_BUCKETS, registry=r)
+        self.requests, self.requests_by_key, self.latency = http_metrics(r)
         self.stage = Histogram("flux_stage_seconds", "Generation time per stage", ["stage"],
                                buckets=STAGE_BUCKETS, registry=r)
         self.queue_wait = Histogram("flux_queue_wait_seconds", "Time a job waited for the GPU worker",

@@ -96,7 +96,7 @@ class KeyGuard:
         self.open_paths, self.job_paths = open_paths, job_paths
 
     async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
+        path = route_path(scope)  # without a mount prefix: /health is open however the app is mounted
         if scope["type"] != "http" or path in self.open_paths or (self.keys is None and self.limiter is None):
             return await self.app(scope, receive, send)
         kid = "anonymous"
@@ -134,6 +134,13 @@ class KeyGuard:
             self.metrics.requests_by_key.labels(kid, str(status["code"] or 499)).inc()
 
 
+def route_path(scope) -> str:
+    """The path the app routes on: without the prefix it is mounted under (`root_path`: a Ray Serve route prefix,
+    uvicorn's --root-path), so metrics name /inference however the app is mounted."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
+
+
 class RequestContext:
     """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from the routes): a request id on
     every response, metrics, one log line per request, and a JSON 500 for anything a route did not handle."""
@@ -169,7 +176,7 @@ class RequestContext:
                 await send_json(send, 500, self.error_body(scope.get("path", ""), 500, "internal_error",
                                                            f"{type(exc).__name__}: {exc}"), [rid_header])
         finally:
-            path = scope.get("path", "")
+            path = route_path(scope)
             label = path if path in self.known_paths else "other"
             code = status["code"] or 499  # no answer sent: the client went away
             elapsed = time.perf_counter() - t0

@@ -35,3 +35,4 @@ class InferenceResponse(BaseModel):
     optimizations: dict[str, OptimizationReport]
     model: ModelInfo
     warnings: list[str] = []
+    replica: str | None = None  # the Ray Serve replica that ran it (as X-Replica); null on the local server

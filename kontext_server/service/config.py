@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kontext_server import settings
+
 NEW_SHAPE_POLICIES = ("compile", "eager")
 
 
@@ -24,6 +26,9 @@ class ServiceConfig:
     # A request at a shape no warm-up compiled: "compile" compiles it on that request's time (tens of seconds for the
     # full model, with the worker and every queued request waiting); "eager" runs it uncompiled and says so.
     new_shapes: str = "compile"
+    # Seconds a start waits for another process compiling into the same cache directory before compiling itself
+    # (kontext_server/service/compile_lock.py).
+    compile_lock_wait: float = field(default_factory=lambda: settings.COMPILE_LOCK_WAIT.get_float())
 
     def __post_init__(self):
         if self.new_shapes not in NEW_SHAPE_POLICIES:

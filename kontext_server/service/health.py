@@ -35,7 +35,8 @@ def health_report(service) -> dict:
                                  "save_seconds": round(cache.save_seconds, 3), "saves": cache.saves,
                                  "saves_skipped": cache.saves_skipped,
                                  "inductor_cache_dir": settings.INDUCTOR_CACHE_DIR.get(),
-                                 "aot_regions": registry["compile"].aot_stats.as_dict(), **cache.counters()}
+                                 "aot_regions": registry["compile"].aot_stats.as_dict(), **cache.counters(),
+                                 "lock": service.compile_lock}
     info["bytecode_cache"] = bytecode_cache.status
     if service.device_info.is_cuda:  # a CPU runs no cuBLASLt GEMM: the setting would mean nothing there
         info["cublaslt_workspace"] = cublaslt_workspace.status

@@ -43,6 +43,7 @@ class GenerationResult:
     optimizations: dict[str, Decision]
     warnings: list[str]
     latents: Any = None  # final packed latents (for fidelity checks; not sent over HTTP)
+    replica: str | None = None  # which Ray Serve replica ran it (set by kontext_server/serving/ray; None locally)
 
 
 class _Timed:
@@ -122,6 +123,17 @@ def output_size(req: InferenceRequest, image: Image.Image | None) -> tuple[int, 
     return size.width, size.height
 
 
+def compile_shape(registry: Mapping, req: InferenceRequest, image, plan: Mapping[str, Decision]) -> tuple:
+    """What a compiled graph is specialised on: precision, output size, edit or not, images per prompt."""
+    return (Runner.precision(plan, registry), *output_size(req, image), image is not None, req.num_images)
+
+
+def shape_is_compiled(registry: Mapping, warm_keys: frozenset, shape: tuple) -> bool:
+    """Whether a warm run with a shape-compiling optimisation applied has run at `shape` (`warm_keys`: a runner's)."""
+    compiling = {n for n, o in registry.items() if o.compiles_per_shape}
+    return any(key[0] == shape and compiling & set(key[1]) for key in warm_keys)
+
+
 class Runner:
     """Runs requests on loaded components with a registry (whose prepared entries `prepared` names)."""
 
@@ -152,7 +164,7 @@ class Runner:
 
     def compile_shape(self, req: InferenceRequest, image, plan: Mapping[str, Decision]) -> tuple:
         """What a compiled graph is specialised on: precision, output size, edit or not, images per prompt."""
-        return (self.precision(plan, self.registry), *output_size(req, image), image is not None, req.num_images)
+        return compile_shape(self.registry, req, image, plan)
 
     def warm_key(self, req: InferenceRequest, image, plan: Mapping[str, Decision]) -> tuple:
         applied = tuple(n for n in STACK_ORDER if plan[n].applied and self.registry[n].in_warm_key)
@@ -160,8 +172,7 @@ class Runner:
 
     def shape_is_compiled(self, shape: tuple) -> bool:
         """Whether a warm run with a shape-compiling optimisation applied has run at `shape`."""
-        compiling = {n for n, o in self.registry.items() if o.compiles_per_shape}
-        return any(key[0] == shape and compiling & set(key[1]) for key in self.warm_keys)
+        return shape_is_compiled(self.registry, self.warm_keys, shape)
 
     # ---- one request ------------------------------------------------------------------------------------------------
     def _context(self, req: InferenceRequest, image, plan: Mapping[str, Decision], output_type: str) -> tuple:

@@ -8,6 +8,7 @@ runs).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Callable
@@ -21,17 +22,36 @@ from PIL import Image  # noqa: E402
 
 from kontext_server import settings  # noqa: E402
 from kontext_server.request import DEFAULT_DPM_STEPS, InferenceRequest  # noqa: E402
+from kontext_server.service import compile_lock  # noqa: E402
 from kontext_server.service import components as comp  # noqa: E402
 from kontext_server.service.config import ServiceConfig  # noqa: E402
 from kontext_server.service.health import health_report  # noqa: E402
 from kontext_server.service.planner import plan as make_plan  # noqa: E402
-from kontext_server.service.runner import GenerationResult, Runner, output_size  # noqa: E402
+from kontext_server.service.runner import (GenerationResult, Runner, compile_shape, output_size,  # noqa: E402
+                                          shape_is_compiled)
 from kontext_server.service.steps import StepEvent  # noqa: E402
 from optimizations.base import Decision, DeviceInfo  # noqa: E402
 from optimizations.registry import build_registry, resolve_names  # noqa: E402
 from utils import module_bytes  # noqa: E402
 
 log = logging.getLogger("flux.service")
+
+
+def plan_request(req: InferenceRequest, image: Image.Image | None, registry, prepared: dict[str, str],
+                 device_info: DeviceInfo, warm_keys: Callable[[], frozenset] | None = None) -> dict[str, Decision]:
+    """The planner's call for one request: `FluxService.plan` here, and the Ray Serve ingress's service proxy with
+    what its replicas report (serving/ray/remote_service.py), so both plan alike. `warm_keys` (the runner's compiled
+    shapes, read when needed) is given only under --new-shapes eager: a shape it lacks then runs uncompiled."""
+    unwarmed = None
+    if warm_keys is not None:
+        def unwarmed(decisions) -> str | None:
+            shape = compile_shape(registry, req, image, decisions)
+            if shape_is_compiled(registry, warm_keys(), shape):
+                return None
+            w, h = shape[1], shape[2]
+            return f"{w}x{h} {'edit' if image is not None else 'text-to-image'} ({shape[0]})"
+
+    return make_plan(req.flags(), registry, prepared, device_info, strict=req.strict, unwarmed_shape=unwarmed)
 
 
 class FluxService:
@@ -50,6 +70,7 @@ class FluxService:
         self.prepare_seconds: dict[str, float] = {}
         self.transformer_variant_bytes: dict[str, int] = {}
         self.compile_cache = None
+        self.compile_lock: dict | None = None  # this start's role on the shared cache directory (compile_lock.py)
         self.warmups: list[dict] = []  # start-up warm-ups: shape, precision, milliseconds (in /health)
 
     # ---- what was loaded ------------------------------------------------------------------------------------------
@@ -97,9 +118,14 @@ class FluxService:
                 warning = f"model {self.loaded.model.source!r} has random weights: the images carry no meaning"
             self.runner = Runner(components, self.registry, self.prepared, self.device, warning)
             self.runner.on_warmed = self._save_compile_cache
-            self.prepare(resolve_names(self.config.optimizations, self.registry, self.device_info))
-            for size in self.config.warmup_sizes:
-                self.warm_up(*size)
+            names = resolve_names(self.config.optimizations, self.registry, self.device_info)
+            # Processes sharing the cache directory (replicas on one host) compile once: see compile_lock.py
+            lock = compile_lock.first_compiler(self.cache_root / "compile", self.config.compile_lock_wait) \
+                if "compile" in names else contextlib.nullcontext(None)
+            with lock as self.compile_lock:
+                self.prepare(names)
+                for size in self.config.warmup_sizes:
+                    self.warm_up(*size)
             self.state = "ready"
         except Exception as exc:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
@@ -146,19 +172,9 @@ class FluxService:
         """What the request gets (StrictError: a `strict` request cannot get what it asked for). `image` (the
         decoded reference image, if any) sets its shape, which the --new-shapes eager policy needs; warm-ups pass
         new_shape_policy=False (they are what compiles a shape)."""
-        unwarmed = None
-        if new_shape_policy and self.config.new_shapes == "eager" and self.runner is not None:
-            runner = self.runner
-
-            def unwarmed(decisions) -> str | None:
-                shape = runner.compile_shape(req, image, decisions)
-                if runner.shape_is_compiled(shape):
-                    return None
-                w, h = shape[1], shape[2]
-                return f"{w}x{h} {'edit' if image is not None else 'text-to-image'} ({shape[0]})"
-
-        return make_plan(req.flags(), self.registry, self.prepared, self.device_info, strict=req.strict,
-                         unwarmed_shape=unwarmed)
+        eager = new_shape_policy and self.config.new_shapes == "eager" and self.runner is not None
+        return plan_request(req, image, self.registry, self.prepared, self.device_info,
+                            warm_keys=(lambda: self.runner.warm_keys) if eager else None)
 
     # ---- 4. generate ------------------------------------------------------------------------------------------------
     def generate(self, req: InferenceRequest, image: Image.Image | None = None,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -118,9 +119,16 @@ class CompileCache:
             return 0
         data, _info = result
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.path)  # readers never see a half-written file
+        # A temporary name of this writer's own: processes sharing the directory (replicas on one host) may save the
+        # same key at once; each renames a whole file over the path, and readers never see a half-written one.
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         self.saved_bytes = len(data)
         self._file_current = True  # the file now holds what this process has compiled
         self._misses_at_save = misses

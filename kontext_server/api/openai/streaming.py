@@ -57,7 +57,8 @@ def stream_images(request: Request, srv: Server, req: InferenceRequest, image, p
 
     t0 = time.perf_counter()
     try:
-        job = srv.engine.submit(GenerateJob(req, image, plan, on_step), job_id=request.state.request_id)
+        job = srv.engine.submit(GenerateJob(req, image, plan, on_step, partial_images=partial_images),
+                                job_id=request.state.request_id)
     except eng.EngineError as exc:
         log_outcome(request, req, f"{exc.status} {exc.code}", edit, " stream=True")
         return errors.engine_error_response(exc, srv.engine)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from kontext_server import engine as eng
@@ -22,7 +22,7 @@ router = APIRouter()
 
 @router.post("/inference", response_model=InferenceResponse,
              responses={413: {}, 422: {}, 429: {}, 500: {}, 503: {}, 504: {}})
-async def inference(body: InferenceRequest, request: Request):
+async def inference(body: InferenceRequest, request: Request, response: Response):
     srv = server(request)
     service, engine, metrics = srv.service, srv.engine, srv.metrics
     rid = request.state.request_id
@@ -57,6 +57,9 @@ async def inference(body: InferenceRequest, request: Request):
     log.info("request %s size=%dx%d steps=%d images=%d edit=%s timings_ms=%s outcome=200", rid, result.width,
              result.height, result.steps, len(images), image is not None, {k: round(v) for k, v in timings.items()})
     m = service.model
+    replica = getattr(result, "replica", None)  # set where a Ray Serve replica ran it (serving/ray)
+    if replica:
+        response.headers["X-Replica"] = replica
     return InferenceResponse(
         request_id=rid, images=images, output_format=body.output_format, seed=result.seed,
         width=result.width, height=result.height, steps=result.steps, steps_computed=result.steps_computed,
@@ -64,4 +67,4 @@ async def inference(body: InferenceRequest, request: Request):
         optimizations={k: OptimizationReport(requested=d.requested, applied=d.applied, detail=d.detail)
                        for k, d in result.optimizations.items()},
         model=ModelInfo(source=m.source, synthetic=m.synthetic, description=m.description),
-        warnings=result.warnings)
+        warnings=result.warnings, replica=replica)
