@@ -16,7 +16,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -P -c 
   echo "setup: .venv is up to date"
   exit 0
 fi
-.venv/bin/python -m pip install -q --upgrade pip
+# pip < 26: pip 26 refuses para-attn 0.3.38 (an sdist) because its `dev` extra names a git URL ("Distributions
+# from PyPI cannot declare direct URL dependencies"), although that extra is never installed.
+.venv/bin/python -m pip install -q --upgrade "pip<26"
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"

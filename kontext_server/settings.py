@@ -69,6 +69,17 @@ NEW_SHAPES = EnvVar("FLUX_NEW_SHAPES", "compile", "model",
 COMPILE_LOCK_WAIT = EnvVar("FLUX_COMPILE_LOCK_WAIT", "1800", "model",
                            "seconds a start waits while another process compiles into the same cache directory "
                            "(then loads its artifacts; after the wait it compiles itself)")
+CONTEXT_PARALLEL = EnvVar("FLUX_CONTEXT_PARALLEL", "1", "model",
+                          "ranks one request is split over (context parallelism): N processes on this host, one GPU "
+                          "each (N CPU processes on the gloo backend without GPUs); rank 0 serves, the others follow")
+CP_RING_DEGREE = EnvVar("FLUX_CP_RING_DEGREE", "1", "model",
+                        "context parallelism: ranks of ring attention (GPU only); the rest split heads (Ulysses)")
+CP_TIMEOUT = EnvVar("FLUX_CP_TIMEOUT", "300", "model",
+                    "context parallelism: seconds a collective waits for the other ranks before the request fails "
+                    "(503) and the group is reported broken")
+CP_FAIL_AT = EnvVar("FLUX_CP_FAIL_AT", None, "model",
+                    "tests only: RANK:JOB makes that rank fail its JOB-th generation after the first step",
+                    documented=False)
 HOST = EnvVar("FLUX_HOST", "127.0.0.1", "server", "listen address")
 PORT = EnvVar("FLUX_PORT", "8000", "server", "listen port")
 MAX_QUEUE = EnvVar("FLUX_MAX_QUEUE", "16", "server", "requests that may wait beside the running one (then 429)")

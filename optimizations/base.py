@@ -33,19 +33,23 @@ class DeviceInfo:
     type: str  # "cuda" or "cpu"
     name: str  # e.g. "NVIDIA H100 80GB HBM3" or "cpu"
     capability: tuple[int, int] | None  # CUDA compute capability, None on CPU
+    # Ranks one request is split over (context parallelism, kontext_server/parallel): an optimisation that cannot run
+    # split says why in `available` when this is above 1.
+    context_parallel: int = 1
 
     @property
     def is_cuda(self) -> bool:
         return self.type == "cuda"
 
     @classmethod
-    def detect(cls, device: str) -> "DeviceInfo":
+    def detect(cls, device: str, context_parallel: int = 1) -> "DeviceInfo":
         import torch
 
         if device.startswith("cuda"):
             idx = torch.device(device).index or 0
-            return cls("cuda", torch.cuda.get_device_name(idx), torch.cuda.get_device_capability(idx))
-        return cls("cpu", "cpu", None)
+            return cls("cuda", torch.cuda.get_device_name(idx), torch.cuda.get_device_capability(idx),
+                       context_parallel)
+        return cls("cpu", "cpu", None, context_parallel)
 
 
 @dataclass
@@ -106,6 +110,10 @@ class RunContext:
     vae_encode: Callable | None = None
     vae_decode: Callable | None = None
     report: dict = field(default_factory=dict)
+    # Context parallelism (kontext_server/parallel/adapter.py), None in one process: `reduce_token_sums(*tensors)`
+    # sums (batch, tokens, channels) tensors over the image tokens of the whole sequence, on every rank alike, so
+    # that a data-dependent decision (the first-block cache's skip) is the same on all ranks.
+    collective: Any = None
 
     @property
     def variant(self):

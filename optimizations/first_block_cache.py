@@ -33,7 +33,7 @@ class FirstBlockCacheOpt(Optimization):
     @contextlib.contextmanager
     def activate(self, run: RunContext):
         threshold = run.request.cache_threshold
-        with cache_for(run.variant).session(threshold) as stats:
+        with cache_for(run.variant).session(threshold, run.collective) as stats:
             run.report["step_cache"] = stats  # computed / skipped calls, read after the generation
             yield
 

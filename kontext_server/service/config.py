@@ -29,9 +29,18 @@ class ServiceConfig:
     # Seconds a start waits for another process compiling into the same cache directory before compiling itself
     # (kontext_server/service/compile_lock.py).
     compile_lock_wait: float = field(default_factory=lambda: settings.COMPILE_LOCK_WAIT.get_float())
+    # Context parallelism (kontext_server/parallel): each request split over this many ranks of one host (processes
+    # this one starts; one GPU each), with this ring degree (the rest Ulysses), and collectives that give up after
+    # cp_timeout seconds.
+    context_parallel: int = field(default_factory=lambda: settings.CONTEXT_PARALLEL.get_int())
+    cp_ring: int = field(default_factory=lambda: settings.CP_RING_DEGREE.get_int())
+    cp_timeout: float = field(default_factory=lambda: settings.CP_TIMEOUT.get_float())
 
     def __post_init__(self):
         if self.new_shapes not in NEW_SHAPE_POLICIES:
             raise ValueError(f"new_shapes must be one of {NEW_SHAPE_POLICIES}, not {self.new_shapes!r}")
+        if self.context_parallel < 1 or self.cp_ring < 1 or self.context_parallel % self.cp_ring:
+            raise ValueError(f"context_parallel ({self.context_parallel}) must be at least 1 and a multiple of the "
+                             f"ring degree ({self.cp_ring})")
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)

@@ -44,6 +44,7 @@ class GenerationResult:
     warnings: list[str]
     latents: Any = None  # final packed latents (for fidelity checks; not sent over HTTP)
     replica: str | None = None  # which Ray Serve replica ran it (set by kontext_server/serving/ray; None locally)
+    parallel: dict | None = None  # context parallelism: degree, attention split, padding (kontext_server/parallel)
 
 
 class _Timed:
@@ -138,9 +139,13 @@ class Runner:
     """Runs requests on loaded components with a registry (whose prepared entries `prepared` names)."""
 
     def __init__(self, components, registry: Mapping, prepared: Mapping[str, str], device: str,
-                 synthetic_warning: str | None = None):
+                 synthetic_warning: str | None = None, parallel=None):
         self.components, self.registry, self.prepared, self.device = components, registry, prepared, device
         self.synthetic_warning = synthetic_warning
+        # Context parallelism (kontext_server/parallel/adapter.SequenceSplit), None in one process: `wrap(run)` is
+        # entered around the pipeline call outside every optimisation (it splits the transformer call over the
+        # ranks), and it is the requests' `RunContext.collective`.
+        self.parallel = parallel
         # (shape, applied warm-key optimisations, true CFG) already compiled / captured. Replaced, never mutated:
         # the planner reads it from the event loop while the worker adds to it.
         self.warm_keys: frozenset = frozenset()
@@ -177,7 +182,8 @@ class Runner:
     # ---- one request ------------------------------------------------------------------------------------------------
     def _context(self, req: InferenceRequest, image, plan: Mapping[str, Decision], output_type: str) -> tuple:
         """The RunContext a request starts with (configured by its optimisations), and its seed."""
-        run = RunContext(components=self.components, request=req, plan=plan, default_steps=DEFAULT_STEPS)
+        run = RunContext(components=self.components, request=req, plan=plan, default_steps=DEFAULT_STEPS,
+                         collective=self.parallel)
         for name in STACK_ORDER:
             if plan[name].applied:
                 self.registry[name].configure(run)
@@ -281,6 +287,8 @@ class Runner:
                     stack.enter_context(opt.activate(run))
                 elif name in self.prepared:
                     stack.enter_context(opt.bypass(run))
+            if self.parallel is not None:  # outermost: each rank's share of every transformer call
+                stack.enter_context(self.parallel.wrap(run))
             stack.enter_context(_swap(pipe, "transformer", _Timed(run.transformer, timer, "transformer",
                                                                   self.transformer_call_observer,
                                                                   probe.observe if probe is not None else None)))

@@ -58,7 +58,7 @@ class FluxService:
     def __init__(self, config: ServiceConfig | None = None):
         self.config = config or ServiceConfig()
         self.device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device_info = DeviceInfo.detect(self.device)
+        self.device_info = DeviceInfo.detect(self.device, self.config.context_parallel)
         self.cache_root = self.config.cache_dir or settings.default_cache_dir()
         self.registry = build_registry(self.config.compile_mode, self.config.compile_vae, self.config.compile_scope,
                                        self.config.inductor_flags, dpm_default_steps=DEFAULT_DPM_STEPS)
@@ -72,6 +72,7 @@ class FluxService:
         self.compile_cache = None
         self.compile_lock: dict | None = None  # this start's role on the shared cache directory (compile_lock.py)
         self.warmups: list[dict] = []  # start-up warm-ups: shape, precision, milliseconds (in /health)
+        self.parallel = None  # context parallelism: kontext_server/parallel sets its SequenceSplit (the Runner's)
 
     # ---- what was loaded ------------------------------------------------------------------------------------------
     @property
@@ -116,7 +117,7 @@ class FluxService:
             warning = None
             if self.loaded.model.synthetic:
                 warning = f"model {self.loaded.model.source!r} has random weights: the images carry no meaning"
-            self.runner = Runner(components, self.registry, self.prepared, self.device, warning)
+            self.runner = Runner(components, self.registry, self.prepared, self.device, warning, self.parallel)
             self.runner.on_warmed = self._save_compile_cache
             names = resolve_names(self.config.optimizations, self.registry, self.device_info)
             # Processes sharing the cache directory (replicas on one host) compile once: see compile_lock.py
@@ -141,6 +142,8 @@ class FluxService:
         components = self.loaded.components
         if "compile" in names:
             settings_key = f"{self.config.compile_mode}/{self.config.compile_scope}/{self.config.inductor_flags}"
+            if self.config.context_parallel > 1:  # the compiled blocks hold the split attention's collectives
+                settings_key += f"/cp{self.config.context_parallel}"
             self.compile_cache = components.compile_cache = comp.open_compile_cache(
                 self.loaded, self.cache_root, sorted(set(self.prepared) | set(names)), settings_key)
         for name in names:

@@ -90,8 +90,9 @@ class _BranchState:
 
 
 class _Session:
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, collective=None):
         self.threshold = float(threshold)
+        self.collective = collective  # context parallelism: sums over the whole split sequence (RunContext)
         self.stats = CacheStats(threshold=self.threshold)
         self.branches: dict[tuple, _BranchState] = {}
 
@@ -172,8 +173,11 @@ class FirstBlockCache:
     # Sessions (one per request)
     # ------------------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def session(self, threshold: float) -> Iterator[CacheStats]:
-        """Activate the cache for one request. Yields the live CacheStats; all cached tensors are dropped on exit."""
+    def session(self, threshold: float, collective=None) -> Iterator[CacheStats]:
+        """Activate the cache for one request. Yields the live CacheStats; all cached tensors are dropped on exit.
+
+        `collective` (context parallelism: each rank holds part of the tokens): its `reduce_token_sums` makes the
+        skip decision from the whole sequence, the same on every rank."""
         if not self._installed:
             raise RuntimeError("FirstBlockCache was removed; create a new one")
         threshold = float(threshold)
@@ -185,7 +189,7 @@ class FirstBlockCache:
                 "(nested or concurrent sessions are not supported: one request at a time)"
             )
         try:
-            sess = _Session(threshold)
+            sess = _Session(threshold, collective)
             self._session = sess
             try:
                 yield sess.stats
@@ -221,7 +225,13 @@ def _should_skip(sess: _Session, state: _BranchState | None, first_residual: tor
     if state is None or state.first_residual.shape != first_residual.shape:
         return False
     prev = state.first_residual
-    rel = (first_residual - prev).abs().mean() / prev.abs().mean()
+    if sess.collective is not None:
+        # Split sequence: the ratio of sums over every rank's tokens (a ratio of means over equal counts), the same
+        # number on every rank, so every rank skips the same steps (para-attn's cache all-reduces it likewise).
+        diff, ref = sess.collective.reduce_token_sums((first_residual - prev).abs(), prev.abs())
+        rel = diff / ref
+    else:
+        rel = (first_residual - prev).abs().mean() / prev.abs().mean()
     # `.item()` is a host sync: the skip decision changes which kernels are launched next, so it is inherent to
     # the method (diffusers' and para-attn's FBCache sync here too).
     rel = rel.item()
