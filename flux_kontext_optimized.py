@@ -27,10 +27,10 @@ class _LazyApp:
             prepare_process()  # before torch: see kontext_server/startup
             configure_logging()  # uvicorn configures only its own loggers: the per-request lines are ours
             from kontext_server.api.app import build_app
-            from kontext_server.service import FluxService
+            from kontext_server.parallel import build_service
 
             cfg, server_settings = config_from_env()
-            type(self)._app = build_app(FluxService(cfg), server_settings)
+            type(self)._app = build_app(build_service(cfg), server_settings)
         return self._app
 
     async def __call__(self, scope, receive, send):

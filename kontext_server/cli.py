@@ -79,6 +79,15 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto
                                   "(much slower compile)", settings.INDUCTOR_FLAGS))
     p.add_argument("--cache-dir", default=settings.CACHE_DIR.get(),
                    help=_env_help("tiny model, compile caches, bytecode", settings.CACHE_DIR))
+    p.add_argument("--context-parallel", type=int, default=settings.CONTEXT_PARALLEL.get_int(), metavar="N",
+                   help=_env_help("split each request over N ranks of this host (context parallelism): this process "
+                                  "is rank 0 and starts the other N-1, one GPU each (without GPUs: N CPU processes "
+                                  "on gloo)", settings.CONTEXT_PARALLEL))
+    p.add_argument("--cp-ring-degree", type=int, default=settings.CP_RING_DEGREE.get_int(), metavar="R",
+                   help=_env_help("of the N ranks, ring attention over R (GPU only), Ulysses over N/R",
+                                  settings.CP_RING_DEGREE))
+    p.add_argument("--cp-timeout", type=float, default=settings.CP_TIMEOUT.get_float(),
+                   help=_env_help("seconds a collective waits for the other ranks", settings.CP_TIMEOUT))
 
 
 def service_config(a) -> ServiceConfig:
@@ -87,7 +96,8 @@ def service_config(a) -> ServiceConfig:
                          compile_scope=a.compile_scope, inductor_flags=a.inductor_flags,
                          cache_dir=Path(a.cache_dir) if a.cache_dir else None,
                          warmup_sizes=getattr(a, "warmup", None) or [],
-                         new_shapes=getattr(a, "new_shapes", None) or "compile")
+                         new_shapes=getattr(a, "new_shapes", None) or "compile",
+                         context_parallel=a.context_parallel, cp_ring=a.cp_ring_degree, cp_timeout=a.cp_timeout)
 
 
 def server_settings(a):
@@ -107,9 +117,9 @@ def config_from_env():
 
 def _load_or_exit(cfg: ServiceConfig):
     from kontext_server.models import ModelLoadError
-    from kontext_server.service import FluxService
+    from kontext_server.parallel import build_service
 
-    svc = FluxService(cfg)
+    svc = build_service(cfg)
     try:
         svc.load()
     except ModelLoadError as exc:
@@ -140,7 +150,7 @@ def cmd_serve(a) -> None:
 
     from kontext_server.api.app import build_app
     from kontext_server.models import ModelLoadError
-    from kontext_server.service import FluxService
+    from kontext_server.parallel import build_service
 
     settings_ = server_settings(a)
     warning = exposure_warning(a.host, settings_.api_keys)
@@ -148,7 +158,7 @@ def cmd_serve(a) -> None:
         log.warning(warning)
     if settings_.api_keys is not None:  # how many, never which
         log.info("API keys: %d from %s", len(settings_.api_keys.digests), settings_.api_keys.source)
-    svc = FluxService(service_config(a))
+    svc = build_service(service_config(a))  # with --context-parallel N: rank 0, which starts the others at load
     if not a.background_load:
         try:  # fail at start-up, with the message, when the model cannot be found
             svc.load()

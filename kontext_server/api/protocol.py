@@ -36,3 +36,6 @@ class InferenceResponse(BaseModel):
     model: ModelInfo
     warnings: list[str] = []
     replica: str | None = None  # the Ray Serve replica that ran it (as X-Replica); null on the local server
+    # context parallelism: degree, attention split (ulysses x ring), tokens padded, each rank's step counts; null in
+    # one process
+    context_parallel: dict | None = None

@@ -67,9 +67,9 @@ def follower_main(rank: int, world: int, address: Address, device_type: str, spl
     from kontext_server.startup import prepare_process
 
     prepare_process()
-    from kontext_server.cli import configure_logging
+    from kontext_server import settings
 
-    configure_logging()
+    logging.basicConfig(level=settings.LOG_LEVEL.get(), format=f"%(asctime)s rank {rank} %(name)s %(message)s")
     from kontext_server.parallel.service import ParallelService
 
     group = Group(rank, world, address, device_type, split, config.cp_timeout)

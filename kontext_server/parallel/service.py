@@ -264,7 +264,10 @@ class ParallelService(FluxService):
         info = super().health()
         report = self.parallel_report()
         if self.group is not None:
-            report["ranks"] = {str(r): self.group.dead.get(r, "alive") for r in range(1, self.group.world)}
+            report["ranks"] = {str(r): {"state": "lost" if r in self.group.dead else "alive",
+                                        "pid": getattr(self.group.processes.get(r), "pid", None),
+                                        **({"detail": self.group.dead[r]} if r in self.group.dead else {})}
+                               for r in range(1, self.group.world)}
             if self.group.broken:
                 report["broken"] = self.group.broken
         info["context_parallel"] = report

@@ -107,7 +107,7 @@ def test_health_reports_the_degree_the_split_and_each_rank(services):
     info = cp.health()
     assert info["status"] == "ready"
     assert info["context_parallel"] == {"degree": 2, "ulysses": 2, "ring": 1, "backend": "gloo",
-                                        "ranks": {"1": "alive"}}
+                                        "ranks": {"1": {"state": "alive", "pid": cp.group.processes[1].pid}}}
     assert info["optimizations"]["cuda_graphs"]["detail"]  # says why (CPU here)
 
 

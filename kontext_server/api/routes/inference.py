@@ -67,4 +67,4 @@ async def inference(body: InferenceRequest, request: Request, response: Response
         optimizations={k: OptimizationReport(requested=d.requested, applied=d.applied, detail=d.detail)
                        for k, d in result.optimizations.items()},
         model=ModelInfo(source=m.source, synthetic=m.synthetic, description=m.description),
-        warnings=result.warnings, replica=replica)
+        warnings=result.warnings, replica=replica, context_parallel=getattr(result, "parallel", None))

@@ -8,8 +8,8 @@ keyword arguments of `Deployment.options()` for the three deployments.
 Why: the model source, warm-up shapes and every other service setting are configured once, for all replicas.
 Contract: pure (no ray import), so the CLI can validate its options before anything starts, and tests need no
 cluster. A deployment section in a config file overrides what these options give (Serve's own precedence).
-Limits: GPU replicas get 1 GPU each by default; a replica spanning several GPUs (context parallelism) would need
-placement-group bundles, which are not built here.
+Limits: GPU replicas get 1 GPU each by default, N with context parallelism (`context_parallel` N: the replica's
+process is rank 0 and starts the other ranks as its own child processes on the GPUs Ray gave it; one host).
 """
 from __future__ import annotations
 
@@ -81,9 +81,13 @@ class RayOptions:
                 "target_ongoing_requests": self.target_ongoing_requests, "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s}
 
-    def resources(self, cluster: Mapping[str, float]) -> dict:
-        """ray_actor_options' resources for one model replica, given the cluster's (`ray.cluster_resources()`)."""
-        gpus = self.replica_gpus if self.replica_gpus is not None else (1 if cluster.get("GPU", 0) > 0 else 0)
+    def resources(self, cluster: Mapping[str, float], context_parallel: int = 1) -> dict:
+        """ray_actor_options' resources for one model replica, given the cluster's (`ray.cluster_resources()`); with
+        context parallelism a replica is N ranks, one GPU each (its own child processes: kontext_server/parallel)."""
+        if self.replica_gpus is not None:
+            gpus = self.replica_gpus
+        else:
+            gpus = context_parallel if cluster.get("GPU", 0) > 0 else 0
         if self.replica_cpus is not None:
             cpus = self.replica_cpus
         elif gpus:
@@ -133,7 +137,7 @@ class AppArgs:
 
 def model_options(a: AppArgs, cluster: Mapping[str, float]) -> dict:
     """FluxModel.options(...): replicas or autoscaling, capacity, back-pressure, resources, health checks."""
-    actor: dict[str, Any] = dict(a.ray.resources(cluster))
+    actor: dict[str, Any] = dict(a.ray.resources(cluster, a.service.context_parallel))
     if a.ray.env:
         actor["runtime_env"] = {"env_vars": dict(a.ray.env)}
     opts: dict[str, Any] = {
@@ -175,6 +179,7 @@ def cli_args(ns) -> dict:
            "max_replicas": ns.max_replicas, "target_ongoing_requests": ns.target_ongoing_requests,
            "upscale_delay_s": ns.upscale_delay, "downscale_delay_s": ns.downscale_delay,
            "replica_queue": ns.replica_queue, "replica_cpus": ns.replica_cpus, "replica_gpus": ns.replica_gpus,
+           "context_parallel": ns.context_parallel, "cp_ring": ns.cp_ring_degree, "cp_timeout": ns.cp_timeout,
            "env": settings.replica_env()}
     if out["cache_dir"] is None:  # one directory for every replica of this host (the compile cache is shared)
         out["cache_dir"] = str(settings.default_cache_dir())

@@ -15,7 +15,8 @@ Contract: Ray sends at most `max_ongoing_requests` (1 running + FLUX_REPLICA_QUE
 queue is sized to that, so it never refuses what Ray sent. A cancelled call (client gone, queue timeout at the
 ingress) cancels its job: a queued one never runs, a running one stops at its next step. Every wait is bounded
 (queue timeout + request timeout + a margin). A heartbeat thread reports state, health and metrics to FluxStatus.
-Limits: one device per replica (Ray sets CUDA_VISIBLE_DEVICES; the service uses "cuda").
+Limits: one device per replica (Ray sets CUDA_VISIBLE_DEVICES; the service uses "cuda"), or N with context
+parallelism (rank r uses cuda:r of the replica's GPUs).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from kontext_server import engine as eng
 from kontext_server.api.context import ServerSettings
 from kontext_server.api.metrics import Metrics
 from kontext_server.jobs import GenerateJob
-from kontext_server.service import FluxService, GenerationResult, ServiceConfig, StrictError
+from kontext_server.parallel import build_service
+from kontext_server.service import GenerationResult, ServiceConfig, StrictError
 from kontext_server.service.steps import preview_steps
 from kontext_server.serving.ray_serve.errors import StrictRejected
 from kontext_server.serving.ray_serve.logs import configure_logging
@@ -56,7 +58,7 @@ class FluxModel:
         self.replica_id = ctx.replica_id.unique_id
         self.actor_name = ctx.replica_id.to_full_id_str()  # Ray's actor name, in namespace "serve"
         self.host = socket.gethostname()
-        self.service = FluxService(config)
+        self.service = build_service(config)  # with context_parallel N: rank 0 of N (its children, N GPUs)
         self.metrics = Metrics()
         self.server = server
         self._started: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
