@@ -5,7 +5,8 @@ and torch's cuDNN SDPA measures at FA3 level on Hopper (docs/design.md), so the 
 flash-attn-4 is detected (`flash_attn.cute`) and reported, but not used: diffusers 0.42.1 reaches it only as a hub
 kernel (`flash_4_hub`, a download at run time through the `kernels` package), which an offline server cannot do.
 The backend is set on the transformer's attention processors at load time (before compilation), so compiled graphs
-contain the kernel directly: no graph break per call.
+contain the kernel directly: no graph break per call. Under context parallelism (kontext_server/parallel) the backend
+must call torch's SDPA, which para-attn's split attention intercepts: cuDNN, never FA3.
 
 The attention path also gets its prologue fused: q/k RMSNorm, the text/image concatenation and RoPE in one Triton
 pass (qk_norm_rope.py), on every transformer variant. Where Triton is missing or a model does not fit the kernel,
@@ -28,7 +29,13 @@ def _importable(mod: str) -> bool:
 
 def best_backend(device: DeviceInfo) -> tuple[str, str]:
     """(diffusers backend name, human description)."""
-    if _importable("flash_attn_interface") and device.capability and device.capability[0] == 9:
+    fa3 = _importable("flash_attn_interface") and device.capability and device.capability[0] == 9
+    if fa3 and device.context_parallel > 1:
+        # para-attn's context-parallel attention intercepts torch's SDPA; FA3 is not SDPA, so each rank would attend
+        # only to its own tokens
+        return "_native_cudnn", ("cuDNN SDPA (FA3 importable, but not under context parallelism: the split attention "
+                                 "intercepts torch's SDPA, which FA3 bypasses)")
+    if fa3:
         return "_flash_3", "FlashAttention-3 (flash_attn_interface)"
     if _importable("flash_attn.cute"):  # flash-attn-4 is installed, but diffusers cannot call a local copy
         return "_native_cudnn", ("cuDNN SDPA (FA3 not importable; flash-attn-4 is importable but diffusers 0.42.1 "

@@ -173,7 +173,12 @@ class CudaGraphs(Optimization):
         self.vae: dict[tuple, tuple[CudaGraphCall, CudaGraphCall]] = {}  # (encode, decode) -> their runners
 
     def available(self, device: DeviceInfo) -> str | None:
-        return None if device.is_cuda else "CUDA graphs need a CUDA GPU"
+        if not device.is_cuda:
+            return "CUDA graphs need a CUDA GPU"
+        if device.context_parallel > 1:
+            return (f"not with context parallelism ({device.context_parallel} ranks): each step's collectives, the "
+                    "ranks' agreement between calls and the host-side sequence split are not captured")
+        return None
 
     def prepare(self, components: Components) -> str:
         self.pool = torch.cuda.graph_pool_handle()

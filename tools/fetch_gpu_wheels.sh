@@ -16,8 +16,10 @@ plat=(--only-binary=:all: --python-version 3.12 --implementation cp
 pkgs=(diffusers==0.42.1 torchao==0.18.0 fastapi starlette pydantic pydantic-core annotated-types
       typing-inspection uvicorn python-multipart opentelemetry-api importlib-metadata "$@")
 python3 -m pip download -q --no-deps "${plat[@]}" -d .whl "${pkgs[@]}" 2>&1 | grep -v "^WARNING: Location" || true
-# para-attn ships only an sdist (pure Python): build its wheel locally.
-ls .whl/para_attn-*.whl >/dev/null 2>&1 || python3 -m pip wheel -q --no-deps -w .whl para-attn==0.3.38 2>&1 | grep -v "^WARNING: Location" || true
+# para-attn ships only an sdist (pure Python): build its wheel locally, with a pip older than 26 (pip 26 refuses the
+# sdist for the git URL in its `dev` extra; setup_flux_optimized.sh gives .venv such a pip).
+wheel_py=python3; [ -x .venv/bin/python ] && wheel_py=.venv/bin/python
+ls .whl/para_attn-*.whl >/dev/null 2>&1 || "$wheel_py" -m pip wheel -q --no-deps -w .whl para-attn==0.3.38 2>&1 | grep -v "^WARNING: Location" || true
 # RAY=1: ray[serve] (requirements.txt's pin) with its dependencies resolved for the GPU image's Python, in .whl/ray.
 # A package .whl/ already holds is dropped from .whl/ray (ours win); gpu_session.sh puts .whl/ray's packages after
 # the image's own, so the image's numpy, protobuf and the rest stay the ones it was built with.

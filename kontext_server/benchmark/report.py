@@ -26,7 +26,10 @@ def header(result: dict) -> str:
         what = f"request benchmark: {w['width']}x{w['height']} {kind}, {w['steps']} steps, {w['runs']} timed runs each"
     else:
         what = f"stage table: {w}"
-    return f"{what} | model {result['model']} | device {result['device']} | torch {result['torch']}"
+    cp = result.get("context_parallel")
+    where = f"{result['device']}" + (f" x {cp['degree']} (context parallel: Ulysses {cp['ulysses']} x ring "
+                                     f"{cp['ring']})" if cp else "")
+    return f"{what} | model {result['model']} | device {where} | torch {result['torch']}"
 
 
 def to_markdown(result: dict) -> str:
@@ -47,6 +50,15 @@ def to_markdown(result: dict) -> str:
             f"{r['steps_computed']}/{r['steps_skipped']} | "
             f"{r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} | {r['cold_start_ms']:.0f} ms | "
             f"{r.get('floor_ratio', '-')} | {clocks_cell(r.get('gpu_clocks'))} | {fid_s} |")
+    if any("scaling" in r for r in result["rows"]):
+        lines[0] += " x 1 GPU: step / total (efficiency) |"
+        lines[1] += "---|"
+        for i, r in enumerate(result["rows"], start=2):
+            sc = r.get("scaling")
+            lines[i] += (f" {sc['step']} / {sc['total']} ({sc['efficiency']}) |" if sc else " - |")
+        lines.append("\nx 1 GPU: this row split over the ranks against the same row on rank 0 alone (the sequence not "
+                     "split, same loaded model): speed-up per transformer step and end to end; efficiency = the step "
+                     "speed-up / the number of ranks.")
     lines.append("\n" + LEGEND)
     if result.get("code_switches"):  # an A/B run: say so under its table
         lines.append("\nswitches: " + ", ".join(f"{k}={v}" for k, v in result["code_switches"].items()))

@@ -1,6 +1,8 @@
 """The stage table: stage 0 (naive) -> 5 (CUDA graphs), preparing optimisations stage by stage on one loaded model,
 for `flux_kontext_optimized.py benchmark --workload W`. Each row: per-stage medians, speed-up against stage 0 and
-the previous stage, the ratio of the step to the floor model, and fidelity against stage 0 with the same seed."""
+the previous stage, the ratio of the step to the floor model, and fidelity against stage 0 with the same seed.
+With `--context-parallel N` every row runs split over N ranks and again on rank 0 alone (the same loaded model, the
+sequence not split): its `scaling` is the one-GPU time over the split time, per step and end to end."""
 from __future__ import annotations
 
 import time
@@ -46,6 +48,23 @@ def stage_plan() -> list[Stage]:
     ]
 
 
+class _RankZeroAlone:
+    """A context-parallel service seen as rank 0 alone (the sequence not split): what `time_request` times for the
+    one-GPU side of the scaling column."""
+
+    def __init__(self, service):
+        self.device_info, self.generate = service.device_info, service.generate_alone
+
+
+def _scaling(split: dict, alone: dict, degree: int) -> dict:
+    """The split row against rank 0 alone: speed-ups per step and end to end, and per-step efficiency (1.0: linear)."""
+    s, a = split["timings_ms"], alone["timings_ms"]
+    step = a["transformer_per_step"] / s["transformer_per_step"] if s["transformer_per_step"] else None
+    return {"one_gpu_ms": {"transformer_per_step": a["transformer_per_step"], "total": a["total"]},
+            "step": round(step, 2) if step else None, "total": round(a["total"] / s["total"], 2),
+            "efficiency": round(step / degree, 2) if step else None}
+
+
 def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, progress=None,
                         stages: list[str] | None = None) -> dict:
     width, height, edit = WORKLOADS[workload]
@@ -55,6 +74,7 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
     transformer = service.transformer_variants[EXACT]
     rows = []
     cumulative: list[str] = []
+    degree = service.config.context_parallel if hasattr(service, "generate_alone") else 1
     with sampling_clocks(service) as sampler:
         for stage in stage_plan():
             cumulative += stage.prepare  # a stage includes everything the stages before it prepared
@@ -77,6 +97,9 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
                        **time_request(service, req, image, runs, sampler=sampler)}
             finally:
                 service.transformer_call_observer = None
+            if degree > 1:  # the same stage on rank 0 alone: the scaling column
+                alone = time_request(_RankZeroAlone(service), req, image, runs, sampler=sampler)
+                row["scaling"] = _scaling(row, alone, degree)
             row["prepare_ms"] = round(prepare_ms, 1)
             row["step_rel_error_vs_stage0"] = probe.rel_error(service.transformer_for(service.plan(req)))
             fp8 = "low_precision" in row["applied"]
@@ -90,4 +113,5 @@ def run_stage_benchmark(service, workload: str, runs: int = 5, steps: int = 28, 
             "model": service.model.source, "synthetic": service.model.synthetic, "device": service.device_info.name,
             "torch": torch.__version__, "code_switches": code_switches(), "runs": runs,
             "clock_fields": sampler.fields if sampler is not None else None,
-            "compiled_regions": service.registry["compile"].aot_stats.as_dict(), "rows": rows}
+            "compiled_regions": service.registry["compile"].aot_stats.as_dict(),
+            "context_parallel": service.parallel_report() if degree > 1 else None, "rows": rows}

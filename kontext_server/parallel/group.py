@@ -149,15 +149,16 @@ class Group:
             self.store.delete_key(f"{PREFIX}job/{self.job_id - 1}")
         return self.job_id
 
-    def next_job(self, poll_s: float = 5.0):
-        """A follower: wait (as long as it takes) for rank 0's next job. Raises when rank 0 is gone."""
+    def next_job(self, poll_s: float = 86400.0):
+        """A follower: wait (as long as it takes) for rank 0's next job. Raises when rank 0 is gone (its store's
+        socket closes). One long wait, not short polls: each wait that times out logs a c10d warning."""
         key = f"{PREFIX}job/{self.job_id + 1}"
         while True:
             try:
                 self.store.wait([key], timedelta(seconds=poll_s))
                 break
-            except Exception as exc:  # noqa: BLE001 - a wait timeout (idle server) or rank 0 gone
-                if "timeout" not in str(exc).lower():
+            except Exception as exc:  # noqa: BLE001 - a wait timeout (a day idle) or rank 0 gone
+                if "timeout" not in str(exc).lower() and "timed out" not in str(exc).lower():
                     raise
         self.job_id += 1
         return pickle.loads(self.store.get(key))

@@ -185,6 +185,16 @@ class ParallelService(FluxService):
                                     **{str(r): s for r, s in sorted(self.group.results().items())}}
         return result
 
+    def generate_alone(self, req: InferenceRequest, image=None, should_stop=None, output_type: str = "pil",
+                       plan=None, on_step=None):
+        """Rank 0 by itself, the sequence not split, the followers idle: today's one-GPU path on the same loaded
+        model (the stage table's scaling column and tools/cp_overhead.py compare the two)."""
+        saved, self.runner.parallel = self.runner.parallel, None
+        try:
+            return FluxService.generate(self, req, image, should_stop, output_type, plan, on_step)
+        finally:
+            self.runner.parallel = saved
+
     def _leader_stop(self, should_stop):
         injected = self._injected_failure()
         if injected is None:

@@ -224,6 +224,13 @@ def test_gpu_replicas_get_one_gpu_and_cpu_only_ones_share_the_cores():
     assert one["ray_actor_options"]["num_cpus"] == 2
 
 
+def test_a_context_parallel_replica_asks_for_one_gpu_per_rank():
+    a = options.AppArgs.parse({"replicas": 2, "context_parallel": 4})
+    assert a.service.context_parallel == 4
+    assert options.model_options(a, {"CPU": 16, "GPU": 8})["ray_actor_options"]["num_gpus"] == 4
+    assert options.model_options(a, {"CPU": 16})["ray_actor_options"]["num_gpus"] == 0
+
+
 def test_autoscaling_from_min_and_max_replicas():
     a = options.AppArgs.parse({"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 3,
                                "upscale_delay_s": 5, "downscale_delay_s": 60})
