@@ -78,7 +78,8 @@ CP_TIMEOUT = EnvVar("FLUX_CP_TIMEOUT", "300", "model",
                     "context parallelism: seconds a collective waits for the other ranks before the request fails "
                     "(503) and the group is reported broken")
 CP_FAIL_AT = EnvVar("FLUX_CP_FAIL_AT", None, "model",
-                    "tests only: RANK:JOB makes that rank fail its JOB-th generation after the first step",
+                    "tests only: RANK:TEXT[:inside] makes that rank fail a generation whose prompt contains TEXT, "
+                    "after its first step (or inside its first transformer call)",
                     documented=False)
 HOST = EnvVar("FLUX_HOST", "127.0.0.1", "server", "listen address")
 PORT = EnvVar("FLUX_PORT", "8000", "server", "listen port")

@@ -51,6 +51,7 @@ class SequenceSplit:
         self.group = group
         self.valid_rows = None  # image tokens of this rank's chunk that are not padding (the current call's)
         self.last_padding: dict[str, int] = {"text": 0, "image": 0}
+        self.inject = None  # tests only (FLUX_CP_FAIL_AT ...:inside): an exception to raise inside a call, or None
 
     @property
     def degree(self) -> int:
@@ -103,6 +104,9 @@ class SplitCall:
             raise TypeError("the context-parallel transformer call takes keyword arguments only")
         group = self.split.group
         group.check()  # every rank here, or the job ends now on all of them
+        failure = self.split.inject() if self.split.inject is not None else None
+        if failure is not None:  # past the check: the other ranks wait for this one in the attention's collectives
+            raise failure
         n, r = group.split.degree, group.seq_rank
         hs, ehs = kw["hidden_states"], kw["encoder_hidden_states"]
         img_ids, txt_ids = kw["img_ids"], kw["txt_ids"]

@@ -240,4 +240,5 @@ class Group:
                 log.error("context-parallel group lost a rank: %s", self.broken)
 
     def close(self) -> None:
+        """Stop the heartbeat / monitor threads (they drop their store clients within a second)."""
         self._stop.set()

@@ -34,13 +34,15 @@ class RankFailed(eng.EngineError):
     status, code = 503, "context_parallel_failed"
 
 
-def _fail_injection() -> tuple[int, str] | None:
-    """FLUX_CP_FAIL_AT=RANK:TEXT (tests only): that rank fails a generation whose prompt contains TEXT."""
+def _fail_injection() -> tuple[int, str, bool] | None:
+    """FLUX_CP_FAIL_AT=RANK:TEXT[:inside] (tests only): that rank fails a generation whose prompt contains TEXT, after
+    its first step (between two transformer calls), or with `:inside` inside its first transformer call."""
     spec = settings.CP_FAIL_AT.get()
     if not spec:
         return None
-    rank, _, text = spec.partition(":")
-    return int(rank), text
+    rank, _, rest = spec.partition(":")
+    text, _, where = rest.partition(":")
+    return int(rank), text, where == "inside"
 
 
 class ParallelService(FluxService):
@@ -94,6 +96,8 @@ class ParallelService(FluxService):
             if self.group.store is None:
                 self.group.connect()
             self.parallel = SequenceSplit(self.group)
+            if self._injection is not None and self._injection[2]:
+                self.parallel.inject = self._injected_failure
         except Exception as exc:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
@@ -196,13 +200,13 @@ class ParallelService(FluxService):
             self.runner.parallel = saved
 
     def _leader_stop(self, should_stop):
-        injected = self._injected_failure()
+        injected = None if self._injection is None or self._injection[2] else self._injected_failure()
         if injected is None:
             return should_stop
         return lambda: injected or (should_stop() if should_stop else None)
 
     def _follower_stop(self):
-        return self._injected_failure()
+        return None if self._injection is None or self._injection[2] else self._injected_failure()
 
     def _injected_failure(self) -> Exception | None:
         if self._injection is not None and self._injection[0] == self.rank and self._injection[1] in self._prompt:

@@ -117,3 +117,21 @@ def test_the_key_mask_hides_the_padding_in_the_order_ulysses_gathers_the_keys():
     # [t pad | i i pad]
     mask = key_mask(2, 3, 2, 5, 3, "cpu").flatten().tolist()
     assert mask == [True, True, True, True, True, True, False, True, True, False]
+
+
+def test_last_a_rank_that_dies_makes_the_service_not_ready_within_seconds(services):
+    # Last in this module: it ends the group the tests above share.
+    import os
+    import signal
+    import time
+
+    cp, _ = services
+    os.kill(cp.group.processes[1].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while cp.state == "ready" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert cp.state == "failed" and "rank 1 exited" in cp.error
+    rank = cp.health()["context_parallel"]["ranks"]["1"]
+    assert rank["state"] == "lost" and "exit code -9" in rank["detail"]
+    with pytest.raises(eng.EngineError, match="cannot run requests"):
+        cp.generate(InferenceRequest(prompt="a car", width=256, height=256, steps=2, seed=1))

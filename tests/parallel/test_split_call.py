@@ -27,9 +27,10 @@ def _rank(rank: int, port: int, model_dir: str, out: str) -> None:
     from tests.helpers import transformer_inputs
 
     torch.set_num_threads(1)
-    group = Group(rank, 2, Address("127.0.0.1", port), "cpu", Split(2, 2, 1), timeout_s=60)
-    group.connect()
     transformer = FluxTransformer2DModel.from_pretrained(Path(model_dir) / "transformer").eval()
+    # A generous timeout: on a loaded machine one rank may reach the rendezvous long after the other
+    group = Group(rank, 2, Address("127.0.0.1", port), "cpu", Split(2, 2, 1), timeout_s=300)
+    group.connect()
     inputs = transformer_inputs(transformer, n_img=289, n_txt=7, device="cpu", dtype=torch.float32)
     diffs = {}
     with torch.inference_mode():
