@@ -35,6 +35,15 @@ def chunk_sizes(length: int, n: int) -> tuple[int, int]:
     return per, per * n - length
 
 
+def ring_problem(degree: int, ring: int, text: int, image: int) -> str | None:
+    """Why a request of `text` + `image` tokens cannot run with ring attention over `ring` ranks (None: it can):
+    padding needs a key mask, which ring attention does not take."""
+    if ring <= 1 or (text % degree == 0 and image % degree == 0):
+        return None
+    return (f"{text} text + {image} image tokens do not divide by {degree} ranks, and ring attention (ring degree "
+            f"{ring}) takes no mask for padding: choose a size whose image tokens divide, or ring degree 1")
+
+
 def key_mask(n: int, text: int, text_per: int, image: int, image_per: int, device) -> torch.Tensor:
     """Which keys attention may use, in the order the Ulysses all-to-all gathers them: rank by rank, each rank's
     text chunk then its image chunk. Shape (1, 1, 1, n * (text_per + image_per)), True where a token is real."""
@@ -120,9 +129,9 @@ class SplitCall:
         self.split.last_padding = {"text": text_pad, "image": image_pad}
         jak = dict(kw.get("joint_attention_kwargs") or {})
         if image_pad or text_pad:
-            if group.split.ring > 1:
-                raise ValueError(f"{text} text + {image} image tokens do not divide by {n} ranks, and ring attention "
-                                 "takes no mask for padding: use ring degree 1, or a size whose tokens divide")
+            problem = ring_problem(n, group.split.ring, text, image)
+            if problem:  # the planner refuses such a request first (ParallelService.plan)
+                raise ValueError(problem)
             hs = torch.nn.functional.pad(hs, (0, 0, 0, image_pad))
             img_ids = torch.nn.functional.pad(img_ids, (0, 0, 0, image_pad))
             jak["attention_mask"] = key_mask(n, text, text_per, image, image_per, hs.device)

@@ -189,6 +189,22 @@ class ParallelService(FluxService):
                                     **{str(r): s for r, s in sorted(self.group.results().items())}}
         return result
 
+    def plan(self, req: InferenceRequest, image=None, new_shape_policy: bool = True):
+        """FluxService's plan; with ring attention, a size whose tokens do not divide is a 422 here, before the
+        queue (it would need padding, which ring attention cannot mask)."""
+        decisions = super().plan(req, image, new_shape_policy)
+        if self.config.cp_ring > 1 and self.pipe is not None:
+            from kontext_server.parallel.adapter import ring_problem
+            from kontext_server.service import StrictError
+
+            width, height = self.output_size(req, image)
+            per_token = self.pipe.vae_scale_factor * 2  # latent pixels x 2x2 packing
+            tokens = (width // per_token) * (height // per_token) * (2 if image is not None else 1)
+            problem = ring_problem(self.config.context_parallel, self.config.cp_ring, 512, tokens)
+            if problem:
+                raise StrictError([("width", problem)])
+        return decisions
+
     def generate_alone(self, req: InferenceRequest, image=None, should_stop=None, output_type: str = "pil",
                        plan=None, on_step=None):
         """Rank 0 by itself, the sequence not split, the followers idle: today's one-GPU path on the same loaded

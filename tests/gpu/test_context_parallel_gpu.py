@@ -126,6 +126,10 @@ def test_ring_over_two_gpus_matches_one_gpu(cache_dir):
         assert svc.health()["context_parallel"]["ring"] == 2
         req = InferenceRequest(prompt="make it red", width=512, height=512, steps=4, seed=1)
         _compare(svc, "r2_edit512_exact", req, _edit_image())
+        from kontext_server.service import StrictError
+
+        with pytest.raises(StrictError, match="ring attention"):  # 3,969 tokens would need padding: a 422
+            svc.plan(InferenceRequest(prompt="a red car", width=1008, height=1008, steps=4))
     finally:
         _close(svc)
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from kontext_server import engine as eng
-from kontext_server.parallel.adapter import chunk_sizes, key_mask
+from kontext_server.parallel.adapter import chunk_sizes, key_mask, ring_problem
 from kontext_server.request import InferenceRequest
 
 TOLERANCE = 1e-4
@@ -117,6 +117,12 @@ def test_the_key_mask_hides_the_padding_in_the_order_ulysses_gathers_the_keys():
     # [t pad | i i pad]
     mask = key_mask(2, 3, 2, 5, 3, "cpu").flatten().tolist()
     assert mask == [True, True, True, True, True, True, False, True, True, False]
+
+
+def test_ring_attention_refuses_token_counts_that_would_need_padding():
+    assert ring_problem(2, 1, 512, 289) is None  # Ulysses only: padded and masked
+    assert ring_problem(4, 2, 512, 4096) is None  # divides
+    assert "ring degree 2" in ring_problem(4, 2, 512, 3969)
 
 
 def test_last_a_rank_that_dies_makes_the_service_not_ready_within_seconds(services):
