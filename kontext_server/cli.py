@@ -222,7 +222,8 @@ def cmd_generate(a) -> None:
     res.images[0].save(a.out)
     print(json.dumps({"out": a.out, "seed": res.seed, "width": res.width, "height": res.height, "steps": res.steps,
                       "timings_ms": res.timings_ms,
-                      "optimizations": {k: d.applied for k, d in res.optimizations.items()}}, indent=1))
+                      "optimizations": {k: d.applied for k, d in res.optimizations.items()},
+                      **({"context_parallel": res.parallel} if res.parallel else {})}, indent=1))
 
 
 def cmd_benchmark(a) -> None:
