@@ -116,13 +116,14 @@ def config_from_env():
 
 
 def _load_or_exit(cfg: ServiceConfig):
+    from kontext_server.engine import EngineError
     from kontext_server.models import ModelLoadError
     from kontext_server.parallel import build_service
 
     svc = build_service(cfg)
     try:
         svc.load()
-    except ModelLoadError as exc:
+    except (ModelLoadError, EngineError) as exc:  # EngineError: a context-parallel rank failed to start
         sys.exit(f"error: {exc}")
     return svc
 
@@ -149,6 +150,7 @@ def cmd_serve(a) -> None:
     import uvicorn
 
     from kontext_server.api.app import build_app
+    from kontext_server.engine import EngineError
     from kontext_server.models import ModelLoadError
     from kontext_server.parallel import build_service
 
@@ -162,7 +164,7 @@ def cmd_serve(a) -> None:
     if not a.background_load:
         try:  # fail at start-up, with the message, when the model cannot be found
             svc.load()
-        except ModelLoadError as exc:
+        except (ModelLoadError, EngineError) as exc:  # EngineError: a context-parallel rank failed to start
             sys.exit(f"error: {exc}")
     # uvicorn re-raises SIGTERM after its graceful shutdown; this handler, restored by then, makes a clean drain
     # exit with status 0 instead of dying of the signal.

@@ -32,6 +32,9 @@ import torch.distributed as dist
 log = logging.getLogger("flux.parallel")
 
 OK, FAILED, BROKEN = 0, 1, 2  # sync statuses, in order of severity
+# Joining: followers start (spawn, imports) long after rank 0 on a loaded machine; the rendezvous waits this long,
+# and only then do collectives get the group's own (shorter) timeout.
+START_TIMEOUT_S = 900.0
 HEARTBEAT_S = 1.0
 HEARTBEAT_STALE_S = 15.0
 PREFIX = "flux/"
@@ -97,6 +100,7 @@ class Group:
         self.dead: dict[int, str] = {}  # followers known to be gone (rank 0's monitor)
         self.processes: dict[int, object] = {}  # followers this process started (launch.py)
         self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     # ---- joining ------------------------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -105,36 +109,39 @@ class Group:
         from patches import para_attn_enable_gqa
 
         para_attn_enable_gqa.apply()
-        timeout = timedelta(seconds=self.timeout_s)
+        start = timedelta(seconds=max(START_TIMEOUT_S, self.timeout_s))
         self.store = self._client(is_master=self.rank == 0)
         backend = "nccl" if self.device_type == "cuda" else "gloo"
         if self.device_type == "cuda":
             torch.cuda.set_device(self.rank)
         dist.init_process_group(backend, store=dist.PrefixStore("pg/", self.store), rank=self.rank,
-                                world_size=self.world, timeout=timeout)
-        # Control messages wait longer than data collectives: a rank stuck in a data collective times out first and
-        # can still tell the others at the next sync.
-        self.control = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s + 60))
+                                world_size=self.world, timeout=start)
+        self.control = dist.new_group(backend="gloo", timeout=start)
         self.mesh = init_context_parallel_mesh(self.device_type, max_ring_dim_size=self.split.ring)
         self.seq_mesh = self.mesh["ring", "ulysses"]._flatten()
         self.seq_group = self.seq_mesh.get_group()
+        self.sync(OK)  # every rank has joined every group: from here on, the groups' own timeouts
+        # Control messages wait longer than data collectives: a rank stuck in a data collective times out first and
+        # can still tell the others at the next sync.
+        timeout = timedelta(seconds=self.timeout_s)
+        groups = [(None, timeout), (self.control, timedelta(seconds=self.timeout_s + 60)), (self.seq_group, timeout)]
+        groups += [(self.mesh[name].get_group(), timeout) for name in ("batch", "ring", "ulysses")]
         set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
-        if set_timeout is not None:  # mesh sub-groups otherwise get torch's defaults (30 min gloo, 10 min NCCL)
-            for name in ("batch", "ring", "ulysses"):
-                try:
-                    set_timeout(timeout, self.mesh[name].get_group())
-                except Exception as exc:  # noqa: BLE001 - a backend that cannot change it keeps its default
-                    log.debug("could not set the timeout of mesh group %s: %s", name, exc)
-        if self.rank == 0:
-            threading.Thread(target=self._monitor, name="cp-monitor", daemon=True).start()
-        else:
-            threading.Thread(target=self._heartbeat, name="cp-heartbeat", daemon=True).start()
+        for pg, t in groups if set_timeout is not None else ():
+            try:
+                set_timeout(t, pg)
+            except Exception as exc:  # noqa: BLE001 - a backend that cannot change it keeps the start timeout
+                log.warning("could not set a context-parallel group's timeout: %s", exc)
+        thread = threading.Thread(target=self._monitor if self.rank == 0 else self._heartbeat,
+                                  name="cp-monitor" if self.rank == 0 else "cp-heartbeat", daemon=True)
+        thread.start()
+        self._threads.append(thread)
         log.info("context parallel rank %d/%d joined (%s, ulysses %d x ring %d)", self.rank, self.world, backend,
                  self.split.ulysses, self.split.ring)
 
     def _client(self, is_master: bool = False):
         return dist.TCPStore(self.address.host, self.address.port, self.world, is_master,
-                             timedelta(seconds=self.timeout_s), wait_for_workers=False)
+                             timedelta(seconds=max(START_TIMEOUT_S, self.timeout_s)), wait_for_workers=False)
 
     @property
     def seq_rank(self) -> int:
@@ -240,5 +247,10 @@ class Group:
                 log.error("context-parallel group lost a rank: %s", self.broken)
 
     def close(self) -> None:
-        """Stop the heartbeat / monitor threads (they drop their store clients within a second)."""
+        """Stop the heartbeat / monitor threads and wait for them: a thread still inside a store call when the process
+        exits aborts it ("terminate called without an active exception")."""
         self._stop.set()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=2 * HEARTBEAT_S + 5)
+        self._threads.clear()

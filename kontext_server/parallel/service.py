@@ -176,6 +176,8 @@ class ParallelService(FluxService):
                                           "steps_skipped": result.steps_skipped})
                 return result
             return self._job(run)
+        if self._state != "ready":  # before any job: the followers are not waiting for one (a lost rank or a
+            raise RuntimeError(f"service is {self._state}")  # broken group: _post says so)
         if req.seed is None:  # every rank draws the same noise
             req = req.model_copy(update={"seed": secrets.randbelow(MAX_SEED)})
         plan = plan or self.plan(req, image)
