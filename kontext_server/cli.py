@@ -53,6 +53,26 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto
                                   "(much slower compile)", settings.INDUCTOR_FLAGS))
     p.add_argument("--cache-dir", default=settings.CACHE_DIR.get(),
                    help=_env_help("tiny model, compile caches, bytecode", settings.CACHE_DIR))
+    p.add_argument("--lora-dir", default=settings.LORA_DIR.get(),
+                   help=_env_help("directory of LoRA adapters (one .safetensors file each, named by its stem); "
+                                  "requests pick them with `loras`", settings.LORA_DIR))
+    p.add_argument("--lora-preload", type=_names_arg, default=_names_arg(settings.LORA_PRELOAD.get()),
+                   help=_env_help("adapters loaded onto the device at start-up, comma-separated",
+                                  settings.LORA_PRELOAD))
+    p.add_argument("--max-loras", type=int, default=settings.MAX_LORAS.get_int(),
+                   help=_env_help("adapters kept loaded on the device; the least recently used leave first",
+                                  settings.MAX_LORAS))
+    p.add_argument("--lora-max-rank", type=int,
+                   default=int(settings.LORA_MAX_RANK.get()) if settings.LORA_MAX_RANK.get() else None,
+                   help=_env_help("rank of the adapter slots (default: the largest rank in --lora-dir); an adapter "
+                                  "of a larger rank is refused", settings.LORA_MAX_RANK))
+    p.add_argument("--lora-fuse", default=settings.LORA_FUSE.get(),
+                   help=_env_help("NAME or NAME:SCALE: fuse one adapter of --lora-dir into the weights at start-up "
+                                  "(zero overhead, every request runs it; /health reports it)", settings.LORA_FUSE))
+
+
+def _names_arg(spec: str | None) -> list[str]:
+    return [n.strip() for n in (spec or "").split(",") if n.strip()]
 
 
 def service_config(a) -> ServiceConfig:
@@ -60,7 +80,9 @@ def service_config(a) -> ServiceConfig:
                          compile_scope=a.compile_scope, inductor_flags=a.inductor_flags,
                          cache_dir=Path(a.cache_dir) if a.cache_dir else None,
                          warmup_sizes=getattr(a, "warmup", None) or [],
-                         new_shapes=getattr(a, "new_shapes", None) or "compile")
+                         new_shapes=getattr(a, "new_shapes", None) or "compile",
+                         lora_dir=Path(a.lora_dir) if a.lora_dir else None, lora_preload=a.lora_preload,
+                         max_loras=a.max_loras, lora_max_rank=a.lora_max_rank, lora_fuse=a.lora_fuse or None)
 
 
 def server_settings(a):

@@ -25,8 +25,9 @@ from kontext_server.service import components as comp  # noqa: E402
 from kontext_server.service.config import ServiceConfig  # noqa: E402
 from kontext_server.service.health import health_report  # noqa: E402
 from kontext_server.service.planner import plan as make_plan  # noqa: E402
+from kontext_server.lora.library import LoraError, UnknownAdapter  # noqa: E402
 from kontext_server.service.runner import GenerationResult, Runner, output_size  # noqa: E402
-from optimizations.base import Decision, DeviceInfo  # noqa: E402
+from optimizations.base import EXACT, Decision, DeviceInfo  # noqa: E402
 from optimizations.registry import build_registry, resolve_names  # noqa: E402
 from utils import module_bytes  # noqa: E402
 
@@ -50,6 +51,7 @@ class FluxService:
         self.transformer_variant_bytes: dict[str, int] = {}
         self.compile_cache = None
         self.warmups: list[dict] = []  # start-up warm-ups: shape, precision, milliseconds (in /health)
+        self.lora = None  # kontext_server.lora.manager.LoraManager with --lora-dir
 
     # ---- what was loaded ------------------------------------------------------------------------------------------
     @property
@@ -90,12 +92,19 @@ class FluxService:
             self.loaded = comp.load_components(self.config.model, self.device, self.device_info, self.cache_root)
             components = self.loaded.components
             components.on_new_variant.append(self._adopt_variant)
+            if self.config.lora_dir is not None:  # before any optimisation: adapters name the modules as loaded
+                from kontext_server.lora.manager import LoraManager
+
+                self.lora = LoraManager.create(self.config, components.variants[EXACT], self.device)
+                components.saved_regions_blocked = self.lora.saved_regions_blocked()
             warning = None
             if self.loaded.model.synthetic:
                 warning = f"model {self.loaded.model.source!r} has random weights: the images carry no meaning"
             self.runner = Runner(components, self.registry, self.prepared, self.device, warning)
             self.runner.on_warmed = self._save_compile_cache
             self.prepare(resolve_names(self.config.optimizations, self.registry, self.device_info))
+            if self.lora is not None:
+                self._install_lora()
             for size in self.config.warmup_sizes:
                 self.warm_up(*size)
             self.state = "ready"
@@ -106,6 +115,9 @@ class FluxService:
     # ---- 2. optimise (additive: the benchmark prepares stage by stage on one loaded model) -----------------------
     def prepare(self, names: list[str]) -> None:
         names = [n for n in names if n not in self.prepared]
+        if names and self.lora is not None and self.lora.installed:
+            raise RuntimeError("LoRA slots wrap the modules the start-up optimisations produced: nothing can be "
+                               "prepared after them")
         for name in names:
             reason = self.registry[name].available(self.device_info)
             if reason:
@@ -128,6 +140,15 @@ class FluxService:
         # Weights each variant holds (fp8: fp8 data + scales + the linears kept in bf16), measured from its tensors
         # once here, where variants appear and QKV fusion frees weights, not on every /health poll.
         self.transformer_variant_bytes = {name: module_bytes(m) for name, m in components.variants.items()}
+
+    def _install_lora(self) -> None:
+        """Slots and their wrappers on the final modules of every variant; then what compiled code and captured
+        graphs hold is stale (nothing ran yet at start-up), and the preloads."""
+        components = self.loaded.components
+        self.lora.install(components.variants)
+        for name in self.prepared:
+            self.registry[name].refresh(components)
+        self.lora.preload(self.config.lora_preload)
 
     def _set_prepared(self, prepared: dict[str, str]) -> None:
         self.prepared = prepared
@@ -164,7 +185,29 @@ class FluxService:
                  plan: dict[str, Decision] | None = None) -> GenerationResult:
         if self.state != "ready":
             raise RuntimeError(f"service is {self.state}")
-        return self.runner.generate(req, image, plan or self.plan(req, image), should_stop, output_type)
+        plan = plan or self.plan(req, image)
+        if self.lora is None:
+            self.check_loras(req)
+            return self.runner.generate(req, image, plan, should_stop, output_type)
+        with self.lora.applied(req.loras) as applied:
+            result = self.runner.generate(req, image, plan, should_stop, output_type, graph_key=applied.graph_key)
+        result.loras = applied.loras
+        if applied.load_ms is not None:  # reported like a cold start: never part of `total`
+            result.timings_ms["lora_load"] = round(applied.load_ms, 3)
+        if applied.switch_ms is not None:
+            result.timings_ms["lora_switch"] = round(applied.switch_ms, 3)
+        return result
+
+    def check_loras(self, req: InferenceRequest) -> None:
+        """The cheap check of a request's adapters before it is queued: LoraError (its `index` set) for an adapter
+        that cannot run. The full check, with the file read, happens on the worker."""
+        if not req.loras:
+            return
+        if self.lora is None:
+            err = UnknownAdapter(req.loras[0].name, "this server has no LoRA directory (--lora-dir)")
+            err.index = 0
+            raise err
+        self.lora.check(req.loras)
 
     def warm_up(self, width: int, height: int, edit: bool = False) -> float:
         """Compile / capture a request shape ahead of traffic (start-up cost, reported in /health).
