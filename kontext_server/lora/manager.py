@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kontext_server.lora.library import (AdapterFused, Library, LoraError, NeedsRestart, UnknownAdapter)
+from kontext_server.lora.library import AdapterFused, Library, LoraError, NeedsRestart
 from kontext_server.lora.slots import SLOTS, LoraSlot, Placement, place, shape_of, wrap
 from kontext_server.lora.store import AdapterStore
 
@@ -250,10 +250,20 @@ class LoraManager:
     # ---- /health -----------------------------------------------------------------------------------------------------------
     def health(self) -> dict:
         slot_bytes = sum(s.nbytes for s in self.slots.values())
+
+        def entry(e) -> dict:
+            if e.error is not None:
+                return {"error": e.error.reason}
+            out = {"rank": e.rank, "targets": len(e.targets)}
+            if self._is_fused(e.name):
+                out["fused"] = True
+            elif e.rank > self.rank:
+                out["error"] = f"rank {e.rank} is larger than the slots' rank {self.rank} (--lora-max-rank)"
+            return out
+
         info = {
             "directory": str(self.library.directory),
-            "library": {name: ({"rank": e.rank, "targets": len(e.targets)} if e.error is None
-                               else {"error": e.error.reason}) for name, e in sorted(self.library.index.items())},
+            "library": {name: entry(e) for name, e in sorted(self.library.index.items())},
             "loaded": {name: {"rank": a.rank, "load_ms": round(a.load_ms, 1), "mib": round(a.nbytes / 2**20, 2)}
                        for name, a in self.store.loaded.items()},
             "max_loras": self.store.capacity,
@@ -268,6 +278,3 @@ class LoraManager:
             info["fused"] = {"name": self.fused[0], "scale": self.fused[1]}
         return info
 
-
-def unknown(name: str) -> LoraError:  # pragma: no cover - convenience for callers without a library
-    return UnknownAdapter(name, "the server has no LoRA directory (--lora-dir)")

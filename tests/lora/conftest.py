@@ -27,10 +27,10 @@ def lora_dir(lora_source, tmp_path_factory) -> Path:
     return d
 
 
-def make_service(cache_dir, optimizations: str = "qkv_fusion,modulation_table", **config):
+def make_service(cache_dir, optimizations: str = "qkv_fusion,modulation_table", device: str = "cpu", **config):
     from kontext_server.service import FluxService, ServiceConfig
 
-    svc = FluxService(ServiceConfig(model="tiny", device="cpu", cache_dir=cache_dir, optimizations=optimizations,
+    svc = FluxService(ServiceConfig(model="tiny", device=device, cache_dir=cache_dir, optimizations=optimizations,
                                     compile_vae=False, **config))
     svc.load()
     return svc

@@ -130,6 +130,7 @@ def test_health_reports_the_library_the_loaded_adapters_and_the_slots(http):
     lora = http.get("/health").json()["lora"]
     assert lora["library"]["style"] == {"rank": 4, "targets": 22}
     assert "cannot be read" in lora["library"]["corrupt"]["error"]
+    assert "larger than the slots' rank 8" in lora["library"]["big"]["error"]
     assert "style" in lora["loaded"] and lora["loaded"]["style"]["load_ms"] > 0
     slots = lora["slots"]
     assert slots["adapters_per_request"] == 3 and slots["rank"] == 8 and slots["modules"] > 0 and slots["mib"] > 0
