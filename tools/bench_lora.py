@@ -130,6 +130,7 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     r = svc.generate(req(tiers["exact"], (names[1],), steps=1), image)
     first_load[names[1]] = r.timings_ms.get("lora_load")
     out["first_load_ms"] = first_load
+    out["dynamo_graphs_after_warmups"] = dynamo_graphs()  # the counter below counts: compiles happened by now
 
     # step time, interleaved: exact / fp8 x without / with adapter A
     per_step = {(t, w): [] for t in tiers for w in ("without", "with")}
