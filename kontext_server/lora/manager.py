@@ -35,6 +35,10 @@ class Applied:
     graph_key: tuple = ()
 
 
+class LoraConfigError(ValueError):
+    """A LoRA start-up setting that cannot be met (--lora-dir, --lora-fuse, --lora-preload): the start stops."""
+
+
 def parse_fuse(spec: str | None) -> tuple[str, float] | None:
     if not spec:
         return None
@@ -42,7 +46,7 @@ def parse_fuse(spec: str | None) -> tuple[str, float] | None:
     try:
         return name.strip(), float(scale) if scale else 1.0
     except ValueError:
-        raise ValueError(f"--lora-fuse {spec!r}: expected NAME or NAME:SCALE") from None
+        raise LoraConfigError(f"--lora-fuse {spec!r}: expected NAME or NAME:SCALE") from None
 
 
 def model_linears(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
@@ -76,7 +80,7 @@ class LoraManager:
         """Scan --lora-dir against the transformer as loaded, and fuse --lora-fuse into it (before any optimisation)."""
         library = Library(config.lora_dir, model_linears(transformer))
         if not config.lora_dir.is_dir():
-            raise ValueError(f"--lora-dir {config.lora_dir}: not a directory")
+            raise LoraConfigError(f"--lora-dir {config.lora_dir}: not a directory")
         fused = parse_fuse(config.lora_fuse)
         library.scan()
         valid = [e for e in library.index.values() if e.error is None and (fused is None or e.name != fused[0])]
@@ -95,11 +99,11 @@ class LoraManager:
     @torch.no_grad()
     def _fuse(self, transformer: torch.nn.Module, name: str, scale: float) -> None:
         if name not in self.library.index:
-            raise ValueError(f"--lora-fuse {name!r}: no such adapter in {self.library.directory}")
+            raise LoraConfigError(f"--lora-fuse {name!r}: no such adapter in {self.library.directory}")
         try:
             adapter = self.library.read(name, check_rank=False)
         except LoraError as exc:
-            raise ValueError(f"--lora-fuse: {exc}") from None
+            raise LoraConfigError(f"--lora-fuse: {exc}") from None
         for module, t in adapter.targets.items():
             linear = transformer.get_submodule(module)
             w = linear.weight
@@ -153,7 +157,7 @@ class LoraManager:
             try:
                 self._load(name, frozenset(names))
             except LoraError as exc:
-                raise ValueError(f"--lora-preload: {exc}") from None
+                raise LoraConfigError(f"--lora-preload: {exc}") from None
 
     # ---- per request -----------------------------------------------------------------------------------------------------
     def check(self, specs) -> None:

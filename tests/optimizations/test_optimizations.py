@@ -416,7 +416,7 @@ def test_new_shapes_eager_runs_unwarmed_shapes_uncompiled_and_says_so(cache_dir,
         assert warm.optimizations["compile"].applied and "cold_start" not in warm.timings_ms
         new = svc.generate(InferenceRequest(**{**BASE, "width": 320}), output_type="latent")
         assert not new.optimizations["compile"].applied
-        assert new.optimizations["compile"].detail == ("320x256 text-to-image (bf16) was not warmed up: runs "
+        assert new.optimizations["compile"].detail == ("320x256 text-to-image (exact) was not warmed up: runs "
                                                        "uncompiled (--new-shapes eager)")
         assert counters["stats"]["unique_graphs"] == graphs  # nothing traced for it
         with pytest.raises(StrictError, match="use_compile"):  # asked for by name: strict makes it a 422
