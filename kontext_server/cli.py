@@ -79,15 +79,44 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto
                                   "(much slower compile)", settings.INDUCTOR_FLAGS))
     p.add_argument("--cache-dir", default=settings.CACHE_DIR.get(),
                    help=_env_help("tiny model, compile caches, bytecode", settings.CACHE_DIR))
+    p.add_argument("--lora-dir", default=settings.LORA_DIR.get(),
+                   help=_env_help("directory of LoRA adapters (one .safetensors file each, named by its stem); "
+                                  "requests pick them with `loras`", settings.LORA_DIR))
+    p.add_argument("--lora-preload", type=_names_arg, default=_names_arg(settings.LORA_PRELOAD.get()),
+                   help=_env_help("adapters loaded onto the device at start-up, comma-separated",
+                                  settings.LORA_PRELOAD))
+    p.add_argument("--max-loras", type=int, default=settings.MAX_LORAS.get_int(),
+                   help=_env_help("adapters kept loaded on the device; the least recently used leave first",
+                                  settings.MAX_LORAS))
+    p.add_argument("--lora-max-rank", type=int,
+                   default=int(settings.LORA_MAX_RANK.get()) if settings.LORA_MAX_RANK.get() else None,
+                   help=_env_help("rank of the adapter slots (default: the largest rank in --lora-dir); an adapter "
+                                  "of a larger rank is refused", settings.LORA_MAX_RANK))
+    p.add_argument("--lora-fuse", default=settings.LORA_FUSE.get(),
+                   help=_env_help("NAME or NAME:SCALE: fuse one adapter of --lora-dir into the weights at start-up "
+                                  "(zero overhead, every request runs it; /health reports it)", settings.LORA_FUSE))
+
+
+def _names_arg(spec: str | None) -> list[str]:
+    return [n.strip() for n in (spec or "").split(",") if n.strip()]
 
 
 def service_config(a) -> ServiceConfig:
+    try:
+        return _service_config(a)
+    except ValueError as exc:  # e.g. --lora-preload without --lora-dir
+        sys.exit(f"error: {exc}")
+
+
+def _service_config(a) -> ServiceConfig:
     return ServiceConfig(model=a.model, transformer=a.transformer, device=a.device, optimizations=a.optimizations,
                          compile_mode=a.compile_mode,
                          compile_scope=a.compile_scope, inductor_flags=a.inductor_flags,
                          cache_dir=Path(a.cache_dir) if a.cache_dir else None,
                          warmup_sizes=getattr(a, "warmup", None) or [],
-                         new_shapes=getattr(a, "new_shapes", None) or "compile")
+                         new_shapes=getattr(a, "new_shapes", None) or "compile",
+                         lora_dir=Path(a.lora_dir) if a.lora_dir else None, lora_preload=a.lora_preload,
+                         max_loras=a.max_loras, lora_max_rank=a.lora_max_rank, lora_fuse=a.lora_fuse or None)
 
 
 def server_settings(a):
@@ -106,13 +135,14 @@ def config_from_env():
 
 
 def _load_or_exit(cfg: ServiceConfig):
+    from kontext_server.lora.manager import LoraConfigError
     from kontext_server.models import ModelLoadError
     from kontext_server.service import FluxService
 
     svc = FluxService(cfg)
     try:
         svc.load()
-    except ModelLoadError as exc:
+    except (ModelLoadError, LoraConfigError) as exc:
         sys.exit(f"error: {exc}")
     return svc
 
@@ -139,6 +169,7 @@ def cmd_serve(a) -> None:
     import uvicorn
 
     from kontext_server.api.app import build_app
+    from kontext_server.lora.manager import LoraConfigError
     from kontext_server.models import ModelLoadError
     from kontext_server.service import FluxService
 
@@ -150,9 +181,9 @@ def cmd_serve(a) -> None:
         log.info("API keys: %d from %s", len(settings_.api_keys.digests), settings_.api_keys.source)
     svc = FluxService(service_config(a))
     if not a.background_load:
-        try:  # fail at start-up, with the message, when the model cannot be found
+        try:  # fail at start-up, with the message, when the model (or a LoRA setting) cannot be had
             svc.load()
-        except ModelLoadError as exc:
+        except (ModelLoadError, LoraConfigError) as exc:
             sys.exit(f"error: {exc}")
     # uvicorn re-raises SIGTERM after its graceful shutdown; this handler, restored by then, makes a clean drain
     # exit with status 0 instead of dying of the signal.
@@ -161,6 +192,14 @@ def cmd_serve(a) -> None:
     # reach the client before uvicorn's own timeout cancels the handlers.
     uvicorn.run(build_app(svc, settings_), host=a.host, port=a.port, log_level=a.log_level,
                 timeout_graceful_shutdown=int(a.shutdown_grace) + 5)  # counted from the end of the drain
+
+
+def _lora_spec(spec: str) -> dict:
+    name, _, scale = spec.partition(":")
+    try:
+        return {"name": name, "scale": float(scale) if scale else 1.0}
+    except ValueError:
+        _fail(f"--lora {spec}: expected NAME or NAME:SCALE")
 
 
 def _fail(message: str) -> None:
@@ -175,7 +214,7 @@ def cmd_generate(a) -> None:
 
     try:  # every input is checked before the model loads: a bad one costs nothing
         req = InferenceRequest(prompt=a.prompt, width=a.width, height=a.height, steps=a.steps, seed=a.seed,
-                               guidance_scale=a.guidance_scale)
+                               guidance_scale=a.guidance_scale, loras=[_lora_spec(s) for s in a.lora])
     except ValidationError as exc:
         _fail("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
                         for e in exc.errors()))
@@ -205,8 +244,12 @@ def cmd_generate(a) -> None:
         bar.update(1)
         return None
 
+    from kontext_server.lora.library import LoraError
+
     try:
         res = svc.generate(req, image, should_stop=progress)
+    except LoraError as exc:
+        _fail(f"--lora {exc.name}: {exc.reason}")
     finally:
         bar.close()
     res.images[0].save(a.out)
@@ -333,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--guidance-scale", type=float, default=2.5)
+    g.add_argument("--lora", action="append", default=[],
+                   help="NAME or NAME:SCALE: an adapter of --lora-dir to run (repeat for up to 3)")
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("benchmark", help="stage table (--workload) or unoptimised vs optimised (default)")

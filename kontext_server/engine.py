@@ -53,6 +53,15 @@ class GenerationFailed(EngineError):
     status, code = 500, "generation_failed"
 
 
+class InvalidInput(EngineError):
+    """The job found its input unusable (e.g. a LoRA file that proved bad when read): 422 naming the field."""
+    status, code = 422, "validation_error"
+
+    def __init__(self, message: str, field: str | None = None, kind: str = "value_error"):
+        super().__init__(message)
+        self.field, self.kind = field, kind
+
+
 def is_oom(exc: BaseException) -> bool:
     try:
         import torch

@@ -14,6 +14,10 @@ MAX_STEPS = 100
 DEFAULT_STEPS = 28
 DEFAULT_DPM_STEPS = 14  # DPM-Solver++ 2M reaches Euler-28 quality in about half the steps
 MAX_SEED = 2**63 - 1
+MAX_LORAS_PER_REQUEST = 3  # the slots hold this many adapters at once (kontext_server/lora/slots.py)
+LORA_SCALE_LIMIT = 4.0
+# An adapter's name: the stem of its file in --lora-dir. No path separators, no leading dot.
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 # Request flag -> optimisation name (optimizations/registry.py). Names from the seed API; kept as they are.
 FLAG_TO_OPTIMIZATION = {
@@ -55,6 +59,15 @@ def _check_side(name: str, v: int | None) -> int | None:
     return v
 
 
+class LoraSpec(BaseModel):
+    """One adapter a request runs: its name in the server's LoRA directory and the strength it is applied with."""
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=LORA_NAME_PATTERN, description="the adapter's file stem in --lora-dir")
+    scale: float = Field(1.0, ge=-LORA_SCALE_LIMIT, le=LORA_SCALE_LIMIT, allow_inf_nan=False,
+                         description="multiplies the adapter's update (0: the base model's output)")
+
+
 class InferenceRequest(BaseModel):
     # Unknown fields are an error: a misspelt flag ("use_complie") must not be silently ignored.
     model_config = ConfigDict(extra="forbid")
@@ -70,6 +83,8 @@ class InferenceRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_images: int = Field(1, ge=1, le=4)
     output_format: Literal["png", "jpeg", "webp"] = "png"
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS_PER_REQUEST,
+                                  description="LoRA adapters to run, each with its scale (at most 3, names unique)")
 
     # Optimisation flags. None = the server's default for that optimisation: lossless ones that the server
     # prepared are on, lossy ones (fp8, DPM-Solver++ step count, step cache) are off unless asked for.
@@ -108,6 +123,15 @@ class InferenceRequest(BaseModel):
         # A field validator (after true_cfg_scale is validated) so the 422 names negative_prompt.
         if info.data.get("true_cfg_scale", 1.0) > 1.0 and not (v and v.strip()):
             raise ValueError("a non-empty negative_prompt is needed when true_cfg_scale > 1")
+        return v
+
+    @field_validator("loras")
+    @classmethod
+    def _unique_lora_names(cls, v: list[LoraSpec]) -> list[LoraSpec]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"each adapter may be named once (repeated: {', '.join(dup)}); give one scale instead")
         return v
 
     def flags(self) -> dict[str, bool | None]:

@@ -69,6 +69,15 @@ NEW_SHAPES = EnvVar("FLUX_NEW_SHAPES", "compile", "model",
 COMPILE_LOCK_WAIT = EnvVar("FLUX_COMPILE_LOCK_WAIT", "1800", "model",
                            "seconds a start waits while another process compiles into the same cache directory "
                            "(then loads its artifacts; after the wait it compiles itself)")
+LORA_DIR = EnvVar("FLUX_LORA_DIR", None, "lora",
+                  "directory of LoRA adapters: each .safetensors file one adapter, named by its stem (read at start-up)")
+LORA_PRELOAD = EnvVar("FLUX_LORA_PRELOAD", None, "lora", "adapters loaded onto the device at start-up, comma-separated")
+MAX_LORAS = EnvVar("FLUX_MAX_LORAS", "8", "lora", "adapters kept loaded on the device (least recently used leave first)")
+LORA_MAX_RANK = EnvVar("FLUX_LORA_MAX_RANK", None, "lora",
+                       "rank of the adapter slots (default: the largest rank in the directory); larger adapters: 422")
+LORA_FUSE = EnvVar("FLUX_LORA_FUSE", None, "lora",
+                   "NAME or NAME:SCALE: one adapter fused into the weights at start-up (zero overhead; every request "
+                   "runs it)")
 HOST = EnvVar("FLUX_HOST", "127.0.0.1", "server", "listen address")
 PORT = EnvVar("FLUX_PORT", "8000", "server", "listen port")
 MAX_QUEUE = EnvVar("FLUX_MAX_QUEUE", "16", "server", "requests that may wait beside the running one (then 429)")

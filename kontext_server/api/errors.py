@@ -56,6 +56,9 @@ def engine_error_response(exc: eng.EngineError, engine: eng.Engine) -> JSONRespo
     headers = None
     if exc.status in (429, 503):
         headers = {"Retry-After": str(engine.retry_after_seconds())}
+    field = getattr(exc, "field", None)
+    if field:  # an input the job found unusable: the same shape as a validation error
+        return field_error(exc.status, exc.code, field, str(exc), getattr(exc, "kind", "value_error"))
     return error_response(exc.status, exc.code, str(exc), headers=headers)
 
 

@@ -6,13 +6,20 @@ from pydantic import BaseModel
 
 from kontext_server.request import InferenceRequest
 
-__all__ = ["InferenceRequest", "InferenceResponse", "ModelInfo", "OptimizationReport"]
+__all__ = ["InferenceRequest", "InferenceResponse", "LoraReport", "ModelInfo", "OptimizationReport"]
 
 
 class OptimizationReport(BaseModel):
     requested: bool
     applied: bool
     detail: str
+
+
+class LoraReport(BaseModel):
+    """An adapter that ran: its name, the scale it ran at, its rank."""
+    name: str
+    scale: float
+    rank: int
 
 
 class ModelInfo(BaseModel):
@@ -34,5 +41,6 @@ class InferenceResponse(BaseModel):
     timings_ms: dict[str, float]
     optimizations: dict[str, OptimizationReport]
     model: ModelInfo
+    loras: list[LoraReport] = []
     warnings: list[str] = []
     replica: str | None = None  # the Ray Serve replica that ran it (as X-Replica); null on the local server

@@ -44,6 +44,8 @@ def health_report(service) -> dict:
     info["warmup_ms_total"] = round(service.warmup_ms_total, 1)
     info["warmups"] = service.warmups
     info["load_fixes"] = service.load_fixes
+    if service.lora is not None:
+        info["lora"] = service.lora.health()
     if service.device_info.is_cuda:
         import torch
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -43,7 +43,8 @@ class GenerationResult:
     optimizations: dict[str, Decision]
     warnings: list[str]
     latents: Any = None  # final packed latents (for fidelity checks; not sent over HTTP)
-    replica: str | None = None  # which Ray Serve replica ran it (set by kontext_server/serving/ray; None locally)
+    replica: str | None = None  # which Ray Serve replica ran it (set by kontext_server/serving/ray_serve; None locally)
+    loras: list = field(default_factory=list)  # the LoRA adapters that ran: name, scale, rank
 
 
 class _Timed:
@@ -166,18 +167,22 @@ class Runner:
         """What a compiled graph is specialised on: precision, output size, edit or not, images per prompt."""
         return compile_shape(self.registry, req, image, plan)
 
-    def warm_key(self, req: InferenceRequest, image, plan: Mapping[str, Decision]) -> tuple:
+    def warm_key(self, req: InferenceRequest, image, plan: Mapping[str, Decision], graph_key: tuple = ()) -> tuple:
+        """What a warm-up compiles / captures for: the shape, the applied warm-key optimisations, true CFG, and the
+        request's graph key (e.g. its active LoRA adapter count, which compiled code and graphs depend on)."""
         applied = tuple(n for n in STACK_ORDER if plan[n].applied and self.registry[n].in_warm_key)
-        return self.compile_shape(req, image, plan), applied, req.true_cfg_scale > 1.0
+        return self.compile_shape(req, image, plan), applied, req.true_cfg_scale > 1.0, tuple(graph_key)
 
     def shape_is_compiled(self, shape: tuple) -> bool:
         """Whether a warm run with a shape-compiling optimisation applied has run at `shape`."""
         return shape_is_compiled(self.registry, self.warm_keys, shape)
 
     # ---- one request ------------------------------------------------------------------------------------------------
-    def _context(self, req: InferenceRequest, image, plan: Mapping[str, Decision], output_type: str) -> tuple:
+    def _context(self, req: InferenceRequest, image, plan: Mapping[str, Decision], output_type: str,
+                 graph_key: tuple = ()) -> tuple:
         """The RunContext a request starts with (configured by its optimisations), and its seed."""
-        run = RunContext(components=self.components, request=req, plan=plan, default_steps=DEFAULT_STEPS)
+        run = RunContext(components=self.components, request=req, plan=plan, default_steps=DEFAULT_STEPS,
+                         graph_key=tuple(graph_key))
         for name in STACK_ORDER:
             if plan[name].applied:
                 self.registry[name].configure(run)
@@ -193,16 +198,16 @@ class Runner:
         return run, seed
 
     def warm(self, req: InferenceRequest, image, plan: Mapping[str, Decision], seed: int,
-             output_type: str = "pil") -> float | None:
+             output_type: str = "pil", graph_key: tuple = ()) -> float | None:
         """The first call at a shape compiles / captures: run it as a 2-step generation, reported as cold start.
 
         Returns its milliseconds, or None when nothing needs warming or this shape is already warm."""
         if not any(plan[n].applied and self.registry[n].needs_warmup for n in STACK_ORDER):
             return None
-        key = self.warm_key(req, image, plan)
+        key = self.warm_key(req, image, plan, graph_key)
         if key in self.warm_keys:
             return None
-        run, _ = self._context(req, image, plan, output_type)
+        run, _ = self._context(req, image, plan, output_type, graph_key)
         run.call_kwargs["num_inference_steps"] = 2
         t0 = time.perf_counter()
         self._run(run, seed, None)
@@ -215,17 +220,19 @@ class Runner:
 
     def generate(self, req: InferenceRequest, image, plan: Mapping[str, Decision],
                  should_stop: Callable[[], Exception | None] | None = None,
-                 output_type: str = "pil", on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
+                 output_type: str = "pil", on_step: Callable[[StepEvent], None] | None = None,
+                 graph_key: tuple = ()) -> GenerationResult:
         """One request. `on_step(StepEvent)` is called after every denoising step of the timed run (not of a
-        warm-up), on this thread; the previews it asks for are timed as the `preview` stage."""
+        warm-up), on this thread; the previews it asks for are timed as the `preview` stage. `graph_key`: what else
+        selects captured CUDA graphs (the LoRA slots' state)."""
         t_total = time.perf_counter()
-        run, seed = self._context(req, image, plan, output_type)
+        run, seed = self._context(req, image, plan, output_type, graph_key)
         warnings = [self.synthetic_warning] if self.synthetic_warning else []
         warnings += size_for(req.width, req.height, image).notes + image_notes(image)
         warnings += [f"{self.registry[name].flag}: requested but not applied: {d.detail}"
                      for name, d in plan.items() if d.requested and not d.applied]
         timings: dict[str, float] = {}
-        cold_ms = self.warm(req, image, plan, seed, output_type)
+        cold_ms = self.warm(req, image, plan, seed, output_type, graph_key)
         if cold_ms is not None:  # a reported cold-start cost, not part of the request's timing
             timings["cold_start"] = cold_ms
         t0 = time.perf_counter()

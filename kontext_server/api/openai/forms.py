@@ -10,6 +10,8 @@ bounded by the app's body-size limit before this reads it.
 """
 from __future__ import annotations
 
+import json
+
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
@@ -28,6 +30,12 @@ class FormError(ValueError):
         self.param = param
 
 
+# The official SDK sends a multipart request's extra_body list of objects as repeated fields, all the names
+# (`loras[][name]`) then all the scales (`loras[][scale]`): the k-th name goes with the k-th scale. A plain client
+# may send `loras` as one JSON text field instead.
+LORA_PARTS = {"loras[][name]": "name", "loras[][scale]": "scale"}
+
+
 async def read_edit_form(request: Request) -> tuple[dict[str, str], bytes]:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
@@ -36,7 +44,11 @@ async def read_edit_form(request: Request) -> tuple[dict[str, str], bytes]:
     async with request.form(max_files=8, max_fields=200) as form:
         fields: dict[str, str] = {}
         images: list[UploadFile] = []
+        lora_parts: dict[str, list[str]] = {}
         for name, value in form.multi_items():
+            if name in LORA_PARTS and isinstance(value, str):  # the SDK's extra_body loras, flattened
+                lora_parts.setdefault(LORA_PARTS[name], []).append(value)
+                continue
             if name in NOT_SUPPORTED:
                 raise FormError(name, NOT_SUPPORTED[name])
             if name in IMAGE_PARTS:
@@ -49,6 +61,21 @@ async def read_edit_form(request: Request) -> tuple[dict[str, str], bytes]:
                 raise FormError(name, "given more than once")
             else:
                 fields[name] = value
+        if lora_parts:
+            names, scales = lora_parts.get("name", []), lora_parts.get("scale", [])
+            if len(names) != len(scales):
+                raise FormError("loras", "as form fields, give every adapter both loras[][name] and loras[][scale] "
+                                         "(or send loras as one JSON field)")
+            loras = [{"name": n, "scale": sc} for n, sc in zip(names, scales)]
+            if "loras" in fields:
+                raise FormError("loras", "given both as JSON and as loras[][name] fields")
+            fields["loras"] = loras
+        elif "loras" in fields:
+            try:
+                fields["loras"] = json.loads(fields["loras"])
+            except ValueError:
+                raise FormError("loras", 'a form field loras must be JSON, e.g. [{"name": "style", "scale": 0.8}]') \
+                    from None
         if not images:
             raise FormError("image", "required: the reference image to edit, as a file part named image")
         if len(images) > 1:

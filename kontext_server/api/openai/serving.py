@@ -31,7 +31,8 @@ from kontext_server.api.openai import errors
 from kontext_server.api.openai.protocol import EXTRA_FIELDS, ImageRequest, ImagesResponse, parse_size
 from kontext_server.api.openai.responses import encode_all, finish_timings, log_outcome, report, report_headers
 from kontext_server.api.openai.streaming import stream_images
-from kontext_server.jobs import GenerateJob
+from kontext_server.jobs import GenerateJob, lora_field
+from kontext_server.lora.library import LoraError
 from kontext_server.request import FLAG_TO_OPTIMIZATION, MAX_SEED, InferenceRequest
 from kontext_server.service import StrictError
 from utils import ImageInputError, decode_image_bytes
@@ -123,6 +124,10 @@ async def create_images(request: Request, body: ImageRequest, image_bytes: bytes
     plan, refused = plan_or_error(srv, req, image)
     if refused is not None:
         return refused
+    try:  # an adapter known to be unusable never reaches the queue
+        srv.service.check_loras(req)
+    except LoraError as exc:
+        return errors.invalid(lora_field(exc), str(exc), code=exc.kind)
     quality = resolved_quality(body.quality)
     compression = body.output_compression
     if body.stream:

@@ -11,8 +11,9 @@ from kontext_server import engine as eng
 from kontext_server.api.context import server
 from kontext_server.api.dispatch import submit_and_wait
 from kontext_server.api.errors import engine_error_response, error_response, field_error, not_ready_response
-from kontext_server.api.protocol import InferenceRequest, InferenceResponse, ModelInfo, OptimizationReport
-from kontext_server.jobs import GenerateJob
+from kontext_server.api.protocol import InferenceRequest, InferenceResponse, LoraReport, ModelInfo, OptimizationReport
+from kontext_server.jobs import GenerateJob, lora_field
+from kontext_server.lora.library import LoraError
 from kontext_server.service import StrictError
 from utils import ImageInputError, decode_image, encode_image
 
@@ -40,6 +41,10 @@ async def inference(body: InferenceRequest, request: Request, response: Response
     except StrictError as exc:
         return error_response(422, "validation_error", str(exc),
                               [{"field": f, "message": m, "type": "strict"} for f, m in exc.problems])
+    try:  # a cheap look-up in the LoRA library: an adapter known to be unusable never reaches the queue
+        service.check_loras(body)
+    except LoraError as exc:
+        return field_error(422, "validation_error", lora_field(exc), str(exc), exc.kind)
     t0 = time.perf_counter()
     try:
         job, result = await submit_and_wait(engine, request, GenerateJob(body, image, plan), rid)
@@ -67,4 +72,4 @@ async def inference(body: InferenceRequest, request: Request, response: Response
         optimizations={k: OptimizationReport(requested=d.requested, applied=d.applied, detail=d.detail)
                        for k, d in result.optimizations.items()},
         model=ModelInfo(source=m.source, synthetic=m.synthetic, description=m.description),
-        warnings=result.warnings, replica=replica)
+        loras=[LoraReport(**lora) for lora in result.loras], warnings=result.warnings, replica=replica)
