@@ -14,7 +14,7 @@ from kontext_server.api.context import Server
 from kontext_server.api.openai.protocol import ImageData, Report
 from kontext_server.api.protocol import ModelInfo, OptimizationReport
 from kontext_server.request import InferenceRequest
-from utils import encode_image_bytes
+from utils import encode_image_bytes, map_images
 
 log = logging.getLogger("flux.api")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -53,12 +53,11 @@ def log_outcome(request: Request, req: InferenceRequest, outcome: str, edit: boo
 
 def encode_all(images, fmt: str, compression: int | None, store) -> list[ImageData]:
     """The images encoded (thread pool): base64, or stored and given by URL when a store is passed."""
-    out = []
-    for im in images:
+    def one(im) -> ImageData:
         data = encode_image_bytes(im, fmt, *([compression] if compression is not None else []))
         if store is not None:
-            out.append(ImageData(url=store.put(data, CONTENT_TYPES[fmt])))
-        else:
-            out.append(ImageData(b64_json=base64.b64encode(data).decode("ascii")))
-    return out
+            return ImageData(url=store.put(data, CONTENT_TYPES[fmt]))
+        return ImageData(b64_json=base64.b64encode(data).decode("ascii"))
+
+    return map_images(one, list(images))
 
