@@ -51,13 +51,16 @@ def log_outcome(request: Request, req: InferenceRequest, outcome: str, edit: boo
              extra, outcome)
 
 
-def encode_all(images, fmt: str, compression: int | None, store) -> list[ImageData]:
-    """The images encoded (thread pool): base64, or stored and given by URL when a store is passed."""
+def encode_all(images, fmt: str, compression: int | None, store, expires_at: float = 0.0,
+               base_url: str = "") -> list[ImageData]:
+    """The images encoded (thread pool): base64, or saved in the output store and given by a URL valid until
+    `expires_at` when a store is passed."""
     out = []
     for im in images:
         data = encode_image_bytes(im, fmt, *([compression] if compression is not None else []))
         if store is not None:
-            out.append(ImageData(url=store.put(data, CONTENT_TYPES[fmt])))
+            key = store.save(data, CONTENT_TYPES[fmt], expires_at)
+            out.append(ImageData(url=store.url(key, expires_at, base_url)))
         else:
             out.append(ImageData(b64_json=base64.b64encode(data).decode("ascii")))
     return out

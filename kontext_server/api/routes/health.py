@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from kontext_server.api.context import server
@@ -28,5 +29,6 @@ async def live():
 @router.get("/metrics")
 async def metrics(request: Request):
     srv = server(request)
-    data = srv.metrics.render(srv.engine, ready=srv.service.state == "ready")
+    counts = await run_in_threadpool(srv.jobs.store.counts_by_status) if srv.jobs is not None else None
+    data = srv.metrics.render(srv.engine, ready=srv.service.state == "ready", job_counts=counts)
     return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")

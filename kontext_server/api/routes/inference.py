@@ -14,7 +14,8 @@ from kontext_server.api.errors import engine_error_response, error_response, fie
 from kontext_server.api.protocol import InferenceRequest, InferenceResponse, ModelInfo, OptimizationReport
 from kontext_server.jobs import GenerateJob
 from kontext_server.service import StrictError
-from utils import ImageInputError, decode_image, encode_image
+from kontext_server.api.image_inputs import read_image
+from utils import ImageInputError, encode_image
 
 log = logging.getLogger("flux.api")
 router = APIRouter()
@@ -31,7 +32,7 @@ async def inference(body: InferenceRequest, request: Request):
     image = None
     if body.image is not None:
         try:
-            image = await run_in_threadpool(decode_image, body.image)
+            image, _ = await run_in_threadpool(read_image, body.image, srv.settings.fetch_policy())
         except ImageInputError as exc:
             code = "payload_too_large" if exc.status == 413 else "validation_error"
             return field_error(exc.status, code, "image", str(exc))
