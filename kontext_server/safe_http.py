@@ -41,6 +41,15 @@ class FetchPolicy:
     timeout: float = 20.0
     max_bytes: int = 20 * 1024 * 1024
     max_redirects: int = 3
+    trusted: tuple[str, ...] = ()  # networks (CIDR) reachable even without allow_private: an internal image host
+
+    def refused(self, address: str) -> str | None:
+        if self.allow_private:
+            return None
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        if any(ip in ipaddress.ip_network(net, strict=False) for net in self.trusted):
+            return None
+        return refused_reason(address)
 
 
 def redact(url: str) -> str:
@@ -104,12 +113,11 @@ def pick_address(host: str, port: int, policy: FetchPolicy, resolver: Resolver =
     addresses = resolver(host, port)
     if not addresses:
         raise FetchError(f"the host {host!r} resolved to no address")
-    if not policy.allow_private:
-        for a in addresses:
-            reason = refused_reason(a)
-            if reason is not None:
-                raise FetchError(f"the host {host!r} resolves to {a}, {reason}: refused (a server started with "
-                                 "--allow-private-urls accepts it)")
+    for a in addresses:
+        reason = policy.refused(a)
+        if reason is not None:
+            raise FetchError(f"the host {host!r} resolves to {a}, {reason}: refused (a server started with "
+                             "--allow-private-urls accepts it)")
     return addresses[0]
 
 
