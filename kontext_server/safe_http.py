@@ -80,7 +80,7 @@ def refused_reason(address: str) -> str | None:
         ip = ip.ipv4_mapped
     if str(ip) == "169.254.169.254" or str(ip) == "fd00:ec2::254":
         return "a cloud metadata address"
-    for name in ("loopback", "link_local", "private", "multicast", "reserved", "unspecified"):
+    for name in ("loopback", "unspecified", "link_local", "multicast", "private", "reserved"):
         if getattr(ip, f"is_{name}"):
             return f"a {name.replace('_', '-')} address"
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
