@@ -15,9 +15,10 @@ FAST = {"width": 256, "height": 256, "steps": 2, "output_format": "png"}
 
 
 @contextmanager
-def app_client(service, **settings):
+def app_client(service, output_store=None, **settings):
     """A TestClient of a new app on `service` (lifespan run: the job manager started and closed)."""
-    with TestClient(create_app(service, ServerSettings(load_in_background=False, **settings))) as client:
+    app = create_app(service, ServerSettings(load_in_background=False, **settings), output_store=output_store)
+    with TestClient(app) as client:
         yield client
 
 
