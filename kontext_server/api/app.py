@@ -38,6 +38,8 @@ OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/docs", "/docs/oauth2-r
 JOB_PATHS = frozenset({"/inference", "/benchmark", "/v1/images/generations", "/v1/images/edits"})
 # Open prefixes: the output store's signed URLs (the signature is the credential).
 OPEN_PREFIXES = ("/v1/files/",)
+# Need a key but are not rate-limited: polling a job is cheap, and a limit sized for generations would starve it.
+UNLIMITED_PATHS = frozenset({"/v1/get_result"})
 
 
 def build_app(service, settings: ServerSettings | None = None, output_store: OutputStore | None = None) -> FastAPI:
@@ -63,7 +65,7 @@ def build_app(service, settings: ServerSettings | None = None, output_store: Out
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, error_body=error_body_for)
     app.add_middleware(KeyGuard, keys=settings.api_keys, limiter=limiter, open_paths=open_paths,
                        job_paths=set(JOB_PATHS), metrics=metrics, error_body=error_body_for,
-                       open_prefixes=OPEN_PREFIXES)
+                       open_prefixes=OPEN_PREFIXES, unlimited_paths=UNLIMITED_PATHS)
     # last = outermost: 413s and 401s get a request id and are counted
     app.add_middleware(RequestContext, metrics=metrics, known_paths=known_paths, error_body=error_body_for)
 

@@ -185,3 +185,16 @@ def test_metrics_count_jobs_by_status_and_their_age(client):
     assert 'flux_jobs{status="ready"}' in text and "flux_job_queue_depth 0.0" in text
     assert 'flux_jobs_finished_total{status="ready"}' in text and "flux_job_age_seconds_count" in text
     assert 'flux_jobs_submitted_total{outcome="accepted"}' in text
+
+
+def test_polling_is_not_counted_against_the_rate_limit_but_submits_are(service):
+    from kontext_server.api.rate_limit import RateRule
+
+    with app_client(service, rate_limit=RateRule.parse("2/min")) as c:
+        first = submit(c, **FAST)["id"]
+        for _ in range(5):
+            assert c.get("/v1/get_result", params={"id": first}).status_code == 200
+        submit(c, **FAST)
+        r = c.post("/v1/flux-kontext-dev", json={"prompt": "x", **FAST})
+        assert r.status_code == 429 and "retry-after" in r.headers and "detail" in r.json()
+        poll(c, first)

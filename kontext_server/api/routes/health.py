@@ -15,6 +15,9 @@ async def health(request: Request):
     srv = server(request)
     info = srv.service.health()
     info["queue_depth"], info["in_flight"] = srv.engine.queue_depth, srv.engine.in_flight
+    if srv.jobs is not None:
+        info["jobs"] = {"by_status": await run_in_threadpool(srv.jobs.store.counts_by_status),
+                        "output_store": srv.output_store.kind, "data_dir": str(srv.jobs.store.path.parent)}
     if not srv.engine.accepting:
         info["status"] = "draining"
     ok = srv.service.state == "ready" and srv.engine.accepting
