@@ -16,6 +16,7 @@ query string (it may hold a signature or token): `redact(url)`. Blocking: call f
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 import time
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ from typing import Callable
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
+
+# httpx logs every request's full URL at INFO ("HTTP Request: POST https://host/path?token=..."): client-given URLs
+# may carry credentials in their query strings, so its loggers stay at WARNING in this process.
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 MAX_URL_LENGTH = 2048
 REDIRECTS = (301, 302, 303, 307, 308)

@@ -13,7 +13,7 @@ from kontext_server.api.bfl.protocol import aspect_size
 from tests.helpers import png_b64
 from tests.jobs.support import FAST, app_client, poll, wait_for
 
-SLOW = {"width": 256, "height": 256, "steps": 100, "output_format": "png"}  # ~1 s on the tiny model: cancellable
+SLOW = {"width": 512, "height": 512, "steps": 100, "output_format": "png"}  # seconds on the tiny model: cancellable
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +167,13 @@ def test_signed_urls_refuse_a_tampered_signature_an_other_file_and_an_expiry_in_
 
 
 def test_results_and_their_files_are_deleted_after_the_ttl(service):
-    with app_client(service, result_ttl=1.0, sweep_interval=0.2) as c:
+    with app_client(service, result_ttl=3.0, sweep_interval=0.2) as c:  # 3 s: room for a loaded machine
         job = submit(c, **FAST)["id"]
         done, _ = poll(c, job)
         store = c.app.state.server.output_store
         assert store.count() == 1 and c.get(done["result"]["sample"]).status_code == 200
         wait_for(lambda: c.get("/v1/get_result", params={"id": job}).json()["status"] == "Task not found",
-                 timeout=10)
+                 timeout=15)
         assert store.count() == 0
         assert c.get(done["result"]["sample"]).status_code in (403, 404)
         assert c.app.state.server.jobs.store.counts_by_status() == {}

@@ -42,7 +42,9 @@ def test_a_killed_server_comes_back_with_every_job_accounted_for_and_none_run_tw
             first.wait_ready()
             with httpx.Client(base_url=first.url, timeout=60) as http:
                 def submit(**fields):
-                    r = http.post("/v1/flux-kontext-dev", json={"prompt": "a car", "webhook_url": hook, **fields})
+                    r = http.post("/v1/flux-kontext-dev", json={"prompt": "a car", **fields,
+                                                                "webhook_url": f"{hook}/h?token=QUERYTOKEN",
+                                                                "webhook_secret": "whsec-NEVERLOGGED"})
                     assert r.status_code == 200, r.text
                     return r.json()["id"]
 
@@ -73,6 +75,8 @@ def test_a_killed_server_comes_back_with_every_job_accounted_for_and_none_run_tw
     counts = started_counts(*logs)
     assert counts == {running: 1, pending[0]: 1, pending[1]: 1}, counts
     assert started_counts(logs[1]) == {pending[0]: 1, pending[1]: 1}
+    assert not any("QUERYTOKEN" in log or "NEVERLOGGED" in log for log in logs)  # no secret reaches a log
+    assert any("webhook job=" in log for log in logs)  # (the deliveries were logged, by their redacted URL)
     delivered = sorted((h["x-webhook-id"], json.loads(b)["status"]) for h, b in receiver.calls)
     assert delivered == sorted([(running, "Error"), (pending[0], "Ready"), (pending[1], "Ready")])
 
