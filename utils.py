@@ -55,6 +55,12 @@ def decode_image(data: str) -> Image.Image:
 
     Line-wrapped base64 (MIME, Python's encodebytes) is accepted: whitespace is not data. The image's mode before
     the RGB conversion is kept in `image.info["source_mode"]` (an RGBA input loses its alpha: callers say so)."""
+    return decode_image_bytes(decode_base64_image(data))
+
+
+def decode_base64_image(data: str) -> bytes:
+    """base64 or data-URL string -> the image file's bytes (not yet decoded), or ImageInputError (413 when the
+    text is too long to hold at most MAX_IMAGE_BYTES)."""
     if data.startswith("data:"):
         header, _, data = data.partition(",")
         if ";base64" not in header:
@@ -65,10 +71,9 @@ def decode_image(data: str) -> Image.Image:
     if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 8:
         raise ImageInputError(f"image is larger than the {MAX_IMAGE_BYTES // (1024 * 1024)} MB limit", status=413)
     try:
-        raw = base64.b64decode(data.encode("ascii"), validate=True)
+        return base64.b64decode(data.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
         raise ImageInputError("image is not valid base64") from None
-    return decode_image_bytes(raw)
 
 
 def decode_image_bytes(raw: bytes) -> Image.Image:

@@ -44,6 +44,32 @@ def _rate_limit_arg(spec: str) -> RateRule:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _delays_arg(spec: str) -> tuple[float, ...]:
+    try:
+        delays = tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds separated by commas, e.g. 1,5,30 (got {spec!r})") from None
+    if any(d < 0 for d in delays) or len(delays) > 10:
+        raise argparse.ArgumentTypeError("at most 10 delays, none negative")
+    return delays
+
+
+def _ttl_arg(spec: str) -> float:
+    try:
+        ttl = float(spec)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (got {spec!r})") from None
+    if not 1 <= ttl <= 7 * 24 * 3600:
+        raise argparse.ArgumentTypeError("between 1 s and 7 days (presigned S3 URLs live at most 7 days)")
+    return ttl
+
+
+def _output_store_arg(spec: str) -> str:
+    if spec != "local" and not (spec.startswith("s3://") and len(spec) > 5 and not spec[5:].startswith("/")):
+        raise argparse.ArgumentTypeError(f"expected local or s3://bucket/prefix (got {spec!r})")
+    return spec
+
+
 def _env_help(text: str, var: settings.EnvVar) -> str:
     default = var.default if var.default is not None else "unset"
     return f"{text} (env {var.name}; default {default})"
@@ -125,7 +151,13 @@ def server_settings(a):
     return ServerSettings(max_queue=a.max_queue, queue_timeout=a.queue_timeout, request_timeout=a.request_timeout,
                           shutdown_grace=a.shutdown_grace, drain_seconds=a.drain_seconds, api_keys=a.api_keys,
                           rate_limit=a.rate_limit, metrics_key_required=a.metrics_key_required,
-                          served_model_name=a.served_model_name)
+                          served_model_name=a.served_model_name,
+                          data_dir=Path(a.data_dir) if a.data_dir else settings.default_data_dir(a.cache_dir),
+                          result_ttl=a.result_ttl, on_restart=a.on_restart, max_jobs=a.max_jobs,
+                          sweep_interval=a.sweep_interval, output_store=a.output_store,
+                          s3_endpoint_url=a.s3_endpoint_url, public_url=a.public_url,
+                          allow_private_urls=a.allow_private_urls, url_fetch_timeout=a.url_fetch_timeout,
+                          webhook_retry_delays=a.webhook_retry_delays, webhook_timeout=a.webhook_timeout)
 
 
 def config_from_env():
@@ -190,7 +222,16 @@ def cmd_serve(a) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # Work still running after the grace period is interrupted by the app (JSON 503); the margin lets that answer
     # reach the client before uvicorn's own timeout cancels the handlers.
-    uvicorn.run(build_app(svc, settings_), host=a.host, port=a.port, log_level=a.log_level,
+    from kontext_server.jobstore.store import DataDirInUse
+
+    try:
+        app = build_app(svc, settings_)
+    except (DataDirInUse, ValueError, OSError) as exc:
+        sys.exit(f"error: {exc}")
+    log.info("data directory: %s (output store: %s)", settings_.data_dir, app.state.server.output_store.kind)
+    # access_log off: the server writes its own line per request, without query strings (signed URLs carry their
+    # signature there); uvicorn's access log would write them.
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
                 timeout_graceful_shutdown=int(a.shutdown_grace) + 5)  # counted from the end of the drain
 
 
@@ -334,6 +375,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=settings.SERVED_MODEL_NAME.get(),
                    help=_env_help("the model id of the OpenAI routes (default: --model's value)",
                                   settings.SERVED_MODEL_NAME))
+    j = s.add_argument_group("asynchronous jobs, outputs, URL inputs, webhooks")
+    j.add_argument("--data-dir", default=settings.DATA_DIR.get(),
+                   help=_env_help("the job store, local outputs and the URL-signing key (default: <cache dir>-data "
+                                  "beside the cache directory); one server per directory", settings.DATA_DIR))
+    j.add_argument("--result-ttl", type=_ttl_arg, default=settings.RESULT_TTL.get(),
+                   help=_env_help("seconds results and their files are kept", settings.RESULT_TTL))
+    j.add_argument("--on-restart", choices=["run", "error"], default=settings.ON_RESTART.get(),
+                   help=_env_help("pending jobs found at start-up: run them, or mark them Error \"interrupted by "
+                                  "restart\" (running ones are always marked Error)", settings.ON_RESTART))
+    j.add_argument("--max-jobs", type=int, default=settings.MAX_JOBS.get_int(),
+                   help=_env_help("jobs the store may hold (then 429)", settings.MAX_JOBS))
+    j.add_argument("--sweep-interval", type=float, default=settings.SWEEP_INTERVAL.get_float(),
+                   help=_env_help("seconds between sweeps of expired jobs and files", settings.SWEEP_INTERVAL))
+    j.add_argument("--output-store", type=_output_store_arg, default=settings.OUTPUT_STORE.get(),
+                   help=_env_help("local, or s3://bucket/prefix", settings.OUTPUT_STORE))
+    j.add_argument("--s3-endpoint-url", default=settings.S3_ENDPOINT_URL.get(),
+                   help=_env_help("an S3-compatible endpoint (R2, MinIO)", settings.S3_ENDPOINT_URL))
+    j.add_argument("--public-url", default=settings.PUBLIC_URL.get(),
+                   help=_env_help("the base URL clients reach this server at (polling_url, /v1/files URLs)",
+                                  settings.PUBLIC_URL))
+    j.add_argument("--allow-private-urls", action="store_true", default=settings.is_true(settings.ALLOW_PRIVATE_URLS),
+                   help=_env_help("image and webhook URLs may reach private / loopback / link-local addresses",
+                                  settings.ALLOW_PRIVATE_URLS))
+    j.add_argument("--url-fetch-timeout", type=float, default=settings.URL_FETCH_TIMEOUT.get_float(),
+                   help=_env_help("seconds an image URL may take, redirects included", settings.URL_FETCH_TIMEOUT))
+    j.add_argument("--webhook-retry-delays", type=_delays_arg, default=settings.WEBHOOK_RETRY_DELAYS.get(),
+                   help=_env_help("seconds before each webhook retry", settings.WEBHOOK_RETRY_DELAYS))
+    j.add_argument("--webhook-timeout", type=float, default=settings.WEBHOOK_TIMEOUT.get_float(),
+                   help=_env_help("seconds one webhook attempt may take", settings.WEBHOOK_TIMEOUT))
     s.add_argument("--background-load", action="store_true",
                    help="answer /live at once and load the model in the background (/health 503 until ready)")
     s.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")

@@ -73,7 +73,8 @@ class InferenceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=4000, description="Instruction (edit) or description (text-to-image)")
-    image: str | None = Field(None, description="Input image, base64 or data URL (PNG/JPEG/WebP). Present = edit.")
+    image: str | None = Field(None, description="Input image: base64, a data URL or an http(s) URL (PNG/JPEG/WebP). "
+                                                "Present = edit.")
     width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Multiple of 16; default from the input image")
     height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Multiple of 16; default from the input image")
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Default 28 (14 with use_dpm_solver)")

@@ -98,6 +98,33 @@ RATE_LIMIT = EnvVar("FLUX_RATE_LIMIT", None, "server",
 METRICS_KEY_REQUIRED = EnvVar("FLUX_METRICS_KEY_REQUIRED", "0", "server", "1: /metrics needs an API key too")
 SERVED_MODEL_NAME = EnvVar("FLUX_SERVED_MODEL_NAME", None, "server",
                            "the model id of the /v1 routes (GET /v1/models, a request's model); default: --model")
+# ---- async jobs, outputs, URL inputs, webhooks ------------------------------------------------------------------------
+DATA_DIR = EnvVar("FLUX_DATA_DIR", None, "jobs",
+                  "the job store (SQLite), stored outputs and the URL-signing key (default: <cache dir>-data beside "
+                  "the cache directory); one server per directory")
+RESULT_TTL = EnvVar("FLUX_RESULT_TTL", "3600", "jobs",
+                    "seconds a finished job, its result and its output files are kept (then deleted; at most 7 days)")
+ON_RESTART = EnvVar("FLUX_ON_RESTART", "run", "jobs",
+                    "pending jobs found at start-up: run them (run) or mark them Error \"interrupted by restart\" "
+                    "(error); a job that was running is always marked Error")
+MAX_JOBS = EnvVar("FLUX_MAX_JOBS", "10000", "jobs", "jobs the store may hold (pending + unexpired results; then 429)")
+SWEEP_INTERVAL = EnvVar("FLUX_SWEEP_INTERVAL", "60", "jobs", "seconds between two sweeps of expired jobs and files")
+OUTPUT_STORE = EnvVar("FLUX_OUTPUT_STORE", "local", "jobs",
+                      "where output images go: local (files under the data directory, signed /v1/files URLs) or "
+                      "s3://bucket/prefix (presigned URLs)")
+S3_ENDPOINT_URL = EnvVar("FLUX_S3_ENDPOINT_URL", None, "jobs",
+                         "an S3-compatible endpoint (Cloudflare R2, MinIO); default AWS S3. Credentials: the usual "
+                         "AWS_* variables")
+PUBLIC_URL = EnvVar("FLUX_PUBLIC_URL", None, "jobs",
+                    "the base URL clients reach this server at, for polling_url and /v1/files URLs (default: the "
+                    "request's own scheme and host)")
+ALLOW_PRIVATE_URLS = EnvVar("FLUX_ALLOW_PRIVATE_URLS", "0", "jobs",
+                            "1: image URLs and webhook URLs may point at private, loopback, link-local and metadata "
+                            "addresses (tests, private networks)")
+URL_FETCH_TIMEOUT = EnvVar("FLUX_URL_FETCH_TIMEOUT", "20", "jobs", "seconds an image URL may take, redirects included")
+WEBHOOK_RETRY_DELAYS = EnvVar("FLUX_WEBHOOK_RETRY_DELAYS", "1,5,30", "jobs",
+                              "seconds before each retry of a failed webhook delivery (comma-separated)")
+WEBHOOK_TIMEOUT = EnvVar("FLUX_WEBHOOK_TIMEOUT", "10", "jobs", "seconds one webhook delivery attempt may take")
 LOG_LEVEL = EnvVar("FLUX_LOG_LEVEL", "INFO", "server", "Python log level of the server's loggers")
 BENCH_DIR = EnvVar("FLUX_BENCH_DIR", "benchmarks/latest", "server", "where `benchmark` writes its JSON and chart")
 ENGINE = EnvVar("FLUX_ENGINE", "local", "server",
@@ -154,6 +181,10 @@ HF_HUB_OFFLINE = EnvVar("HF_HUB_OFFLINE", None, "library",
 HF_HUB_CACHE = EnvVar("HF_HUB_CACHE", None, "library",
                       "the Hugging Face cache a hub id is found in (default: huggingface_hub's, "
                       "~/.cache/huggingface/hub)")
+AWS_ACCESS_KEY_ID = EnvVar("AWS_ACCESS_KEY_ID", None, "library",
+                           "with an s3:// output store: boto3's credentials (with AWS_SECRET_ACCESS_KEY; or any "
+                           "other source boto3 reads)")
+AWS_REGION = EnvVar("AWS_DEFAULT_REGION", None, "library", "with an s3:// output store: the bucket's region")
 CUBLASLT_WORKSPACE_SIZE = EnvVar("CUBLASLT_WORKSPACE_SIZE", None, "library",
                                  "cuBLASLt's workspace in KiB; the server sets 0 unless you set it")
 INDUCTOR_CACHE_DIR = EnvVar("TORCHINDUCTOR_CACHE_DIR", None, "library",
@@ -174,6 +205,15 @@ def default_cache_dir() -> Path:
     """FLUX_CACHE_DIR, or ~/.cache/flux-kontext-server."""
     value = CACHE_DIR.get()
     return Path(value) if value else Path.home() / ".cache" / "flux-kontext-server"
+
+
+def default_data_dir(cache_dir: str | Path | None = None) -> Path:
+    """FLUX_DATA_DIR, or `<cache dir>-data` beside the cache directory (jobs and outputs are not a cache)."""
+    value = DATA_DIR.get()
+    if value:
+        return Path(value)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    return cache.parent / (cache.name + "-data")
 
 
 def is_true(var: EnvVar) -> bool:

@@ -33,11 +33,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the package and tools/ beside it
-
-from kontext_server.benchmark.floor import WORKLOADS  # noqa: E402
-from load_test import ServerProcess  # noqa: E402
+from kontext_server.benchmark.floor import WORKLOADS
+from load_test import ServerProcess  # tools/ beside this script
 
 FAST_TIER = {"use_mxfp4": True, "use_dpm_solver": True}  # the OpenAI route's quality=low (CUDA graphs: server auto)
 

@@ -51,13 +51,17 @@ def log_outcome(request: Request, req: InferenceRequest, outcome: str, edit: boo
              extra, outcome)
 
 
-def encode_all(images, fmt: str, compression: int | None, store) -> list[ImageData]:
-    """The images encoded (thread pool): base64, or stored and given by URL when a store is passed."""
-    def one(im) -> ImageData:
-        data = encode_image_bytes(im, fmt, *([compression] if compression is not None else []))
-        if store is not None:
-            return ImageData(url=store.put(data, CONTENT_TYPES[fmt]))
-        return ImageData(b64_json=base64.b64encode(data).decode("ascii"))
-
-    return map_images(one, list(images))
+def encode_all(images, fmt: str, compression: int | None, store, expires_at: float = 0.0,
+               base_url: str = "") -> list[ImageData]:
+    """The images encoded (thread pool; several in parallel): base64, or saved in the output store and given by a URL
+    valid until `expires_at` when a store is passed."""
+    encoded = map_images(lambda im: encode_image_bytes(im, fmt, *([compression] if compression is not None else [])),
+                         list(images))
+    if store is None:
+        return [ImageData(b64_json=base64.b64encode(data).decode("ascii")) for data in encoded]
+    out = []
+    for data in encoded:  # saved in the images' order
+        key = store.save(data, CONTENT_TYPES[fmt], expires_at)
+        out.append(ImageData(url=store.url(key, expires_at, base_url)))
+    return out
 

@@ -9,7 +9,8 @@ What it decides:
   exact tier); what actually ran is in the report (a flag whose optimisation is not prepared here does not run).
 - `size`: WxH, or auto / omitted: the input's aspect ratio at about 1 MP for an edit, 1024x1024 otherwise.
 - The seed is drawn here when the request gives none, so it is known before a stream starts (`X-Seed`).
-- `response_format: "url"` stores each image in the app's OutputStore; without one it is a 400.
+- `response_format: "url"` saves each image in the app's output store (local files behind signed URLs by default, or
+  S3) and answers URLs that expire after --result-ttl.
 Our report goes in headers (X-Seed, X-Timings-Ms as JSON, X-Optimizations: the applied optimisations, comma-separated)
 and in the extra top-level field `kontext`. Errors are OpenAI-shaped (errors.py) and never a 500 for bad input.
 """
@@ -35,6 +36,7 @@ from kontext_server.jobs import GenerateJob, lora_field
 from kontext_server.lora.library import LoraError
 from kontext_server.request import FLAG_TO_OPTIMIZATION, MAX_SEED, InferenceRequest
 from kontext_server.service import StrictError
+from kontext_server.storage.base import StoreError
 from utils import ImageInputError, decode_image_bytes
 
 # quality -> the flags it sets when the request leaves them unset (None: the server's default for that flag)
@@ -140,8 +142,13 @@ async def create_images(request: Request, body: ImageRequest, image_bytes: bytes
     except eng.EngineError as exc:
         log_outcome(request, req, f"{exc.status} {exc.code}", edit)
         return errors.engine_error_response(exc, srv.engine)
-    data = await run_in_threadpool(encode_all, result.images, req.output_format, compression,
-                                   srv.output_store if body.response_format == "url" else None)
+    try:
+        data = await run_in_threadpool(encode_all, result.images, req.output_format, compression,
+                                       srv.output_store if body.response_format == "url" else None,
+                                       time.time() + srv.settings.result_ttl, srv.settings.base_url(request))
+    except StoreError as exc:
+        log_outcome(request, req, "503 output_store_failed", edit)
+        return errors.error_response(503, str(exc), code="output_store_failed", headers={"Retry-After": "5"})
     timings = finish_timings(srv, job, result, t0)
     rep = report(request.state.request_id, srv, result, timings)
     log_outcome(request, req, "200", edit, f" timings_ms={ {k: round(v) for k, v in timings.items()} }")

@@ -15,7 +15,8 @@ from kontext_server.api.protocol import InferenceRequest, InferenceResponse, Lor
 from kontext_server.jobs import GenerateJob, lora_field
 from kontext_server.lora.library import LoraError
 from kontext_server.service import StrictError
-from utils import ImageInputError, decode_image, encode_image, map_images
+from kontext_server.api.image_inputs import read_image
+from utils import ImageInputError, encode_image, map_images
 
 log = logging.getLogger("flux.api")
 router = APIRouter()
@@ -33,7 +34,7 @@ async def inference(body: InferenceRequest, request: Request, response: Response
     if body.image is not None:
         t_decode = time.perf_counter()
         try:
-            image = await run_in_threadpool(decode_image, body.image)
+            image, _ = await run_in_threadpool(read_image, body.image, srv.settings.fetch_policy())
             decode_ms = (time.perf_counter() - t_decode) * 1000
         except ImageInputError as exc:
             code = "payload_too_large" if exc.status == 413 else "validation_error"
