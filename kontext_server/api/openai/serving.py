@@ -87,16 +87,21 @@ def check_request(srv: Server, body: ImageRequest) -> JSONResponse | None:
     return None
 
 
-async def decode_reference(image_bytes: bytes | None):
-    """(PIL image or None, error response or None)."""
+async def decode_reference(image_bytes: bytes | list[bytes] | None):
+    """(the reference image(s): one PIL image, a list of 2-4, or None; error response or None)."""
     if image_bytes is None:
         return None, None
-    try:
-        return await run_in_threadpool(decode_image_bytes, image_bytes), None
-    except ImageInputError as exc:
-        status = 413 if exc.status == 413 else 400
-        return None, errors.invalid("image", str(exc), code="image_too_large" if status == 413 else "invalid_image",
-                                    status=status)
+    parts = image_bytes if isinstance(image_bytes, list) else [image_bytes]
+    decoded = []
+    for i, data in enumerate(parts):
+        try:
+            decoded.append(await run_in_threadpool(decode_image_bytes, data))
+        except ImageInputError as exc:
+            status = 413 if exc.status == 413 else 400
+            which = f"image {i + 1} of {len(parts)}: " if len(parts) > 1 else ""
+            return None, errors.invalid("image", which + str(exc),
+                                        code="image_too_large" if status == 413 else "invalid_image", status=status)
+    return (decoded[0] if len(decoded) == 1 else decoded), None
 
 
 def plan_or_error(srv: Server, req: InferenceRequest, image):

@@ -21,6 +21,22 @@ log = logging.getLogger("flux.api")
 router = APIRouter()
 
 
+async def decode_references(body: InferenceRequest):
+    """(the reference image(s), or None; an error response, or None): `image` decodes to one PIL image, `images` to
+    a list (the service takes either). A bad one is answered naming its field (`image`, `images.N`)."""
+    sources = body.reference_inputs()
+    decoded = []
+    for i, data in enumerate(sources):
+        try:
+            decoded.append(await run_in_threadpool(decode_image, data))
+        except ImageInputError as exc:
+            code = "payload_too_large" if exc.status == 413 else "validation_error"
+            return None, field_error(exc.status, code, "image" if body.images is None else f"images.{i}", str(exc))
+    if not decoded:
+        return None, None
+    return (decoded if body.images is not None else decoded[0]), None
+
+
 @router.post("/inference", response_model=InferenceResponse,
              responses={413: {}, 422: {}, 429: {}, 500: {}, 503: {}, 504: {}})
 async def inference(body: InferenceRequest, request: Request, response: Response):
@@ -29,13 +45,9 @@ async def inference(body: InferenceRequest, request: Request, response: Response
     rid = request.state.request_id
     if service.state != "ready":
         return not_ready_response(service.state)
-    image = None
-    if body.image is not None:
-        try:
-            image = await run_in_threadpool(decode_image, body.image)
-        except ImageInputError as exc:
-            code = "payload_too_large" if exc.status == 413 else "validation_error"
-            return field_error(exc.status, code, "image", str(exc))
+    image, refused = await decode_references(body)
+    if refused is not None:
+        return refused
     try:
         plan = service.plan(body, image)
     except StrictError as exc:
@@ -72,4 +84,5 @@ async def inference(body: InferenceRequest, request: Request, response: Response
         optimizations={k: OptimizationReport(requested=d.requested, applied=d.applied, detail=d.detail)
                        for k, d in result.optimizations.items()},
         model=ModelInfo(source=m.source, synthetic=m.synthetic, description=m.description),
-        loras=[LoraReport(**lora) for lora in result.loras], warnings=result.warnings, replica=replica)
+        loras=[LoraReport(**lora) for lora in result.loras], warnings=result.warnings, replica=replica,
+        size_reason=result.size_reason or None, references=result.references)
