@@ -97,6 +97,15 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto
                                   "(zero overhead, every request runs it; /health reports it)", settings.LORA_FUSE))
 
 
+def _add_provenance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-provenance-metadata", dest="provenance_metadata", action="store_false",
+                   default=not settings.PROVENANCE_METADATA.off(),
+                   help=_env_help("write no EXIF / PNG text saying the image is AI-generated",
+                                  settings.PROVENANCE_METADATA))
+    p.add_argument("--provenance-prompt", action="store_true", default=settings.PROVENANCE_PROMPT.get() == "1",
+                   help=_env_help("write the prompt into that metadata too", settings.PROVENANCE_PROMPT))
+
+
 def _names_arg(spec: str | None) -> list[str]:
     return [n.strip() for n in (spec or "").split(",") if n.strip()]
 
@@ -125,7 +134,9 @@ def server_settings(a):
     return ServerSettings(max_queue=a.max_queue, queue_timeout=a.queue_timeout, request_timeout=a.request_timeout,
                           shutdown_grace=a.shutdown_grace, drain_seconds=a.drain_seconds, api_keys=a.api_keys,
                           rate_limit=a.rate_limit, metrics_key_required=a.metrics_key_required,
-                          served_model_name=a.served_model_name)
+                          served_model_name=a.served_model_name, provenance_metadata=a.provenance_metadata,
+                          provenance_prompt=a.provenance_prompt, c2pa_cert=a.c2pa_cert, c2pa_key=a.c2pa_key,
+                          safety_checker=a.safety_checker)
 
 
 def config_from_env():
@@ -190,7 +201,13 @@ def cmd_serve(a) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # Work still running after the grace period is interrupted by the app (JSON 503); the margin lets that answer
     # reach the client before uvicorn's own timeout cancels the handlers.
-    uvicorn.run(build_app(svc, settings_), host=a.host, port=a.port, log_level=a.log_level,
+    from kontext_server.provenance import ProvenanceConfigError
+
+    try:  # a C2PA certificate that cannot sign, or a safety checker that cannot be imported, stops the start
+        app = build_app(svc, settings_)
+    except (ProvenanceConfigError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level,
                 timeout_graceful_shutdown=int(a.shutdown_grace) + 5)  # counted from the end of the drain
 
 
@@ -252,7 +269,11 @@ def cmd_generate(a) -> None:
         _fail(f"--lora {exc.name}: {exc.reason}")
     finally:
         bar.close()
-    res.images[0].save(a.out)
+    from kontext_server.provenance import Provenance
+
+    fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(out.suffix.lower(), "png")
+    out.write_bytes(Provenance(metadata=a.provenance_metadata, prompt=a.provenance_prompt,
+                               model=str(a.model)).encode(res.images[0], fmt, prompt=req.prompt))
     print(json.dumps({"out": a.out, "seed": res.seed, "width": res.width, "height": res.height, "steps": res.steps,
                       "timings_ms": res.timings_ms,
                       "optimizations": {k: d.applied for k, d in res.optimizations.items()}}, indent=1))
@@ -334,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=settings.SERVED_MODEL_NAME.get(),
                    help=_env_help("the model id of the OpenAI routes (default: --model's value)",
                                   settings.SERVED_MODEL_NAME))
+    _add_provenance_args(s)
+    s.add_argument("--c2pa-cert", default=settings.C2PA_CERT.get(),
+                   help=_env_help("PEM certificate chain, signing certificate first: with --c2pa-key every image "
+                                  "carries a signed C2PA manifest", settings.C2PA_CERT))
+    s.add_argument("--c2pa-key", default=settings.C2PA_KEY.get(),
+                   help=_env_help("PEM private key of the signing certificate", settings.C2PA_KEY))
+    s.add_argument("--safety-checker", default=settings.SAFETY_CHECKER.get(),
+                   help=_env_help("module:callable(prompt, images) run before and after each generation: None / True "
+                                  "allows, False / a reason blocks (422 content_policy, OpenAI 400 "
+                                  "moderation_blocked); none ships", settings.SAFETY_CHECKER))
     s.add_argument("--background-load", action="store_true",
                    help="answer /live at once and load the model in the background (/health 503 until ready)")
     s.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
@@ -376,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--guidance-scale", type=float, default=2.5)
+    _add_provenance_args(g)
     g.add_argument("--lora", action="append", default=[],
                    help="NAME or NAME:SCALE: an adapter of --lora-dir to run (repeat for up to 3)")
     g.set_defaults(fn=cmd_generate)

@@ -98,6 +98,17 @@ RATE_LIMIT = EnvVar("FLUX_RATE_LIMIT", None, "server",
 METRICS_KEY_REQUIRED = EnvVar("FLUX_METRICS_KEY_REQUIRED", "0", "server", "1: /metrics needs an API key too")
 SERVED_MODEL_NAME = EnvVar("FLUX_SERVED_MODEL_NAME", None, "server",
                            "the model id of the /v1 routes (GET /v1/models, a request's model); default: --model")
+PROVENANCE_METADATA = EnvVar("FLUX_PROVENANCE_METADATA", "1", "provenance",
+                             "0: no EXIF / PNG text saying the image is AI-generated (Software, Make, Model)")
+PROVENANCE_PROMPT = EnvVar("FLUX_PROVENANCE_PROMPT", "0", "provenance",
+                           "1: also the prompt in that metadata (EXIF ImageDescription, PNG Description)")
+C2PA_CERT = EnvVar("FLUX_C2PA_CERT", None, "provenance",
+                   "PEM certificate chain (signing certificate first): with FLUX_C2PA_KEY, every image carries a "
+                   "signed C2PA manifest (c2pa.created, trainedAlgorithmicMedia)")
+C2PA_KEY = EnvVar("FLUX_C2PA_KEY", None, "provenance", "PEM private key of FLUX_C2PA_CERT's signing certificate")
+SAFETY_CHECKER = EnvVar("FLUX_SAFETY_CHECKER", None, "provenance",
+                        "module:callable called with (prompt, images) before and after each generation; None or "
+                        "True allows, False or a reason string blocks (none ships)")
 LOG_LEVEL = EnvVar("FLUX_LOG_LEVEL", "INFO", "server", "Python log level of the server's loggers")
 BENCH_DIR = EnvVar("FLUX_BENCH_DIR", "benchmarks/latest", "server", "where `benchmark` writes its JSON and chart")
 ENGINE = EnvVar("FLUX_ENGINE", "local", "server",

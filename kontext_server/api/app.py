@@ -31,6 +31,8 @@ from kontext_server.api.openai import router as openai_router
 from kontext_server.api.output_store import OutputStore
 from kontext_server.api.rate_limit import RateLimiter
 from kontext_server.api.routes import benchmark, health, inference
+from kontext_server.provenance import C2paSigner, Provenance, ProvenanceConfigError
+from kontext_server.safety import SafetyHook
 
 ROUTERS = (inference.router, health.router, benchmark.router, openai_router.router)
 # Open without a key: probes, the scrape (unless --metrics-key-required) and the API's own documentation.
@@ -49,8 +51,10 @@ def build_app(service, settings: ServerSettings | None = None, output_store: Out
         engine = local_engine(service, settings, metrics)
     app = FastAPI(title="FLUX.1-Kontext inference server", version=__version__,
                   lifespan=lifespan_for(service, engine, settings))
-    app.state.server = Server(service=service, engine=engine, metrics=metrics, settings=settings,
-                              output_store=output_store)
+    srv = Server(service=service, engine=engine, metrics=metrics, settings=settings, output_store=output_store)
+    srv.provenance = provenance_for(settings, srv.model_id)
+    srv.safety = SafetyHook.from_spec(settings.safety_checker)
+    app.state.server = srv
     known_paths: set[str] = set()
     limiter = (RateLimiter(settings.rate_limit, job_retry_after=engine.retry_after_seconds)
                if settings.rate_limit is not None else None)
@@ -81,6 +85,18 @@ def build_app(service, settings: ServerSettings | None = None, output_store: Out
     known_paths.update(r.path for r in app.routes if hasattr(r, "path"))  # FastAPI's own: /docs, /openapi.json
     known_paths.update(r.path for router in ROUTERS for r in router.routes)
     return app
+
+
+def provenance_for(settings: ServerSettings, model_id: str) -> Provenance:
+    """The encoder's provenance from the settings (ProvenanceConfigError: a C2PA certificate or key that cannot
+    sign, or only one of the two given)."""
+    signer = None
+    if settings.c2pa_cert or settings.c2pa_key:
+        if not (settings.c2pa_cert and settings.c2pa_key):
+            raise ProvenanceConfigError("C2PA signing needs both --c2pa-cert and --c2pa-key")
+        signer = C2paSigner.from_files(settings.c2pa_cert, settings.c2pa_key, model_id)
+    return Provenance(metadata=settings.provenance_metadata, prompt=settings.provenance_prompt, model=model_id,
+                      signer=signer)
 
 
 def local_engine(service, settings: ServerSettings, metrics: Metrics) -> eng.Engine:

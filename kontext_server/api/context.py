@@ -4,13 +4,14 @@ store).
 Routes reach them through `server(request)` (the app's state), so several apps can live in one process (tests)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from kontext_server.api.auth import KeyStore
 from kontext_server.api.output_store import OutputStore
 from kontext_server.api.rate_limit import RateRule
+from kontext_server.provenance import Provenance
 
 
 @dataclass
@@ -26,6 +27,11 @@ class ServerSettings:
     rate_limit: RateRule | None = None  # per key id ("anonymous" without keys)
     metrics_key_required: bool = False  # /metrics behind the keys too
     served_model_name: str | None = None  # the id /v1/models lists (default: the service's --model)
+    provenance_metadata: bool = True  # EXIF / PNG text saying what made each image (kontext_server/provenance.py)
+    provenance_prompt: bool = False  # the prompt in that metadata too
+    c2pa_cert: str | None = None  # PEM certificate chain: with c2pa_key, each image carries a signed C2PA manifest
+    c2pa_key: str | None = None  # its PEM private key
+    safety_checker: str | None = None  # module:callable checking prompts and images (kontext_server/safety.py)
 
 
 @dataclass
@@ -35,6 +41,8 @@ class Server:
     metrics: object  # kontext_server.api.metrics.Metrics
     settings: ServerSettings
     output_store: OutputStore | None = None  # response_format "url" needs one; none ships yet
+    provenance: Provenance = field(default_factory=Provenance)  # the encoder of every returned image
+    safety: object = None  # kontext_server.safety.SafetyHook, or None: nothing is checked
 
     @property
     def model_id(self) -> str:

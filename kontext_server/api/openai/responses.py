@@ -52,11 +52,17 @@ def log_outcome(request: Request, req: InferenceRequest, outcome: str, edit: boo
              extra, outcome)
 
 
-def encode_all(images, fmt: str, compression: int | None, store) -> list[ImageData]:
-    """The images encoded (thread pool): base64, or stored and given by URL when a store is passed."""
+def encode_all(images, fmt: str, compression: int | None, store, provenance=None, prompt: str | None = None,
+               final: bool = True) -> list[ImageData]:
+    """The images encoded (thread pool) with the server's provenance (kontext_server/provenance.py; `final` False
+    for a preview: no C2PA signature): base64, or stored and given by URL when a store is passed."""
     out = []
+    quality = [compression] if compression is not None else []
     for im in images:
-        data = encode_image_bytes(im, fmt, *([compression] if compression is not None else []))
+        if provenance is not None:
+            data = provenance.encode(im, fmt, *quality, prompt=prompt, final=final)
+        else:
+            data = encode_image_bytes(im, fmt, *quality)
         if store is not None:
             out.append(ImageData(url=store.put(data, CONTENT_TYPES[fmt])))
         else:

@@ -27,6 +27,7 @@ from kontext_server import engine as eng
 from kontext_server.api.context import Server, server
 from kontext_server.api.dispatch import submit_and_wait
 from kontext_server.api.errors import clean_errors
+from kontext_server.api.moderation import screen
 from kontext_server.api.openai import errors
 from kontext_server.api.openai.protocol import EXTRA_FIELDS, ImageRequest, ImagesResponse, parse_size
 from kontext_server.api.openai.responses import encode_all, finish_timings, log_outcome, report, report_headers
@@ -34,6 +35,7 @@ from kontext_server.api.openai.streaming import stream_images
 from kontext_server.jobs import GenerateJob, lora_field
 from kontext_server.lora.library import LoraError
 from kontext_server.request import FLAG_TO_OPTIMIZATION, MAX_SEED, InferenceRequest
+from kontext_server.safety import INPUT, OUTPUT, SafetyCheckFailed
 from kontext_server.service import StrictError
 from utils import ImageInputError, decode_image_bytes
 
@@ -126,6 +128,12 @@ async def create_images(request: Request, body: ImageRequest, image_bytes: bytes
     image, refused = await decode_reference(image_bytes)
     if refused is not None:
         return refused
+    try:
+        blocked = await screen(srv, request.state.request_id, req.prompt, image, INPUT)
+    except SafetyCheckFailed as exc:
+        return errors.safety_failed(exc)
+    if blocked is not None:
+        return errors.moderation_blocked(blocked)
     plan, refused = plan_or_error(srv, req, image)
     if refused is not None:
         return refused
@@ -145,8 +153,16 @@ async def create_images(request: Request, body: ImageRequest, image_bytes: bytes
     except eng.EngineError as exc:
         log_outcome(request, req, f"{exc.status} {exc.code}", edit)
         return errors.engine_error_response(exc, srv.engine)
+    try:
+        blocked = await screen(srv, request.state.request_id, req.prompt, result.images, OUTPUT)
+    except SafetyCheckFailed as exc:
+        return errors.safety_failed(exc)
+    if blocked is not None:
+        log_outcome(request, req, "400 moderation_blocked", edit)
+        return errors.moderation_blocked(blocked)
     data = await run_in_threadpool(encode_all, result.images, req.output_format, compression,
-                                   srv.output_store if body.response_format == "url" else None)
+                                   srv.output_store if body.response_format == "url" else None, srv.provenance,
+                                   req.prompt)
     timings = finish_timings(srv, job, result, t0)
     rep = report(request.state.request_id, srv, result, timings)
     log_outcome(request, req, "200", edit, f" timings_ms={ {k: round(v) for k, v in timings.items()} }")

@@ -14,6 +14,8 @@ async def health(request: Request):
     srv = server(request)
     info = srv.service.health()
     info["queue_depth"], info["in_flight"] = srv.engine.queue_depth, srv.engine.in_flight
+    info["provenance"] = srv.provenance.describe()
+    info["safety_checker"] = srv.safety.describe() if srv.safety is not None else None
     if not srv.engine.accepting:
         info["status"] = "draining"
     ok = srv.service.state == "ready" and srv.engine.accepting

@@ -1,6 +1,7 @@
 """POST /inference: the server's own JSON generation route (errors: kontext_server.api.errors' shape)."""
 from __future__ import annotations
 
+import base64
 import logging
 import time
 
@@ -11,14 +12,23 @@ from kontext_server import engine as eng
 from kontext_server.api.context import server
 from kontext_server.api.dispatch import submit_and_wait
 from kontext_server.api.errors import engine_error_response, error_response, field_error, not_ready_response
+from kontext_server.api.moderation import blocked_message, screen
 from kontext_server.api.protocol import InferenceRequest, InferenceResponse, LoraReport, ModelInfo, OptimizationReport
 from kontext_server.jobs import GenerateJob, lora_field
 from kontext_server.lora.library import LoraError
 from kontext_server.service import StrictError
-from utils import ImageInputError, decode_image, encode_image
+from kontext_server.safety import INPUT, OUTPUT, SafetyCheckFailed, Verdict
+from utils import ImageInputError, decode_image
 
 log = logging.getLogger("flux.api")
 router = APIRouter()
+
+
+def content_policy_response(verdict: Verdict):
+    """422 content_policy: the field is `prompt` when the input was blocked, `output` when the generated image was."""
+    field = "prompt" if verdict.stage == INPUT else "output"
+    return error_response(422, "content_policy", blocked_message(verdict),
+                          [{"field": field, "message": verdict.reason, "type": "content_policy"}])
 
 
 async def decode_references(body: InferenceRequest):
@@ -49,6 +59,12 @@ async def inference(body: InferenceRequest, request: Request, response: Response
     if refused is not None:
         return refused
     try:
+        blocked = await screen(srv, rid, body.prompt, image, INPUT)
+    except SafetyCheckFailed as exc:
+        return error_response(500, "safety_check_failed", str(exc))
+    if blocked is not None:
+        return content_policy_response(blocked)
+    try:
         plan = service.plan(body, image)
     except StrictError as exc:
         return error_response(422, "validation_error", str(exc),
@@ -65,7 +81,17 @@ async def inference(body: InferenceRequest, request: Request, response: Response
         log.info("request %s prompt_len=%d size=%sx%s steps=%s outcome=%s %s", rid, len(body.prompt),
                  body.width, body.height, body.steps, exc.status, exc.code)
         return engine_error_response(exc, engine)
-    images = await run_in_threadpool(lambda: [encode_image(im, body.output_format) for im in result.images])
+    try:
+        blocked = await screen(srv, rid, body.prompt, result.images, OUTPUT)
+    except SafetyCheckFailed as exc:
+        return error_response(500, "safety_check_failed", str(exc))
+    if blocked is not None:
+        request.state.logged = True
+        return content_policy_response(blocked)
+    provenance = srv.provenance
+    images = await run_in_threadpool(lambda: [
+        base64.b64encode(provenance.encode(im, body.output_format, prompt=body.prompt)).decode("ascii")
+        for im in result.images])
     timings = dict(result.timings_ms)
     timings["queue_wait"] = round(((job.started_at or job.enqueued_at) - job.enqueued_at) * 1000, 3)
     timings["request_total"] = round((time.perf_counter() - t0) * 1000, 3)
