@@ -30,13 +30,15 @@ from kontext_server.api.openai import errors as openai_errors
 from kontext_server.api.openai import router as openai_router
 from kontext_server.api.output_store import OutputStore
 from kontext_server.api.rate_limit import RateLimiter
-from kontext_server.api.routes import benchmark, health, inference
+from kontext_server.api.routes import benchmark, health, inference, playground
 from kontext_server.provenance import C2paSigner, Provenance, ProvenanceConfigError
 from kontext_server.safety import SafetyHook
 
-ROUTERS = (inference.router, health.router, benchmark.router, openai_router.router)
-# Open without a key: probes, the scrape (unless --metrics-key-required) and the API's own documentation.
-OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+ROUTERS = (inference.router, health.router, benchmark.router, openai_router.router, playground.router)
+# Open without a key: probes, the scrape (unless --metrics-key-required), the API's own documentation and the
+# playground page (/ui: its API calls send the key the user types).
+OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                        *playground.PATHS})
 # Paths whose requests run a job on the worker: each holds one of its key's concurrency slots.
 JOB_PATHS = frozenset({"/inference", "/benchmark", "/v1/images/generations", "/v1/images/edits"})
 
