@@ -23,6 +23,20 @@ import contextlib
 import torch
 
 REFERENCE_INDEX = 1  # ids[..., 0] of every reference token (the output's tokens have 0)
+# What each extra 1024x1024 reference costs a 1024x1024 fast-tier request, measured on the GPU with
+# tools/multi_reference_cost.py (docs/operations.md, "Several reference images"). None until measured: /health then
+# says "to be measured", never a guess.
+MEASURED_COST_PER_EXTRA_REFERENCE: dict | None = None
+
+
+def health_info() -> dict:
+    """What /health says about reference images: the limit, the position scheme and the measured cost."""
+    from kontext_server.request import MAX_REFERENCES
+
+    return {"max_per_request": MAX_REFERENCES, "positions": "index 1, tiled in the row / column plane",
+            "tokens_per_1024x1024_reference": (1024 // 16) ** 2,
+            "cost_per_extra_reference_1024": MEASURED_COST_PER_EXTRA_REFERENCE
+            or "to be measured (tools/multi_reference_cost.py on the GPU)"}
 
 
 def tile_offsets(grids: list[tuple[int, int]]) -> list[tuple[int, int]]:
