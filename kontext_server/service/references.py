@@ -11,7 +11,7 @@ else of the pipeline changes: the loop already concatenates whatever `prepare_la
 The position scheme (docs/design.md, "Several reference images"): every reference keeps index 1, the only index
 FLUX.1 Kontext [dev] was trained with for a reference, and the references are tiled in the (row, column) plane so
 that no two reference tokens share a position: the first at (0, 0), exactly as with one reference, each next one to
-the right of or below the canvas so far, whichever keeps it closer to square (`tile_offsets`; ComfyUI's default
+the right of or below the canvas so far, whichever keeps it closer to square (`tile_offsets`; ComfyUI's
 "offset" method places them the same way). The alternative, a new index per reference (1, 2, 3, 4 with rows and
 columns from 0 each), gives the first RoPE axis values the model never saw.
 Contract: worker thread only; the wrapper is an instance attribute removed when the context exits.
