@@ -106,13 +106,35 @@ def decode_image_bytes(raw: bytes) -> Image.Image:
         raise ImageInputError(f"image could not be decoded as PNG, JPEG or WebP ({detail})") from None
 
 
+# EXIF tags the provenance metadata uses (kontext_server/provenance.py), by name
+EXIF_TAGS = {"ImageDescription": 0x010E, "Make": 0x010F, "Model": 0x0110, "Software": 0x0131}
+# The same in PNG text chunks: PNG's own keywords where one fits (Software, Description), else the EXIF name
+PNG_TEXT_KEYS = {"ImageDescription": "Description"}
+
+
 def encode_image_bytes(img: Image.Image, fmt: str, quality: int = DEFAULT_QUALITY,
-                       png_compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
+                       metadata: dict[str, str] | None = None, png_compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """The image as a png / jpeg / webp file; `quality` (0-100) applies to jpeg and webp only, `png_compress_level`
-    (zlib 0-9) to png only."""
+    (zlib 0-9) to png only. `metadata` (EXIF tag names of EXIF_TAGS -> text) is written as EXIF in every format and,
+    in PNG, also as text chunks, with `Source` (the model) and a `Comment` saying the image is AI-generated."""
     buf = io.BytesIO()
     pil_fmt = OUTPUT_FORMATS[fmt]
     kwargs = {"quality": quality} if pil_fmt in ("JPEG", "WEBP") else {"compress_level": png_compress_level}
+    if metadata:
+        exif = Image.Exif()
+        for name, value in metadata.items():
+            exif[EXIF_TAGS[name]] = value
+        kwargs["exif"] = exif
+        if pil_fmt == "PNG":
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            for name, value in metadata.items():
+                info.add_itxt(PNG_TEXT_KEYS.get(name, name), value)
+            if "Model" in metadata:
+                info.add_itxt("Source", metadata["Model"])
+                info.add_itxt("Comment", f"AI-generated image ({metadata.get('Make', '')} {metadata['Model']})".strip())
+            kwargs["pnginfo"] = info
     img.save(buf, format=pil_fmt, **kwargs)
     return buf.getvalue()
 

@@ -123,6 +123,15 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto
                                   "(zero overhead, every request runs it; /health reports it)", settings.LORA_FUSE))
 
 
+def _add_provenance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-provenance-metadata", dest="provenance_metadata", action="store_false",
+                   default=not settings.PROVENANCE_METADATA.off(),
+                   help=_env_help("write no EXIF / PNG text saying the image is AI-generated",
+                                  settings.PROVENANCE_METADATA))
+    p.add_argument("--provenance-prompt", action="store_true", default=settings.PROVENANCE_PROMPT.get() == "1",
+                   help=_env_help("write the prompt into that metadata too", settings.PROVENANCE_PROMPT))
+
+
 def _names_arg(spec: str | None) -> list[str]:
     return [n.strip() for n in (spec or "").split(",") if n.strip()]
 
@@ -157,7 +166,9 @@ def server_settings(a):
                           sweep_interval=a.sweep_interval, output_store=a.output_store,
                           s3_endpoint_url=a.s3_endpoint_url, public_url=a.public_url,
                           allow_private_urls=a.allow_private_urls, url_fetch_timeout=a.url_fetch_timeout,
-                          webhook_retry_delays=a.webhook_retry_delays, webhook_timeout=a.webhook_timeout)
+                          webhook_retry_delays=a.webhook_retry_delays, webhook_timeout=a.webhook_timeout,
+                          provenance_metadata=a.provenance_metadata, provenance_prompt=a.provenance_prompt,
+                          c2pa_cert=a.c2pa_cert, c2pa_key=a.c2pa_key, safety_checker=a.safety_checker)
 
 
 def config_from_env():
@@ -223,10 +234,11 @@ def cmd_serve(a) -> None:
     # Work still running after the grace period is interrupted by the app (JSON 503); the margin lets that answer
     # reach the client before uvicorn's own timeout cancels the handlers.
     from kontext_server.jobstore.store import DataDirInUse
+    from kontext_server.provenance import ProvenanceConfigError
 
-    try:
+    try:  # a busy data directory, a C2PA certificate that cannot sign or a safety checker that cannot be imported
         app = build_app(svc, settings_)
-    except (DataDirInUse, ValueError, OSError) as exc:
+    except (DataDirInUse, ProvenanceConfigError, ValueError, OSError) as exc:
         sys.exit(f"error: {exc}")
     log.info("data directory: %s (output store: %s)", settings_.data_dir, app.state.server.output_store.kind)
     # access_log off: the server writes its own line per request, without query strings (signed URLs carry their
@@ -293,7 +305,11 @@ def cmd_generate(a) -> None:
         _fail(f"--lora {exc.name}: {exc.reason}")
     finally:
         bar.close()
-    res.images[0].save(a.out)
+    from kontext_server.provenance import Provenance
+
+    fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(out.suffix.lower(), "png")
+    out.write_bytes(Provenance(metadata=a.provenance_metadata, prompt=a.provenance_prompt,
+                               model=str(a.model)).encode(res.images[0], fmt, prompt=req.prompt))
     print(json.dumps({"out": a.out, "seed": res.seed, "width": res.width, "height": res.height, "steps": res.steps,
                       "timings_ms": res.timings_ms,
                       "optimizations": {k: d.applied for k, d in res.optimizations.items()}}, indent=1))
@@ -404,6 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_env_help("seconds before each webhook retry", settings.WEBHOOK_RETRY_DELAYS))
     j.add_argument("--webhook-timeout", type=float, default=settings.WEBHOOK_TIMEOUT.get_float(),
                    help=_env_help("seconds one webhook attempt may take", settings.WEBHOOK_TIMEOUT))
+    _add_provenance_args(s)
+    s.add_argument("--c2pa-cert", default=settings.C2PA_CERT.get(),
+                   help=_env_help("PEM certificate chain, signing certificate first: with --c2pa-key every image "
+                                  "carries a signed C2PA manifest", settings.C2PA_CERT))
+    s.add_argument("--c2pa-key", default=settings.C2PA_KEY.get(),
+                   help=_env_help("PEM private key of the signing certificate", settings.C2PA_KEY))
+    s.add_argument("--safety-checker", default=settings.SAFETY_CHECKER.get(),
+                   help=_env_help("module:callable(prompt, images) run before and after each generation: None / True "
+                                  "allows, False / a reason blocks (422 content_policy, OpenAI 400 "
+                                  "moderation_blocked); none ships", settings.SAFETY_CHECKER))
     s.add_argument("--background-load", action="store_true",
                    help="answer /live at once and load the model in the background (/health 503 until ready)")
     s.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
@@ -446,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--guidance-scale", type=float, default=2.5)
+    _add_provenance_args(g)
     g.add_argument("--lora", action="append", default=[],
                    help="NAME or NAME:SCALE: an adapter of --lora-dir to run (repeat for up to 3)")
     g.set_defaults(fn=cmd_generate)

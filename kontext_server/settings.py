@@ -125,6 +125,17 @@ URL_FETCH_TIMEOUT = EnvVar("FLUX_URL_FETCH_TIMEOUT", "20", "jobs", "seconds an i
 WEBHOOK_RETRY_DELAYS = EnvVar("FLUX_WEBHOOK_RETRY_DELAYS", "1,5,30", "jobs",
                               "seconds before each retry of a failed webhook delivery (comma-separated)")
 WEBHOOK_TIMEOUT = EnvVar("FLUX_WEBHOOK_TIMEOUT", "10", "jobs", "seconds one webhook delivery attempt may take")
+PROVENANCE_METADATA = EnvVar("FLUX_PROVENANCE_METADATA", "1", "provenance",
+                             "0: no EXIF / PNG text saying the image is AI-generated (Software, Make, Model)")
+PROVENANCE_PROMPT = EnvVar("FLUX_PROVENANCE_PROMPT", "0", "provenance",
+                           "1: also the prompt in that metadata (EXIF ImageDescription, PNG Description)")
+C2PA_CERT = EnvVar("FLUX_C2PA_CERT", None, "provenance",
+                   "PEM certificate chain (signing certificate first): with FLUX_C2PA_KEY, every image carries a "
+                   "signed C2PA manifest (c2pa.created, trainedAlgorithmicMedia)")
+C2PA_KEY = EnvVar("FLUX_C2PA_KEY", None, "provenance", "PEM private key of FLUX_C2PA_CERT's signing certificate")
+SAFETY_CHECKER = EnvVar("FLUX_SAFETY_CHECKER", None, "provenance",
+                        "module:callable called with (prompt, images) before and after each generation; None or "
+                        "True allows, False or a reason string blocks (none ships)")
 LOG_LEVEL = EnvVar("FLUX_LOG_LEVEL", "INFO", "server", "Python log level of the server's loggers")
 BENCH_DIR = EnvVar("FLUX_BENCH_DIR", "benchmarks/latest", "server", "where `benchmark` writes its JSON and chart")
 ENGINE = EnvVar("FLUX_ENGINE", "local", "server",

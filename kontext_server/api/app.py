@@ -35,11 +35,16 @@ from kontext_server.api.openai import errors as openai_errors
 from kontext_server.api.openai import router as openai_router
 from kontext_server.api.output_store import OutputStore
 from kontext_server.api.rate_limit import RateLimiter
-from kontext_server.api.routes import benchmark, files, health, inference
+from kontext_server.api.routes import benchmark, files, health, inference, playground
+from kontext_server.provenance import C2paSigner, Provenance, ProvenanceConfigError
+from kontext_server.safety import SafetyHook
 
-ROUTERS = (inference.router, health.router, benchmark.router, openai_router.router, bfl_router.router, files.router)
-# Open without a key: probes, the scrape (unless --metrics-key-required) and the API's own documentation.
-OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+ROUTERS = (inference.router, health.router, benchmark.router, openai_router.router, bfl_router.router, files.router,
+           playground.router)
+# Open without a key: probes, the scrape (unless --metrics-key-required), the API's own documentation and the
+# playground page (/ui: its API calls send the key the user types).
+OPEN_PATHS = frozenset({"/health", "/live", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                        *playground.PATHS})
 # Paths whose requests run a job on the worker: each holds one of its key's concurrency slots.
 JOB_PATHS = frozenset({"/inference", "/benchmark", "/v1/images/generations", "/v1/images/edits"})
 # Open prefixes: the output store's signed URLs (the signature is the credential).
@@ -60,6 +65,8 @@ def build_app(service, settings: ServerSettings | None = None, output_store: Out
     jobs = build_jobs(server, output_store)  # opens the data directory: fails here if another server holds it
     app = FastAPI(title="FLUX.1-Kontext inference server", version=__version__,
                   lifespan=lifespan_for(service, engine, settings, jobs))
+    server.provenance = provenance_for(settings, server.model_id)
+    server.safety = SafetyHook.from_spec(settings.safety_checker)
     app.state.server = server
     known_paths: set[str] = set()
     limiter = (RateLimiter(settings.rate_limit, job_retry_after=engine.retry_after_seconds)
@@ -96,6 +103,18 @@ def build_app(service, settings: ServerSettings | None = None, output_store: Out
     known_paths.update(r.path for r in app.routes if hasattr(r, "path"))  # FastAPI's own: /docs, /openapi.json
     known_paths.update(r.path for router in ROUTERS for r in router.routes)
     return app
+
+
+def provenance_for(settings: ServerSettings, model_id: str) -> Provenance:
+    """The encoder's provenance from the settings (ProvenanceConfigError: a C2PA certificate or key that cannot
+    sign, or only one of the two given)."""
+    signer = None
+    if settings.c2pa_cert or settings.c2pa_key:
+        if not (settings.c2pa_cert and settings.c2pa_key):
+            raise ProvenanceConfigError("C2PA signing needs both --c2pa-cert and --c2pa-key")
+        signer = C2paSigner.from_files(settings.c2pa_cert, settings.c2pa_key, model_id)
+    return Provenance(metadata=settings.provenance_metadata, prompt=settings.provenance_prompt, model=model_id,
+                      signer=signer)
 
 
 def local_engine(service, settings: ServerSettings, metrics: Metrics) -> eng.Engine:

@@ -4,7 +4,7 @@ store).
 Routes reach them through `server(request)` (the app's state), so several apps can live in one process (tests)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from fastapi import Request
 from kontext_server.api.auth import KeyStore
 from kontext_server.api.output_store import OutputStore
 from kontext_server.api.rate_limit import RateRule
+from kontext_server.provenance import Provenance
 from kontext_server.safe_http import FetchPolicy
 
 
@@ -42,6 +43,11 @@ class ServerSettings:
     url_fetch_timeout: float = 20.0
     webhook_retry_delays: tuple[float, ...] = (1.0, 5.0, 30.0)
     webhook_timeout: float = 10.0
+    provenance_metadata: bool = True  # EXIF / PNG text saying what made each image (kontext_server/provenance.py)
+    provenance_prompt: bool = False  # the prompt in that metadata too
+    c2pa_cert: str | None = None  # PEM certificate chain: with c2pa_key, each image carries a signed C2PA manifest
+    c2pa_key: str | None = None  # its PEM private key
+    safety_checker: str | None = None  # module:callable checking prompts and images (kontext_server/safety.py)
 
     def fetch_policy(self) -> FetchPolicy:
         return FetchPolicy(allow_private=self.allow_private_urls, timeout=self.url_fetch_timeout)
@@ -58,6 +64,8 @@ class Server:
     settings: ServerSettings
     output_store: OutputStore | None = None  # where output images go (local files by default; S3)
     jobs: object = None  # kontext_server.jobstore.manager.JobManager: the asynchronous jobs
+    provenance: Provenance = field(default_factory=Provenance)  # the encoder of every returned image
+    safety: object = None  # kontext_server.safety.SafetyHook, or None: nothing is checked
 
     @property
     def model_id(self) -> str:

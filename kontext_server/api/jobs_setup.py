@@ -48,6 +48,7 @@ def build_jobs(server: Server, output_store=None) -> JobManager:
                                   sweep_interval=s.sweep_interval),
                   describe=lambda row: bfl_serving.describe(server, row, row.meta.get("base_url", "")),
                   decode_input=decode_image_bytes, on_event=metrics.on_job_event, webhooks=webhooks)
+    manager.encode = lambda image, fmt, prompt: server.provenance.encode(image, fmt, prompt=prompt)
     if temp:
         manager.temp_dir = data_dir
     server.jobs = manager

@@ -44,3 +44,5 @@ class InferenceResponse(BaseModel):
     loras: list[LoraReport] = []
     warnings: list[str] = []
     replica: str | None = None  # the Ray Serve replica that ran it (as X-Replica); null on the local server
+    size_reason: str | None = None  # why the output has its size (kontext_server/service/sizes.py)
+    references: int = 0  # reference images the model saw (0: text-to-image)

@@ -37,6 +37,7 @@ from kontext_server.jobs import GenerateJob
 from kontext_server.jobstore.store import JobRow, JobStore
 from kontext_server.request import InferenceRequest
 from kontext_server.storage.base import StoreError
+from utils import encode_image_bytes
 
 log = logging.getLogger("flux.jobs")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -111,6 +112,8 @@ class JobManager:
         self.settings, self.describe, self.decode_input = settings, describe, decode_input
         self.on_event = on_event or (lambda name, **info: None)
         self.webhooks = webhooks
+        # (image, format, prompt) -> file bytes: the app passes its provenance encoder (kontext_server/provenance.py)
+        self.encode: Callable[[Any, str, str], bytes] = lambda image, fmt, prompt: encode_image_bytes(image, fmt)
         self.progress: dict[str, float] = {}
         self._jobs: dict[str, eng.Job] = {}
         self._lock = threading.Lock()
@@ -209,12 +212,10 @@ class JobManager:
         row = self.store.get(job_id)
         if row is None:
             return
-        from utils import encode_image_bytes
-
         fmt = row.request.get("output_format", "png")
         now = time.time()
         expires_at = now + self.settings.result_ttl
-        data = encode_image_bytes(result.images[0], fmt)
+        data = self.encode(result.images[0], fmt, row.request["prompt"])
         try:
             key = self.output_store.save(data, CONTENT_TYPES[fmt], expires_at)
         except StoreError as exc:
@@ -283,7 +284,8 @@ class JobManager:
         row = self.store.get(job_id)
         request = InferenceRequest.model_validate(row.request)
         raw = self.store.input_of(job_id)
-        image = self.decode_input(raw) if raw is not None else None
+        images = [self.decode_input(one) for one in unpack_inputs(raw)] if raw is not None else []
+        image = None if not images else images[0] if len(images) == 1 else images
         plan = self.service.plan(request, image)
         self._queue(JobSpec(id=job_id, request=request, image=image, plan=plan, meta=row.meta), force=True)
 
@@ -313,3 +315,26 @@ class JobManager:
                 self.sweep()
             except Exception:  # noqa: BLE001 - try again next time
                 log.exception("sweep failed")
+
+
+# Several reference images are stored as one blob: this prefix, then each file's length (8 bytes) and bytes. One
+# reference is stored as its file itself (what every stored job had before multi-reference).
+_PACKED = b"KONTEXT-REFS\x00"
+
+
+def pack_inputs(files: list[bytes]) -> bytes:
+    """The reference files of one job as the one blob the store keeps (unpack_inputs reads it back)."""
+    if len(files) == 1:
+        return files[0]
+    return _PACKED + b"".join(len(f).to_bytes(8, "big") + f for f in files)
+
+
+def unpack_inputs(blob: bytes) -> list[bytes]:
+    if not blob.startswith(_PACKED):
+        return [blob]
+    out, i = [], len(_PACKED)
+    while i < len(blob):
+        n = int.from_bytes(blob[i:i + 8], "big")
+        out.append(blob[i + 8:i + 8 + n])
+        i += 8 + n
+    return out

@@ -49,8 +49,9 @@ def plan_request(req: InferenceRequest, image: Image.Image | None, registry, pre
             shape = compile_shape(registry, req, image, decisions)
             if shape_is_compiled(registry, warm_keys(), shape):
                 return None
-            w, h = shape[1], shape[2]
-            return f"{w}x{h} {'edit' if image is not None else 'text-to-image'} ({shape[0]})"
+            w, h, refs = shape[1], shape[2], len(shape[3])
+            kind = "text-to-image" if not refs else "edit" if refs == 1 else f"edit with {refs} reference images"
+            return f"{w}x{h} {kind} ({shape[0]})"
 
     return make_plan(req.flags(), registry, prepared, device_info, strict=req.strict, unwarmed_shape=unwarmed)
 
@@ -230,15 +231,19 @@ class FluxService:
             raise err
         self.lora.check(req.loras)
 
-    def warm_up(self, width: int, height: int, edit: bool = False) -> float:
-        """Compile / capture a request shape ahead of traffic (start-up cost, reported in /health).
+    def warm_up(self, width: int, height: int, edit: bool | int = False) -> float:
+        """Compile / capture a request shape ahead of traffic (start-up cost, reported in /health). `edit`: the
+        number of reference images (True: one), each at the output size (--warmup's editN:WxH).
 
         Every prepared transformer variant is warmed (exact bf16 and, with low_precision prepared, fp8: a request
         asking for it would otherwise compile it on its own time), with the server's default flags otherwise.
         Only the cold runs: a generation after them would add seconds to start-up and warm nothing more. Returns
         their milliseconds (0.0 when nothing is compiled or captured, or the shape was already warm).
         """
-        img = Image.new("RGB", (width, height), (128, 128, 128)) if edit else None
+        refs = int(edit)
+        img = [Image.new("RGB", (width, height), (128, 128, 128)) for _ in range(refs)] or None
+        if refs == 1:
+            img = img[0]
         total = 0.0
         for fp8 in ([False, True] if "low_precision" in self.prepared else [False]):
             req = InferenceRequest(prompt="warm-up", width=width, height=height, steps=2, seed=0,
@@ -246,7 +251,7 @@ class FluxService:
             plan = self.plan(req, img, new_shape_policy=False)
             ms = self.runner.warm(req, img, plan, seed=0)
             if ms is not None:
-                self.warmups.append({"width": width, "height": height, "edit": edit,
+                self.warmups.append({"width": width, "height": height, "edit": refs > 0, "references": refs,
                                      "precision": self.runner.precision(plan, self.registry), "ms": round(ms, 1)})
                 total += ms
         return total

@@ -198,3 +198,25 @@ def test_polling_is_not_counted_against_the_rate_limit_but_submits_are(service):
         r = c.post("/v1/flux-kontext-dev", json={"prompt": "x", **FAST})
         assert r.status_code == 429 and "retry-after" in r.headers and "detail" in r.json()
         poll(c, first)
+
+
+def test_input_image_2_adds_a_reference_and_needs_input_image_first(client):
+    first, second = png_b64(256, 256), png_b64(256, 256, color=(20, 160, 40))
+    one, _ = poll(client, submit(client, seed=3, input_image=first, **FAST)["id"])
+    two, _ = poll(client, submit(client, seed=3, input_image=first, input_image_2=second, **FAST)["id"])
+    assert one["status"] == two["status"] == "Ready"
+    assert client.get(one["result"]["sample"]).content != client.get(two["result"]["sample"]).content
+    r = client.post("/v1/flux-kontext-dev", json={"prompt": "x", "input_image_2": first})
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"][-1] == "input_image_2" and "needs input_image" in r.json()["detail"][0]["msg"]
+    r = client.post("/v1/flux-kontext-dev", json={"prompt": "x", "input_image": first, "input_image_3": "not base64!"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "input_image_3"
+
+
+def test_several_references_are_stored_as_one_blob_and_read_back_in_order():
+    from kontext_server.jobstore.manager import pack_inputs, unpack_inputs
+
+    files = [b"\x89PNG first", b"", b"third \x00 bytes"]
+    assert unpack_inputs(pack_inputs(files)) == files
+    assert pack_inputs([b"\x89PNG only"]) == b"\x89PNG only"  # one reference: the file itself, as before
+    assert unpack_inputs(b"\x89PNG only") == [b"\x89PNG only"]

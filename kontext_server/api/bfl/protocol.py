@@ -45,6 +45,9 @@ class _KontextRequestBase(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=4000, description="The instruction (edit) or the description")
     input_image: str | None = Field(None, description="base64, a data URL, or an http(s) URL (PNG, JPEG, WebP)")
+    input_image_2: str | None = Field(None, description="a second reference image (multi-reference), as input_image")
+    input_image_3: str | None = Field(None, description="a third reference image, as input_image")
+    input_image_4: str | None = Field(None, description="a fourth reference image, as input_image")
     aspect_ratio: str | None = Field(None, description="W:H between 21:9 and 9:21; default: the input's, or 1:1")
     output_format: Literal["jpeg", "png"] = "jpeg"
     webhook_url: str | None = Field(None, max_length=MAX_URL_LENGTH, description="http(s) URL POSTed the result")

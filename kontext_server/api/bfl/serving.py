@@ -29,13 +29,14 @@ from kontext_server.api.bfl.protocol import EXTRA_FIELDS, KontextRequest, Result
 from kontext_server.api.context import Server, server
 from kontext_server.api.errors import clean_errors
 from kontext_server.api.image_inputs import is_url, read_image
-from kontext_server.jobstore.manager import JobSpec
+from kontext_server.jobstore.manager import JobSpec, pack_inputs
 from kontext_server.jobstore.store import JobRow
 from kontext_server.request import FLAG_TO_OPTIMIZATION, MAX_SEED, InferenceRequest
 from kontext_server.service import StrictError
 from utils import ImageInputError
 
-RENAMED = {"guidance_scale": "guidance", "image": "input_image"}  # InferenceRequest's names -> this route's
+RENAMED = {"guidance_scale": "guidance", "image": "input_image"}
+REFERENCE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")  # BFL's multi-reference  # InferenceRequest's names -> this route's
 MODERATION = "none: this server runs no moderation model; safety_tolerance is recorded, not enforced"
 
 
@@ -65,12 +66,20 @@ async def submit(request: Request, body: KontextRequest) -> JSONResponse | Submi
         req = to_inference_request(body, body.seed if body.seed is not None else secrets.randbelow(MAX_SEED))
     except ValidationError as exc:
         return validation_error(exc)
-    image = raw = None
-    if body.input_image is not None:
+    given = {name: getattr(body, name) for name in REFERENCE_FIELDS if getattr(body, name) is not None}
+    if given and "input_image" not in given:
+        return errors.field_error(next(iter(given)), "needs input_image: references are input_image, then "
+                                                     "input_image_2..4 in order", status=422)
+    images, raws = [], []
+    for name, value in given.items():
         try:
-            image, raw = await run_in_threadpool(read_image, body.input_image, srv.settings.fetch_policy())
+            img, raw_one = await run_in_threadpool(read_image, value, srv.settings.fetch_policy())
         except ImageInputError as exc:
-            return errors.field_error("input_image", str(exc), status=exc.status)
+            return errors.field_error(name, str(exc), status=exc.status)
+        images.append(img)
+        raws.append(raw_one)
+    image = None if not images else images[0] if len(images) == 1 else images  # the service takes one or a list
+    raw = pack_inputs(raws) if raws else None
     try:
         plan = srv.service.plan(req, image)
     except StrictError as exc:
@@ -79,7 +88,8 @@ async def submit(request: Request, body: KontextRequest) -> JSONResponse | Submi
     base = srv.settings.base_url(request)
     meta = {"safety_tolerance": body.safety_tolerance, "base_url": base, "route": request.url.path,
             "aspect_ratio": body.aspect_ratio,
-            "input": None if body.input_image is None else ("url" if is_url(body.input_image) else "base64")}
+            "input": None if body.input_image is None else ("url" if is_url(body.input_image) else "base64"),
+            "references": len(images)}
     spec = JobSpec(id=job_id, request=req, image=image, input_bytes=raw, plan=plan, meta=meta,
                    webhook_url=body.webhook_url, webhook_secret=body.webhook_secret)
     try:

@@ -1,11 +1,11 @@
-"""The body of POST /v1/images/edits: multipart/form-data with one reference image and the request's fields.
+"""The body of POST /v1/images/edits: multipart/form-data with 1-4 reference images and the request's fields.
 
-What: `read_edit_form(request)` returns (the fields as a dict of strings, the image's bytes), or raises FormError
-naming the part at fault. The image is one file part named `image`, or `image[]` (the SDK's name for a list); every
-other part is a text field, validated afterwards as ImageRequest (pydantic turns "4" and "true" into 4 and True).
-Refused, with the reason: a second image (Kontext edits from one reference image), a `mask` or `markup` part (it edits
-by instruction: describe the change in the prompt), a field given twice, a file in a text field, a body that is not
-multipart. Limits: Starlette's parser with at most 8 files, 200 fields and 1 MiB per text field; the whole body is
+What: `read_edit_form(request)` returns (the fields as a dict of strings, each image's bytes in order), or raises
+FormError naming the part at fault. The images are file parts named `image`, or `image[]` (the SDK's name for a
+list), repeated for several references (the first sets the output's aspect ratio); every other part is a text
+field, validated afterwards as ImageRequest (pydantic turns "4" and "true" into 4 and True).
+Refused, with the reason: a fifth image, a `mask` or `markup` part (it edits by instruction: describe the change in
+the prompt), a field given twice, a file in a text field, a body that is not multipart. Limits: Starlette's parser with at most 8 files, 200 fields and 1 MiB per text field; the whole body is
 bounded by the app's body-size limit before this reads it.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ import json
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
+from kontext_server.request import MAX_REFERENCES
+
 IMAGE_PARTS = ("image", "image[]")
 NOT_SUPPORTED = {
-    "mask": "Kontext edits by instruction from one reference image and takes no mask: describe the change (and "
-            "where) in the prompt",
-    "markup": "Kontext edits by instruction from one reference image and takes no markup: describe the change in "
-              "the prompt",
+    "mask": "Kontext edits by instruction and takes no mask: describe the change (and where) in the prompt",
+    "markup": "Kontext edits by instruction and takes no markup: describe the change in the prompt",
 }
 
 
@@ -36,7 +36,7 @@ class FormError(ValueError):
 LORA_PARTS = {"loras[][name]": "name", "loras[][scale]": "scale"}
 
 
-async def read_edit_form(request: Request) -> tuple[dict[str, str], bytes]:
+async def read_edit_form(request: Request) -> tuple[dict[str, str], list[bytes]]:
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise FormError(None, "/v1/images/edits takes multipart/form-data: the image as a file part named image, "
@@ -78,7 +78,8 @@ async def read_edit_form(request: Request) -> tuple[dict[str, str], bytes]:
                     from None
         if not images:
             raise FormError("image", "required: the reference image to edit, as a file part named image")
-        if len(images) > 1:
-            raise FormError("image", f"Kontext edits from one reference image; this request has {len(images)}")
-        data = await images[0].read()
+        if len(images) > MAX_REFERENCES:
+            raise FormError("image", f"at most {MAX_REFERENCES} reference images (image parts); this request has "
+                                     f"{len(images)}")
+        data = [await im.read() for im in images]
     return fields, data

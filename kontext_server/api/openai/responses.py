@@ -27,7 +27,8 @@ def report(rid: str, srv: Server, result, timings: dict) -> Report:
                   optimizations={k: OptimizationReport(requested=d.requested, applied=d.applied, detail=d.detail)
                                  for k, d in result.optimizations.items()},
                   model=ModelInfo(source=m.source, synthetic=m.synthetic, description=m.description),
-                  loras=list(result.loras), warnings=result.warnings)
+                  loras=list(result.loras), warnings=result.warnings,
+                  size_reason=getattr(result, "size_reason", "") or None, references=getattr(result, "references", 0))
 
 
 def report_headers(rep: Report) -> dict[str, str]:
@@ -52,11 +53,18 @@ def log_outcome(request: Request, req: InferenceRequest, outcome: str, edit: boo
 
 
 def encode_all(images, fmt: str, compression: int | None, store, expires_at: float = 0.0,
-               base_url: str = "") -> list[ImageData]:
-    """The images encoded (thread pool; several in parallel): base64, or saved in the output store and given by a URL
-    valid until `expires_at` when a store is passed."""
-    encoded = map_images(lambda im: encode_image_bytes(im, fmt, *([compression] if compression is not None else [])),
-                         list(images))
+               base_url: str = "", provenance=None, prompt: str | None = None, final: bool = True) -> list[ImageData]:
+    """The images encoded (thread pool; several in parallel) with the server's provenance
+    (kontext_server/provenance.py; `final` False for a preview: no C2PA signature): base64, or saved in the output
+    store and given by a URL valid until `expires_at` when a store is passed."""
+    quality = [compression] if compression is not None else []
+
+    def encode(im) -> bytes:
+        if provenance is not None:
+            return provenance.encode(im, fmt, *quality, prompt=prompt, final=final)
+        return encode_image_bytes(im, fmt, *quality)
+
+    encoded = map_images(encode, list(images))
     if store is None:
         return [ImageData(b64_json=base64.b64encode(data).decode("ascii")) for data in encoded]
     out = []

@@ -18,6 +18,8 @@ async def health(request: Request):
     if srv.jobs is not None:
         info["jobs"] = {"by_status": await run_in_threadpool(srv.jobs.store.counts_by_status),
                         "output_store": srv.output_store.kind, "data_dir": str(srv.jobs.store.path.parent)}
+    info["provenance"] = srv.provenance.describe()
+    info["safety_checker"] = srv.safety.describe() if srv.safety is not None else None
     if not srv.engine.accepting:
         info["status"] = "draining"
     ok = srv.service.state == "ready" and srv.engine.accepting

@@ -175,6 +175,8 @@ def cli_args(ns) -> dict:
            "max_replicas": ns.max_replicas, "target_ongoing_requests": ns.target_ongoing_requests,
            "upscale_delay_s": ns.upscale_delay, "downscale_delay_s": ns.downscale_delay,
            "replica_queue": ns.replica_queue, "replica_cpus": ns.replica_cpus, "replica_gpus": ns.replica_gpus,
+           "provenance_metadata": ns.provenance_metadata, "provenance_prompt": ns.provenance_prompt,
+           "c2pa_cert": ns.c2pa_cert, "c2pa_key": ns.c2pa_key, "safety_checker": ns.safety_checker,
            "env": settings.replica_env()}
     if out["cache_dir"] is None:  # one directory for every replica of this host (the compile cache is shared)
         out["cache_dir"] = str(settings.default_cache_dir())
