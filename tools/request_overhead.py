@@ -102,7 +102,7 @@ def measure(url: str, body: dict, runs: int, timeout: float) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="synthetic-full")
-    p.add_argument("--device", default=None, help="cuda / cpu (default: the server's choice)")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when this machine has one)")
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="edit-1024")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
@@ -119,8 +119,10 @@ def main(argv=None) -> int:
     width, height = a.width or width, a.height or height
     flags = dict(FAST_TIER) if a.tier == "fast" else {}
     warm = f"{'edit:' if edit else ''}{width}x{height}"
-    extra = ["--model", a.model, "--optimizations", a.optimizations, "--warmup", warm,
-             *(["--device", a.device] if a.device else [])]
+    import torch  # only to choose the device: the server is another process
+
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extra = ["--model", a.model, "--optimizations", a.optimizations, "--warmup", warm, "--device", device]
     server = ServerProcess(extra=extra, cache_dir=a.cache_dir)
     result = {"tool": "tools/request_overhead.py", "argv": sys.argv[1:], "model": a.model, "workload": a.workload,
               "width": width, "height": height, "edit": edit, "tier": a.tier, "flags": flags, "inputs": {}}

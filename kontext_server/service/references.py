@@ -23,10 +23,14 @@ import contextlib
 import torch
 
 REFERENCE_INDEX = 1  # ids[..., 0] of every reference token (the output's tokens have 0)
-# What each extra 1024x1024 reference costs a 1024x1024 fast-tier request, measured on the GPU with
-# tools/multi_reference_cost.py (docs/operations.md, "Several reference images"). None until measured: /health then
-# says "to be measured", never a guess.
-MEASURED_COST_PER_EXTRA_REFERENCE: dict | None = None
+# What each extra 1024x1024 reference costs a 1024x1024 fast-tier request, measured with
+# tools/multi_reference_cost.py (benchmarks/2026-12-06-h100-multi-reference: H100, synthetic-full), per reference
+# beyond the first, for requests of 2 / 3 / 4 references.
+MEASURED_COST_PER_EXTRA_REFERENCE: dict | None = {
+    "gpu": "H100 80GB (synthetic-full, fast tier)",
+    "seconds": {"2": 2.10, "3": 2.27, "4": 2.56},
+    "peak_memory_gib": {"2": 0.05, "3": 0.05, "4": 0.06},
+}
 
 
 def health_info() -> dict:

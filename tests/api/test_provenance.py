@@ -63,8 +63,8 @@ def test_every_image_says_what_made_it_by_default_without_the_prompt(service):
         assert health["provenance"] == {"metadata": True, "prompt_in_metadata": False, "c2pa": None,
                                         "invisible_watermark": False}
         assert health["safety_checker"] is None
-        refs = health["reference_images"]  # until measured on the GPU, no figure is given
-        assert refs["max_per_request"] == 4 and refs["cost_per_extra_reference_1024"].startswith("to be measured")
+        refs = health["reference_images"]  # the figures measured on the GPU, with where they come from
+        assert refs["max_per_request"] == 4 and refs["cost_per_extra_reference_1024"]["gpu"].startswith("H100")
 
 
 def test_the_prompt_is_written_only_when_asked_and_nothing_with_the_flag(service):
