@@ -6,6 +6,8 @@ Layers, each importing only the ones below it:
                                                          -> service (plan, load, run a request, health)
     service -> optimizations (top-level package: the registry) -> optimizations.kernels (Triton)
     service -> models (where weights come from), patches (upstream fixes)
+    api -> jobstore (durable async jobs: SQLite store, manager, webhooks) -> engine, storage (output stores)
+    api, jobstore -> safe_http (outbound HTTP to client-given URLs)
     benchmark -> service;  settings and startup are leaves anyone may import.
 Importing this package loads nothing heavy.
 """

@@ -44,6 +44,32 @@ def _rate_limit_arg(spec: str) -> RateRule:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _delays_arg(spec: str) -> tuple[float, ...]:
+    try:
+        delays = tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds separated by commas, e.g. 1,5,30 (got {spec!r})") from None
+    if any(d < 0 for d in delays) or len(delays) > 10:
+        raise argparse.ArgumentTypeError("at most 10 delays, none negative")
+    return delays
+
+
+def _ttl_arg(spec: str) -> float:
+    try:
+        ttl = float(spec)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (got {spec!r})") from None
+    if not 1 <= ttl <= 7 * 24 * 3600:
+        raise argparse.ArgumentTypeError("between 1 s and 7 days (presigned S3 URLs live at most 7 days)")
+    return ttl
+
+
+def _output_store_arg(spec: str) -> str:
+    if spec != "local" and not (spec.startswith("s3://") and len(spec) > 5 and not spec[5:].startswith("/")):
+        raise argparse.ArgumentTypeError(f"expected local or s3://bucket/prefix (got {spec!r})")
+    return spec
+
+
 def _env_help(text: str, var: settings.EnvVar) -> str:
     default = var.default if var.default is not None else "unset"
     return f"{text} (env {var.name}; default {default})"
@@ -88,15 +114,53 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto
                                   settings.CP_RING_DEGREE))
     p.add_argument("--cp-timeout", type=float, default=settings.CP_TIMEOUT.get_float(),
                    help=_env_help("seconds a collective waits for the other ranks", settings.CP_TIMEOUT))
+    p.add_argument("--lora-dir", default=settings.LORA_DIR.get(),
+                   help=_env_help("directory of LoRA adapters (one .safetensors file each, named by its stem); "
+                                  "requests pick them with `loras`", settings.LORA_DIR))
+    p.add_argument("--lora-preload", type=_names_arg, default=_names_arg(settings.LORA_PRELOAD.get()),
+                   help=_env_help("adapters loaded onto the device at start-up, comma-separated",
+                                  settings.LORA_PRELOAD))
+    p.add_argument("--max-loras", type=int, default=settings.MAX_LORAS.get_int(),
+                   help=_env_help("adapters kept loaded on the device; the least recently used leave first",
+                                  settings.MAX_LORAS))
+    p.add_argument("--lora-max-rank", type=int,
+                   default=int(settings.LORA_MAX_RANK.get()) if settings.LORA_MAX_RANK.get() else None,
+                   help=_env_help("rank of the adapter slots (default: the largest rank in --lora-dir); an adapter "
+                                  "of a larger rank is refused", settings.LORA_MAX_RANK))
+    p.add_argument("--lora-fuse", default=settings.LORA_FUSE.get(),
+                   help=_env_help("NAME or NAME:SCALE: fuse one adapter of --lora-dir into the weights at start-up "
+                                  "(zero overhead, every request runs it; /health reports it)", settings.LORA_FUSE))
+
+
+def _add_provenance_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-provenance-metadata", dest="provenance_metadata", action="store_false",
+                   default=not settings.PROVENANCE_METADATA.off(),
+                   help=_env_help("write no EXIF / PNG text saying the image is AI-generated",
+                                  settings.PROVENANCE_METADATA))
+    p.add_argument("--provenance-prompt", action="store_true", default=settings.PROVENANCE_PROMPT.get() == "1",
+                   help=_env_help("write the prompt into that metadata too", settings.PROVENANCE_PROMPT))
+
+
+def _names_arg(spec: str | None) -> list[str]:
+    return [n.strip() for n in (spec or "").split(",") if n.strip()]
 
 
 def service_config(a) -> ServiceConfig:
+    try:
+        return _service_config(a)
+    except ValueError as exc:  # e.g. --lora-preload without --lora-dir
+        sys.exit(f"error: {exc}")
+
+
+def _service_config(a) -> ServiceConfig:
     return ServiceConfig(model=a.model, transformer=a.transformer, device=a.device, optimizations=a.optimizations,
                          compile_mode=a.compile_mode,
                          compile_scope=a.compile_scope, inductor_flags=a.inductor_flags,
                          cache_dir=Path(a.cache_dir) if a.cache_dir else None,
                          warmup_sizes=getattr(a, "warmup", None) or [],
                          new_shapes=getattr(a, "new_shapes", None) or "compile",
+                         lora_dir=Path(a.lora_dir) if a.lora_dir else None, lora_preload=a.lora_preload,
+                         max_loras=a.max_loras, lora_max_rank=a.lora_max_rank, lora_fuse=a.lora_fuse or None,
                          context_parallel=a.context_parallel, cp_ring=a.cp_ring_degree, cp_timeout=a.cp_timeout)
 
 
@@ -106,7 +170,15 @@ def server_settings(a):
     return ServerSettings(max_queue=a.max_queue, queue_timeout=a.queue_timeout, request_timeout=a.request_timeout,
                           shutdown_grace=a.shutdown_grace, drain_seconds=a.drain_seconds, api_keys=a.api_keys,
                           rate_limit=a.rate_limit, metrics_key_required=a.metrics_key_required,
-                          served_model_name=a.served_model_name)
+                          served_model_name=a.served_model_name,
+                          data_dir=Path(a.data_dir) if a.data_dir else settings.default_data_dir(a.cache_dir),
+                          result_ttl=a.result_ttl, on_restart=a.on_restart, max_jobs=a.max_jobs,
+                          sweep_interval=a.sweep_interval, output_store=a.output_store,
+                          s3_endpoint_url=a.s3_endpoint_url, public_url=a.public_url,
+                          allow_private_urls=a.allow_private_urls, url_fetch_timeout=a.url_fetch_timeout,
+                          webhook_retry_delays=a.webhook_retry_delays, webhook_timeout=a.webhook_timeout,
+                          provenance_metadata=a.provenance_metadata, provenance_prompt=a.provenance_prompt,
+                          c2pa_cert=a.c2pa_cert, c2pa_key=a.c2pa_key, safety_checker=a.safety_checker)
 
 
 def config_from_env():
@@ -117,13 +189,14 @@ def config_from_env():
 
 def _load_or_exit(cfg: ServiceConfig):
     from kontext_server.engine import EngineError
+    from kontext_server.lora.manager import LoraConfigError
     from kontext_server.models import ModelLoadError
     from kontext_server.parallel import build_service
 
     svc = build_service(cfg)
     try:
         svc.load()
-    except (ModelLoadError, EngineError) as exc:  # EngineError: a context-parallel rank failed to start
+    except (ModelLoadError, LoraConfigError, EngineError) as exc:  # EngineError: a context-parallel rank failed
         sys.exit(f"error: {exc}")
     return svc
 
@@ -151,6 +224,7 @@ def cmd_serve(a) -> None:
 
     from kontext_server.api.app import build_app
     from kontext_server.engine import EngineError
+    from kontext_server.lora.manager import LoraConfigError
     from kontext_server.models import ModelLoadError
     from kontext_server.parallel import build_service
 
@@ -162,17 +236,35 @@ def cmd_serve(a) -> None:
         log.info("API keys: %d from %s", len(settings_.api_keys.digests), settings_.api_keys.source)
     svc = build_service(service_config(a))  # with --context-parallel N: rank 0, which starts the others at load
     if not a.background_load:
-        try:  # fail at start-up, with the message, when the model cannot be found
+        try:  # fail at start-up, with the message, when the model (or a LoRA setting) cannot be had
             svc.load()
-        except (ModelLoadError, EngineError) as exc:  # EngineError: a context-parallel rank failed to start
+        except (ModelLoadError, LoraConfigError, EngineError) as exc:  # EngineError: a context-parallel rank failed
             sys.exit(f"error: {exc}")
     # uvicorn re-raises SIGTERM after its graceful shutdown; this handler, restored by then, makes a clean drain
     # exit with status 0 instead of dying of the signal.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # Work still running after the grace period is interrupted by the app (JSON 503); the margin lets that answer
     # reach the client before uvicorn's own timeout cancels the handlers.
-    uvicorn.run(build_app(svc, settings_), host=a.host, port=a.port, log_level=a.log_level,
+    from kontext_server.jobstore.store import DataDirInUse
+    from kontext_server.provenance import ProvenanceConfigError
+
+    try:  # a busy data directory, a C2PA certificate that cannot sign or a safety checker that cannot be imported
+        app = build_app(svc, settings_)
+    except (DataDirInUse, ProvenanceConfigError, ValueError, OSError) as exc:
+        sys.exit(f"error: {exc}")
+    log.info("data directory: %s (output store: %s)", settings_.data_dir, app.state.server.output_store.kind)
+    # access_log off: the server writes its own line per request, without query strings (signed URLs carry their
+    # signature there); uvicorn's access log would write them.
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False,
                 timeout_graceful_shutdown=int(a.shutdown_grace) + 5)  # counted from the end of the drain
+
+
+def _lora_spec(spec: str) -> dict:
+    name, _, scale = spec.partition(":")
+    try:
+        return {"name": name, "scale": float(scale) if scale else 1.0}
+    except ValueError:
+        _fail(f"--lora {spec}: expected NAME or NAME:SCALE")
 
 
 def _fail(message: str) -> None:
@@ -187,7 +279,7 @@ def cmd_generate(a) -> None:
 
     try:  # every input is checked before the model loads: a bad one costs nothing
         req = InferenceRequest(prompt=a.prompt, width=a.width, height=a.height, steps=a.steps, seed=a.seed,
-                               guidance_scale=a.guidance_scale)
+                               guidance_scale=a.guidance_scale, loras=[_lora_spec(s) for s in a.lora])
     except ValidationError as exc:
         _fail("; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
                         for e in exc.errors()))
@@ -217,11 +309,19 @@ def cmd_generate(a) -> None:
         bar.update(1)
         return None
 
+    from kontext_server.lora.library import LoraError
+
     try:
         res = svc.generate(req, image, should_stop=progress)
+    except LoraError as exc:
+        _fail(f"--lora {exc.name}: {exc.reason}")
     finally:
         bar.close()
-    res.images[0].save(a.out)
+    from kontext_server.provenance import Provenance
+
+    fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(out.suffix.lower(), "png")
+    out.write_bytes(Provenance(metadata=a.provenance_metadata, prompt=a.provenance_prompt,
+                               model=str(a.model)).encode(res.images[0], fmt, prompt=req.prompt))
     print(json.dumps({"out": a.out, "seed": res.seed, "width": res.width, "height": res.height, "steps": res.steps,
                       "timings_ms": res.timings_ms,
                       "optimizations": {k: d.applied for k, d in res.optimizations.items()},
@@ -304,6 +404,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=settings.SERVED_MODEL_NAME.get(),
                    help=_env_help("the model id of the OpenAI routes (default: --model's value)",
                                   settings.SERVED_MODEL_NAME))
+    j = s.add_argument_group("asynchronous jobs, outputs, URL inputs, webhooks")
+    j.add_argument("--data-dir", default=settings.DATA_DIR.get(),
+                   help=_env_help("the job store, local outputs and the URL-signing key (default: <cache dir>-data "
+                                  "beside the cache directory); one server per directory", settings.DATA_DIR))
+    j.add_argument("--result-ttl", type=_ttl_arg, default=settings.RESULT_TTL.get(),
+                   help=_env_help("seconds results and their files are kept", settings.RESULT_TTL))
+    j.add_argument("--on-restart", choices=["run", "error"], default=settings.ON_RESTART.get(),
+                   help=_env_help("pending jobs found at start-up: run them, or mark them Error \"interrupted by "
+                                  "restart\" (running ones are always marked Error)", settings.ON_RESTART))
+    j.add_argument("--max-jobs", type=int, default=settings.MAX_JOBS.get_int(),
+                   help=_env_help("jobs the store may hold (then 429)", settings.MAX_JOBS))
+    j.add_argument("--sweep-interval", type=float, default=settings.SWEEP_INTERVAL.get_float(),
+                   help=_env_help("seconds between sweeps of expired jobs and files", settings.SWEEP_INTERVAL))
+    j.add_argument("--output-store", type=_output_store_arg, default=settings.OUTPUT_STORE.get(),
+                   help=_env_help("local, or s3://bucket/prefix", settings.OUTPUT_STORE))
+    j.add_argument("--s3-endpoint-url", default=settings.S3_ENDPOINT_URL.get(),
+                   help=_env_help("an S3-compatible endpoint (R2, MinIO)", settings.S3_ENDPOINT_URL))
+    j.add_argument("--public-url", default=settings.PUBLIC_URL.get(),
+                   help=_env_help("the base URL clients reach this server at (polling_url, /v1/files URLs)",
+                                  settings.PUBLIC_URL))
+    j.add_argument("--allow-private-urls", action="store_true", default=settings.is_true(settings.ALLOW_PRIVATE_URLS),
+                   help=_env_help("image and webhook URLs may reach private / loopback / link-local addresses",
+                                  settings.ALLOW_PRIVATE_URLS))
+    j.add_argument("--url-fetch-timeout", type=float, default=settings.URL_FETCH_TIMEOUT.get_float(),
+                   help=_env_help("seconds an image URL may take, redirects included", settings.URL_FETCH_TIMEOUT))
+    j.add_argument("--webhook-retry-delays", type=_delays_arg, default=settings.WEBHOOK_RETRY_DELAYS.get(),
+                   help=_env_help("seconds before each webhook retry", settings.WEBHOOK_RETRY_DELAYS))
+    j.add_argument("--webhook-timeout", type=float, default=settings.WEBHOOK_TIMEOUT.get_float(),
+                   help=_env_help("seconds one webhook attempt may take", settings.WEBHOOK_TIMEOUT))
+    _add_provenance_args(s)
+    s.add_argument("--c2pa-cert", default=settings.C2PA_CERT.get(),
+                   help=_env_help("PEM certificate chain, signing certificate first: with --c2pa-key every image "
+                                  "carries a signed C2PA manifest", settings.C2PA_CERT))
+    s.add_argument("--c2pa-key", default=settings.C2PA_KEY.get(),
+                   help=_env_help("PEM private key of the signing certificate", settings.C2PA_KEY))
+    s.add_argument("--safety-checker", default=settings.SAFETY_CHECKER.get(),
+                   help=_env_help("module:callable(prompt, images) run before and after each generation: None / True "
+                                  "allows, False / a reason blocks (422 content_policy, OpenAI 400 "
+                                  "moderation_blocked); none ships", settings.SAFETY_CHECKER))
     s.add_argument("--background-load", action="store_true",
                    help="answer /live at once and load the model in the background (/health 503 until ready)")
     s.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
@@ -346,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int)
     g.add_argument("--seed", type=int)
     g.add_argument("--guidance-scale", type=float, default=2.5)
+    _add_provenance_args(g)
+    g.add_argument("--lora", action="append", default=[],
+                   help="NAME or NAME:SCALE: an adapter of --lora-dir to run (repeat for up to 3)")
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("benchmark", help="stage table (--workload) or unoptimised vs optimised (default)")

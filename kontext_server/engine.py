@@ -53,6 +53,15 @@ class GenerationFailed(EngineError):
     status, code = 500, "generation_failed"
 
 
+class InvalidInput(EngineError):
+    """The job found its input unusable (e.g. a LoRA file that proved bad when read): 422 naming the field."""
+    status, code = 422, "validation_error"
+
+    def __init__(self, message: str, field: str | None = None, kind: str = "value_error"):
+        super().__init__(message)
+        self.field, self.kind = field, kind
+
+
 def is_oom(exc: BaseException) -> bool:
     try:
         import torch
@@ -74,6 +83,7 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None  # monotonic time after which a running job is interrupted
     stop_reason: type[EngineError] | None = None
+    queue_timeout: float | None = None  # overrides the engine's (durable async jobs wait as long as it takes)
 
     def should_stop(self) -> EngineError | None:
         """Checked by the generation between denoising steps."""
@@ -159,14 +169,17 @@ class Engine:
         return finished
 
     # ---- submission (event loop side; never blocks) ------------------------------------------------------
-    def submit(self, payload: Any, job_id: str | None = None) -> Job:
-        job = Job(payload=payload)
+    def submit(self, payload: Any, job_id: str | None = None, *, queue_timeout: float | None = None,
+               force: bool = False) -> Job:
+        """Queue a job (QueueFull past max_queue, ShuttingDown while draining). `force`: past max_queue too (jobs
+        accepted before a restart, which must not be refused now); `queue_timeout`: this job's own."""
+        job = Job(payload=payload, queue_timeout=queue_timeout)
         if job_id:
             job.id = job_id
         with self._cv:
             if not self._accepting:
                 raise ShuttingDown("server is shutting down and accepts no new requests")
-            if len(self._queue) >= self.max_queue:
+            if len(self._queue) >= self.max_queue and not force:
                 raise QueueFull(f"queue is full ({self.max_queue} waiting)")
             self._queue.append(job)
             self._cv.notify_all()
@@ -217,9 +230,10 @@ class Engine:
         waited = time.monotonic() - job.enqueued_at
         if job.cancel_event.is_set():
             return self._finish(job, error=(job.stop_reason or Cancelled)("request cancelled before it started"))
-        if waited > self.queue_timeout:
+        limit = self.queue_timeout if job.queue_timeout is None else job.queue_timeout
+        if waited > limit:
             return self._finish(job, error=QueueTimeout(
-                f"request waited {waited:.1f} s in the queue, longer than the {self.queue_timeout:.0f} s timeout"))
+                f"request waited {waited:.1f} s in the queue, longer than the {limit:.0f} s timeout"))
         job.started_at = time.monotonic()
         job.deadline = job.started_at + self.request_timeout
         self._on_event("started", job, {"queue_wait_s": waited})

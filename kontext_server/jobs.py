@@ -26,8 +26,19 @@ class GenerateJob:
     partial_images: int = 0
 
     def run(self, service, should_stop: ShouldStop):
-        return service.generate(self.request, self.image, should_stop=should_stop, plan=self.plan,
-                                on_step=self.on_step)
+        from kontext_server.engine import InvalidInput
+        from kontext_server.lora.library import LoraError
+
+        try:
+            return service.generate(self.request, self.image, should_stop=should_stop, plan=self.plan,
+                                    on_step=self.on_step)
+        except LoraError as exc:  # found on the worker (a file read for the first time): a 422, the model unchanged
+            raise InvalidInput(str(exc), lora_field(exc), exc.kind) from None
+
+
+def lora_field(exc) -> str:
+    """The request field a LoraError is about: `loras.N.name`."""
+    return f"loras.{exc.index if exc.index is not None else 0}.name"
 
 
 @dataclass

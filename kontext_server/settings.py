@@ -81,6 +81,15 @@ CP_FAIL_AT = EnvVar("FLUX_CP_FAIL_AT", None, "model",
                     "tests only: RANK:TEXT[:inside] makes that rank fail a generation whose prompt contains TEXT, "
                     "after its first step (or inside its first transformer call)",
                     documented=False)
+LORA_DIR = EnvVar("FLUX_LORA_DIR", None, "lora",
+                  "directory of LoRA adapters: each .safetensors file one adapter, named by its stem (read at start-up)")
+LORA_PRELOAD = EnvVar("FLUX_LORA_PRELOAD", None, "lora", "adapters loaded onto the device at start-up, comma-separated")
+MAX_LORAS = EnvVar("FLUX_MAX_LORAS", "8", "lora", "adapters kept loaded on the device (least recently used leave first)")
+LORA_MAX_RANK = EnvVar("FLUX_LORA_MAX_RANK", None, "lora",
+                       "rank of the adapter slots (default: the largest rank in the directory); larger adapters: 422")
+LORA_FUSE = EnvVar("FLUX_LORA_FUSE", None, "lora",
+                   "NAME or NAME:SCALE: one adapter fused into the weights at start-up (zero overhead; every request "
+                   "runs it)")
 HOST = EnvVar("FLUX_HOST", "127.0.0.1", "server", "listen address")
 PORT = EnvVar("FLUX_PORT", "8000", "server", "listen port")
 MAX_QUEUE = EnvVar("FLUX_MAX_QUEUE", "16", "server", "requests that may wait beside the running one (then 429)")
@@ -101,6 +110,44 @@ RATE_LIMIT = EnvVar("FLUX_RATE_LIMIT", None, "server",
 METRICS_KEY_REQUIRED = EnvVar("FLUX_METRICS_KEY_REQUIRED", "0", "server", "1: /metrics needs an API key too")
 SERVED_MODEL_NAME = EnvVar("FLUX_SERVED_MODEL_NAME", None, "server",
                            "the model id of the /v1 routes (GET /v1/models, a request's model); default: --model")
+# ---- async jobs, outputs, URL inputs, webhooks ------------------------------------------------------------------------
+DATA_DIR = EnvVar("FLUX_DATA_DIR", None, "jobs",
+                  "the job store (SQLite), stored outputs and the URL-signing key (default: <cache dir>-data beside "
+                  "the cache directory); one server per directory")
+RESULT_TTL = EnvVar("FLUX_RESULT_TTL", "3600", "jobs",
+                    "seconds a finished job, its result and its output files are kept (then deleted; at most 7 days)")
+ON_RESTART = EnvVar("FLUX_ON_RESTART", "run", "jobs",
+                    "pending jobs found at start-up: run them (run) or mark them Error \"interrupted by restart\" "
+                    "(error); a job that was running is always marked Error")
+MAX_JOBS = EnvVar("FLUX_MAX_JOBS", "10000", "jobs", "jobs the store may hold (pending + unexpired results; then 429)")
+SWEEP_INTERVAL = EnvVar("FLUX_SWEEP_INTERVAL", "60", "jobs", "seconds between two sweeps of expired jobs and files")
+OUTPUT_STORE = EnvVar("FLUX_OUTPUT_STORE", "local", "jobs",
+                      "where output images go: local (files under the data directory, signed /v1/files URLs) or "
+                      "s3://bucket/prefix (presigned URLs)")
+S3_ENDPOINT_URL = EnvVar("FLUX_S3_ENDPOINT_URL", None, "jobs",
+                         "an S3-compatible endpoint (Cloudflare R2, MinIO); default AWS S3. Credentials: the usual "
+                         "AWS_* variables")
+PUBLIC_URL = EnvVar("FLUX_PUBLIC_URL", None, "jobs",
+                    "the base URL clients reach this server at, for polling_url and /v1/files URLs (default: the "
+                    "request's own scheme and host)")
+ALLOW_PRIVATE_URLS = EnvVar("FLUX_ALLOW_PRIVATE_URLS", "0", "jobs",
+                            "1: image URLs and webhook URLs may point at private, loopback, link-local and metadata "
+                            "addresses (tests, private networks)")
+URL_FETCH_TIMEOUT = EnvVar("FLUX_URL_FETCH_TIMEOUT", "20", "jobs", "seconds an image URL may take, redirects included")
+WEBHOOK_RETRY_DELAYS = EnvVar("FLUX_WEBHOOK_RETRY_DELAYS", "1,5,30", "jobs",
+                              "seconds before each retry of a failed webhook delivery (comma-separated)")
+WEBHOOK_TIMEOUT = EnvVar("FLUX_WEBHOOK_TIMEOUT", "10", "jobs", "seconds one webhook delivery attempt may take")
+PROVENANCE_METADATA = EnvVar("FLUX_PROVENANCE_METADATA", "1", "provenance",
+                             "0: no EXIF / PNG text saying the image is AI-generated (Software, Make, Model)")
+PROVENANCE_PROMPT = EnvVar("FLUX_PROVENANCE_PROMPT", "0", "provenance",
+                           "1: also the prompt in that metadata (EXIF ImageDescription, PNG Description)")
+C2PA_CERT = EnvVar("FLUX_C2PA_CERT", None, "provenance",
+                   "PEM certificate chain (signing certificate first): with FLUX_C2PA_KEY, every image carries a "
+                   "signed C2PA manifest (c2pa.created, trainedAlgorithmicMedia)")
+C2PA_KEY = EnvVar("FLUX_C2PA_KEY", None, "provenance", "PEM private key of FLUX_C2PA_CERT's signing certificate")
+SAFETY_CHECKER = EnvVar("FLUX_SAFETY_CHECKER", None, "provenance",
+                        "module:callable called with (prompt, images) before and after each generation; None or "
+                        "True allows, False or a reason string blocks (none ships)")
 LOG_LEVEL = EnvVar("FLUX_LOG_LEVEL", "INFO", "server", "Python log level of the server's loggers")
 BENCH_DIR = EnvVar("FLUX_BENCH_DIR", "benchmarks/latest", "server", "where `benchmark` writes its JSON and chart")
 ENGINE = EnvVar("FLUX_ENGINE", "local", "server",
@@ -157,6 +204,10 @@ HF_HUB_OFFLINE = EnvVar("HF_HUB_OFFLINE", None, "library",
 HF_HUB_CACHE = EnvVar("HF_HUB_CACHE", None, "library",
                       "the Hugging Face cache a hub id is found in (default: huggingface_hub's, "
                       "~/.cache/huggingface/hub)")
+AWS_ACCESS_KEY_ID = EnvVar("AWS_ACCESS_KEY_ID", None, "library",
+                           "with an s3:// output store: boto3's credentials (with AWS_SECRET_ACCESS_KEY; or any "
+                           "other source boto3 reads)")
+AWS_REGION = EnvVar("AWS_DEFAULT_REGION", None, "library", "with an s3:// output store: the bucket's region")
 CUBLASLT_WORKSPACE_SIZE = EnvVar("CUBLASLT_WORKSPACE_SIZE", None, "library",
                                  "cuBLASLt's workspace in KiB; the server sets 0 unless you set it")
 INDUCTOR_CACHE_DIR = EnvVar("TORCHINDUCTOR_CACHE_DIR", None, "library",
@@ -177,6 +228,15 @@ def default_cache_dir() -> Path:
     """FLUX_CACHE_DIR, or ~/.cache/flux-kontext-server."""
     value = CACHE_DIR.get()
     return Path(value) if value else Path.home() / ".cache" / "flux-kontext-server"
+
+
+def default_data_dir(cache_dir: str | Path | None = None) -> Path:
+    """FLUX_DATA_DIR, or `<cache dir>-data` beside the cache directory (jobs and outputs are not a cache)."""
+    value = DATA_DIR.get()
+    if value:
+        return Path(value)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    return cache.parent / (cache.name + "-data")
 
 
 def is_true(var: EnvVar) -> bool:

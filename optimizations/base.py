@@ -86,6 +86,9 @@ class Components:
     # fp8 copy takes instead of quantising the upcast weights again
     stored_fp8: Any = None
     on_new_variant: list[Callable[[str, Any], None]] = field(default_factory=list)
+    # Why compiled regions may not be saved whole (set by the server before compile is prepared, e.g. LoRA slots:
+    # their active adapter count is an int attribute the traced code depends on); None: they may.
+    saved_regions_blocked: str | None = None
 
     def add_variant(self, precision: str, module) -> None:
         self.variants[precision] = module
@@ -99,7 +102,9 @@ class RunContext:
 
     `configure` may set `precision` and `default_steps`; `activate` may replace `transformer` (what the pipeline
     calls), `vae_encode` / `vae_decode`, edit `call_kwargs`, and leave per-request results in `report` (e.g. the
-    first-block cache's step counts)."""
+    first-block cache's step counts). `graph_key` says what else changes the computation of a call with given tensor
+    shapes (e.g. how many LoRA adapters are active): whatever captures per call shape (CUDA graphs) keys on it too;
+    set before the optimisations activate, and only extended."""
     components: Components
     request: Any  # the validated request (kontext_server.request.InferenceRequest)
     plan: Mapping[str, Decision]
@@ -114,6 +119,7 @@ class RunContext:
     # sums (batch, tokens, channels) tensors over the image tokens of the whole sequence, on every rank alike, so
     # that a data-dependent decision (the first-block cache's skip) is the same on all ranks.
     collective: Any = None
+    graph_key: tuple = ()
 
     @property
     def variant(self):

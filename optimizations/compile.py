@@ -158,6 +158,9 @@ class Compile(Optimization):
 
     def aot_unavailable(self, components: Components) -> str | None:
         """None when regions can be saved whole (aot_regions), else why dynamo compiles them in place."""
+        blocked = getattr(components, "saved_regions_blocked", None)  # a Components field (tests pass stand-ins)
+        if blocked:
+            return blocked
         if not aot_regions.enabled():
             return f"{aot_regions.ENV}=0"
         if self.scope != "regional":

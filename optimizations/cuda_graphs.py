@@ -62,6 +62,7 @@ class CudaGraphTransformer(_GraphCache):
     def __init__(self, module, pool=None):
         self.module = module  # first: __getattr__ reads it
         super().__init__(pool)
+        self.extra_key: tuple = ()  # the request's RunContext.graph_key (set by CudaGraphs.activate)
 
     def __getattr__(self, name):  # config, dtype, ... come from the wrapped transformer
         return getattr(self.module, name)
@@ -73,7 +74,8 @@ class CudaGraphTransformer(_GraphCache):
 
     def __call__(self, **kwargs):
         kwargs.setdefault("return_dict", False)
-        graph, static, out = self._entry(self._key(kwargs), kwargs, lambda static: self.module(**static)[0])
+        key = self._key(kwargs) + self.extra_key  # a graph per call shape and per what else changes the call
+        graph, static, out = self._entry(key, kwargs, lambda static: self.module(**static)[0])
         before_replay(self.module, kwargs)  # host-side work the module's pre-hooks would do (none run on replay)
         for k, v in kwargs.items():
             if torch.is_tensor(v):
@@ -197,6 +199,7 @@ class CudaGraphs(Optimization):
         if runner is None:
             runner = self.transformers[run.precision] = CudaGraphTransformer(run.variant, self.pool)
         run.transformer = runner
+        runner.extra_key = tuple(run.graph_key)
         key = (run.vae_encode, run.vae_decode)  # eager or compiled: captured apart
         vae = self.vae.get(key)
         if vae is None:
@@ -211,4 +214,5 @@ class CudaGraphs(Optimization):
                     encoder = self.text_encoders[attr] = CudaGraphEncoder(getattr(run.components.pipe, attr),
                                                                           self.pool)
                 stack.enter_context(encoder.installed())
+            stack.callback(setattr, runner, "extra_key", ())
             yield

@@ -134,8 +134,11 @@ class TableState:
         act = F.silu(temb)
         for m in module.modules():
             if isinstance(m, ModulationLinear):
-                self.table[rows, m.offset:m.offset + m.out_features] = F.linear(act.to(m.weight.dtype), m.weight,
-                                                                                 m.bias)
+                x = act.to(m.weight.dtype)
+                out = F.linear(x, m.weight, m.bias)
+                if m.table_branch is not None:  # e.g. an active LoRA adapter on this linear
+                    out = out + m.table_branch(x).to(out.dtype)
+                self.table[rows, m.offset:m.offset + m.out_features] = out
         g = torch.zeros(n, device=keys_t.device) if guidance is None else guidance[:1].float().expand(n)
         self.keys[rows] = torch.cat([keys_t.float()[:, None], g[:, None], pooled[:1].float().expand(n, -1)], 1)
         self.used += n
@@ -172,7 +175,13 @@ def _conditioning(kwargs: dict):
 
 
 class ModulationLinear(torch.nn.Linear):
-    """A modulation linear that returns its rows of the table (the weights stay, for filling it)."""
+    """A modulation linear that returns its rows of the table (the weights stay, for filling it).
+
+    `table_branch`: None, or a function of the linear's input whose result the table fill adds to the linear's (a
+    duck-typed hook: the server's LoRA slots set it, so this package never imports the server). Whoever sets it, or
+    changes what it computes, resets the table (TableState.reset): rows already written hold the old result."""
+
+    table_branch = None
 
     def __init__(self, linear: torch.nn.Linear, state: TableState, offset: int):
         torch.nn.Module.__init__(self)
@@ -221,6 +230,11 @@ def install(module: torch.nn.Module, state: TableState | None = None) -> TableSt
     module.register_forward_pre_hook(state.lookup_hook, with_kwargs=True)
     setattr(module, STATE_ATTR, state)
     return state
+
+
+def table_state(module) -> TableState | None:
+    """The table installed on a transformer variant, if any."""
+    return getattr(module, STATE_ATTR, None)
 
 
 def before_replay(module, kwargs: dict) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import tempfile
 from pathlib import Path
 
 import torch
@@ -53,5 +54,7 @@ class LiveServer(ServerProcess):
     server), with its cache and log in the test session's cache directory."""
 
     def __init__(self, cache_dir: Path, *extra: str, env: dict | None = None):
-        # no drain period unless a test asks for one: every module's teardown would wait for it
-        super().__init__(extra=["--drain-seconds", "0", *extra], cache_dir=str(cache_dir), env=env)
+        # no drain period unless a test asks for one: every module's teardown would wait for it.
+        # Each server its own data directory unless the test gives one (one server per data directory).
+        data = [] if "--data-dir" in extra else ["--data-dir", tempfile.mkdtemp(prefix="flux-test-data-")]
+        super().__init__(extra=["--drain-seconds", "0", *data, *extra], cache_dir=str(cache_dir), env=env)

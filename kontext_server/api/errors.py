@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from kontext_server import engine as eng
 from kontext_server.request import suggest_field
+from kontext_server.api.bfl import errors as bfl_errors
 from kontext_server.api.openai import errors as openai_errors
 
 
@@ -21,6 +22,8 @@ def error_response(status: int, code: str, message: str, detail=None, headers=No
 
 def error_body_for(path: str, status: int, code: str, message: str) -> dict:
     """The body of an error answered for `path` outside its route, in that route family's shape."""
+    if bfl_errors.is_bfl_path(path):
+        return bfl_errors.error_body(message)
     if openai_errors.is_openai_path(path):
         return openai_errors.error_body(status, message, code=code)
     return {"error": code, "message": message}
@@ -56,6 +59,9 @@ def engine_error_response(exc: eng.EngineError, engine: eng.Engine) -> JSONRespo
     headers = None
     if exc.status in (429, 503):
         headers = {"Retry-After": str(engine.retry_after_seconds())}
+    field = getattr(exc, "field", None)
+    if field:  # an input the job found unusable: the same shape as a validation error
+        return field_error(exc.status, exc.code, field, str(exc), getattr(exc, "kind", "value_error"))
     return error_response(exc.status, exc.code, str(exc), headers=headers)
 
 

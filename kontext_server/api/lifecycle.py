@@ -15,10 +15,21 @@ from kontext_server import engine as eng
 log = logging.getLogger("flux.api")
 
 
-def lifespan_for(service, engine: eng.Engine, settings):
+def lifespan_for(service, engine: eng.Engine, settings, jobs=None):
+    """`jobs`: the app's JobManager (or None): started with the app, its stored jobs recovered once the model is
+    ready, closed after the engine drained (queued async jobs stay pending in the store for the next start)."""
+    def recover():
+        if jobs is not None:
+            try:
+                jobs.recover()
+            except Exception:
+                log.exception("could not recover the stored jobs")
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        if jobs is not None:
+            jobs.start()
         if service.state == "loading":
             def load():
                 try:
@@ -26,15 +37,21 @@ def lifespan_for(service, engine: eng.Engine, settings):
                     log.info("model ready: %s", service.health().get("model"))
                 except Exception:
                     log.exception("model failed to load")
+                    return
+                recover()
             if settings.load_in_background:
                 threading.Thread(target=load, name="model-loader", daemon=True).start()
             else:
                 await run_in_threadpool(load)
+        else:
+            await run_in_threadpool(recover)
         _chain_sigterm(engine, settings.shutdown_grace, settings.drain_seconds)
         yield
         # Shutdown: queued and running work gets the grace period, then a clear 503.
         finished = await run_in_threadpool(engine.drain, settings.shutdown_grace)
         log.info("shutdown: drained %s", "all work" if finished else "with work left (answered 503)")
+        if jobs is not None:
+            await run_in_threadpool(jobs.close)
 
     return lifespan
 

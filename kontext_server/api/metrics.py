@@ -35,6 +35,9 @@ class Metrics:
         self.steps = Counter("flux_transformer_steps_total", "Transformer evaluations", ["kind"], registry=r)
         self.gpu_memory = Gauge("flux_gpu_memory_bytes", "GPU memory", ["kind"], registry=r)
         self.ready = Gauge("flux_ready", "1 when the service is ready to serve", registry=r)
+        self.job_metrics = JobMetrics(r)
+        self.on_job_event = self.job_metrics.on_job_event
+        self.webhook_deliveries = self.job_metrics.webhook_deliveries
 
     def observe_result(self, timings_ms: dict, computed: int, skipped: int) -> None:
         for stage in ("text_encode", "image_encode", "transformer", "vae_decode", "glue", "total"):
@@ -43,7 +46,8 @@ class Metrics:
         self.steps.labels("computed").inc(computed)
         self.steps.labels("skipped").inc(skipped)
 
-    def render(self, engine=None, ready: bool = False) -> bytes:
+    def render(self, engine=None, ready: bool = False, job_counts: dict | None = None) -> bytes:
+        self.job_metrics.set_counts(job_counts)
         if engine is not None:
             self.queue_depth.set(engine.queue_depth)
             self.in_flight.set(engine.in_flight)
@@ -58,3 +62,39 @@ class Metrics:
         except Exception:  # pragma: no cover
             pass
         return generate_latest(self.registry)
+
+
+class JobMetrics:
+    """The asynchronous jobs' families (kontext_server.jobstore), in `registry`: the local server's Metrics and the
+    Ray Serve ingress's (which holds the job store there) both have them."""
+
+    FAMILIES = ("flux_jobs", "flux_job_queue_depth", "flux_jobs_submitted", "flux_jobs_finished", "flux_job_age_seconds",
+                "flux_webhook_deliveries")
+
+    def __init__(self, r: CollectorRegistry):
+        self.jobs = Gauge("flux_jobs", "Jobs in the job store by status (pending, running, ready, error)",
+                          ["status"], registry=r)
+        self.job_queue_depth = Gauge("flux_job_queue_depth", "Async jobs waiting to run (pending)", registry=r)
+        self.jobs_submitted = Counter("flux_jobs_submitted_total", "Async job submissions by outcome "
+                                      "(accepted, rejected: 429)", ["outcome"], registry=r)
+        self.jobs_finished = Counter("flux_jobs_finished_total", "Async jobs finished, by final status",
+                                     ["status"], registry=r)
+        self.job_age = Histogram("flux_job_age_seconds", "A job's age when it finished (submit to answer)",
+                                 buckets=STAGE_BUCKETS + (600, 1800, 3600), registry=r)
+        self.webhook_deliveries = Counter("flux_webhook_deliveries_total", "Webhook delivery attempts by outcome "
+                                          "(delivered, retry: failed and retried later, failed: given up)",
+                                          ["outcome"], registry=r)
+
+    def on_job_event(self, name: str, **info) -> None:
+        """The job manager's events (kontext_server.jobstore.manager)."""
+        if name == "accepted":
+            self.jobs_submitted.labels("accepted").inc()
+        elif name == "finished":
+            self.jobs_finished.labels(info["status"]).inc()
+            self.job_age.observe(info["age_s"])
+
+    def set_counts(self, job_counts: dict | None) -> None:
+        if job_counts is not None:
+            for status in ("pending", "running", "ready", "error"):
+                self.jobs.labels(status).set(job_counts.get(status, 0))
+            self.job_queue_depth.set(job_counts.get("pending", 0))

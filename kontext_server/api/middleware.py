@@ -91,13 +91,16 @@ class KeyGuard:
     too). Requests are counted per key id in metrics (`none` / `invalid` for refused keys), never per key."""
 
     def __init__(self, app, keys: KeyStore | None, limiter: RateLimiter | None, open_paths: set[str],
-                 job_paths: set[str], metrics: Metrics, error_body: ErrorBody = plain_error_body):
+                 job_paths: set[str], metrics: Metrics, error_body: ErrorBody = plain_error_body,
+                 open_prefixes: tuple[str, ...] = (), unlimited_paths: frozenset[str] = frozenset()):
         self.app, self.keys, self.limiter, self.metrics, self.error_body = app, keys, limiter, metrics, error_body
-        self.open_paths, self.job_paths = open_paths, job_paths
+        self.open_paths, self.job_paths, self.open_prefixes = open_paths, job_paths, open_prefixes
+        self.unlimited_paths = unlimited_paths  # need a key but pass the rate limit (polling a job's status)
 
     async def __call__(self, scope, receive, send):
         path = route_path(scope)  # without a mount prefix: /health is open however the app is mounted
-        if scope["type"] != "http" or path in self.open_paths or (self.keys is None and self.limiter is None):
+        if (scope["type"] != "http" or path in self.open_paths or path.startswith(self.open_prefixes)
+                or (self.keys is None and self.limiter is None)):
             return await self.app(scope, receive, send)
         kid = "anonymous"
         if self.keys is not None:
@@ -112,7 +115,7 @@ class KeyGuard:
                                        [(b"www-authenticate", b"Bearer")])
         job = path in self.job_paths
         admitted = False
-        if self.limiter is not None:
+        if self.limiter is not None and path not in self.unlimited_paths:
             verdict = self.limiter.admit(kid, job=job)
             if not verdict.ok:
                 self.metrics.requests_by_key.labels(kid, "429").inc()
@@ -150,6 +153,13 @@ class RequestContext:
         # label values from scanners). The app fills the set once its routes are attached.
         self.app, self.metrics, self.known_paths, self.error_body = app, metrics, known_paths, error_body
 
+    def _template(self, path: str) -> str:
+        """A known route with a path parameter, by its template (/v1/jobs/{job_id}); else "other"."""
+        for known in self.known_paths:
+            if "{" in known and path.startswith(known.split("{", 1)[0]) and path.count("/") == known.count("/"):
+                return known
+        return "other"
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -177,7 +187,7 @@ class RequestContext:
                                                            f"{type(exc).__name__}: {exc}"), [rid_header])
         finally:
             path = route_path(scope)
-            label = path if path in self.known_paths else "other"
+            label = path if path in self.known_paths else self._template(path)
             code = status["code"] or 499  # no answer sent: the client went away
             elapsed = time.perf_counter() - t0
             self.metrics.requests.labels(label, str(code)).inc()

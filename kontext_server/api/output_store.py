@@ -1,16 +1,9 @@
-"""Where `response_format: "url"` images would go: the `OutputStore` protocol an app may hold (None by default).
+"""Where `response_format: "url"` images and async jobs' samples go: the `OutputStore` protocol
+(kontext_server/storage/base.py), re-exported here for the HTTP layer.
 
-Contract: `put(data, content_type)` stores one encoded image and returns the URL a client fetches it from. It is
-called in the thread pool (it may block on I/O), once per image. The server ships no store yet: without one, a
-request for URLs is a 400 naming `response_format`. A store that serves files from this server must put them behind
-the API keys (kontext_server.api.auth), or hand out signed URLs."""
-from __future__ import annotations
+Every app has one: local files under the data directory behind signed, expiring `/v1/files/...` URLs by default, or an
+S3-compatible bucket with presigned URLs (`--output-store s3://bucket/prefix`). Objects expire with the result that
+points at them (`--result-ttl`) and are deleted by the job manager's sweeper."""
+from kontext_server.storage.base import OutputStore
 
-from typing import Protocol, runtime_checkable
-
-
-@runtime_checkable
-class OutputStore(Protocol):
-    def put(self, data: bytes, content_type: str) -> str:
-        """Store `data` (an encoded image of `content_type`, e.g. image/png); return its URL."""
-        ...
+__all__ = ["OutputStore"]

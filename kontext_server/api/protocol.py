@@ -6,13 +6,20 @@ from pydantic import BaseModel
 
 from kontext_server.request import InferenceRequest
 
-__all__ = ["InferenceRequest", "InferenceResponse", "ModelInfo", "OptimizationReport"]
+__all__ = ["InferenceRequest", "InferenceResponse", "LoraReport", "ModelInfo", "OptimizationReport"]
 
 
 class OptimizationReport(BaseModel):
     requested: bool
     applied: bool
     detail: str
+
+
+class LoraReport(BaseModel):
+    """An adapter that ran: its name, the scale it ran at, its rank."""
+    name: str
+    scale: float
+    rank: int
 
 
 class ModelInfo(BaseModel):
@@ -34,8 +41,11 @@ class InferenceResponse(BaseModel):
     timings_ms: dict[str, float]
     optimizations: dict[str, OptimizationReport]
     model: ModelInfo
+    loras: list[LoraReport] = []
     warnings: list[str] = []
     replica: str | None = None  # the Ray Serve replica that ran it (as X-Replica); null on the local server
     # context parallelism: degree, attention split (ulysses x ring), tokens padded, each rank's step counts; null in
     # one process
     context_parallel: dict | None = None
+    size_reason: str | None = None  # why the output has its size (kontext_server/service/sizes.py)
+    references: int = 0  # reference images the model saw (0: text-to-image)

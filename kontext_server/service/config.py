@@ -35,6 +35,14 @@ class ServiceConfig:
     context_parallel: int = field(default_factory=lambda: settings.CONTEXT_PARALLEL.get_int())
     cp_ring: int = field(default_factory=lambda: settings.CP_RING_DEGREE.get_int())
     cp_timeout: float = field(default_factory=lambda: settings.CP_TIMEOUT.get_float())
+    # LoRA adapters (kontext_server/lora): the directory of .safetensors files, names loaded at start-up, how many stay
+    # loaded on the device, the slots' rank (None: the largest in the directory), and one adapter fused into the
+    # weights at start-up ("NAME" or "NAME:SCALE").
+    lora_dir: Path | None = None
+    lora_preload: list[str] = field(default_factory=list)
+    max_loras: int = 8
+    lora_max_rank: int | None = None
+    lora_fuse: str | None = None
 
     def __post_init__(self):
         if self.new_shapes not in NEW_SHAPE_POLICIES:
@@ -44,3 +52,11 @@ class ServiceConfig:
                              f"ring degree ({self.cp_ring})")
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)
+        if self.lora_dir is not None:
+            self.lora_dir = Path(self.lora_dir)
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, not {self.max_loras}")
+        if self.lora_max_rank is not None and self.lora_max_rank < 1:
+            raise ValueError(f"lora_max_rank must be at least 1, not {self.lora_max_rank}")
+        if (self.lora_preload or self.lora_fuse) and self.lora_dir is None:
+            raise ValueError("--lora-preload and --lora-fuse name adapters of --lora-dir: give --lora-dir")

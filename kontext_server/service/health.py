@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kontext_server import settings
+from kontext_server.service import references
 from kontext_server.startup import bytecode_cache, cublaslt_workspace, quiet
 from optimizations.registry import STACK_ORDER
 
@@ -44,6 +45,9 @@ def health_report(service) -> dict:
     info["warmup_ms_total"] = round(service.warmup_ms_total, 1)
     info["warmups"] = service.warmups
     info["load_fixes"] = service.load_fixes
+    info["reference_images"] = references.health_info()
+    if service.lora is not None:
+        info["lora"] = service.lora.health()
     if service.device_info.is_cuda:
         import torch
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -23,8 +23,8 @@ from kontext_server.request import DEFAULT_STEPS, MAX_SEED, InferenceRequest
 from kontext_server.service.steps import StepEvent, StepProbe
 from optimizations.base import Decision, RunContext
 from optimizations.registry import STACK_ORDER
-from kontext_server.service.sizes import image_notes
-from kontext_server.service.sizes import output_size as size_for
+from kontext_server.service.references import more_references
+from kontext_server.service.sizes import as_references, image_notes, reference_notes, reference_sizes, request_size
 from utils import StageTimer
 
 STAGES = ("text_encode", "image_encode", "transformer", "vae_decode")
@@ -43,8 +43,11 @@ class GenerationResult:
     optimizations: dict[str, Decision]
     warnings: list[str]
     latents: Any = None  # final packed latents (for fidelity checks; not sent over HTTP)
-    replica: str | None = None  # which Ray Serve replica ran it (set by kontext_server/serving/ray; None locally)
+    replica: str | None = None  # which Ray Serve replica ran it (set by kontext_server/serving/ray_serve; None locally)
     parallel: dict | None = None  # context parallelism: degree, attention split, padding (kontext_server/parallel)
+    loras: list = field(default_factory=list)  # the LoRA adapters that ran: name, scale, rank
+    size_reason: str = ""  # why the output has its size (service/sizes.py)
+    references: int = 0  # reference images the model saw
 
 
 class _Timed:
@@ -119,14 +122,22 @@ def _swap(pipe, name: str, value):
         pipe.__dict__[name] = old
 
 
-def output_size(req: InferenceRequest, image: Image.Image | None) -> tuple[int, int]:
-    size = size_for(req.width, req.height, image)
+def output_size(req: InferenceRequest, image) -> tuple[int, int]:
+    """The output size for the request and its reference image(s) (one PIL image, a list of them, or None)."""
+    size = request_size(req, image)
     return size.width, size.height
 
 
+def references_key(req: InferenceRequest, image) -> tuple:
+    """The encoded size of each reference image, in order (() without any): the reference tokens' shape."""
+    refs = as_references(image)
+    return tuple(reference_sizes(refs, *output_size(req, refs))) if refs else ()
+
+
 def compile_shape(registry: Mapping, req: InferenceRequest, image, plan: Mapping[str, Decision]) -> tuple:
-    """What a compiled graph is specialised on: precision, output size, edit or not, images per prompt."""
-    return (Runner.precision(plan, registry), *output_size(req, image), image is not None, req.num_images)
+    """What a compiled graph is specialised on: precision, output size, the reference images' encoded sizes (() for
+    text-to-image; each extra reference adds its tokens to the sequence), images per prompt."""
+    return (Runner.precision(plan, registry), *output_size(req, image), references_key(req, image), req.num_images)
 
 
 def shape_is_compiled(registry: Mapping, warm_keys: frozenset, shape: tuple) -> bool:
@@ -171,26 +182,31 @@ class Runner:
         """What a compiled graph is specialised on: precision, output size, edit or not, images per prompt."""
         return compile_shape(self.registry, req, image, plan)
 
-    def warm_key(self, req: InferenceRequest, image, plan: Mapping[str, Decision]) -> tuple:
+    def warm_key(self, req: InferenceRequest, image, plan: Mapping[str, Decision], graph_key: tuple = ()) -> tuple:
+        """What a warm-up compiles / captures for: the shape, the applied warm-key optimisations, true CFG, and the
+        request's graph key (e.g. its active LoRA adapter count, which compiled code and graphs depend on)."""
         applied = tuple(n for n in STACK_ORDER if plan[n].applied and self.registry[n].in_warm_key)
-        return self.compile_shape(req, image, plan), applied, req.true_cfg_scale > 1.0
+        return self.compile_shape(req, image, plan), applied, req.true_cfg_scale > 1.0, tuple(graph_key)
 
     def shape_is_compiled(self, shape: tuple) -> bool:
         """Whether a warm run with a shape-compiling optimisation applied has run at `shape`."""
         return shape_is_compiled(self.registry, self.warm_keys, shape)
 
     # ---- one request ------------------------------------------------------------------------------------------------
-    def _context(self, req: InferenceRequest, image, plan: Mapping[str, Decision], output_type: str) -> tuple:
+    def _context(self, req: InferenceRequest, image, plan: Mapping[str, Decision], output_type: str,
+                 graph_key: tuple = ()) -> tuple:
         """The RunContext a request starts with (configured by its optimisations), and its seed."""
         run = RunContext(components=self.components, request=req, plan=plan, default_steps=DEFAULT_STEPS,
-                         collective=self.parallel)
+                         graph_key=tuple(graph_key), collective=self.parallel)
         for name in STACK_ORDER:
             if plan[name].applied:
                 self.registry[name].configure(run)
         seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED)
         width, height = output_size(req, image)
         do_cfg = req.true_cfg_scale > 1.0
-        run.call_kwargs = dict(prompt=req.prompt, image=image, width=width, height=height,
+        refs = as_references(image)
+        # `image` holds the list of references here; _run turns them into the pipeline's image and the extra ones
+        run.call_kwargs = dict(prompt=req.prompt, image=refs or None, width=width, height=height,
                                num_inference_steps=req.steps or run.default_steps,
                                guidance_scale=req.guidance_scale, true_cfg_scale=req.true_cfg_scale,
                                negative_prompt=req.negative_prompt if do_cfg else None,
@@ -199,16 +215,16 @@ class Runner:
         return run, seed
 
     def warm(self, req: InferenceRequest, image, plan: Mapping[str, Decision], seed: int,
-             output_type: str = "pil") -> float | None:
+             output_type: str = "pil", graph_key: tuple = ()) -> float | None:
         """The first call at a shape compiles / captures: run it as a 2-step generation, reported as cold start.
 
         Returns its milliseconds, or None when nothing needs warming or this shape is already warm."""
         if not any(plan[n].applied and self.registry[n].needs_warmup for n in STACK_ORDER):
             return None
-        key = self.warm_key(req, image, plan)
+        key = self.warm_key(req, image, plan, graph_key)
         if key in self.warm_keys:
             return None
-        run, _ = self._context(req, image, plan, output_type)
+        run, _ = self._context(req, image, plan, output_type, graph_key)
         run.call_kwargs["num_inference_steps"] = 2
         t0 = time.perf_counter()
         self._run(run, seed, None)
@@ -221,17 +237,20 @@ class Runner:
 
     def generate(self, req: InferenceRequest, image, plan: Mapping[str, Decision],
                  should_stop: Callable[[], Exception | None] | None = None,
-                 output_type: str = "pil", on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
+                 output_type: str = "pil", on_step: Callable[[StepEvent], None] | None = None,
+                 graph_key: tuple = ()) -> GenerationResult:
         """One request. `on_step(StepEvent)` is called after every denoising step of the timed run (not of a
-        warm-up), on this thread; the previews it asks for are timed as the `preview` stage."""
+        warm-up), on this thread; the previews it asks for are timed as the `preview` stage. `graph_key`: what else
+        selects captured CUDA graphs (the LoRA slots' state)."""
         t_total = time.perf_counter()
-        run, seed = self._context(req, image, plan, output_type)
+        run, seed = self._context(req, image, plan, output_type, graph_key)
         warnings = [self.synthetic_warning] if self.synthetic_warning else []
-        warnings += size_for(req.width, req.height, image).notes + image_notes(image)
+        size = request_size(req, image)
+        warnings += size.notes + reference_notes(image, size.width, size.height) + image_notes(image)
         warnings += [f"{self.registry[name].flag}: requested but not applied: {d.detail}"
                      for name, d in plan.items() if d.requested and not d.applied]
         timings: dict[str, float] = {}
-        cold_ms = self.warm(req, image, plan, seed, output_type)
+        cold_ms = self.warm(req, image, plan, seed, output_type, graph_key)
         if cold_ms is not None:  # a reported cold-start cost, not part of the request's timing
             timings["cold_start"] = cold_ms
         t0 = time.perf_counter()
@@ -255,13 +274,18 @@ class Runner:
         return GenerationResult(images=images, seed=seed, width=call["width"], height=call["height"],
                                 steps=call["num_inference_steps"], steps_computed=computed, steps_skipped=skipped,
                                 timings_ms={k: round(v, 3) for k, v in timings.items()}, optimizations=dict(plan),
-                                warnings=warnings, latents=latents)
+                                warnings=warnings, latents=latents, size_reason=size.reason,
+                                references=len(as_references(image)))
 
     def _run(self, run: RunContext, seed: int, should_stop, on_step: Callable[[StepEvent], None] | None = None) -> tuple:
         timer = StageTimer(cuda=self.components.device_info.is_cuda)
         call = run.call_kwargs
-        if call["image"] is not None:  # inside the timed run: the request's wall time includes it
-            call = dict(call, image=reference_image_tensor(call["image"], call["width"], call["height"], self.device))
+        extra: list = []
+        if call["image"]:  # inside the timed run: the request's wall time includes it
+            refs = call["image"]
+            tensors = [reference_image_tensor(im, w, h, self.device)
+                       for im, (w, h) in zip(refs, reference_sizes(refs, call["width"], call["height"]))]
+            call, extra = dict(call, image=tensors[0]), tensors[1:]
         pipe = self.components.pipe
         run.transformer = run.variant
         run.vae_encode, run.vae_decode = self.components.vae_encode["eager"], self.components.vae_decode["eager"]
@@ -293,6 +317,7 @@ class Runner:
                                                                   self.transformer_call_observer,
                                                                   probe.observe if probe is not None else None)))
             stack.enter_context(_swap(pipe, "vae", _TimedVAE(pipe.vae, run.vae_encode, run.vae_decode, timer)))
+            stack.enter_context(more_references(pipe, extra))  # a second, third, fourth reference image
             self._text_timer = timer
             stack.callback(setattr, self, "_text_timer", None)
             with torch.inference_mode():

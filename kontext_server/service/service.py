@@ -27,10 +27,11 @@ from kontext_server.service import components as comp  # noqa: E402
 from kontext_server.service.config import ServiceConfig  # noqa: E402
 from kontext_server.service.health import health_report  # noqa: E402
 from kontext_server.service.planner import plan as make_plan  # noqa: E402
+from kontext_server.lora.library import UnknownAdapter  # noqa: E402
 from kontext_server.service.runner import (GenerationResult, Runner, compile_shape, output_size,  # noqa: E402
                                           shape_is_compiled)
 from kontext_server.service.steps import StepEvent  # noqa: E402
-from optimizations.base import Decision, DeviceInfo  # noqa: E402
+from optimizations.base import EXACT, Decision, DeviceInfo  # noqa: E402
 from optimizations.registry import build_registry, resolve_names  # noqa: E402
 from utils import module_bytes  # noqa: E402
 
@@ -48,8 +49,9 @@ def plan_request(req: InferenceRequest, image: Image.Image | None, registry, pre
             shape = compile_shape(registry, req, image, decisions)
             if shape_is_compiled(registry, warm_keys(), shape):
                 return None
-            w, h = shape[1], shape[2]
-            return f"{w}x{h} {'edit' if image is not None else 'text-to-image'} ({shape[0]})"
+            w, h, refs = shape[1], shape[2], len(shape[3])
+            kind = "text-to-image" if not refs else "edit" if refs == 1 else f"edit with {refs} reference images"
+            return f"{w}x{h} {kind} ({shape[0]})"
 
     return make_plan(req.flags(), registry, prepared, device_info, strict=req.strict, unwarmed_shape=unwarmed)
 
@@ -73,6 +75,7 @@ class FluxService:
         self.compile_lock: dict | None = None  # this start's role on the shared cache directory (compile_lock.py)
         self.warmups: list[dict] = []  # start-up warm-ups: shape, precision, milliseconds (in /health)
         self.parallel = None  # context parallelism: kontext_server/parallel sets its SequenceSplit (the Runner's)
+        self.lora = None  # kontext_server.lora.manager.LoraManager with --lora-dir
 
     # ---- what was loaded ------------------------------------------------------------------------------------------
     @property
@@ -114,6 +117,11 @@ class FluxService:
                                                self.config.transformer)
             components = self.loaded.components
             components.on_new_variant.append(self._adopt_variant)
+            if self.config.lora_dir is not None:  # before any optimisation: adapters name the modules as loaded
+                from kontext_server.lora.manager import LoraManager
+
+                self.lora = LoraManager.create(self.config, components.variants[EXACT], self.device)
+                components.saved_regions_blocked = self.lora.saved_regions_blocked()
             warning = None
             if self.loaded.model.synthetic:
                 warning = f"model {self.loaded.model.source!r} has random weights: the images carry no meaning"
@@ -125,6 +133,8 @@ class FluxService:
                 if "compile" in names else contextlib.nullcontext(None)
             with lock as self.compile_lock:
                 self.prepare(names)
+                if self.lora is not None:
+                    self._install_lora()
                 for size in self.config.warmup_sizes:
                     self.warm_up(*size)
             self.state = "ready"
@@ -135,6 +145,9 @@ class FluxService:
     # ---- 2. optimise (additive: the benchmark prepares stage by stage on one loaded model) -----------------------
     def prepare(self, names: list[str]) -> None:
         names = [n for n in names if n not in self.prepared]
+        if names and self.lora is not None and self.lora.installed:
+            raise RuntimeError("LoRA slots wrap the modules the start-up optimisations produced: nothing can be "
+                               "prepared after them")
         for name in names:
             reason = self.registry[name].available(self.device_info)
             if reason:
@@ -159,6 +172,15 @@ class FluxService:
         # Weights each variant holds (fp8: fp8 data + scales + the linears kept in bf16), measured from its tensors
         # once here, where variants appear and QKV fusion frees weights, not on every /health poll.
         self.transformer_variant_bytes = {name: module_bytes(m) for name, m in components.variants.items()}
+
+    def _install_lora(self) -> None:
+        """Slots and their wrappers on the final modules of every variant; then what compiled code and captured
+        graphs hold is stale (nothing ran yet at start-up), and the preloads."""
+        components = self.loaded.components
+        self.lora.install(components.variants)
+        for name in self.prepared:
+            self.registry[name].refresh(components)
+        self.lora.preload(self.config.lora_preload)
 
     def _set_prepared(self, prepared: dict[str, str]) -> None:
         self.prepared = prepared
@@ -187,17 +209,44 @@ class FluxService:
         """One request on the worker thread. `on_step`: called after every denoising step (service/steps.py)."""
         if self.state != "ready":
             raise RuntimeError(f"service is {self.state}")
-        return self.runner.generate(req, image, plan or self.plan(req, image), should_stop, output_type, on_step)
+        plan = plan or self.plan(req, image)
+        if self.lora is None:
+            self.check_loras(req)
+            return self.runner.generate(req, image, plan, should_stop, output_type, on_step)
+        with self.lora.applied(req.loras) as applied:
+            result = self.runner.generate(req, image, plan, should_stop, output_type, on_step,
+                                          graph_key=applied.graph_key)
+        result.loras = applied.loras
+        if applied.load_ms is not None:  # reported like a cold start: never part of `total`
+            result.timings_ms["lora_load"] = round(applied.load_ms, 3)
+        if applied.switch_ms is not None:
+            result.timings_ms["lora_switch"] = round(applied.switch_ms, 3)
+        return result
 
-    def warm_up(self, width: int, height: int, edit: bool = False) -> float:
-        """Compile / capture a request shape ahead of traffic (start-up cost, reported in /health).
+    def check_loras(self, req: InferenceRequest) -> None:
+        """The cheap check of a request's adapters before it is queued: LoraError (its `index` set) for an adapter
+        that cannot run. The full check, with the file read, happens on the worker."""
+        if not req.loras:
+            return
+        if self.lora is None:
+            err = UnknownAdapter(req.loras[0].name, "this server has no LoRA directory (--lora-dir)")
+            err.index = 0
+            raise err
+        self.lora.check(req.loras)
+
+    def warm_up(self, width: int, height: int, edit: bool | int = False) -> float:
+        """Compile / capture a request shape ahead of traffic (start-up cost, reported in /health). `edit`: the
+        number of reference images (True: one), each at the output size (--warmup's editN:WxH).
 
         Every prepared transformer variant is warmed (exact bf16 and, with low_precision prepared, fp8: a request
         asking for it would otherwise compile it on its own time), with the server's default flags otherwise.
         Only the cold runs: a generation after them would add seconds to start-up and warm nothing more. Returns
         their milliseconds (0.0 when nothing is compiled or captured, or the shape was already warm).
         """
-        img = Image.new("RGB", (width, height), (128, 128, 128)) if edit else None
+        refs = int(edit)
+        img = [Image.new("RGB", (width, height), (128, 128, 128)) for _ in range(refs)] or None
+        if refs == 1:
+            img = img[0]
         total = 0.0
         for fp8 in ([False, True] if "low_precision" in self.prepared else [False]):
             req = InferenceRequest(prompt="warm-up", width=width, height=height, steps=2, seed=0,
@@ -205,7 +254,7 @@ class FluxService:
             plan = self.plan(req, img, new_shape_policy=False)
             ms = self.runner.warm(req, img, plan, seed=0)
             if ms is not None:
-                self.warmups.append({"width": width, "height": height, "edit": edit,
+                self.warmups.append({"width": width, "height": height, "edit": refs > 0, "references": refs,
                                      "precision": self.runner.precision(plan, self.registry), "ms": round(ms, 1)})
                 total += ms
         return total

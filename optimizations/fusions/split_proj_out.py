@@ -60,8 +60,9 @@ class SplitProjOut(torch.nn.Module):
 
 
 def project_halves(proj_out: torch.nn.Module, attn_output: torch.Tensor, mlp_output: torch.Tensor) -> torch.Tensor:
-    """proj_out(cat([attn_output, mlp_output], -1)) without the concatenation."""
-    if isinstance(proj_out, SplitProjOut):
+    """proj_out(cat([attn_output, mlp_output], -1)) without the concatenation. A module other than a plain Linear
+    (a SplitProjOut, or a wrapper around one such as the server's LoRA slots) is called with the two halves."""
+    if not isinstance(proj_out, torch.nn.Linear):
         return proj_out(attn_output, mlp_output)
     k, w = attn_output.shape[-1], proj_out.weight  # the bf16 Linear: its weight's column blocks, as views
     return F.linear(attn_output, w[:, :k]) + F.linear(mlp_output, w[:, k:], proj_out.bias)

@@ -452,7 +452,8 @@ def test_health_ready(client):
     assert all(o["detail"] for o in info["optimizations"].values())
     tiny_params = sum(p.numel() for p in client.app.state.server.service.transformer_variants["exact"].parameters())
     assert info["transformer_variant_bytes"] == {"exact": tiny_params * 4}  # fp32 on CPU
-    assert "cublaslt_workspace" not in info  # a CPU runs no cuBLASLt GEMM: nothing to report there
+    # cuBLASLt's workspace decision is reported on CUDA only: a CPU runs no cuBLASLt GEMM (health.py)
+    assert "cublaslt_workspace" not in info
     assert isinstance(info["library_messages_dropped"], dict)  # tests/startup/test_quiet.py checks what it counts
     r = client.get("/live")
     assert r.status_code == 200 and r.json() == {"status": "alive"}
@@ -574,12 +575,13 @@ def test_cli_warmup_sizes_parse_and_a_bad_one_exits_with_the_reason(capsys, monk
     any model is loaded."""
     import flux_kontext_optimized as cli
 
-    a = cli.build_parser().parse_args(["serve", "--warmup", "1024x1024, EDIT:512x768"])
-    assert a.warmup == [(1024, 1024, False), (512, 768, True)]
+    a = cli.build_parser().parse_args(["serve", "--warmup", "1024x1024, EDIT:512x768, edit3:256x256"])
+    assert a.warmup == [(1024, 1024, 0), (512, 768, 1), (256, 256, 3)]
     monkeypatch.setenv("FLUX_WARMUP_SIZES", "edit:256x256")
     assert cli.config_from_env()[0].warmup_sizes == [(256, 256, True)]
     for bad, reason in [("1000x1024", "width must be a multiple of 16"), ("10x", "expected WxH or edit:WxH"),
-                        ("edit:256x8", "height: Input should be greater than or equal to")]:
+                        ("edit:256x8", "height: Input should be greater than or equal to"),
+                        ("edit5:256x256", "1 to 4 reference images"), ("edits:256x256", "expected WxH")]:
         with pytest.raises(SystemExit) as exc:
             cli.build_parser().parse_args(["serve", "--warmup", bad])
         assert exc.value.code == 2

@@ -138,6 +138,15 @@ def test_probes_scrapes_and_the_api_docs_need_no_key(keyed, path):
     assert keyed.get(path).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/ui", "/ui/playground.js", "/ui/playground.css"])
+def test_the_playground_page_needs_no_key_but_the_api_it_calls_does(keyed, path):
+    assert path in OPEN_PATHS
+    r = keyed.get(path)
+    assert r.status_code == 200 and r.content
+    assert keyed.get("/", follow_redirects=False).headers["location"] == "/ui"
+    assert keyed.post("/v1/images/generations", json={"prompt": "x"}).status_code == 401
+
+
 def test_a_route_the_guard_does_not_know_is_guarded_too(keyed):
     assert_shape(keyed.get("/nothing-here"), "inference", 401)
     assert keyed.get("/nothing-here", headers={"x-key": KEY_A}).status_code == 404

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import openai
@@ -32,14 +33,26 @@ def image_of(b64: str) -> Image.Image:
 
 
 class MemoryStore:
-    """An OutputStore: keeps what it is given, hands out memory:// URLs."""
+    """An OutputStore (kontext_server/storage/base.py): keeps what it is given, hands out memory:// URLs."""
+    kind = "memory"
 
     def __init__(self):
         self.items: list[tuple[bytes, str]] = []
+        self.expiries: list[float] = []
 
-    def put(self, data: bytes, content_type: str) -> str:
+    def save(self, data: bytes, content_type: str, expires_at: float) -> str:
         self.items.append((data, content_type))
-        return f"memory://{len(self.items) - 1}"
+        self.expiries.append(expires_at)
+        return str(len(self.items) - 1)
+
+    def url(self, key: str, expires_at: float, base_url: str) -> str:
+        return f"memory://{key}"
+
+    def delete(self, key: str) -> None:
+        pass
+
+    def sweep(self, now: float) -> int:
+        return 0
 
 
 @pytest.fixture(scope="module")
@@ -243,12 +256,12 @@ def test_a_bad_size_is_a_bad_request_naming_size(sdk, size):
 def test_a_mask_is_a_bad_request_saying_kontext_takes_none(sdk):
     err = raises(openai.BadRequestError, sdk.images.edit, image=("in.png", png_bytes(), "image/png"),
                  mask=("mask.png", png_bytes(), "image/png"), prompt="x")
-    assert err.param == "mask" and "one reference image" in err.message
+    assert err.param == "mask" and "takes no mask" in err.message
 
 
-def test_a_second_image_is_a_bad_request(sdk):
-    err = raises(openai.BadRequestError, sdk.images.edit, image=[("a.png", png_bytes(), "image/png")] * 2, prompt="x")
-    assert err.param == "image" and "one reference image" in err.message
+def test_a_fifth_image_is_a_bad_request_naming_image(sdk):
+    err = raises(openai.BadRequestError, sdk.images.edit, image=[("a.png", png_bytes(), "image/png")] * 5, prompt="x")
+    assert err.param == "image" and "at most 4 reference images" in err.message and "has 5" in err.message
 
 
 def test_another_model_is_not_found(sdk):
@@ -272,9 +285,19 @@ def test_openai_fields_that_would_change_the_output_here_are_refused(sdk, kwargs
     assert err.param == param
 
 
-def test_url_without_an_output_store_is_a_bad_request_that_says_why(sdk):
-    err = raises(openai.BadRequestError, sdk.images.generate, prompt="x", response_format="url")
-    assert err.param == "response_format" and "no output store" in err.message
+def test_url_responses_come_from_the_default_local_store_as_signed_urls_that_expire_with_the_ttl(sdk, http):
+    r = sdk.images.generate(prompt="a car", size="256x256", response_format="url", extra_body={**FAST, "seed": 1})
+    url = r.data[0].url
+    assert r.data[0].b64_json is None and url.startswith("http://testserver/v1/files/") and "sig=" in url
+    expires = int(url.split("expires=")[1].split("&")[0])
+    assert abs(expires - (time.time() + 3600)) < 60  # the default --result-ttl
+    fetched = http.get(url)
+    assert fetched.status_code == 200 and Image.open(io.BytesIO(fetched.content)).size == (256, 256)
+
+
+def test_a_url_response_cannot_be_streamed(sdk):
+    err = raises(openai.BadRequestError, sdk.images.generate, prompt="x", response_format="url", stream=True)
+    assert err.param == "response_format" and "stream sends b64_json" in err.message
 
 
 def test_a_stream_of_several_images_is_refused(sdk):

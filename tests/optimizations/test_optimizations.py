@@ -394,6 +394,15 @@ def test_cuda_graph_wiring_runs_the_real_pipeline_unchanged(cache_dir, monkeypat
     assert fp8.optimizations["low_precision"].applied and "cold_start" not in fp8.timings_ms
     assert np.array_equal(fp8.images[0], ref.images[0])  # same module: same image
 
+    # Two reference images are another shape (more tokens): `edit2:` warms it for both variants, each run encoding
+    # both references once.
+    calls.update(vae=0, text=0)
+    svc.warmups.clear()
+    assert svc.warm_up(256, 256, 2) > 0
+    assert calls == {"vae": 6, "text": 4}  # per variant: two encodes and one decode, CLIP + T5
+    assert [(w["precision"], w["references"]) for w in svc.warmups] == [("exact", 2), ("fp8", 2)]
+    assert svc.warm_up(256, 256, 2) == 0.0  # already warm
+
 
 def test_new_shapes_eager_runs_unwarmed_shapes_uncompiled_and_says_so(cache_dir, monkeypatch):
     """--new-shapes eager: after warm-up, a request at another shape runs the original code (no compile on the

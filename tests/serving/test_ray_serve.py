@@ -171,6 +171,29 @@ def test_a_stream_through_the_replicas_sends_its_previews_then_the_local_servers
     assert local.status_code == 200 and local.json()["data"][0]["b64_json"] == events[-1].b64_json
 
 
+def test_an_async_job_runs_on_a_replica_with_progress_and_a_running_one_cancels_there(ray_app):
+    """The job store lives on the ingress; the generation runs on a replica, which streams its steps back (progress)
+    and is stopped there when the job is cancelled."""
+    from tests.jobs.support import FAST, poll
+
+    client = ray_app.client
+    r = client.post("/v1/flux-kontext-dev", json={"prompt": "a red car", "seed": 7, **FAST})
+    assert r.status_code == 200, r.text
+    done, progress = poll(client, r.json()["id"], timeout=120)
+    assert done["status"] == "Ready" and done["progress"] == 1.0 and progress == sorted(progress)
+    sample = client.get(done["result"]["sample"])
+    assert sample.status_code == 200 and sample.headers["content-type"] == "image/png"
+    done_before = settled_generations(client)
+    slow = client.post("/v1/flux-kontext-dev", json={"prompt": "a red car", "seed": 1, "width": 512, "height": 512,
+                                                       "steps": 100}).json()["id"]
+    wait_for(lambda: (client.get("/v1/get_result", params={"id": slow}).json()["progress"] or 0) > 0, 60,
+             "the slow job's first step")
+    assert client.delete(f"/v1/jobs/{slow}").json()["status"] == "cancelling"
+    stopped, _ = poll(client, slow, timeout=60)
+    assert stopped["status"] == "Error" and stopped["details"]["error"] == "cancelled"
+    assert settled_generations(client) == done_before  # the replica stopped it: no generation finished
+
+
 def test_errors_are_the_local_servers(ray_app, client):
     for body in ({"prompt": "x", "width": 100}, dict(BASE, use_compile=True, strict=True)):
         local, remote = client.post("/inference", json=body), ray_app.client.post("/inference", json=body)

@@ -52,3 +52,20 @@ def test_the_preview_cost_tool_measures_previews_against_the_plain_request(tmp_p
                                                              abs=1e-3)
     assert r["workload"]["flags"]["use_mxfp4"] is False and r["png_encode_ms_per_preview"] > 0
     assert r["vae_decode_ms"] > 0 and r["preview_over_vae_decode"] > 0.5  # a preview is a full-size decode
+
+
+def test_the_request_overhead_tool_measures_a_real_servers_requests_end_to_end(tmp_path, cache_dir):
+    import json
+
+    import request_overhead
+
+    out = tmp_path / "ro.json"
+    assert request_overhead.main(["--model", "tiny", "--device", "cpu", "--workload", "edit-512", "--width", "256",
+                                  "--height", "256", "--steps", "1", "--optimizations", "none", "--runs", "1",
+                                  "--inputs", "smooth", "--timeout", "300", "--cache-dir", str(cache_dir),
+                                  "--json-out", str(out)]) == 0
+    r = json.loads(out.read_text())["inputs"]["smooth"]
+    m = r["median"]
+    assert m["wall_ms"] >= m["request_total_ms"] >= m["total_ms"] > 0
+    assert m["decode_input_ms"] > 0 and m["encode_output_ms"] > 0
+    assert r["input_png_here"]["level_6"]["bytes"] < r["input_png_here"]["level_1"]["bytes"]

@@ -53,5 +53,19 @@ def engine_error_response(exc: eng.EngineError, engine: eng.Engine) -> JSONRespo
     return error_response(exc.status, str(exc), code=exc.code, headers=headers)
 
 
+def moderation_blocked(verdict) -> JSONResponse:
+    """400 moderation_blocked, as OpenAI answers a request its safety system rejects (`param`: prompt when the input
+    was blocked, none when the generated image was)."""
+    from kontext_server.api.moderation import blocked_message
+    from kontext_server.safety import INPUT
+
+    return error_response(400, blocked_message(verdict), param="prompt" if verdict.stage == INPUT else None,
+                          code="moderation_blocked")
+
+
+def safety_failed(exc) -> JSONResponse:
+    return error_response(500, str(exc), code="safety_check_failed")
+
+
 def not_ready_response(state: str) -> JSONResponse:
     return error_response(503, f"model is {state}", code="not_ready", headers={"Retry-After": "5"})

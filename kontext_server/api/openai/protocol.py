@@ -28,7 +28,7 @@ OutputFormat = Literal["png", "jpeg", "webp"]
 
 # Our fields, taken with InferenceRequest's own declarations (types, limits, defaults), so the two cannot disagree.
 EXTRA_FIELDS = ("seed", "steps", "guidance_scale", "true_cfg_scale", "negative_prompt", "cache_threshold", "strict",
-                *FLAG_TO_OPTIMIZATION)
+                "loras", "aspect_ratio", "megapixels", "snap", *FLAG_TO_OPTIMIZATION)
 
 # OpenAI fields that would change the output in a way this model cannot: refused, with the reason.
 REFUSED = {
@@ -139,7 +139,10 @@ class Report(BaseModel):
     timings_ms: dict[str, float]
     optimizations: dict[str, OptimizationReport]
     model: ModelInfo
+    loras: list[dict] = []  # the LoRA adapters that ran: name, scale, rank
     warnings: list[str] = []
+    size_reason: str | None = None  # why the output has its size
+    references: int = 0  # reference images the model saw
 
 
 class ImagesResponse(BaseModel):

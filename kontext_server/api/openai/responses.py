@@ -14,7 +14,7 @@ from kontext_server.api.context import Server
 from kontext_server.api.openai.protocol import ImageData, Report
 from kontext_server.api.protocol import ModelInfo, OptimizationReport
 from kontext_server.request import InferenceRequest
-from utils import encode_image_bytes
+from utils import encode_image_bytes, map_images
 
 log = logging.getLogger("flux.api")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -27,7 +27,8 @@ def report(rid: str, srv: Server, result, timings: dict) -> Report:
                   optimizations={k: OptimizationReport(requested=d.requested, applied=d.applied, detail=d.detail)
                                  for k, d in result.optimizations.items()},
                   model=ModelInfo(source=m.source, synthetic=m.synthetic, description=m.description),
-                  warnings=result.warnings)
+                  loras=list(result.loras), warnings=result.warnings,
+                  size_reason=getattr(result, "size_reason", "") or None, references=getattr(result, "references", 0))
 
 
 def report_headers(rep: Report) -> dict[str, str]:
@@ -51,14 +52,24 @@ def log_outcome(request: Request, req: InferenceRequest, outcome: str, edit: boo
              extra, outcome)
 
 
-def encode_all(images, fmt: str, compression: int | None, store) -> list[ImageData]:
-    """The images encoded (thread pool): base64, or stored and given by URL when a store is passed."""
+def encode_all(images, fmt: str, compression: int | None, store, expires_at: float = 0.0,
+               base_url: str = "", provenance=None, prompt: str | None = None, final: bool = True) -> list[ImageData]:
+    """The images encoded (thread pool; several in parallel) with the server's provenance
+    (kontext_server/provenance.py; `final` False for a preview: no C2PA signature): base64, or saved in the output
+    store and given by a URL valid until `expires_at` when a store is passed."""
+    quality = [compression] if compression is not None else []
+
+    def encode(im) -> bytes:
+        if provenance is not None:
+            return provenance.encode(im, fmt, *quality, prompt=prompt, final=final)
+        return encode_image_bytes(im, fmt, *quality)
+
+    encoded = map_images(encode, list(images))
+    if store is None:
+        return [ImageData(b64_json=base64.b64encode(data).decode("ascii")) for data in encoded]
     out = []
-    for im in images:
-        data = encode_image_bytes(im, fmt, *([compression] if compression is not None else []))
-        if store is not None:
-            out.append(ImageData(url=store.put(data, CONTENT_TYPES[fmt])))
-        else:
-            out.append(ImageData(b64_json=base64.b64encode(data).decode("ascii")))
+    for data in encoded:  # saved in the images' order
+        key = store.save(data, CONTENT_TYPES[fmt], expires_at)
+        out.append(ImageData(url=store.url(key, expires_at, base_url)))
     return out
 

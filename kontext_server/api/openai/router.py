@@ -31,7 +31,7 @@ async def generations(body: ImageRequest, request: Request):
 @router.post("/images/edits", response_model=ImagesResponse, responses=RESPONSES,
              openapi_extra={"requestBody": {"content": {"multipart/form-data": {"schema": {"type": "object"}}}}})
 async def edits(request: Request):
-    """An edit of one reference image (multipart: `image` file part, the other fields as form fields)."""
+    """An edit of 1-4 reference images (multipart: `image` / `image[]` file parts, the other fields as form fields)."""
     try:
         fields, image_bytes = await read_edit_form(request)
     except FormError as exc:

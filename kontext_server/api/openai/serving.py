@@ -9,7 +9,8 @@ What it decides:
   exact tier); what actually ran is in the report (a flag whose optimisation is not prepared here does not run).
 - `size`: WxH, or auto / omitted: the input's aspect ratio at about 1 MP for an edit, 1024x1024 otherwise.
 - The seed is drawn here when the request gives none, so it is known before a stream starts (`X-Seed`).
-- `response_format: "url"` stores each image in the app's OutputStore; without one it is a 400.
+- `response_format: "url"` saves each image in the app's output store (local files behind signed URLs by default, or
+  S3) and answers URLs that expire after --result-ttl.
 Our report goes in headers (X-Seed, X-Timings-Ms as JSON, X-Optimizations: the applied optimisations, comma-separated)
 and in the extra top-level field `kontext`. Errors are OpenAI-shaped (errors.py) and never a 500 for bad input.
 """
@@ -27,13 +28,17 @@ from kontext_server import engine as eng
 from kontext_server.api.context import Server, server
 from kontext_server.api.dispatch import submit_and_wait
 from kontext_server.api.errors import clean_errors
+from kontext_server.api.moderation import screen
 from kontext_server.api.openai import errors
 from kontext_server.api.openai.protocol import EXTRA_FIELDS, ImageRequest, ImagesResponse, parse_size
 from kontext_server.api.openai.responses import encode_all, finish_timings, log_outcome, report, report_headers
 from kontext_server.api.openai.streaming import stream_images
-from kontext_server.jobs import GenerateJob
+from kontext_server.jobs import GenerateJob, lora_field
+from kontext_server.lora.library import LoraError
 from kontext_server.request import FLAG_TO_OPTIMIZATION, MAX_SEED, InferenceRequest
+from kontext_server.safety import INPUT, OUTPUT, SafetyCheckFailed
 from kontext_server.service import StrictError
+from kontext_server.storage.base import StoreError
 from utils import ImageInputError, decode_image_bytes
 
 # quality -> the flags it sets when the request leaves them unset (None: the server's default for that flag)
@@ -86,16 +91,21 @@ def check_request(srv: Server, body: ImageRequest) -> JSONResponse | None:
     return None
 
 
-async def decode_reference(image_bytes: bytes | None):
-    """(PIL image or None, error response or None)."""
+async def decode_reference(image_bytes: bytes | list[bytes] | None):
+    """(the reference image(s): one PIL image, a list of 2-4, or None; error response or None)."""
     if image_bytes is None:
         return None, None
-    try:
-        return await run_in_threadpool(decode_image_bytes, image_bytes), None
-    except ImageInputError as exc:
-        status = 413 if exc.status == 413 else 400
-        return None, errors.invalid("image", str(exc), code="image_too_large" if status == 413 else "invalid_image",
-                                    status=status)
+    parts = image_bytes if isinstance(image_bytes, list) else [image_bytes]
+    decoded = []
+    for i, data in enumerate(parts):
+        try:
+            decoded.append(await run_in_threadpool(decode_image_bytes, data))
+        except ImageInputError as exc:
+            status = 413 if exc.status == 413 else 400
+            which = f"image {i + 1} of {len(parts)}: " if len(parts) > 1 else ""
+            return None, errors.invalid("image", which + str(exc),
+                                        code="image_too_large" if status == 413 else "invalid_image", status=status)
+    return (decoded[0] if len(decoded) == 1 else decoded), None
 
 
 def plan_or_error(srv: Server, req: InferenceRequest, image):
@@ -120,9 +130,19 @@ async def create_images(request: Request, body: ImageRequest, image_bytes: bytes
     image, refused = await decode_reference(image_bytes)
     if refused is not None:
         return refused
+    try:
+        blocked = await screen(srv, request.state.request_id, req.prompt, image, INPUT)
+    except SafetyCheckFailed as exc:
+        return errors.safety_failed(exc)
+    if blocked is not None:
+        return errors.moderation_blocked(blocked)
     plan, refused = plan_or_error(srv, req, image)
     if refused is not None:
         return refused
+    try:  # an adapter known to be unusable never reaches the queue
+        srv.service.check_loras(req)
+    except LoraError as exc:
+        return errors.invalid(lora_field(exc), str(exc), code=exc.kind)
     quality = resolved_quality(body.quality)
     compression = body.output_compression
     if body.stream:
@@ -135,8 +155,22 @@ async def create_images(request: Request, body: ImageRequest, image_bytes: bytes
     except eng.EngineError as exc:
         log_outcome(request, req, f"{exc.status} {exc.code}", edit)
         return errors.engine_error_response(exc, srv.engine)
-    data = await run_in_threadpool(encode_all, result.images, req.output_format, compression,
-                                   srv.output_store if body.response_format == "url" else None)
+    try:
+        blocked = await screen(srv, request.state.request_id, req.prompt, result.images, OUTPUT)
+    except SafetyCheckFailed as exc:
+        return errors.safety_failed(exc)
+    if blocked is not None:
+        log_outcome(request, req, "400 moderation_blocked", edit)
+        return errors.moderation_blocked(blocked)
+    try:
+        store = srv.output_store if body.response_format == "url" else None
+        expires_at, base_url = time.time() + srv.settings.result_ttl, srv.settings.base_url(request)
+        data = await run_in_threadpool(lambda: encode_all(result.images, req.output_format, compression, store,
+                                                          expires_at, base_url, provenance=srv.provenance,
+                                                          prompt=req.prompt))
+    except StoreError as exc:
+        log_outcome(request, req, "503 output_store_failed", edit)
+        return errors.error_response(503, str(exc), code="output_store_failed", headers={"Retry-After": "5"})
     timings = finish_timings(srv, job, result, t0)
     rep = report(request.state.request_id, srv, result, timings)
     log_outcome(request, req, "200", edit, f" timings_ms={ {k: round(v) for k, v in timings.items()} }")

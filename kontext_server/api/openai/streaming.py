@@ -23,11 +23,13 @@ from pydantic import BaseModel
 from kontext_server import engine as eng
 from kontext_server.api.context import Server
 from kontext_server.api.dispatch import wait_for
+from kontext_server.api.moderation import blocked_message, screen
 from kontext_server.api.openai import errors
 from kontext_server.api.openai.protocol import CompletedEvent, PartialImageEvent
 from kontext_server.api.openai.responses import encode_all, finish_timings, log_outcome, report
 from kontext_server.jobs import GenerateJob
 from kontext_server.request import InferenceRequest
+from kontext_server.safety import OUTPUT, SafetyCheckFailed
 from kontext_server.service.steps import preview_steps
 
 _DONE = object()
@@ -64,6 +66,18 @@ def stream_images(request: Request, srv: Server, req: InferenceRequest, image, p
         return errors.engine_error_response(exc, srv.engine)
     fmt = req.output_format
 
+    async def moderated(images) -> bytes | None:
+        """None, or the error event that ends the stream: the safety checker blocked an image (a preview included,
+        so no part of a blocked image is shown) or failed."""
+        try:
+            blocked = await screen(srv, request.state.request_id, req.prompt, images, OUTPUT)
+        except SafetyCheckFailed as exc:
+            return sse("error", errors.error_body(500, str(exc), code="safety_check_failed"))
+        if blocked is None:
+            return None
+        log_outcome(request, req, "400 moderation_blocked", edit, " stream=True")
+        return sse("error", errors.error_body(400, blocked_message(blocked), code="moderation_blocked"))
+
     async def events():
         waiter = asyncio.ensure_future(wait_for(srv.engine, request, job))
         # After the worker's previews: they were handed over before the job's result was.
@@ -71,7 +85,12 @@ def stream_images(request: Request, srv: Server, req: InferenceRequest, image, p
         index = 0
         try:
             while (item := await queue.get()) is not _DONE:
-                data = await run_in_threadpool(encode_all, [item], fmt, compression, None)
+                if (refusal := await moderated([item])) is not None:
+                    yield refusal
+                    return
+                data = await run_in_threadpool(lambda: encode_all([item], fmt, compression, None,
+                                                                  provenance=srv.provenance, prompt=req.prompt,
+                                                                  final=False))
                 yield sse(f"{kind}.partial_image", PartialImageEvent(
                     type=f"{kind}.partial_image", b64_json=data[0].b64_json, created_at=int(time.time()),
                     output_format=fmt, partial_image_index=index, quality=quality,
@@ -83,7 +102,11 @@ def stream_images(request: Request, srv: Server, req: InferenceRequest, image, p
                 log_outcome(request, req, f"{exc.status} {exc.code}", edit, " stream=True")
                 yield sse("error", errors.error_body(exc.status, str(exc), code=exc.code))
                 return
-            data = await run_in_threadpool(encode_all, result.images[:1], fmt, compression, None)
+            if (refusal := await moderated(result.images[:1])) is not None:
+                yield refusal
+                return
+            data = await run_in_threadpool(lambda: encode_all(result.images[:1], fmt, compression, None,
+                                                              provenance=srv.provenance, prompt=req.prompt))
             timings = finish_timings(srv, job, result, t0)
             rep = report(request.state.request_id, srv, result, timings)
             log_outcome(request, req, "200", edit, f" stream=True partial_images={index}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from kontext_server.api.context import server
@@ -14,6 +15,11 @@ async def health(request: Request):
     srv = server(request)
     info = srv.service.health()
     info["queue_depth"], info["in_flight"] = srv.engine.queue_depth, srv.engine.in_flight
+    if srv.jobs is not None:
+        info["jobs"] = {"by_status": await run_in_threadpool(srv.jobs.store.counts_by_status),
+                        "output_store": srv.output_store.kind, "data_dir": str(srv.jobs.store.path.parent)}
+    info["provenance"] = srv.provenance.describe()
+    info["safety_checker"] = srv.safety.describe() if srv.safety is not None else None
     if not srv.engine.accepting:
         info["status"] = "draining"
     ok = srv.service.state == "ready" and srv.engine.accepting
@@ -28,5 +34,6 @@ async def live():
 @router.get("/metrics")
 async def metrics(request: Request):
     srv = server(request)
-    data = srv.metrics.render(srv.engine, ready=srv.service.state == "ready")
+    counts = await run_in_threadpool(srv.jobs.store.counts_by_status) if srv.jobs is not None else None
+    data = srv.metrics.render(srv.engine, ready=srv.service.state == "ready", job_counts=counts)
     return Response(data, media_type="text/plain; version=0.0.4; charset=utf-8")

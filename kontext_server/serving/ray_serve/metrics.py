@@ -21,10 +21,11 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from kontext_server.api.metrics import http_metrics
+from kontext_server.api.metrics import JobMetrics, http_metrics
 
 # counted at the ingress; empty on replicas
-INGRESS_FAMILIES = {"flux_requests", "flux_requests_by_key", "flux_request_seconds"}
+_COUNTED_HERE = ("flux_requests", "flux_requests_by_key", "flux_request_seconds", *JobMetrics.FAMILIES)
+INGRESS_FAMILIES = {*_COUNTED_HERE, *(f"{name}_created" for name in _COUNTED_HERE)}  # the parser's _created too
 
 
 def merge_replica_families(texts: Mapping[str, str], skip: Iterable[str] = INGRESS_FAMILIES) -> list[Metric]:
@@ -60,13 +61,17 @@ class IngressMetrics:
                                  registry=self.registry)
         self.in_flight = Gauge("flux_ingress_in_flight", "Jobs of this ingress a replica is running",
                                registry=self.registry)
+        self.job_metrics = JobMetrics(self.registry)  # the job store lives on the ingress
+        self.on_job_event = self.job_metrics.on_job_event
+        self.webhook_deliveries = self.job_metrics.webhook_deliveries
         self._board = board
         self.registry.register(_ReplicaCollector(board))
 
     def observe_result(self, timings_ms: dict, computed: int, skipped: int) -> None:
         """Observed by the replica that ran it (with its label), not again here."""
 
-    def render(self, engine=None, ready: bool = False) -> bytes:
+    def render(self, engine=None, ready: bool = False, job_counts: dict | None = None) -> bytes:
+        self.job_metrics.set_counts(job_counts)
         for state, n in self._board.counts().items():
             if state != "total":
                 self.replicas.labels(state).set(n)

@@ -180,6 +180,8 @@ def cli_args(ns) -> dict:
            "upscale_delay_s": ns.upscale_delay, "downscale_delay_s": ns.downscale_delay,
            "replica_queue": ns.replica_queue, "replica_cpus": ns.replica_cpus, "replica_gpus": ns.replica_gpus,
            "context_parallel": ns.context_parallel, "cp_ring": ns.cp_ring_degree, "cp_timeout": ns.cp_timeout,
+           "provenance_metadata": ns.provenance_metadata, "provenance_prompt": ns.provenance_prompt,
+           "c2pa_cert": ns.c2pa_cert, "c2pa_key": ns.c2pa_key, "safety_checker": ns.safety_checker,
            "env": settings.replica_env()}
     if out["cache_dir"] is None:  # one directory for every replica of this host (the compile cache is shared)
         out["cache_dir"] = str(settings.default_cache_dir())

@@ -22,6 +22,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import math
 import statistics
 import threading
 import time
@@ -55,6 +56,7 @@ class RemoteEngine:
         self._lock = threading.Lock()
         self._accepting = True
         self._recent_durations: collections.deque[float] = collections.deque(maxlen=20)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- state -------------------------------------------------------------------------------------------------------
     def _open_jobs(self) -> list[eng.Job]:
@@ -89,7 +91,12 @@ class RemoteEngine:
 
     # ---- lifecycle -------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Nothing to start: the replicas run the jobs."""
+        """Nothing to start (the replicas run the jobs); notes the app's event loop, from which calls made by other
+        threads (the job manager's) are started."""
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            pass
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -106,17 +113,32 @@ class RemoteEngine:
         return not left
 
     # ---- submission (event loop side; never blocks) ------------------------------------------------------------------
-    def submit(self, payload: Any, job_id: str | None = None) -> eng.Job:
+    def submit(self, payload: Any, job_id: str | None = None, *, queue_timeout: float | None = None,
+               force: bool = False) -> eng.Job:
+        """As engine.Engine.submit. `queue_timeout`: this job's own (math.inf: a durable job waits as long as it
+        takes); `force` is accepted for the interface: the shared queue is Ray's, which may still answer 429."""
         if not self._accepting:
             raise eng.ShuttingDown("server is shutting down and accepts no new requests")
-        job = eng.Job(payload=payload)
+        job = eng.Job(payload=payload, queue_timeout=queue_timeout)
         if job_id:
             job.id = job_id
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # another thread (the job manager's): the call starts on the app's loop
+            loop = self._loop
+            if loop is None:
+                raise eng.ShuttingDown("the engine has not started: no event loop to call the replicas from")
+            loop.call_soon_threadsafe(self._launch, job, loop)
+            return job
+        self._launch(job, loop)
+        return job
+
+    def _launch(self, job: eng.Job, loop: asyncio.AbstractEventLoop) -> None:
+        if job.future.done():  # cancelled before its call could start
+            return
         task = loop.create_task(self._drive(job))
         with self._lock:
             self._jobs[id(job)] = (job, task, loop)
-        return job
 
     def cancel(self, job: eng.Job, reason: type[eng.EngineError] = eng.Cancelled) -> None:
         """Answer the job with `reason` now and cancel its call (the replica cancels the generation: a queued one
@@ -147,13 +169,14 @@ class RemoteEngine:
                 job.future.set_result(result)
 
     async def _drive(self, job: eng.Job) -> None:
-        budget = self.queue_timeout + self.request_timeout + DEADLINE_MARGIN_S
-        payload, relay_steps = _wire_payload(job.payload)
+        queue_timeout = self.queue_timeout if job.queue_timeout is None else job.queue_timeout
+        budget = queue_timeout + self.request_timeout + DEADLINE_MARGIN_S
+        payload, relay_steps, on_started = _wire_payload(job.payload)
         try:
-            async with asyncio.timeout(budget):
+            async with asyncio.timeout(budget if math.isfinite(budget) else None):
                 lost: str | None = None
                 for attempt in (1, 2):
-                    outcome = await self._attempt(job, payload, attempt, lost, relay_steps)
+                    outcome = await self._attempt(job, payload, attempt, lost, relay_steps, on_started)
                     if outcome is None:
                         return
                     lost = outcome  # its replica died before starting it: send it once more
@@ -170,7 +193,7 @@ class RemoteEngine:
                 self._jobs.pop(id(job), None)
 
     async def _attempt(self, job: eng.Job, payload, attempt: int, lost_before: str | None,
-                       relay_steps: bool = False) -> str | None:
+                       relay_steps: bool = False, on_started: Callable[[], None] | None = None) -> str | None:
         """One call. None: the job is answered; "lost": its replica died before starting it (retry once)."""
         extra = (True,) if relay_steps else ()  # the replica's relay_steps, sent only when set
         gen = self._handle.run.remote(payload, job.id, self._plan_key(), *extra)
@@ -183,6 +206,13 @@ class RemoteEngine:
                 elif kind == "started":
                     replica = value
                     job.started_at = time.monotonic()
+                    if on_started is not None:
+                        try:
+                            on_started()  # e.g. a durable job marked running in its store
+                        except eng.EngineError as exc:  # it was cancelled meanwhile: stop the replica's work
+                            self._finish(job, error=exc)
+                            gen.cancel()
+                            return None
                 elif kind == "result":
                     if job.started_at is not None:
                         self._recent_durations.append(time.monotonic() - job.started_at)
@@ -222,10 +252,13 @@ class RemoteEngine:
 def _wire_payload(payload):
     """What crosses to the replica: the request without its base64 image (the decoded image travels beside it), and
     without its step hook (a closure over this process's event loop): `relay_steps` tells the replica to stream the
-    step events back, which `_attempt` replays into the hook here."""
+    step events back, which `_attempt` replays into the hook here. Returns (payload, relay_steps, on_started)."""
+    on_started = None
+    if hasattr(payload, "remote"):  # a durable job (jobstore.StoredJob): its generation, its store's bookkeeping here
+        payload, on_started = payload.remote()
     if not isinstance(payload, GenerateJob):
-        return payload, False
+        return payload, False, on_started
     changes = {"on_step": None}
     if payload.request.image is not None:
         changes["request"] = payload.request.model_copy(update={"image": None})
-    return dataclasses.replace(payload, **changes), payload.on_step is not None
+    return dataclasses.replace(payload, **changes), payload.on_step is not None, on_started

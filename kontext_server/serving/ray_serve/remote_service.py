@@ -71,6 +71,10 @@ class RemoteService:
         return plan_request(req, image, self.registry, report["prepared"], report["device_info"],
                             warm_keys=(lambda: warm_keys) if report["new_shapes"] == "eager" else None)
 
+    def check_loras(self, req: InferenceRequest) -> None:
+        """Nothing to check here: the ingress holds no adapters. Each replica checks a request's `loras` on its
+        worker (FluxService.generate), and a bad adapter comes back as the same 422 naming it."""
+
     def health(self) -> dict:
         """A ready replica's own health (every replica of the deployment is configured alike), the state of the
         whole, and each replica's: /health's body at the ingress (docs/api.md)."""

@@ -1,0 +1,284 @@
+"""LoRA adapters for a service: the library, the store, the slots, and what one request does with them.
+
+Start-up (`LoraManager.create`, before any optimisation is prepared): note every linear of the loaded transformer
+(the names adapters target), read the directory once (each adapter's rank and targets, or why it cannot run), fix the
+slots' rank, fuse `--lora-fuse` into the weights. After the optimisations are prepared (`install`): one slot per
+module any adapter targets, its wrapper on every transformer variant; then `--lora-preload`.
+
+Per request (`applied`, worker thread): validate the request's adapters and load what is missing before anything in
+the model is touched; copy them into the slots (only the scales when the same adapters run again); set the active
+count k, which is also the request's `graph_key`; reset the modulation table when the active set changed; and, on the
+way out, whatever happened, set k back to 0, so the next request without adapters runs the base model's code.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kontext_server.lora.library import AdapterFused, Library, LoraError, NeedsRestart
+from kontext_server.lora.slots import SLOTS, LoraSlot, Placement, place, shape_of, wrap
+from kontext_server.lora.store import AdapterStore
+
+log = logging.getLogger("flux.lora")
+
+
+@dataclass
+class Applied:
+    """What a request ran: its adapters (name, scale, rank), load and switch milliseconds, its graph key."""
+    loras: list[dict] = field(default_factory=list)
+    load_ms: float | None = None
+    switch_ms: float | None = None
+    graph_key: tuple = ()
+
+
+class LoraConfigError(ValueError):
+    """A LoRA start-up setting that cannot be met (--lora-dir, --lora-fuse, --lora-preload): the start stops."""
+
+
+def parse_fuse(spec: str | None) -> tuple[str, float] | None:
+    if not spec:
+        return None
+    name, _, scale = spec.partition(":")
+    try:
+        return name.strip(), float(scale) if scale else 1.0
+    except ValueError:
+        raise LoraConfigError(f"--lora-fuse {spec!r}: expected NAME or NAME:SCALE") from None
+
+
+def model_linears(transformer: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    return {name: (m.in_features, m.out_features) for name, m in transformer.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+class LoraManager:
+    def __init__(self, library: Library, rank: int, capacity: int, device: str, dtype: torch.dtype,
+                 fused: tuple[str, float] | None = None):
+        self.library, self.rank, self.device, self.dtype = library, rank, device, dtype
+        self.store = AdapterStore(library, capacity, device, dtype)
+        self.fused = fused
+        # The modules some adapter (not the fused one) targets: they get slots at install.
+        self.targets = sorted({t for e in library.index.values() if e.error is None and not self._is_fused(e.name)
+                               and e.rank <= rank for t in e.targets})
+        self.slots: dict[str, LoraSlot] = {}  # group name -> slot
+        self.placements: dict[str, Placement] = {}  # model module -> its placement (the exact variant's)
+        self.tables: list = []  # the modulation tables of the variants (optimizations.modulation_table.TableState)
+        self.table_hooks: list = []  # (ModulationLinear, slot) pairs
+        self.installed = False
+        self._content: tuple | None = ()  # (name, file stamp) per slot index now in the buffers; None: unknown
+        self._scales: tuple = ()
+        self._active: tuple = ()  # what the tables were last filled with
+        self.switches = 0
+        self.last_switch_ms: float | None = None
+
+    # ---- start-up ------------------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, config, transformer: torch.nn.Module, device: str) -> "LoraManager":
+        """Scan --lora-dir against the transformer as loaded, and fuse --lora-fuse into it (before any optimisation)."""
+        library = Library(config.lora_dir, model_linears(transformer))
+        if not config.lora_dir.is_dir():
+            raise LoraConfigError(f"--lora-dir {config.lora_dir}: not a directory")
+        fused = parse_fuse(config.lora_fuse)
+        library.scan()
+        valid = [e for e in library.index.values() if e.error is None and (fused is None or e.name != fused[0])]
+        rank = config.lora_max_rank or max((e.rank for e in valid), default=0)
+        library.max_rank = rank if config.lora_max_rank else None
+        dtype = next(transformer.parameters()).dtype
+        manager = cls(library, rank, config.max_loras, device, dtype, fused)
+        if fused is not None:
+            manager._fuse(transformer, *fused)
+        library.max_rank = rank  # from now on a larger adapter (a file added later) cannot fit the slots
+        return manager
+
+    def _is_fused(self, name: str) -> bool:
+        return self.fused is not None and name == self.fused[0]
+
+    @torch.no_grad()
+    def _fuse(self, transformer: torch.nn.Module, name: str, scale: float) -> None:
+        if name not in self.library.index:
+            raise LoraConfigError(f"--lora-fuse {name!r}: no such adapter in {self.library.directory}")
+        try:
+            adapter = self.library.read(name, check_rank=False)
+        except LoraError as exc:
+            raise LoraConfigError(f"--lora-fuse: {exc}") from None
+        for module, t in adapter.targets.items():
+            linear = transformer.get_submodule(module)
+            w = linear.weight
+            update = (t.b.to(w.device) @ t.a.to(w.device)) * (scale * t.scale)
+            w.copy_((w.float() + update).to(w.dtype))
+        log.info("LoRA %s fused into the weights at scale %s (%d modules)", name, scale, len(adapter.targets))
+
+    def saved_regions_blocked(self) -> str | None:
+        """Why compiled blocks cannot be saved whole while slots exist (optimizations/compiling/aot_regions.py)."""
+        if not self.targets:
+            return None
+        return ("LoRA slots: a saved region checks its guards once per block and input signature, so it would go on "
+                "running the code traced for one active adapter count; dynamo compiles the blocks in place and "
+                "guards on the count")
+
+    def install(self, variants: dict) -> None:
+        """One slot per targeted module, its wrapper on every variant (after all optimisations are prepared)."""
+        from optimizations.modulation_table import ModulationLinear, table_state
+
+        for module in self.targets:
+            for precision, variant in variants.items():
+                try:
+                    p = place(variant, module)
+                    shape = shape_of(variant, p)
+                except LookupError as exc:
+                    raise RuntimeError(f"LoRA slots, {precision} transformer: {exc}") from None
+                slot = self.slots.get(p.group)
+                if slot is None:
+                    in_split = shape[1] if p.kind == "proj_out" else None
+                    parts = [("", 0, 0)] * p.parts
+                    slot = self.slots[p.group] = LoraSlot(p.group, parts, shape[0], shape[1], self.rank, in_split,
+                                                          self.dtype, self.device)
+                if (slot.in_features, slot.out_features, len(slot.parts)) != (*shape, p.parts):
+                    raise RuntimeError(f"LoRA slots: {p.group} differs between the transformer variants")
+                out = shape[1] // p.parts
+                slot.parts[p.part] = (module, p.part * out, out)
+                wrap(variant, p, slot)
+                if p.kind == "table":
+                    self.table_hooks.append((variant.get_submodule(p.path), slot))
+                self.placements.setdefault(module, p)
+        for variant in variants.values():
+            state = table_state(variant)
+            if state is not None and all(state is not s for s in self.tables):
+                self.tables.append(state)
+        for m, _ in self.table_hooks:
+            assert isinstance(m, ModulationLinear)
+        self.installed = True
+
+    def preload(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                self._load(name, frozenset(names))
+            except LoraError as exc:
+                raise LoraConfigError(f"--lora-preload: {exc}") from None
+
+    # ---- per request -----------------------------------------------------------------------------------------------------
+    def check(self, specs) -> None:
+        """Before the request is queued (event loop): names known, files not found bad at start-up, not the fused one.
+        Raises the first adapter's LoraError with `index` set (its position in `loras`)."""
+        for i, spec in enumerate(specs):
+            try:
+                if self._is_fused(spec.name):
+                    raise AdapterFused(spec.name, "it is fused into the weights at start-up (--lora-fuse): every "
+                                                  "request runs it already")
+                self.library.lookup(spec.name)
+            except LoraError as exc:
+                exc.index = i
+                raise
+
+    def _load(self, name: str, pinned: frozenset):
+        adapter, ms = self.store.get(name, pinned)
+        missing = [m for m in adapter.targets if m not in self.placements]
+        if missing:
+            raise NeedsRestart(name, f"it targets {len(missing)} module(s) no adapter had when the server started "
+                                     f"(e.g. {missing[0]}): a restart makes slots for them")
+        return adapter, ms
+
+    @contextlib.contextmanager
+    def applied(self, specs):
+        """Run the request's adapters for the duration of the context (see the module docstring)."""
+        if not specs:
+            self._activate_tables(())
+            yield Applied()
+            return
+        if len(specs) > SLOTS:
+            raise ValueError(f"at most {SLOTS} adapters per request")
+        self.check(specs)
+        if not self.installed:  # no slot at all: every adapter known at start-up was bad or fused
+            err = NeedsRestart(specs[0].name, "the server started without any usable adapter, so it has no slots: "
+                                              "a restart makes them")
+            err.index = 0
+            raise err
+        pinned = frozenset(s.name for s in specs)
+        adapters, load_ms = [], None
+        for i, spec in enumerate(specs):
+            try:
+                adapter, ms = self._load(spec.name, pinned)
+            except LoraError as exc:
+                exc.index = i
+                raise
+            adapters.append(adapter)
+            if ms is not None:
+                load_ms = (load_ms or 0.0) + ms
+        # Only now is the model touched.
+        k = len(specs)
+        try:
+            t0 = time.perf_counter()
+            switched = self._write(adapters, [s.scale for s in specs])
+            for slot in self.slots.values():
+                slot.k = k
+            self._activate_tables(tuple((a.name, a.stamp, s.scale) for a, s in zip(adapters, specs)))
+            if switched:
+                if str(self.device).startswith("cuda"):
+                    torch.cuda.synchronize(self.device)
+                self.last_switch_ms = (time.perf_counter() - t0) * 1000
+            report = [{"name": a.name, "scale": s.scale, "rank": a.rank} for a, s in zip(adapters, specs)]
+            yield Applied(report, load_ms, self.last_switch_ms if switched else None, (("lora", k),))
+        finally:
+            for slot in self.slots.values():
+                slot.k = 0
+            for m, _ in self.table_hooks:
+                m.table_branch = None
+
+    def _write(self, adapters, scales) -> bool:
+        """Put the adapters in the slots; returns whether anything was written."""
+        content = tuple((a.name, a.stamp) for a in adapters)
+        scales = tuple(scales)
+        if content == self._content and scales == self._scales:
+            return False
+        weights = content != self._content
+        self._content = None  # unknown until the writes are done (an error half-way leaves it so)
+        for slot in self.slots.values():
+            for i, (adapter, scale) in enumerate(zip(adapters, scales)):
+                slot.write(i, adapter.targets, scale, weights=weights)
+        self._content, self._scales = content, scales
+        self.switches += 1
+        return True
+
+    def _activate_tables(self, active: tuple) -> None:
+        """The modulation table's rows hold the modulation of the adapters they were filled with: refill on change."""
+        for m, slot in self.table_hooks:
+            m.table_branch = slot.table_delta if active else None
+        if active != self._active:
+            for state in self.tables:
+                state.reset()
+            self._active = active
+
+    # ---- /health -----------------------------------------------------------------------------------------------------------
+    def health(self) -> dict:
+        slot_bytes = sum(s.nbytes for s in self.slots.values())
+
+        def entry(e) -> dict:
+            if e.error is not None:
+                return {"error": e.error.reason}
+            out = {"rank": e.rank, "targets": len(e.targets)}
+            if self._is_fused(e.name):
+                out["fused"] = True
+            elif e.rank > self.rank:
+                out["error"] = f"rank {e.rank} is larger than the slots' rank {self.rank} (--lora-max-rank)"
+            return out
+
+        info = {
+            "directory": str(self.library.directory),
+            "library": {name: entry(e) for name, e in sorted(self.library.index.items())},
+            "loaded": {name: {"rank": a.rank, "load_ms": round(a.load_ms, 1), "mib": round(a.nbytes / 2**20, 2)}
+                       for name, a in self.store.loaded.items()},
+            "max_loras": self.store.capacity,
+            "slots": {"adapters_per_request": SLOTS, "rank": self.rank, "modules": len(self.slots),
+                      "targets": len(self.targets), "mib": round(slot_bytes / 2**20, 2)},
+            "loaded_mib": round(self.store.nbytes / 2**20, 2),
+            "loads": self.store.loads, "evictions": self.store.evictions, "switches": self.switches,
+            "compile": "blocks compiled by dynamo in place (one graph per active adapter count)"
+            if self.targets else "no slots",
+        }
+        if self.fused is not None:
+            info["fused"] = {"name": self.fused[0], "scale": self.fused[1]}
+        return info
+

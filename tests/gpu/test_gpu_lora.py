@@ -1,0 +1,87 @@
+"""LoRA slots on the GPU (marked `gpu`; skipped without CUDA): the tiny model on CUDA with compile, CUDA graphs and
+the fp8 copy. Run on the device machine:
+
+    python -m pytest -q -m gpu tests/gpu/test_gpu_lora.py -s
+
+With CUDA graphs each adapter request matches the same request without graphs, and a switch between adapters of the
+same count captures nothing; a request without adapters is bit-identical to a server without a LoRA directory, in
+both tiers; the fp8 tier with an adapter stays as close to bf16 with the adapter as fp8 is to bf16 without one.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tests.lora.conftest import REQUEST, make_service
+
+pytestmark = pytest.mark.gpu
+OPTS = "qkv_fusion,modulation_table,low_precision,compile,cuda_graphs"
+TIERS = {"exact": {}, "fp8": {"use_mxfp4": True}}
+
+
+def run(svc, loras=(), **flags):
+    from kontext_server.request import InferenceRequest
+
+    req = InferenceRequest(**REQUEST, **flags, loras=[{"name": n, "scale": s} for n, s in loras])
+    return svc.generate(req, output_type="latent")
+
+
+def rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def gpu_lora_dir(cache_dir, tmp_path_factory):
+    from tests.lora.adapters import make_library
+
+    source = make_library(cache_dir, tmp_path_factory.mktemp("gpu-lora-source"))
+    d = tmp_path_factory.mktemp("gpu-lora")
+    for name in ("style", "light", "shared"):
+        shutil.copy(source / f"{name}.safetensors", d / f"{name}.safetensors")
+    return d
+
+
+@pytest.fixture(scope="module")
+def svc(cache_dir, gpu_lora_dir):
+    return make_service(cache_dir, OPTS, device="cuda", lora_dir=gpu_lora_dir)
+
+
+@pytest.fixture(scope="module")
+def plain(cache_dir):
+    return make_service(cache_dir, OPTS, device="cuda")
+
+
+def captures(svc) -> int:
+    return sum(len(r.graphs) for r in svc.registry["cuda_graphs"].transformers.values())
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_with_cuda_graphs_an_adapter_matches_eager_and_a_switch_captures_nothing(svc, tier):
+    flags = TIERS[tier]
+    graphed = run(svc, [("style", 1.0)], **flags)
+    assert graphed.optimizations["cuda_graphs"].applied
+    eager = run(svc, [("style", 1.0)], use_cuda_graphs=False, **flags)
+    assert rel(graphed.latents, eager.latents) < 1e-3
+    n = captures(svc)
+    for name in ("light", "shared", "style"):
+        out = run(svc, [(name, 1.0)], **flags)
+        assert "cold_start" not in out.timings_ms
+        assert rel(out.latents, run(svc, [(name, 1.0)], use_cuda_graphs=False, **flags).latents) < 1e-3
+    assert captures(svc) == n, "an adapter switch captured a new CUDA graph"
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_a_base_request_after_adapters_is_bit_identical_to_a_server_without_adapters(svc, plain, tier):
+    flags = TIERS[tier]
+    run(svc, [("style", 1.0), ("light", 1.0)], **flags)
+    torch.testing.assert_close(run(svc, **flags).latents, run(plain, **flags).latents, rtol=0, atol=0)
+
+
+def test_fp8_with_an_adapter_is_as_close_to_bf16_with_it_as_fp8_is_without(svc):
+    with_adapter = rel(run(svc, [("style", 1.0)], **TIERS["fp8"]).latents, run(svc, [("style", 1.0)]).latents)
+    without = rel(run(svc, **TIERS["fp8"]).latents, run(svc).latents)
+    print(f"tiny, fp8 vs bf16 latents: with the adapter {with_adapter:.4f}, without {without:.4f}")
+    assert with_adapter < 2 * without + 0.01

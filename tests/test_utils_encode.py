@@ -1,0 +1,54 @@
+"""Output encoding: PNG at the server's zlib level, several images encoded in parallel in order."""
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import utils
+
+
+def smooth(w=256, h=256) -> Image.Image:
+    y, x = np.mgrid[0:h, 0:w]
+    return Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8))
+
+
+def test_png_outputs_use_the_servers_fast_zlib_level_and_stay_lossless():
+    img = smooth()
+    data = utils.encode_image_bytes(img, "png")
+    level1 = io.BytesIO()
+    img.save(level1, format="PNG", compress_level=1)
+    default = io.BytesIO()
+    img.save(default, format="PNG")  # PIL's own default level (6) gives other bytes
+    assert utils.PNG_COMPRESS_LEVEL == 1
+    assert data == level1.getvalue() != default.getvalue()
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(img))
+
+
+def test_several_images_are_encoded_in_parallel_and_keep_their_order():
+    seen = set()
+    both_running = threading.Barrier(2, timeout=5)
+
+    def fn(i):
+        seen.add(threading.current_thread().name)
+        both_running.wait()  # passes only when two calls run at the same time
+        time.sleep(0.01)
+        return i * 10
+
+    assert utils.map_images(fn, [1, 2]) == [10, 20]
+    assert all(name.startswith("flux-encode") for name in seen)
+    assert utils.map_images(lambda i: i + 1, [5]) == [6]  # one image: on the calling thread
+
+
+def test_an_encoding_error_of_one_image_is_raised():
+    def fn(i):
+        if i == 2:
+            raise ValueError("bad image 2")
+        return i
+
+    with pytest.raises(ValueError, match="bad image 2"):
+        utils.map_images(fn, [1, 2, 3])

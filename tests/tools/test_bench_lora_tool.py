@@ -1,0 +1,30 @@
+"""tools/bench_lora.py runs (CPU, tiny, a reduced --small run without compile: the no-recompile switch under compile
+is tested in tests/lora/test_lora_service.py) and writes what it says it measures."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from optimizations.compile import Compile
+
+
+@pytest.mark.slow
+def test_the_lora_benchmark_runs_on_the_tiny_model_and_writes_its_figures(cache_dir, tmp_path):
+    from bench_lora import main  # tools/ (pytest.ini's pythonpath)
+
+    kwargs = Compile._kwargs
+    out = tmp_path / "lora.json"
+    assert main(["--model", "tiny", "--device", "cpu", "--small", "--ranks", "4", "--runs", "1", "--steps", "1",
+                 "--switches", "2", "--optimizations", "qkv_fusion,modulation_table", "--cache-dir", str(cache_dir), "--work-dir", str(tmp_path / "work"),
+                 "--out", str(out)]) == 0
+    assert Compile._kwargs is kwargs  # the tool's compile backend is undone
+    r = json.loads(out.read_text())["ranks"]["4"]
+    exact = r["tiers"]["exact"]
+    assert exact["step_ms_without"] > 0 and exact["step_ms_with"] > 0 and "overhead_pct" in exact
+    switch = r["switch"]["exact"]
+    assert len(switch["switch_ms"]) == 2 and all(ms >= 0 for ms in switch["switch_ms"])
+    assert switch["dynamo_graphs_compiled_during_switches"] == 0 and switch["cold_starts_during_switches"] == 0
+    assert set(r["first_load_ms"]) == {"r4a", "r4b"} and all(v > 0 for v in r["first_load_ms"].values())
+    assert r["adapter_effect_bf16"]["rel_latent_error"] > 0
+    assert r["fp8"].startswith("not prepared")  # no fp8 tier on a CPU: said, not silently left out
