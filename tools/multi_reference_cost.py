@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What each extra reference image costs: time and peak memory of the same request with 1, 2, 3 and 4 references.
 
-    # on a GPU machine (the issue's measurement: synthetic-full, 1024x1024, the fast tier, 1-4 references)
+    # on a GPU machine (the measurement that counts: synthetic-full, 1024x1024, the fast tier, 1-4 references)
     bash tools/gpu_session.sh py tools/multi_reference_cost.py --model synthetic-full --optimizations auto \
         --quality low --references 1,2,3,4 --runs 3 --json-out "$OUT/multi_reference_cost.json"
     # on a CPU, with the tiny model

@@ -12,7 +12,7 @@ Two pairs, each run `--runs` times interleaved (alternating which goes first) af
 Each request returns one PNG of the fixed image. Two clocks per request: wall time, and the process's CPU time (all its
 threads: the event loop, the thread pool that decodes and encodes, the worker), which other processes on a shared
 machine disturb less. Prints each route's medians and the differences of medians per pair, and writes them (with
-every sample) as JSON. The issue's budget: the OpenAI route's median at most 5 ms above /inference's at 1024x1024 on
+every sample) as JSON. The budget: the OpenAI route's median at most 5 ms above /inference's at 1024x1024 on
 CPU.
 """
 from __future__ import annotations

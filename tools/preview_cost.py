@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What streamed partial images cost a request: the same request with and without the previews a stream decodes.
 
-    # on a GPU machine (the issue's measurement: synthetic-full, edit-1024, the fast tier, 3 partial images)
+    # on a GPU machine (the measurement that counts: synthetic-full, edit-1024, the fast tier, 3 partial images)
     bash tools/gpu_session.sh py tools/preview_cost.py --model synthetic-full --workload edit-1024 \
         --optimizations auto --quality low --partial-images 3 --runs 3 --json-out "$OUT/preview_cost.json"
     # on a CPU, with the tiny model

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Ray Serve on one host: N model replicas against one, under many clients, then one replica killed under load.
 
-    # issue 29, run 2, on a host of N GPUs (one command; --replicas N):
+    # the multi-GPU run, on a host of N GPUs (one command; --replicas N):
     python tools/ray_replicas_bench.py --model synthetic-full --device cuda --replicas 2 --workload edit-512-fast \
         --clients 32 --duration 180 --kill --cache-dir /tmp/flux-cache --json-out $OUT/ray-replicas.json
     # rehearsal on a CPU (tiny model):

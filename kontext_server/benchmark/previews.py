@@ -8,7 +8,7 @@ cost per preview, both as a fraction of the plain request, and a preview's cost 
 decode (a preview is one such decode at the same size, plus the conversion to an image): that ratio carries over
 between machines better than the fraction does. Encoding a preview (PNG, done in the HTTP layer's thread pool, off
 the worker) is timed apart.
-Why: the issue's budget is the previews' cost under 10% of the request, to be measured on the GPU (synthetic-full,
+Why: the budget is the previews' cost under 10% of the request, to be measured on the GPU (synthetic-full,
 edit-1024, fast tier); tools/preview_cost.py runs this there in one command.
 """
 from __future__ import annotations
