@@ -124,11 +124,13 @@ def test_thirty_concurrent_requests_all_succeed_and_both_replicas_serve_some(ray
     assert set(served) == set(ray_app.client.get("/health").json()["replica_states"]) and len(served) == 2, served
 
 
-@pytest.mark.parametrize("edit", [False, True], ids=["text-to-image", "edit"])
+@pytest.mark.parametrize("edit", [0, 1, 2], ids=["text-to-image", "edit", "edit-two-references"])
 def test_outputs_are_the_local_servers_bytes_for_the_same_seed_and_flags(ray_app, client, edit):
     body = dict(BASE, steps=2, seed=1234, use_first_block_cache=True, cache_threshold=0.2, use_dpm_solver=True)
-    if edit:
+    if edit == 1:
         body["image"] = png_b64(256, 256)
+    elif edit == 2:  # several references cross to the replica as a list of images
+        body["images"] = [png_b64(256, 256), png_b64(256, 256, color=(20, 160, 40))]
     # A CPU result depends on torch's thread count (MKL's and oneDNN's reductions split by thread), not on Ray: the
     # local server runs with the replicas' count (Ray sets OMP_NUM_THREADS to a replica's num_cpus).
     threads = {s["torch_threads"] for s in ray_app.client.get("/health").json()["replica_states"].values()}
@@ -144,7 +146,7 @@ def test_outputs_are_the_local_servers_bytes_for_the_same_seed_and_flags(ray_app
     lj, rj = local.json(), remote.json()
     assert rj["images"] == lj["images"]  # byte-identical PNGs
     for key in ("seed", "width", "height", "steps", "steps_computed", "steps_skipped", "optimizations", "model",
-                "warnings", "output_format"):
+                "warnings", "output_format", "references"):
         assert rj[key] == lj[key], key
     assert set(rj["timings_ms"]) == set(lj["timings_ms"])
     assert lj["replica"] is None and "x-replica" not in local.headers and rj["replica"]
