@@ -229,7 +229,9 @@ class JobManager:
                "steps_skipped": result.steps_skipped, "timings_ms": dict(result.timings_ms),
                "optimizations": {k: {"requested": d.requested, "applied": d.applied, "detail": d.detail}
                                  for k, d in result.optimizations.items()},
-               "warnings": list(result.warnings)}
+               "warnings": list(result.warnings), "loras": list(getattr(result, "loras", [])),
+               "references": getattr(result, "references", 0), "size_reason": getattr(result, "size_reason", ""),
+               "context_parallel": getattr(result, "parallel", None)}
         changed = self.store.finish(job_id, "ready", expires_at=expires_at, result=res, sample_key=key,
                                     from_states=("running",), delivery_body=self._body, now=now)
         if not changed:  # cancelled at the last moment: its answer is the cancellation

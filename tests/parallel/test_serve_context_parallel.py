@@ -32,6 +32,10 @@ def test_serve_with_two_ranks_answers_an_edit_reports_the_split_and_sigterm_stop
         body = r.json()
         assert body["context_parallel"]["degree"] == 2 and body["context_parallel"]["ulysses"] == 2
         assert body["context_parallel"]["ranks"]["1"]["steps_computed"] == 2
+        r = httpx.post(server.url + "/v1/images/generations", timeout=120,  # the OpenAI report says it too
+                       json={"prompt": "a car", "size": "256x256", "steps": 2, "seed": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["kontext"]["context_parallel"]["degree"] == 2
         assert server.stop() == 0
     deadline = time.monotonic() + 15
     while _alive(follower) and time.monotonic() < deadline:

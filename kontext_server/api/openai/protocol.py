@@ -140,6 +140,7 @@ class Report(BaseModel):
     optimizations: dict[str, OptimizationReport]
     model: ModelInfo
     loras: list[dict] = []  # the LoRA adapters that ran: name, scale, rank
+    context_parallel: dict | None = None  # with --context-parallel N: degree, attention split, padding
     warnings: list[str] = []
     size_reason: str | None = None  # why the output has its size
     references: int = 0  # reference images the model saw

@@ -27,8 +27,9 @@ def report(rid: str, srv: Server, result, timings: dict) -> Report:
                   optimizations={k: OptimizationReport(requested=d.requested, applied=d.applied, detail=d.detail)
                                  for k, d in result.optimizations.items()},
                   model=ModelInfo(source=m.source, synthetic=m.synthetic, description=m.description),
-                  loras=list(result.loras), warnings=result.warnings,
-                  size_reason=getattr(result, "size_reason", "") or None, references=getattr(result, "references", 0))
+                  loras=list(result.loras), context_parallel=getattr(result, "parallel", None),
+                  warnings=result.warnings, size_reason=getattr(result, "size_reason", "") or None,
+                  references=getattr(result, "references", 0))
 
 
 def report_headers(rep: Report) -> dict[str, str]:
