@@ -72,6 +72,13 @@ def _no_explicit_size(name: str, info: ValidationInfo) -> None:
                          "and height alone)")
 
 
+def prompt_not_blank(v: str) -> str:
+    """The prompt check every request model shares (this one and the BFL route's)."""
+    if not v.strip():
+        raise ValueError("prompt must not be blank")
+    return v
+
+
 class LoraSpec(BaseModel):
     """One adapter a request runs: its name in the server's LoRA directory and the strength it is applied with."""
     model_config = ConfigDict(extra="forbid")
@@ -128,9 +135,7 @@ class InferenceRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("prompt must not be blank")
-        return v
+        return prompt_not_blank(v)
 
     @field_validator("width")
     @classmethod

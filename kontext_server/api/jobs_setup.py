@@ -38,17 +38,17 @@ def build_jobs(server: Server, output_store=None) -> JobManager:
     if output_store is None:
         output_store = open_output_store(s.output_store, data_dir, s.s3_endpoint_url)
     server.output_store = output_store
-    metrics = server.metrics
+    jm = server.metrics.job_metrics
     webhooks = WebhookSender(store, FetchPolicy(allow_private=s.allow_private_urls, timeout=s.webhook_timeout),
                              retry_delays=s.webhook_retry_delays,
-                             on_outcome=lambda outcome: metrics.webhook_deliveries.labels(outcome).inc())
+                             on_outcome=lambda outcome: jm.webhook_deliveries.labels(outcome).inc())
     cls = _TempDirManager if temp else JobManager
     manager = cls(store, server.engine, server.service, output_store,
                   ManagerSettings(result_ttl=s.result_ttl, on_restart=s.on_restart, max_jobs=s.max_jobs,
                                   sweep_interval=s.sweep_interval),
                   describe=lambda row: bfl_serving.describe(server, row, row.meta.get("base_url", "")),
-                  decode_input=decode_image_bytes, on_event=metrics.on_job_event, webhooks=webhooks)
-    manager.encode = lambda image, fmt, prompt: server.provenance.encode(image, fmt, prompt=prompt)
+                  decode_input=decode_image_bytes, on_event=jm.on_job_event, webhooks=webhooks,
+                  encode=lambda image, fmt, prompt: server.provenance.encode(image, fmt, prompt=prompt))
     if temp:
         manager.temp_dir = data_dir
     server.jobs = manager

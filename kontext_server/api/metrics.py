@@ -36,8 +36,6 @@ class Metrics:
         self.gpu_memory = Gauge("flux_gpu_memory_bytes", "GPU memory", ["kind"], registry=r)
         self.ready = Gauge("flux_ready", "1 when the service is ready to serve", registry=r)
         self.job_metrics = JobMetrics(r)
-        self.on_job_event = self.job_metrics.on_job_event
-        self.webhook_deliveries = self.job_metrics.webhook_deliveries
 
     def observe_result(self, timings_ms: dict, computed: int, skipped: int) -> None:
         for stage in ("text_encode", "image_encode", "transformer", "vae_decode", "glue", "total"):

@@ -107,13 +107,14 @@ class StoredJob:
 class JobManager:
     def __init__(self, store: JobStore, engine: eng.Engine, service, output_store, settings: ManagerSettings,
                  describe: Callable[[JobRow], dict], decode_input: Callable[[bytes], Any],
-                 on_event: Callable[..., None] | None = None, webhooks=None):
+                 on_event: Callable[..., None] | None = None, webhooks=None,
+                 encode: Callable[[Any, str, str], bytes] | None = None):
         self.store, self.engine, self.service, self.output_store = store, engine, service, output_store
         self.settings, self.describe, self.decode_input = settings, describe, decode_input
         self.on_event = on_event or (lambda name, **info: None)
         self.webhooks = webhooks
         # (image, format, prompt) -> file bytes: the app passes its provenance encoder (kontext_server/provenance.py)
-        self.encode: Callable[[Any, str, str], bytes] = lambda image, fmt, prompt: encode_image_bytes(image, fmt)
+        self.encode = encode or (lambda image, fmt, prompt: encode_image_bytes(image, fmt))
         self.progress: dict[str, float] = {}
         self._jobs: dict[str, eng.Job] = {}
         self._lock = threading.Lock()

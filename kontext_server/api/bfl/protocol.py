@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from kontext_server.request import FLAG_TO_OPTIMIZATION, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, InferenceRequest
+from kontext_server.request import (FLAG_TO_OPTIMIZATION, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE, InferenceRequest,
+                                    prompt_not_blank)
 from kontext_server.safe_http import MAX_URL_LENGTH
 
 ASPECT_RE = re.compile(r"^(\d{1,3}):(\d{1,3})$")
@@ -60,9 +61,7 @@ class _KontextRequestBase(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("prompt must not be blank")
-        return v
+        return prompt_not_blank(v)
 
     @field_validator("aspect_ratio")
     @classmethod

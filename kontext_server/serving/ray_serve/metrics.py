@@ -62,8 +62,6 @@ class IngressMetrics:
         self.in_flight = Gauge("flux_ingress_in_flight", "Jobs of this ingress a replica is running",
                                registry=self.registry)
         self.job_metrics = JobMetrics(self.registry)  # the job store lives on the ingress
-        self.on_job_event = self.job_metrics.on_job_event
-        self.webhook_deliveries = self.job_metrics.webhook_deliveries
         self._board = board
         self.registry.register(_ReplicaCollector(board))
 

@@ -61,7 +61,8 @@ class FluxModel:
         self.service = build_service(config)  # with context_parallel N: rank 0 of N (its children, N GPUs)
         self.metrics = Metrics()
         self.server = server
-        self._started: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+        # job id -> (the call's loop, its event queue): registered before the job is queued, so "started" is sent once
+        self._calls: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         # Ray admits at most max_ongoing_requests calls at once: this queue is never the one that refuses.
         self.engine = eng.Engine(self._run_job, max_queue=LOCAL_QUEUE_BOUND, queue_timeout=server.queue_timeout,
                                  request_timeout=server.request_timeout, on_event=self._on_event)
@@ -87,27 +88,23 @@ class FluxModel:
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         if relay_steps and isinstance(payload, GenerateJob):
             payload = dataclasses.replace(payload, on_step=_step_relay(loop, events, payload.partial_images))
+        self._calls[job_id] = (loop, events)
         try:
             job = self.engine.submit(payload, job_id=job_id)
         except eng.EngineError as exc:
+            self._calls.pop(job_id, None)
             yield ("error", exc)
             return
-        self._started[id(job)] = (loop, events)
-        if job.started_at is not None:  # began before the waiter was registered
-            events.put_nowait(("started", self.replica_id))
         fut = asyncio.wrap_future(job.future)
         deadline = loop.time() + self.server.queue_timeout + self.server.request_timeout + WAIT_MARGIN_S
-        getter, started = None, False
+        getter = None
         try:
             while not fut.done():
                 getter = asyncio.ensure_future(events.get())
                 await asyncio.wait({fut, getter}, timeout=max(0.0, deadline - loop.time()),
                                    return_when=asyncio.FIRST_COMPLETED)
                 if getter.done():
-                    kind, value = getter.result()
-                    if kind != "started" or not started:
-                        started = started or kind == "started"
-                        yield (kind, value)
+                    yield getter.result()
                     continue
                 getter.cancel()
                 if not fut.done():
@@ -115,16 +112,13 @@ class FluxModel:
                     yield ("error", eng.RequestTimeout(f"replica {self.replica_id} gave up after its time budget"))
                     return
             while not events.empty():  # events the worker handed over before the job's result was set
-                kind, value = events.get_nowait()
-                if kind != "started" or not started:
-                    started = started or kind == "started"
-                    yield (kind, value)
+                yield events.get_nowait()
             exc = fut.exception()
             yield ("error", exc) if exc is not None else ("result", fut.result())
         finally:
             if getter is not None:
                 getter.cancel()
-            self._started.pop(id(job), None)
+            self._calls.pop(job_id, None)
             if not job.future.done():  # the ingress cancelled the call (client gone, queue timeout): the job too
                 self.engine.cancel(job, eng.Cancelled)
 
@@ -151,9 +145,9 @@ class FluxModel:
     def _on_event(self, event: str, job: eng.Job, info: dict) -> None:
         if event == "started":
             self.metrics.queue_wait.observe(info["queue_wait_s"])
-            waiter = self._started.get(id(job))
-            if waiter is not None:
-                loop, events = waiter
+            call = self._calls.get(job.id)
+            if call is not None:
+                loop, events = call
                 loop.call_soon_threadsafe(events.put_nowait, ("started", self.replica_id))
 
     # ---- health ----------------------------------------------------------------------------------------------------
