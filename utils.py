@@ -20,9 +20,9 @@ MAX_IMAGE_SIDE = 16384
 ALLOWED_INPUT_FORMATS = {"PNG", "JPEG", "WEBP"}
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 DEFAULT_QUALITY = 95  # jpeg / webp encoding quality when a request gives none
-# zlib level of PNG outputs. PIL's default (6) spends several times longer for files a few percent to ~15% smaller
-# (tools/request_overhead.py measures both on the same images); the response is base64 over a fast link, so the
-# time the client waits is the better trade. PNG stays lossless at every level.
+# zlib level of PNG outputs. PIL's default (6) takes longer for smaller files (tools/request_overhead.py measures
+# both on the same images); the response is base64 over a fast link, so the time the client waits is the better
+# trade. PNG stays lossless at every level.
 PNG_COMPRESS_LEVEL = 1
 
 

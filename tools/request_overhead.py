@@ -8,7 +8,7 @@
 What: starts `flux_kontext_optimized.py serve` (warmed up at the workload's shape), then for each input kind sends
 one untimed request and `--runs` timed ones to /inference, sequentially, with PNG output:
 - `noise`: a random-pixel reference image (PNG's worst case; it is also what random weights output);
-- `smooth`: a smooth synthetic scene (gradients and soft shapes), closer to a photograph.
+- `smooth`: the benchmarks' own reference image (smooth gradients), closer to a photograph than noise.
 For each it reports the client's wall time (the request body prepared beforehand, the JSON parsed after), the
 response's `total` (the generation) and `request_total`, the host phases the route reports (`decode_input`,
 `encode_output`), and wall / total (target for the fast tier at 1024x1024: <= 1.05). Then, on this host, it
@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from kontext_server.benchmark.floor import WORKLOADS
+from kontext_server.benchmark.timing import test_image  # the benchmarks' smooth reference image
 from load_test import ServerProcess  # tools/ beside this script
 
 FAST_TIER = {"use_mxfp4": True, "use_dpm_solver": True}  # the OpenAI route's quality=low (CUDA graphs: server auto)
@@ -41,20 +42,6 @@ FAST_TIER = {"use_mxfp4": True, "use_dpm_solver": True}  # the OpenAI route's qu
 
 def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def smooth_image(w: int, h: int) -> Image.Image:
-    """Gradients and two soft discs: a stand-in for a photograph's smooth regions (PNG compresses it well)."""
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    r = 255 * x / max(1, w - 1)
-    g = 255 * y / max(1, h - 1)
-    b = 128 + 60 * np.sin(x / 37.0) * np.cos(y / 53.0)
-    img = np.stack([r, g, b], axis=-1)
-    for cx, cy, rad, col in ((0.3, 0.4, 0.18, (240, 200, 40)), (0.7, 0.6, 0.22, (30, 90, 200))):
-        d = np.sqrt((x - cx * w) ** 2 + (y - cy * h) ** 2) / (rad * min(w, h))
-        a = np.clip(1.5 - d, 0, 1)[..., None]
-        img = img * (1 - a) + np.array(col, dtype=np.float32) * a
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
 def png_b64(img: Image.Image) -> str:
@@ -135,7 +122,7 @@ def main(argv=None) -> int:
             body = {"prompt": "make the sky golden", "width": width, "height": height, "seed": 7, "output_format": "png",
                     **flags, **({"steps": a.steps} if a.steps else {})}
             if edit:
-                img = noise_image(width, height) if kind == "noise" else smooth_image(width, height)
+                img = noise_image(width, height) if kind == "noise" else test_image(width, height)
                 body["image"] = png_b64(img)
             result["inputs"][kind] = measure(server.url, body, a.runs, timeout=a.timeout)
     finally:
@@ -144,7 +131,7 @@ def main(argv=None) -> int:
         out_img = Image.open(io.BytesIO(base64.b64decode(r.pop("last_image"))))
         r["output_png_here"] = {f"level_{lv}": encode_cost(out_img, lv) for lv in (1, 6)}
         if edit:
-            ref = noise_image(width, height) if kind == "noise" else smooth_image(width, height)
+            ref = noise_image(width, height) if kind == "noise" else test_image(width, height)
             r["input_png_here"] = {f"level_{lv}": encode_cost(ref, lv) for lv in (1, 6)}
     print(f"{a.workload} {width}x{height} tier={a.tier} on {result.get('device')} ({a.model}); "
           f"applied: {', '.join(next(iter(result['inputs'].values()))['applied'])}")
