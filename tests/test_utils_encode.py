@@ -52,3 +52,24 @@ def test_an_encoding_error_of_one_image_is_raised():
 
     with pytest.raises(ValueError, match="bad image 2"):
         utils.map_images(fn, [1, 2, 3])
+
+
+def test_base64_inputs_decode_the_same_whether_wrapped_in_lines_or_not_and_whitespace_runs_only_when_needed(
+        monkeypatch):
+    import base64
+
+    raw = utils.encode_image_bytes(smooth(64, 64), "png")
+    plain, wrapped = base64.b64encode(raw).decode(), base64.encodebytes(raw).decode()
+    calls = []
+    real = utils._WHITESPACE
+
+    class Counting:
+        def sub(self, *a):
+            calls.append(1)
+            return real.sub(*a)
+
+    monkeypatch.setattr(utils, "_WHITESPACE", Counting())
+    assert utils.decode_base64_image(plain) == raw and calls == []  # the direct decode: no pass over the text
+    assert utils.decode_base64_image(wrapped) == raw and calls == [1]
+    with pytest.raises(utils.ImageInputError, match="not valid base64"):
+        utils.decode_base64_image("not base64!")

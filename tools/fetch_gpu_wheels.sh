@@ -14,7 +14,10 @@ plat=(--only-binary=:all: --python-version 3.12 --implementation cp
 # Pure-Python or abi3 wheels; versions match what the CPU side resolves today. Adjust with care:
 # two versions of one package in .whl stop the whole install.
 pkgs=(diffusers==0.42.1 torchao==0.18.0 fastapi starlette pydantic pydantic-core annotated-types
-      typing-inspection uvicorn python-multipart opentelemetry-api importlib-metadata "$@")
+      typing-inspection uvicorn python-multipart opentelemetry-api importlib-metadata
+      pillow==13.0.0  # requirements.txt's pin (the image has its own Pillow)
+      sageattention==1.0.6 nvidia-cudnn-frontend==1.32.0  # bench/bench_attention_candidates.py only
+      "$@")
 python3 -m pip download -q --no-deps "${plat[@]}" -d .whl "${pkgs[@]}" 2>&1 | grep -v "^WARNING: Location" || true
 # para-attn ships only an sdist (pure Python): build its wheel locally, with a pip older than 26 (pip 26 refuses the
 # sdist for the git URL in its `dev` extra; setup_flux_optimized.sh gives .venv such a pip).
