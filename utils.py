@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from kontext_server import png_writer
+
 # Limits on untrusted images. The byte limit bounds memory before decoding; the pixel limit stops
 # decompression bombs (a tiny PNG that expands to gigabytes) before any pixel data is decoded.
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -20,9 +22,9 @@ MAX_IMAGE_SIDE = 16384
 ALLOWED_INPUT_FORMATS = {"PNG", "JPEG", "WEBP"}
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 DEFAULT_QUALITY = 95  # jpeg / webp encoding quality when a request gives none
-# zlib level of PNG outputs. PIL's default (6) takes longer for smaller files (tools/request_overhead.py measures
-# both on the same images); the response is base64 over a fast link, so the time the client waits is the better
-# trade. PNG stays lossless at every level.
+# zlib level of PNG outputs (kontext_server/png_writer.py). Level 6 takes longer for smaller files
+# (tools/request_overhead.py measures both on the same images); the response is base64 over a fast link, so the time
+# the client waits is the better trade. PNG stays lossless at every level.
 PNG_COMPRESS_LEVEL = 1
 
 
@@ -124,28 +126,43 @@ PNG_TEXT_KEYS = {"ImageDescription": "Description"}
 def encode_image_bytes(img: Image.Image, fmt: str, quality: int = DEFAULT_QUALITY,
                        metadata: dict[str, str] | None = None, png_compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """The image as a png / jpeg / webp file; `quality` (0-100) applies to jpeg and webp only, `png_compress_level`
-    (zlib 0-9) to png only. `metadata` (EXIF tag names of EXIF_TAGS -> text) is written as EXIF in every format and,
+    (zlib 0-9) to png only. PNG in modes L / RGB / RGBA goes through kontext_server/png_writer.py, the rest through PIL. `metadata` (EXIF tag names of EXIF_TAGS -> text) is written as EXIF in every format and,
     in PNG, also as text chunks, with `Source` (the model) and a `Comment` saying the image is AI-generated."""
-    buf = io.BytesIO()
     pil_fmt = OUTPUT_FORMATS[fmt]
+    if pil_fmt == "PNG" and img.mode in png_writer.MODES:
+        return png_writer.encode_png(img, png_compress_level, text=png_text(metadata),
+                                     exif=exif_block(metadata).tobytes() if metadata else None)
+    buf = io.BytesIO()
     kwargs = {"quality": quality} if pil_fmt in ("JPEG", "WEBP") else {"compress_level": png_compress_level}
     if metadata:
-        exif = Image.Exif()
-        for name, value in metadata.items():
-            exif[EXIF_TAGS[name]] = value
-        kwargs["exif"] = exif
+        kwargs["exif"] = exif_block(metadata)
         if pil_fmt == "PNG":
             from PIL.PngImagePlugin import PngInfo
 
             info = PngInfo()
-            for name, value in metadata.items():
-                info.add_itxt(PNG_TEXT_KEYS.get(name, name), value)
-            if "Model" in metadata:
-                info.add_itxt("Source", metadata["Model"])
-                info.add_itxt("Comment", f"AI-generated image ({metadata.get('Make', '')} {metadata['Model']})".strip())
+            for key, value in png_text(metadata).items():
+                info.add_itxt(key, value)
             kwargs["pnginfo"] = info
     img.save(buf, format=pil_fmt, **kwargs)
     return buf.getvalue()
+
+
+def exif_block(metadata: dict[str, str]) -> Image.Exif:
+    exif = Image.Exif()
+    for name, value in metadata.items():
+        exif[EXIF_TAGS[name]] = value
+    return exif
+
+
+def png_text(metadata: dict[str, str] | None) -> dict[str, str]:
+    """The PNG text chunks for `metadata`: each tag under PNG's keyword or its EXIF name, plus Source and Comment."""
+    if not metadata:
+        return {}
+    text = {PNG_TEXT_KEYS.get(name, name): value for name, value in metadata.items()}
+    if "Model" in metadata:
+        text["Source"] = metadata["Model"]
+        text["Comment"] = f"AI-generated image ({metadata.get('Make', '')} {metadata['Model']})".strip()
+    return text
 
 
 _encoders: ThreadPoolExecutor | None = None

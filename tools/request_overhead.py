@@ -12,7 +12,7 @@ one untimed request and `--runs` timed ones to /inference, sequentially, with PN
 For each it reports the client's wall time (the request body prepared beforehand, the JSON parsed after), the
 response's `total` (the generation) and `request_total`, the host phases the route reports (`decode_input`,
 `encode_output`), and wall / total (target for the fast tier at 1024x1024: <= 1.05). Then, on this host, it
-re-encodes one returned image at zlib levels 1 (the server's) and 6 (PIL's default) to show what the level costs.
+re-encodes one returned image and the input with the server's PNG encoder and with PIL's at zlib levels 1 and 6.
 Why: the stage table measures the service; the user waits for the whole request (base64, PNG decode / encode,
 JSON), during which the GPU idles. Text-to-image workloads have no input: `noise` / `smooth` then only name a run.
 Limits: one client, sequential requests (no overlap with a queued request's GPU work is measured here). The output
@@ -36,6 +36,7 @@ from PIL import Image
 from kontext_server.benchmark.floor import WORKLOADS
 from kontext_server.benchmark.timing import test_image  # the benchmarks' smooth reference image
 from load_test import ServerProcess  # tools/ beside this script
+from utils import encode_image_bytes
 
 FAST_TIER = {"use_mxfp4": True, "use_dpm_solver": True}  # the OpenAI route's quality=low (CUDA graphs: server auto)
 
@@ -50,15 +51,23 @@ def png_b64(img: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def encode_cost(img: Image.Image, level: int, repeats: int = 3) -> dict:
+def encode_cost(img: Image.Image, encoder: str, repeats: int = 3) -> dict:
+    """Median ms and bytes of one PNG encode here: `server` (utils.encode_image_bytes: the server's encoder and
+    level) or PIL's own encoder at `pil_level_1` / `pil_level_6`."""
     times, size = [], 0
     for _ in range(repeats):
         buf = io.BytesIO()
         t0 = time.perf_counter()
-        img.save(buf, format="PNG", compress_level=level)
+        if encoder == "server":
+            buf.write(encode_image_bytes(img, "png"))
+        else:
+            img.save(buf, format="PNG", compress_level=int(encoder.rsplit("_", 1)[1]))
         times.append((time.perf_counter() - t0) * 1000)
         size = buf.tell()
     return {"ms": round(statistics.median(times), 2), "bytes": size}
+
+
+ENCODERS = ("server", "pil_level_1", "pil_level_6")
 
 
 def measure(url: str, body: dict, runs: int, timeout: float) -> dict:
@@ -129,10 +138,10 @@ def main(argv=None) -> int:
         server.stop()
     for kind, r in result["inputs"].items():
         out_img = Image.open(io.BytesIO(base64.b64decode(r.pop("last_image"))))
-        r["output_png_here"] = {f"level_{lv}": encode_cost(out_img, lv) for lv in (1, 6)}
+        r["output_png_here"] = {e: encode_cost(out_img, e) for e in ENCODERS}
         if edit:
             ref = noise_image(width, height) if kind == "noise" else test_image(width, height)
-            r["input_png_here"] = {f"level_{lv}": encode_cost(ref, lv) for lv in (1, 6)}
+            r["input_png_here"] = {e: encode_cost(ref, e) for e in ENCODERS}
     print(f"{a.workload} {width}x{height} tier={a.tier} on {result.get('device')} ({a.model}); "
           f"applied: {', '.join(next(iter(result['inputs'].values()))['applied'])}")
     print("| input | wall | total | wall / total | request_total | decode_input | encode_output | response |")
@@ -145,9 +154,8 @@ def main(argv=None) -> int:
     for kind, r in result["inputs"].items():
         for what in ("output_png_here", "input_png_here"):
             if what in r:
-                l1, l6 = r[what]["level_1"], r[what]["level_6"]
-                print(f"{kind} {what.split('_')[0]} PNG on this host: level 1 {l1['ms']:.1f} ms / {l1['bytes']} B, "
-                      f"level 6 {l6['ms']:.1f} ms / {l6['bytes']} B")
+                print(f"{kind} {what.split('_')[0]} PNG on this host: " + ", ".join(
+                    f"{e} {c['ms']:.1f} ms / {c['bytes']} B" for e, c in r[what].items()))
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(result, indent=1))
         print(f"JSON: {a.json_out}")

@@ -68,4 +68,5 @@ def test_the_request_overhead_tool_measures_a_real_servers_requests_end_to_end(t
     m = r["median"]
     assert m["wall_ms"] >= m["request_total_ms"] >= m["total_ms"] > 0
     assert m["decode_input_ms"] > 0 and m["encode_output_ms"] > 0
-    assert r["input_png_here"]["level_6"]["bytes"] < r["input_png_here"]["level_1"]["bytes"]
+    assert r["input_png_here"]["pil_level_6"]["bytes"] < r["input_png_here"]["pil_level_1"]["bytes"]
+    assert set(r["output_png_here"]) == {"server", "pil_level_1", "pil_level_6"}
