@@ -3,6 +3,7 @@
 What: `SafetensorsFile.open(path)` parses the header (8-byte length, JSON) and checks it against the file: a file
 that is not safetensors, or is shorter than its header says (an interrupted download or copy), raises
 ModelLoadError naming the file and what is wrong, before anything is loaded. `read(name, device)` reads one tensor.
+`StagedReader(file, device)` reads many tensors to a GPU through reused pinned buffers.
 `check_directory(path)` does the header check for every weight file of a diffusers directory (and that every shard
 an index names exists), so a truncated shard is named at start-up instead of failing deep inside from_pretrained.
 
@@ -11,7 +12,8 @@ in the process's resident set (RssFile) as long as the map lives, on top of the 
 shows as ~48 GB of peak RSS. `read` takes the bytes with one `readinto` into the tensor's own storage: the page
 cache is not mapped into the process, so the host high-water mark is what is really held (one tensor when the target
 is the GPU, the weights once on the CPU).
-Limits: little-endian files only (as safetensors writes them); no mmap, so a tensor is always copied once.
+Limits: little-endian files only (as safetensors writes them); no mmap, so a tensor is always copied once (to a GPU:
+once into a pinned buffer, then to the device).
 """
 from __future__ import annotations
 
@@ -121,6 +123,58 @@ class SafetensorsFile:
                 raise _bad(self.path, f"truncated while reading {name!r} (the file changed since it was checked?)")
         t = buf.view(dtype).reshape(info.shape)
         return t if torch.device(device).type == "cpu" else t.to(device)
+
+
+class StagedReader:
+    """Reads one file's tensors to a device. To a CUDA device: through two reused pinned buffers, so that the read of
+    one tensor overlaps the asynchronous copy of the one before and host memory holds two buffers of the largest
+    tensor, never the weights; pinned memory also copies at the link's speed, where pageable memory is staged again by
+    the driver. To the CPU: `SafetensorsFile.read`. Use as a context manager; tensors returned are ordered on the
+    current stream (use them there, or synchronise)."""
+
+    def __init__(self, file: "SafetensorsFile", device: str | torch.device):
+        self.file, self.device = file, torch.device(device)
+        self._f = None
+        if self.device.type == "cuda":
+            largest = max((t.end - t.begin for t in file.tensors.values()), default=0)
+            self._bufs = [torch.empty(max(largest, 1), dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self._done: list = [None, None]
+            self._n = 0
+            self._f = open(file.path, "rb")
+
+    def __enter__(self) -> "StagedReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._f is not None:
+            for ev in self._done:
+                if ev is not None:
+                    ev.synchronize()
+            self._f.close()
+            self._f = None
+
+    def read(self, name: str) -> torch.Tensor:
+        if self._f is None:
+            return self.file.read(name, self.device)
+        info = self.file.tensors[name]
+        dtype = info.torch_dtype
+        if dtype is None:
+            raise _bad(self.file.path, f"tensor {name!r} is stored as {info.dtype}, which this server cannot read")
+        n = info.end - info.begin
+        out = torch.empty(n, dtype=torch.uint8, device=self.device)
+        if n:
+            slot = self._n % 2
+            self._n += 1
+            if self._done[slot] is not None:
+                self._done[slot].synchronize()  # its previous copy has left the buffer
+            buf = self._bufs[slot][:n]
+            self._f.seek(self.file.data_start + info.begin)
+            if self._f.readinto(memoryview(buf.numpy())) != n:
+                raise _bad(self.file.path, f"truncated while reading {name!r} (the file changed since it was checked?)")
+            out.copy_(buf, non_blocking=True)
+            self._done[slot] = torch.cuda.Event()
+            self._done[slot].record()
+        return out.view(dtype).reshape(info.shape)
 
 
 def check_directory(root: Path, skip: tuple[str, ...] = ()) -> None:

@@ -12,7 +12,7 @@ the transformer must fit the pipeline it joins), else the bundled FLUX.1-Kontext
 Contract: every problem with the file is a ModelLoadError naming the file and what is wrong (missing, not
 safetensors, truncated, another model's keys or dimensions, a dtype it cannot read, a missing tensor).
 Limits: one file (not sharded); the file's weights are held once in host memory when the device is the CPU, and
-one tensor at a time when it is a GPU.
+two pinned buffers of the largest tensor when it is a GPU (safetensors_file.StagedReader).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 
 from kontext_server.models import ModelLoadError, bfl_layout, fp8_storage
 from kontext_server.models.config import full_configs
-from kontext_server.models.safetensors_file import SafetensorsFile
+from kontext_server.models.safetensors_file import SafetensorsFile, StagedReader
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,13 @@ def load_transformer(path: str | Path, device: str, dtype: torch.dtype,
                                   config_name)
 
     checkpoint = {}
-    for key, full in weights.items():
-        t = file.read(full, device)
-        if fp8 is not None and file.tensors[full].dtype in fp8_storage.FP8:
-            scale = file.read(keys[fp8.scales[key]], device) if key in fp8.scales else None
-            t = fp8_storage.upcast(t, scale, dtype)  # the fp8 tensor is dropped as soon as it is upcast
-        checkpoint[key] = t.to(dtype) if t.is_floating_point() else t
+    with StagedReader(file, device) as reader:
+        for key, full in weights.items():
+            t = reader.read(full)
+            if fp8 is not None and file.tensors[full].dtype in fp8_storage.FP8:
+                scale = reader.read(keys[fp8.scales[key]]) if key in fp8.scales else None
+                t = fp8_storage.upcast(t, scale, dtype)  # the fp8 tensor is dropped as soon as it is upcast
+            checkpoint[key] = t.to(dtype) if t.is_floating_point() else t
     read_s = time.perf_counter() - t0
     state = _to_diffusers(path, checkpoint, config)
     with tempfile.TemporaryDirectory(prefix="flux-transformer-config-") as cfg_dir, _quiet_fp32_warning():

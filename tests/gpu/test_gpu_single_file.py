@@ -44,3 +44,22 @@ def test_the_fp8_copy_of_an_fp8_file_stays_within_the_fp8_tolerance(fp8_service)
     assert b.optimizations["low_precision"].applied
     rel = float((b.latents.float() - a.latents.float()).norm() / a.latents.float().norm())
     assert torch.isfinite(b.latents).all() and rel < 0.2, rel  # tests/gpu/test_gpu.py's end-to-end fp8 bound
+
+
+def test_the_staged_reader_puts_every_tensor_on_the_gpu_unchanged(tmp_path):
+    from safetensors.torch import save_file
+
+    from kontext_server.models.safetensors_file import SafetensorsFile, StagedReader
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(n, 7, generator=g).to(dt) for i, (n, dt) in
+               enumerate([(300, torch.bfloat16), (5, torch.float32), (1000, torch.bfloat16), (0, torch.float16),
+                          (64, torch.float8_e4m3fn), (300, torch.bfloat16)])}
+    save_file(tensors, tmp_path / "f.safetensors")
+    file = SafetensorsFile.open(tmp_path / "f.safetensors")
+    with StagedReader(file, "cuda") as reader:
+        got = {name: reader.read(name) for name in tensors}  # later reads reuse the two buffers while copies run
+    torch.cuda.synchronize()
+    for name, t in tensors.items():
+        assert got[name].device.type == "cuda" and got[name].dtype == t.dtype and got[name].shape == t.shape
+        assert torch.equal(got[name].cpu().view(torch.uint8), t.view(torch.uint8)), name
