@@ -125,7 +125,9 @@ class InferenceRequest(BaseModel):
     use_channels_last: bool | None = None
     use_modulation_table: bool | None = None
     use_first_block_cache: bool | None = None
-    cache_threshold: float = Field(0.12, ge=0.0, le=10.0, allow_inf_nan=False)
+    cache_threshold: float | None = Field(None, ge=0.0, le=10.0, allow_inf_nan=False,
+                                          description="first-block cache threshold; default by scheduler: 0.12 "
+                                                      "Euler, 0.24 DPM-Solver++ (optimizations/first_block_cache.py)")
     use_flash_attention: bool | None = None
     use_mxfp4: bool | None = None
     use_dpm_solver: bool | None = None

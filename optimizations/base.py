@@ -100,11 +100,12 @@ class Components:
 class RunContext:
     """One request's generation as it passes through the optimisations (worker thread only).
 
-    `configure` may set `precision` and `default_steps`; `activate` may replace `transformer` (what the pipeline
-    calls), `vae_encode` / `vae_decode`, edit `call_kwargs`, and leave per-request results in `report` (e.g. the
-    first-block cache's step counts). `graph_key` says what else changes the computation of a call with given tensor
-    shapes (e.g. how many LoRA adapters are active): whatever captures per call shape (CUDA graphs) keys on it too;
-    set before the optimisations activate, and only extended."""
+    `configure` may set `precision`, `default_steps` and `scheduler`; `activate` may replace `transformer` (what the
+    pipeline calls), `vae_encode` / `vae_decode`, edit `call_kwargs`, leave per-request results in `report` (e.g. the
+    first-block cache's step counts) and, in `details`, what its reported detail gains (e.g. the threshold used).
+    `graph_key` says what else changes the computation of a call with given tensor shapes (e.g. how many LoRA
+    adapters are active): whatever captures per call shape (CUDA graphs) keys on it too; set before the optimisations
+    activate, and only extended."""
     components: Components
     request: Any  # the validated request (kontext_server.request.InferenceRequest)
     plan: Mapping[str, Decision]
@@ -120,6 +121,12 @@ class RunContext:
     # that a data-dependent decision (the first-block cache's skip) is the same on all ranks.
     collective: Any = None
     graph_key: tuple = ()
+    # The scheduler the request runs ("euler", the pipeline's own; "dpm_solver" when DPM-Solver++ configures it): what
+    # a setting tuned per scheduler reads (the first-block cache's default threshold).
+    scheduler: str = "euler"
+    # What an applied optimisation adds to its Decision's detail once the request ran (e.g. the threshold the step
+    # cache used): the runner appends it to the reported detail.
+    details: dict = field(default_factory=dict)
 
     @property
     def variant(self):

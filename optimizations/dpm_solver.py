@@ -28,6 +28,7 @@ class DPMSolver(Optimization):
 
     def configure(self, run: RunContext) -> None:
         run.default_steps = self.default_steps
+        run.scheduler = "dpm_solver"
 
     @contextlib.contextmanager
     def activate(self, run: RunContext):

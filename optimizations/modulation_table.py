@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from optimizations.base import Components, DeviceInfo, Optimization, RunContext
+from optimizations.graph_capture import capturing
 
 # The AdaLN modulation linears, by name: AdaLayerNormZero (double blocks), AdaLayerNormZeroSingle (single blocks),
 # AdaLayerNormContinuous (norm_out). Each computes linear(silu(temb)) (norm_out's `.to(x.dtype)` is a no-op here:
@@ -91,7 +92,7 @@ class TableState:
 
     # ---- host side: make sure the rows this call needs are in the table -------------------------------------
     def host_prepare(self, module: torch.nn.Module, kwargs: dict) -> None:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if capturing():
             return  # the device-side lookup is what gets captured; rows are written before each replay
         pooled, guidance, timestep = _conditioning(kwargs)
         if timestep.shape[0] > self.idx.shape[0]:

@@ -8,8 +8,10 @@ LEGEND = """Columns: times in ms of the timed run with the median total (its sta
 the rest: scheduler, latent packing, pre- and post-processing); total (min-max) over the timed runs. x stage 0 and
 x prev: end-to-end speed-up (higher is faster), marked (noise) when the two rows' min-max ranges overlap, and given
 per step too when the rows ran different step counts. steps comp/skip: transformer evaluations run / skipped by the
-step cache. cold start: compile or capture before the timed runs, never in total. floor ratio: the step over the
-floor model's time (GPU only). fidelity vs 0: against row 0's output with the same seed."""
+step cache (@ its threshold). cold start: compile or capture before the timed runs, never in total. floor ratio: the
+step over the floor model's time (GPU only). fidelity vs 0: against row 0's output with the same seed; a cache row
+(1c, 5c) also against its row without the cache ("vs 5 (uncached)"). On random weights (synthetic-full) the cache's
+skips and fidelity say nothing about real weights: they show the mechanism and its cost."""
 
 
 def _ratio(r: dict, key: str, noise_key: str) -> str:
@@ -42,12 +44,19 @@ def to_markdown(result: dict) -> str:
         if r.get("step_rel_error_vs_stage0"):
             fid = {"step_rel_err": r["step_rel_error_vs_stage0"], **fid}
         fid_s = ", ".join(f"{k}={v}" for k, v in fid.items()) or "-"
+        uncached = dict(r.get("fidelity_vs_uncached") or {})
+        if uncached:
+            stage = uncached.pop("stage")
+            fid_s += f"; vs {stage} (uncached): " + (", ".join(f"{k}={v}" for k, v in uncached.items()) or "-")
+        steps = f"{r['steps_computed']}/{r['steps_skipped']}"
+        if r.get("cache_threshold") is not None:
+            steps += f" @{r['cache_threshold']:g}"
         lines.append(
             f"| {r['stage']} | {r['label']} | {t['text_encode']:.1f} | {t['image_encode']:.1f} | "
             f"{t['transformer']:.1f} ({t['transformer_per_step']:.1f}) | {t['vae_decode']:.1f} | {t['glue']:.1f} | "
             f"{t['total']:.1f} ({r['total_min_ms']:.0f}-{r['total_max_ms']:.0f}) | {_x_stage0(r)} | "
             f"{_ratio(r, 'speedup_vs_previous', 'within_noise_vs_previous')} | "
-            f"{r['steps_computed']}/{r['steps_skipped']} | "
+            f"{steps} | "
             f"{r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} | {r['cold_start_ms']:.0f} ms | "
             f"{r.get('floor_ratio', '-')} | {clocks_cell(r.get('gpu_clocks'))} | {fid_s} |")
     if any("scaling" in r for r in result["rows"]):

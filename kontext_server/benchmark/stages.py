@@ -1,6 +1,9 @@
 """The stage table: stage 0 (naive) -> 5 (CUDA graphs), preparing optimisations stage by stage on one loaded model,
 for `flux_kontext_optimized.py benchmark --workload W`. Each row: per-stage medians, speed-up against stage 0 and
 the previous stage, the ratio of the step to the floor model, and fidelity against stage 0 with the same seed.
+Side rows (1c, 5c: a main row + the first-block cache at its scheduler's default threshold) also report their
+fidelity against their main row, the uncached output with the same seed (`--stages 5,5c`: the cache in the fast
+tier, what it skips and what it costs).
 With `--context-parallel N` every row runs split over N ranks and again on rank 0 alone (the same loaded model, the
 sequence not split): its `scaling` is the one-GPU time over the split time, per step and end to end."""
 from __future__ import annotations
@@ -35,7 +38,7 @@ def stage_plan() -> list[Stage]:
               ["qkv_fusion", "channels_last", "modulation_table", "compile"],
               dict(lossless, use_first_block_cache=False, use_flash_attention=False, use_mxfp4=False,
                    use_dpm_solver=False, use_cuda_graphs=False)),
-        Stage("1c", "stage 1 lossless + first-block cache 0.12 (eager: cache skips blocks per step)",
+        Stage("1c", "stage 1 lossless + first-block cache at the Euler default 0.12 (eager: skips blocks per step)",
               ["first_block_cache"], dict(use_first_block_cache=True, use_mxfp4=False, use_dpm_solver=False)),
         Stage("2", "+ FA3-class attention (cuDNN) + fused q/k norm + RoPE", ["attention"],
               dict(lossless, use_flash_attention=True, use_mxfp4=False, use_dpm_solver=False, use_cuda_graphs=False)),
@@ -45,6 +48,10 @@ def stage_plan() -> list[Stage]:
               dict(lossless, use_flash_attention=True, use_mxfp4=True, use_dpm_solver=True, use_cuda_graphs=False)),
         Stage("5", "+ CUDA graphs", ["cuda_graphs"],
               dict(lossless, use_flash_attention=True, use_mxfp4=True, use_dpm_solver=True, use_cuda_graphs=True)),
+        Stage("5c", "stage 5 + first-block cache at the DPM-Solver++ default 0.24 (graphs: first block, then the "
+                    "rest or the skip)", [],
+              dict(lossless, use_flash_attention=True, use_mxfp4=True, use_dpm_solver=True, use_cuda_graphs=True,
+                   use_first_block_cache=True)),
     ]
 
 

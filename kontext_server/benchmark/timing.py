@@ -50,6 +50,7 @@ def summarise(results: list, warm, warm_ms: float, clocks: dict | None, cuda: bo
         "cold_start_ms": round(warm.timings_ms.get("cold_start", 0.0), 1),  # compile / capture, not the timed runs
         "first_run_ms": round(warm_ms, 1),
         "steps": last.steps, "steps_computed": last.steps_computed, "steps_skipped": last.steps_skipped,
+        "cache_threshold": last.cache_threshold,  # None: the first-block cache did not run
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "applied": [k for k, d in last.optimizations.items() if d.applied],
         "not_applied": {k: d.detail for k, d in last.optimizations.items() if d.requested and not d.applied},
@@ -95,7 +96,11 @@ def finish_rows(rows: list[dict], ref_key: str = "0") -> None:
             row["speedup_vs_previous"] = round(prev["timings_ms"]["total"] / t["total"], 2)
             row["within_noise_vs_previous"] = within_noise(prev, row)
         row["fidelity_vs_stage0"] = fidelity(base["_result"], row["_result"]) if row is not base else {}
-        if not row["stage"].endswith("c"):  # side rows (cache variant) are not "the previous stage"
+        if row["stage"].endswith("c"):  # a side row (the cache variant) is not "the previous stage"
+            main = next((r for r in rows if r["stage"] == row["stage"][:-1]), None)
+            if main is not None:  # against the same row without the cache: the cache's own error
+                row["fidelity_vs_uncached"] = {"stage": main["stage"], **fidelity(main["_result"], row["_result"])}
+        else:
             prev = row
     for row in rows:
         row.pop("_result", None)

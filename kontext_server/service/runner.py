@@ -48,6 +48,7 @@ class GenerationResult:
     loras: list = field(default_factory=list)  # the LoRA adapters that ran: name, scale, rank
     size_reason: str = ""  # why the output has its size (service/sizes.py)
     references: int = 0  # reference images the model saw
+    cache_threshold: float | None = None  # the first-block cache's threshold, when it ran (also in its detail)
 
 
 class _Timed:
@@ -271,11 +272,15 @@ class Runner:
         computed = stats.computed if stats is not None else calls
         skipped = stats.skipped if stats is not None else 0
         call = run.call_kwargs
+        # What the applied optimisations found out while running (e.g. the step cache's threshold) joins their detail.
+        decisions = {name: Decision(d.requested, d.applied, f"{d.detail}; {run.details[name]}")
+                     if name in run.details else d for name, d in plan.items()}
         return GenerationResult(images=images, seed=seed, width=call["width"], height=call["height"],
                                 steps=call["num_inference_steps"], steps_computed=computed, steps_skipped=skipped,
-                                timings_ms={k: round(v, 3) for k, v in timings.items()}, optimizations=dict(plan),
+                                timings_ms={k: round(v, 3) for k, v in timings.items()}, optimizations=decisions,
                                 warnings=warnings, latents=latents, size_reason=size.reason,
-                                references=len(as_references(image)))
+                                references=len(as_references(image)),
+                                cache_threshold=stats.threshold if stats is not None else None)
 
     def _run(self, run: RunContext, seed: int, should_stop, on_step: Callable[[StepEvent], None] | None = None) -> tuple:
         timer = StageTimer(cuda=self.components.device_info.is_cuda)
@@ -290,6 +295,7 @@ class Runner:
         run.transformer = run.variant
         run.vae_encode, run.vae_decode = self.components.vae_encode["eager"], self.components.vae_decode["eager"]
         run.report.clear()
+        run.details.clear()
         generator = torch.Generator(self.device).manual_seed(seed)
         final = {}
         probe = StepProbe(pipe, run, call["width"], call["height"], timer) if on_step is not None else None

@@ -26,13 +26,17 @@ def stage_table(cache_dir):
 
 def test_every_stage_ran_and_is_finite(stage_table):
     rows = {r["stage"]: r for r in stage_table["rows"]}
-    assert list(rows) == ["0", "1", "1c", "2", "3", "4", "5"]
+    assert list(rows) == ["0", "1", "1c", "2", "3", "4", "5", "5c"]
     for name, row in rows.items():
         assert all(math.isfinite(v) and v >= 0 for v in row["timings_ms"].values()), name
         fid = row["fidelity_vs_stage0"]
         assert all(v is None or math.isfinite(v) for v in fid.values() if not isinstance(v, bool)), name
     assert "low_precision" in rows["3"]["applied"] and "cuda_graphs" in rows["5"]["applied"]
     assert rows["4"]["steps"] == 14
+    # the cache in the fast tier: applied with the graphs, at the DPM-Solver++ default, against the uncached row
+    assert {"first_block_cache", "cuda_graphs", "low_precision", "dpm_solver"} <= set(rows["5c"]["applied"])
+    assert rows["5c"]["cache_threshold"] == 0.24 and rows["5c"]["fidelity_vs_uncached"]["stage"] == "5"
+    assert rows["5c"]["steps_computed"] + rows["5c"]["steps_skipped"] == 14
     # every row carries the clocks its timed runs had (nvidia-smi is on every CUDA machine we run on)
     for name, row in rows.items():
         clocks = row["gpu_clocks"]

@@ -29,14 +29,20 @@ def test_defaults_apply_prepared_lossless_entries_and_leave_lossy_ones_off():
 
 
 def test_a_declared_conflict_drops_the_declared_loser_and_says_why():
-    reg = build_registry()
-    decisions = plan(flags(first_block_cache=True), reg, ALL_PREPARED, H100)
-    assert decisions["first_block_cache"].applied and not decisions["cuda_graphs"].applied
-    assert decisions["cuda_graphs"].detail == reg["first_block_cache"].conflicts()[0].reason
     full = build_registry(compile_scope="full")
     decisions = plan(flags(first_block_cache=True), full, ALL_PREPARED, H100)
-    assert not decisions["first_block_cache"].applied and "full-graph" in decisions["first_block_cache"].detail
-    assert decisions["cuda_graphs"].applied  # the cache did not run, so nothing stops the graphs
+    assert decisions["compile"].applied and not decisions["first_block_cache"].applied
+    assert decisions["first_block_cache"].detail == full["compile"].conflicts()[0].reason
+    assert "full-graph" in decisions["first_block_cache"].detail
+    assert decisions["cuda_graphs"].applied  # the cache did not run, so nothing else changes
+
+
+def test_the_first_block_cache_and_cuda_graphs_run_together_in_the_fast_tier():
+    reg = build_registry()
+    fast = dict(first_block_cache=True, low_precision=True, dpm_solver=True, cuda_graphs=True)
+    decisions = plan(flags(**fast), reg, ALL_PREPARED, H100, strict=True)
+    assert all(decisions[name].applied for name in fast)
+    assert not any(c.other == "cuda_graphs" for c in reg["first_block_cache"].conflicts())
 
 
 def test_a_new_optimisation_declares_its_own_conflicts_without_touching_the_planner():
