@@ -17,6 +17,7 @@ from optimizations.caching.first_block_cache import FirstBlockCache
 class FirstBlockCacheOpt(Optimization):
     name, flag, load_time, lossy = "first_block_cache", "use_first_block_cache", False, True
     in_warm_key = True  # the cached forward calls the compiled blocks in its own way
+    offload_conflict = "the step cache replaces the transformer's forward, which the offload hooks wrap as well"
 
     def prepare(self, components: Components) -> str:
         for module in components.variants.values():
