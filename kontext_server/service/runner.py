@@ -48,6 +48,7 @@ class GenerationResult:
     loras: list = field(default_factory=list)  # the LoRA adapters that ran: name, scale, rank
     size_reason: str = ""  # why the output has its size (service/sizes.py)
     references: int = 0  # reference images the model saw
+    memory_tier: dict | None = None  # under --memory-budget: what of the tier this request met (service.py)
 
 
 class _Timed:
