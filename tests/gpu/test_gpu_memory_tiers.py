@@ -52,7 +52,9 @@ def test_the_16gb_tier_streams_with_cuda_streams_and_keeps_the_fp8_copy_on_the_g
     fp8 = tiered.transformer_variants["fp8"]
     assert all(t.device.type == "cuda" for t in [*fp8.parameters(), *fp8.buffers()])
     exact = tiered.transformer_variants["exact"]
-    assert all(p.device.type == "cpu" and p.is_pinned() for p in exact.parameters())  # offloaded between calls
+    assert all(p.device.type == "cpu" for p in exact.parameters())  # offloaded between calls
+    # the streamed blocks wait in pinned memory (diffusers streams only those; the rest moves without a stream)
+    assert all(p.is_pinned() for p in exact.transformer_blocks.parameters())
 
 
 @pytest.mark.parametrize("flags", [{}, {"use_mxfp4": True, "use_dpm_solver": True}], ids=["exact", "fast"])
