@@ -48,7 +48,7 @@ def health_report(service) -> dict:
     info["reference_images"] = references.health_info()
     if service.lora is not None:
         info["lora"] = service.lora.health()
-    if getattr(service, "memory_tier", None) is not None:  # --memory-budget: budget, what is resident, what is offloaded and how, why
+    if getattr(service, "memory_tier", None) is not None:  # --memory-budget: what is resident or offloaded, how, why
         info["memory_tier"] = {**service.memory_tier.as_dict(), "applied": service.memory_tier_applied}
     elif getattr(service, "memory_tier_note", None) is not None:
         info["memory_tier"] = {"budget": service.budget.spec, "note": service.memory_tier_note}
