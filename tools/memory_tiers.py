@@ -13,8 +13,8 @@
 Each budget runs in a fresh process, which limits itself with `torch.cuda.set_per_process_memory_fraction(budget /
 total)` before anything is loaded, then starts the service with `--memory-budget` (the model loaded into host memory
 and placed by the tier), and runs every workload once as a warm-up (its CUDA graphs are captured there) and `--runs`
-times timed, on the fast tier: fp8 GEMMs + DPM-Solver++ (14 steps) + CUDA graphs, with QKV fusion, channels-last,
-the attention backend and the modulation table prepared. torch.compile is left out (`--optimizations`' default is
+times timed, on the fast tier (`--tier exact` for the exact one): fp8 GEMMs + DPM-Solver++ (14 steps) + CUDA graphs,
+with QKV fusion, channels-last, the attention backend and the modulation table prepared. torch.compile is left out (`--optimizations`' default is
 `auto` without it): compiling the fp8 transformer takes minutes. The unlimited baseline (no budget, no fraction)
 runs the same way, last unless `--baseline first`, for the ratios. Per workload: peak memory allocated and reserved
 (reset before its warm-up, so capture included), the median request total, the tier's own peak estimate beside the
@@ -36,7 +36,8 @@ from pathlib import Path
 
 BASELINE = "unlimited"
 DEFAULT_OPTIMIZATIONS = "auto-no-compile"
-FAST_TIER = {"use_mxfp4": True, "use_dpm_solver": True}  # the OpenAI quality "low": the fast tier
+TIERS = {"fast": {"use_mxfp4": True, "use_dpm_solver": True},  # the OpenAI quality "low"
+         "exact": {"use_mxfp4": False, "use_dpm_solver": False}}  # the server's default request (28 Euler steps)
 
 
 def _optimizations(spec: str, device: str) -> str:
@@ -72,7 +73,7 @@ def run_child(a) -> dict:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     budget = None if a.budget == BASELINE else a.budget
-    row: dict = {"budget": a.budget, "device": device, "workloads": {}}
+    row: dict = {"budget": a.budget, "device": device, "tier_requested": a.tier, "workloads": {}}
     if cuda:
         idx = torch.device(device).index or 0
         total = torch.cuda.get_device_properties(idx).total_memory
@@ -109,7 +110,7 @@ def run_child(a) -> dict:
         w, h = a.size or w, a.size or h
         image = test_image(w, h) if edit else None
         req = InferenceRequest(prompt="a red car on a mountain road", width=w, height=h, steps=a.steps, seed=0,
-                               **FAST_TIER)
+                               **TIERS[a.tier])
         out: dict = {"width": w, "height": h, "edit": edit}
         if cuda:
             torch.cuda.synchronize()
@@ -140,7 +141,7 @@ def run_child(a) -> dict:
 def _child_argv(a, budget: str, out: Path) -> list[str]:
     argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--budget", budget, "--child-out", str(out),
             "--model", a.model, "--optimizations", a.optimizations, "--runs", str(a.runs),
-            "--workloads", ",".join(a.workloads), "--plan-sizes", a.plan_sizes]
+            "--workloads", ",".join(a.workloads), "--plan-sizes", a.plan_sizes, "--tier", a.tier]
     for flag, value in (("--device", a.device), ("--size", a.size), ("--steps", a.steps),
                         ("--cache-dir", a.cache_dir)):
         if value is not None:
@@ -152,8 +153,8 @@ def run_all(a) -> dict:
     """Every budget and the baseline, each in its own process, within the deadline."""
     start = time.monotonic()
     rows: list[dict] = []
-    result = {"model": a.model, "workloads": a.workloads, "runs": a.runs, "rows": rows,
-              "fast_tier_flags": FAST_TIER, "command": " ".join(sys.argv)}
+    result = {"model": a.model, "workloads": a.workloads, "runs": a.runs, "rows": rows, "tier": a.tier,
+              "flags": TIERS[a.tier], "command": " ".join(sys.argv)}
     configs = ([BASELINE] if a.baseline == "first" else []) + list(a.budgets) + \
         ([BASELINE] if a.baseline == "last" else [])
     with tempfile.TemporaryDirectory(prefix="memory-tiers-") as tmp:
@@ -258,6 +259,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--optimizations", default=DEFAULT_OPTIMIZATIONS,
                    help="prepared at start-up (default: auto without compile)")
+    p.add_argument("--tier", choices=sorted(TIERS), default="fast",
+                   help="the requests' tier: fast (fp8 + DPM-Solver++ + CUDA graphs) or exact (bf16, 28 steps: "
+                        "streamed per step where the tier offloads the exact transformer, so slow)")
     p.add_argument("--size", type=int, default=None, help="override every workload's side (e.g. 256 on a CPU)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the fast tier's 14)")
     p.add_argument("--cache-dir", default=None)
