@@ -18,6 +18,7 @@ from kontext_server.api.auth import KeyStore, exposure_warning
 from kontext_server.api.rate_limit import RateRule
 from kontext_server.request import parse_warmup_sizes
 from kontext_server.service.config import NEW_SHAPE_POLICIES, ServiceConfig
+from kontext_server.service.memory_tiers import parse_budget
 
 log = logging.getLogger("flux")
 WORKLOAD_NAMES = ["edit-1024", "t2i-1024", "edit-512"]  # kontext_server.benchmark.floor.WORKLOADS (kept light)
@@ -35,6 +36,14 @@ def _api_keys_arg(path: str) -> KeyStore:
         return KeyStore.from_file(path)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _memory_budget_arg(spec: str) -> str | None:
+    try:
+        parse_budget(spec)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec or None
 
 
 def _rate_limit_arg(spec: str) -> RateRule:
@@ -114,6 +123,11 @@ def _add_model_args(p: argparse.ArgumentParser, default_opts: str | None = "auto
                                   settings.CP_RING_DEGREE))
     p.add_argument("--cp-timeout", type=float, default=settings.CP_TIMEOUT.get_float(),
                    help=_env_help("seconds a collective waits for the other ranks", settings.CP_TIMEOUT))
+    p.add_argument("--memory-budget", type=_memory_budget_arg, default=settings.MEMORY_BUDGET.get(), metavar="SIZE",
+                   help=_env_help("GPU memory the model may use: 24GB, 16GB (GB = GiB), auto (the device's free "
+                                  "memory); the transformer, T5 and the exact copy that do not fit are offloaded to "
+                                  "host memory and streamed in, the VAE tiled (/health reports the tier)",
+                                  settings.MEMORY_BUDGET))
     p.add_argument("--lora-dir", default=settings.LORA_DIR.get(),
                    help=_env_help("directory of LoRA adapters (one .safetensors file each, named by its stem); "
                                   "requests pick them with `loras`", settings.LORA_DIR))
@@ -161,7 +175,8 @@ def _service_config(a) -> ServiceConfig:
                          new_shapes=getattr(a, "new_shapes", None) or "compile",
                          lora_dir=Path(a.lora_dir) if a.lora_dir else None, lora_preload=a.lora_preload,
                          max_loras=a.max_loras, lora_max_rank=a.lora_max_rank, lora_fuse=a.lora_fuse or None,
-                         context_parallel=a.context_parallel, cp_ring=a.cp_ring_degree, cp_timeout=a.cp_timeout)
+                         context_parallel=a.context_parallel, cp_ring=a.cp_ring_degree, cp_timeout=a.cp_timeout,
+                         memory_budget=a.memory_budget)
 
 
 def server_settings(a):
@@ -325,7 +340,8 @@ def cmd_generate(a) -> None:
     print(json.dumps({"out": a.out, "seed": res.seed, "width": res.width, "height": res.height, "steps": res.steps,
                       "timings_ms": res.timings_ms,
                       "optimizations": {k: d.applied for k, d in res.optimizations.items()},
-                      **({"context_parallel": res.parallel} if res.parallel else {})}, indent=1))
+                      **({"context_parallel": res.parallel} if res.parallel else {}),
+                      **({"memory_tier": res.memory_tier} if res.memory_tier else {})}, indent=1))
 
 
 def cmd_benchmark(a) -> None:

@@ -77,6 +77,10 @@ CP_RING_DEGREE = EnvVar("FLUX_CP_RING_DEGREE", "1", "model",
 CP_TIMEOUT = EnvVar("FLUX_CP_TIMEOUT", "300", "model",
                     "context parallelism: seconds a collective waits for the other ranks before the request fails "
                     "(503) and the group is reported broken")
+MEMORY_BUDGET = EnvVar("FLUX_MEMORY_BUDGET", None, "model",
+                       "GPU memory the model may use, e.g. 24GB, 16GB (GB = GiB) or auto (the device's free memory): "
+                       "what does not fit is offloaded to host memory and streamed in (docs/operations.md, memory "
+                       "tiers); unset: everything on the GPU")
 CP_FAIL_AT = EnvVar("FLUX_CP_FAIL_AT", None, "model",
                     "tests only: RANK:TEXT[:inside] makes that rank fail a generation whose prompt contains TEXT, "
                     "after its first step (or inside its first transformer call)",

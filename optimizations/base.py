@@ -89,6 +89,16 @@ class Components:
     # Why compiled regions may not be saved whole (set by the server before compile is prepared, e.g. LoRA slots:
     # their active adapter count is an int attribute the traced code depends on); None: they may.
     saved_regions_blocked: str | None = None
+    # A memory budget (kontext_server/service/memory_tiers.py) loads the model into host memory and places it:
+    # `device` is where requests compute (None: where the exact variant's weights are), `quantise_device` where a
+    # low-precision copy's linears are quantised one by one when the exact weights live on the host (None: where
+    # they are), `variant_homes` where such a copy keeps them (precision -> device), `offloaded` the components
+    # streamed in from the host when they run (component -> how; names as memory_tiers.py gives them: the
+    # pipeline's attributes, "transformer_fp8" for the fp8 copy). All unset without a budget.
+    device: str | None = None
+    quantise_device: str | None = None
+    variant_homes: dict[str, str] = field(default_factory=dict)
+    offloaded: dict[str, str] = field(default_factory=dict)
 
     def add_variant(self, precision: str, module) -> None:
         self.variants[precision] = module
@@ -140,6 +150,9 @@ class Optimization:
     load_time: bool = True
     lossy: bool = False  # changes numerics beyond float reordering: fidelity must be reported
     toggle: bool = True  # once prepared, can a request turn it off? (False: in-place change, always on)
+    # Why it cannot run on a transformer variant that a memory budget offloads (its weights streamed in per block
+    # by hooks), or None when it can: the planner then does not apply it to such a request, with this reason.
+    offload_conflict: str | None = None
     # Compiled or captured per input shape: a request at a new shape first runs a short warm-up (a cold start).
     needs_warmup: bool = False
     # Its being applied changes what a shape's warm-up compiles or captures (part of the warm-up key).

@@ -110,6 +110,8 @@ class Compile(Optimization):
     name, flag, load_time = "compile", "use_compile", True
     toggle = False  # compiled in place: the server either prepared it or not
     needs_warmup = in_warm_key = compiles_per_shape = True
+    offload_conflict = ("the compiled blocks are whole graphs, without the offload hooks that stream their weights "
+                        "in: the request runs eager")
 
     def __init__(self, mode: str = "default", inductor_flags: str = "light", compile_vae: bool = True,
                  scope: str = "regional"):

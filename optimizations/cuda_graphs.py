@@ -225,6 +225,8 @@ def vae_decode_from_pixels(pixels: Callable[[torch.Tensor], torch.Tensor]) -> Ca
 class CudaGraphs(Optimization):
     name, flag, load_time = "cuda_graphs", "use_cuda_graphs", False
     needs_warmup = in_warm_key = True  # captured per shape on first use
+    offload_conflict = ("CUDA graphs replay fixed weight addresses, and the offload hooks move the weights in and out "
+                        "on every call")
 
     def __init__(self, capture=None):
         # How graphs are captured (graph_capture.py): CUDA capture; the CPU tests put a RecordedCapture here.
@@ -271,6 +273,8 @@ class CudaGraphs(Optimization):
         run.vae_encode, run.vae_decode = vae_encode_from_moments(vae[0]), vae_decode_from_pixels(vae[1])
         with contextlib.ExitStack() as stack:  # each encoder's forward replays its graph (timing hooks stay)
             for attr in ("text_encoder", "text_encoder_2"):
+                if attr in getattr(run.components, "offloaded", {}):  # streamed in by hooks (memory budget): eager
+                    continue
                 encoder = self.text_encoders.get(attr)
                 if encoder is None:
                     encoder = self.text_encoders[attr] = CudaGraphEncoder(getattr(run.components.pipe, attr),

@@ -33,6 +33,7 @@ def default_threshold(scheduler: str) -> float:
 class FirstBlockCacheOpt(Optimization):
     name, flag, load_time, lossy = "first_block_cache", "use_first_block_cache", False, True
     in_warm_key = True  # the cached forward calls the compiled blocks in its own way; under graphs, its own graphs
+    offload_conflict = "the step cache replaces the transformer's forward, which the offload hooks wrap as well"
 
     def prepare(self, components: Components) -> str:
         for module in components.variants.values():

@@ -14,6 +14,11 @@ kept bf16: embedders, final projection, per-step modulation linears (see skip_mo
 The quantised transformer is a separate copy: the bf16 weights stay, so a request without the flag gets the
 exact bf16 model. Lossy: fidelity against bf16 is reported by the benchmark and the GPU tests.
 
+Under a memory budget (kontext_server/service/memory_tiers.py) the exact weights may live in host memory: the copy
+is then made there, each linear is quantised on the device (`Components.quantise_device`) and kept where the tier will
+hold the copy (`Components.variant_homes`), so the device never holds more than the tier allows; the service puts
+the rest of the copy where the tier says.
+
 A transformer loaded from an fp8 e4m3 file (`--transformer`): right after torchao quantises, every linear the file
 stored in fp8 takes the stored values and scales instead (fp8/stored.py), so the file's fp8 weights are not quantised
 a second time; the detail says how many did, or why they were not (an e5m2 file, an MXFP4 GPU).
@@ -68,6 +73,21 @@ def skip_module(module: torch.nn.Module, fqn: str) -> bool:
     return module.in_features % 16 != 0 or module.out_features % 16 != 0
 
 
+def quantise_one_by_one(q: torch.nn.Module, cfg, device: str, home: str) -> int:
+    """Quantise `q`'s linears one at a time: each moved to `device`, quantised there and kept on `home`; the rest of
+    `q` stays where it is. torchao's own `quantize_(..., device=)` would move every parent module after its children,
+    so the whole copy would sit on the device at once. Returns how many were quantised."""
+    from torchao.quantization import quantize_
+
+    n = 0
+    for fqn, m in list(q.named_modules()):
+        if isinstance(m, torch.nn.Linear) and not skip_module(m, fqn):
+            quantize_(m.to(device), cfg, filter_fn=lambda *_: True)  # in place: the weight becomes a Float8Tensor
+            m.to(home)
+            n += 1
+    return n
+
+
 class LowPrecision(Optimization):
     name, flag, load_time, lossy = "low_precision", "use_mxfp4", True, True
 
@@ -97,7 +117,11 @@ class LowPrecision(Optimization):
         gelu_epilogue.remove(q)  # the bf16 GELU epilogue, if on: this copy fuses its GELU into the fp8 quantisation
         split_proj_out.remove(q)  # the bf16 rewrite (weight views), if on: this copy splits proj_out itself, or not
         split_note = split_single_block_proj_out(q)  # before quantising: the two halves are quantised separately
-        quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
+        device = getattr(components, "quantise_device", None)
+        if device is None:
+            quantize_(q, cfg, filter_fn=lambda m, fqn: not skip_module(m, fqn))
+        else:  # a memory budget: the exact weights live on the host
+            quantise_one_by_one(q, cfg, device, getattr(components, "variant_homes", {}).get("fp8", device))
         stored_note = self._stored_note(q, bf16_weights, stored, components.device_info.capability)
         del bf16_weights
         gelu_note = fuse_gelu_into_quantisation(q)  # after quantising: it takes torchao's fp8 weights

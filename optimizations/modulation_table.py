@@ -128,15 +128,17 @@ class TableState:
         # FluxTransformer2DModel.forward's conditioning, batched over the n timesteps.
         t_in = keys_t.to(hidden_dtype) * 1000
         pooled_in = pooled[:1].expand(n, -1)
-        if guidance is None:
-            temb = module.time_text_embed(t_in, pooled_in)
-        else:
-            temb = module.time_text_embed(t_in, (guidance[:1].to(hidden_dtype) * 1000).expand(n), pooled_in)
+        device = keys_t.device
+        with _params_on(module.time_text_embed, device):
+            if guidance is None:
+                temb = module.time_text_embed(t_in, pooled_in)
+            else:
+                temb = module.time_text_embed(t_in, (guidance[:1].to(hidden_dtype) * 1000).expand(n), pooled_in)
         act = F.silu(temb)
         for m in module.modules():
             if isinstance(m, ModulationLinear):
                 x = act.to(m.weight.dtype)
-                out = F.linear(x, m.weight, m.bias)
+                out = F.linear(x, _on(m.weight, device), _on(m.bias, device))
                 if m.table_branch is not None:  # e.g. an active LoRA adapter on this linear
                     out = out + m.table_branch(x).to(out.dtype)
                 self.table[rows, m.offset:m.offset + m.out_features] = out
@@ -160,6 +162,26 @@ class TableState:
         self.idx[:b].copy_(idx)
         self.misses.add_((best != 0).sum())
         return None
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """`t` on `device`: itself when it is there; a copy for this fill when a memory budget keeps it on the host."""
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def _params_on(module: torch.nn.Module, device: torch.device):
+    """`module`'s parameters on `device` for one call, as they were after. A no-op when they are there; with a memory
+    budget that offloads the transformer, the embedders' weights are on the host outside its forward, where the
+    table is filled (the pre-hook runs before the offload hooks bring them in)."""
+    moved = [(p, p.data) for p in module.parameters() if p.device != device]
+    for p, data in moved:
+        p.data = data.to(device, non_blocking=True)
+    try:
+        yield
+    finally:
+        for p, data in moved:
+            p.data = data
 
 
 def _version(t: torch.Tensor | None) -> int | None:
@@ -204,8 +226,9 @@ class ModulationLinear(torch.nn.Linear):
         return new
 
 
-def install(module: torch.nn.Module, state: TableState | None = None) -> TableState:
-    """Swap the modulation linears of `module` for table lookups and add the lookup pre-hook; idempotent."""
+def install(module: torch.nn.Module, state: TableState | None = None, device=None) -> TableState:
+    """Swap the modulation linears of `module` for table lookups and add the lookup pre-hook; idempotent. `device`:
+    where a new table lives (None: with the module's weights; a memory budget may keep those on the host)."""
     existing = getattr(module, STATE_ATTR, None)
     if existing is not None:
         return existing
@@ -216,11 +239,12 @@ def install(module: torch.nn.Module, state: TableState | None = None) -> TableSt
     width = sum(m.out_features for _, m in targets)
     if state is None:
         w = targets[0][1].weight
+        device = w.device if device is None else device
         pooled_dim = module.config.pooled_projection_dim
-        state = TableState(table=torch.zeros(CAPACITY_ROWS, width, dtype=w.dtype, device=w.device),
-                           keys=torch.full((CAPACITY_ROWS, 2 + pooled_dim), float("inf"), device=w.device),
-                           idx=torch.zeros(MAX_BATCH, dtype=torch.long, device=w.device),
-                           misses=torch.zeros((), dtype=torch.long, device=w.device))
+        state = TableState(table=torch.zeros(CAPACITY_ROWS, width, dtype=w.dtype, device=device),
+                           keys=torch.full((CAPACITY_ROWS, 2 + pooled_dim), float("inf"), device=device),
+                           idx=torch.zeros(MAX_BATCH, dtype=torch.long, device=device),
+                           misses=torch.zeros((), dtype=torch.long, device=device))
     elif state.table.shape[1] != width:
         raise ValueError("modulation table layout differs between transformer variants")
     offset = 0
@@ -260,7 +284,7 @@ class ModulationTable(Optimization):
 
     def prepare(self, components: Components) -> str:
         for module in components.variants.values():
-            self.state = install(module, self.state)
+            self.state = install(module, self.state, getattr(components, "device", None))
         pipe = components.pipe
         self.state.timesteps = lambda: getattr(pipe.scheduler, "timesteps", None)
         mib = self.state.table.numel() * self.state.table.element_size() / 2**20

@@ -49,3 +49,6 @@ class InferenceResponse(BaseModel):
     context_parallel: dict | None = None
     size_reason: str | None = None  # why the output has its size (kontext_server/service/sizes.py)
     references: int = 0  # reference images the model saw (0: text-to-image)
+    # under --memory-budget: the transformer variant that ran, whether it (and T5) ran offloaded, whether the VAE
+    # decoded in tiles; null without a budget
+    memory_tier: dict | None = None

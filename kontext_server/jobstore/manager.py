@@ -232,7 +232,8 @@ class JobManager:
                                  for k, d in result.optimizations.items()},
                "warnings": list(result.warnings), "loras": list(getattr(result, "loras", [])),
                "references": getattr(result, "references", 0), "size_reason": getattr(result, "size_reason", ""),
-               "context_parallel": getattr(result, "parallel", None)}
+               "context_parallel": getattr(result, "parallel", None),
+               "memory_tier": getattr(result, "memory_tier", None)}
         changed = self.store.finish(job_id, "ready", expires_at=expires_at, result=res, sample_key=key,
                                     from_states=("running",), delivery_body=self._body, now=now)
         if not changed:  # cancelled at the last moment: its answer is the cancellation

@@ -67,8 +67,10 @@ def _quiet_progress_bars() -> None:
 
 
 def load_model(source: str, device: str, cache_dir: Path | None = None,
-               transformer: str | Path | None = None) -> LoadedModel:
-    """The pipeline `source` names, with its transformer from the single file `transformer` when given."""
+               transformer: str | Path | None = None, on_host: bool = False) -> LoadedModel:
+    """The pipeline `source` names, with its transformer from the single file `transformer` when given. `on_host`:
+    loaded into host memory in `device`'s dtype and left there, for a memory budget to place
+    (kontext_server/service/memory_tiers.py); synthetic-full is then built through the device one tensor at a time."""
     _quiet_progress_bars()
     t0 = time.perf_counter()
     dtype = model_dtype(device)
@@ -87,21 +89,23 @@ def load_model(source: str, device: str, cache_dir: Path | None = None,
         if transformer:
             tf = time.perf_counter()
             try:
-                loaded = single_file.load_transformer(transformer, device, dtype, pipeline_dir)
+                loaded = single_file.load_transformer(transformer, "cpu" if on_host else device, dtype, pipeline_dir)
             except ModelLoadError as exc:
                 raise ModelLoadError(f"Could not load --transformer {exc}") from None
             components["transformer"], fp8, file_report = loaded.module, loaded.fp8, loaded.report
             stages["transformer_file"] = round(time.perf_counter() - tf, 2)
         t1 = time.perf_counter()
         if source == TINY:
-            pipe = tiny_model.load_tiny(device, cache_dir, **components)
+            pipe = tiny_model.load_tiny(device, cache_dir, on_host=on_host, **components)
             synthetic, desc = True, "tiny: real Kontext pipeline classes at toy size, deterministic random weights"
         elif source == SYNTHETIC_FULL:
-            pipe = synthetic_model.build_synthetic_full(device, **components)
+            pipe = synthetic_model.build_synthetic_full(device, on_host=on_host, **components)
             synthetic = True
             desc = "synthetic-full: full FLUX.1-Kontext architecture with RANDOM weights; for speed measurement only"
         else:
-            pipe = _model_step(source, hub.load_pipeline, location, dtype, **components).to(device)
+            pipe = _model_step(source, hub.load_pipeline, location, dtype, **components)
+            if not on_host:
+                pipe = pipe.to(device)
             synthetic, desc = False, f"pretrained weights from {source}"
         stages["pipeline"] = round(time.perf_counter() - t1, 2)
     if transformer:

@@ -83,12 +83,13 @@ def ensure_tiny_saved(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def load_tiny(device: str, cache_dir: Path | None = None, **components):
+def load_tiny(device: str, cache_dir: Path | None = None, on_host: bool = False, **components):
     """The saved tiny pipeline through from_pretrained; `components` are given instead of loaded (a transformer
-    from --transformer)."""
+    from --transformer). `on_host`: in `device`'s dtype, left in host memory (a memory budget places it)."""
     from diffusers import FluxKontextPipeline
 
     path = ensure_tiny_saved(cache_dir)
     # fp32 on CPU (bf16 matmuls are slow there); bf16 on GPU like the real model.
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return FluxKontextPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **components).to(device)
+    pipe = FluxKontextPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **components)
+    return pipe if on_host else pipe.to(device)

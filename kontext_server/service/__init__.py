@@ -2,7 +2,8 @@
 
 config.py (ServiceConfig) -> service.py (FluxService: load, prepare, plan, generate, warm_up, health), built from
 components.py (what was loaded), planner.py (pure: flags -> decisions), runner.py (one request), steps.py (the per-step
-hook and its previews) and health.py.
+hook and its previews) and health.py; under --memory-budget, memory_tiers.py (pure: budget and sizes -> what stays on
+the GPU), memory_sizes.py (the sizes, measured) and offload.py (the placement, with diffusers' group offloading).
 The names below load lazily: `kontext_server.service.config` stays importable without torch (the CLI's --help).
 """
 from __future__ import annotations

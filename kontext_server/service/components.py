@@ -30,8 +30,9 @@ class Loaded:
 
 
 def load_components(source: str, device: str, device_info: DeviceInfo, cache_root: Path,
-                    transformer: str | None = None) -> Loaded:
-    model = sources.load_model(source, device, cache_root, transformer=transformer)
+                    transformer: str | None = None, on_host: bool = False) -> Loaded:
+    """`on_host`: the model stays in host memory for a memory budget to place (memory_tiers.py, offload.py)."""
+    model = sources.load_model(source, device, cache_root, transformer=transformer, on_host=on_host)
     pipe = model.pipe
     stored = None
     if model.fp8 is not None:  # the file's fp8 weights, which the fp8 copy takes instead of quantising again

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kontext_server import settings
+from kontext_server.service.memory_tiers import SETTING, parse_budget
 
 NEW_SHAPE_POLICIES = ("compile", "eager")
 
@@ -43,6 +44,9 @@ class ServiceConfig:
     max_loras: int = 8
     lora_max_rank: int | None = None
     lora_fuse: str | None = None
+    # GPU memory the model may use (kontext_server/service/memory_tiers.py): "24GB", "16GiB", "auto" (the device's
+    # free memory); None: no budget, everything on the device as it is loaded.
+    memory_budget: str | None = None
 
     def __post_init__(self):
         if self.new_shapes not in NEW_SHAPE_POLICIES:
@@ -58,5 +62,11 @@ class ServiceConfig:
             raise ValueError(f"max_loras must be at least 1, not {self.max_loras}")
         if self.lora_max_rank is not None and self.lora_max_rank < 1:
             raise ValueError(f"lora_max_rank must be at least 1, not {self.lora_max_rank}")
+        if self.memory_budget is not None:
+            if parse_budget(self.memory_budget) is None:
+                self.memory_budget = None
+            elif self.context_parallel > 1:
+                raise ValueError(f"{SETTING} is not supported with --context-parallel {self.context_parallel}: "
+                                 "every rank would hold its own tier (not done); leave one of them unset")
         if (self.lora_preload or self.lora_fuse) and self.lora_dir is None:
             raise ValueError("--lora-preload and --lora-fuse name adapters of --lora-dir: give --lora-dir")

@@ -48,6 +48,10 @@ def health_report(service) -> dict:
     info["reference_images"] = references.health_info()
     if service.lora is not None:
         info["lora"] = service.lora.health()
+    if getattr(service, "memory_tier", None) is not None:  # --memory-budget: what is resident or offloaded, how, why
+        info["memory_tier"] = {**service.memory_tier.as_dict(), "applied": service.memory_tier_applied}
+    elif getattr(service, "memory_tier_note", None) is not None:
+        info["memory_tier"] = {"budget": service.budget.spec, "note": service.memory_tier_note}
     if service.device_info.is_cuda:
         import torch
 

@@ -49,6 +49,7 @@ class GenerationResult:
     size_reason: str = ""  # why the output has its size (service/sizes.py)
     references: int = 0  # reference images the model saw
     cache_threshold: float | None = None  # the first-block cache's threshold, when it ran (also in its detail)
+    memory_tier: dict | None = None  # under --memory-budget: what of the tier this request met (service.py)
 
 
 class _Timed:

@@ -25,7 +25,11 @@ from kontext_server.request import DEFAULT_DPM_STEPS, InferenceRequest  # noqa: 
 from kontext_server.service import compile_lock  # noqa: E402
 from kontext_server.service import components as comp  # noqa: E402
 from kontext_server.service.config import ServiceConfig  # noqa: E402
+from kontext_server.models import ModelLoadError  # noqa: E402
+from kontext_server.service import memory_sizes, offload  # noqa: E402
 from kontext_server.service.health import health_report  # noqa: E402
+from kontext_server.service.memory_tiers import (LABELS, SETTING, T5, BudgetTooSmall, MemoryTier,  # noqa: E402
+                                                 parse_budget, plan_tier, variant_component)
 from kontext_server.service.planner import plan as make_plan  # noqa: E402
 from kontext_server.lora.library import UnknownAdapter  # noqa: E402
 from kontext_server.service.runner import (GenerationResult, Runner, compile_shape, output_size,  # noqa: E402
@@ -39,10 +43,12 @@ log = logging.getLogger("flux.service")
 
 
 def plan_request(req: InferenceRequest, image: Image.Image | None, registry, prepared: dict[str, str],
-                 device_info: DeviceInfo, warm_keys: Callable[[], frozenset] | None = None) -> dict[str, Decision]:
+                 device_info: DeviceInfo, warm_keys: Callable[[], frozenset] | None = None,
+                 offloaded: dict[str, str] | None = None) -> dict[str, Decision]:
     """The planner's call for one request: `FluxService.plan` here, and the Ray Serve ingress's service proxy with
     what its replicas report (serving/ray/remote_service.py), so both plan alike. `warm_keys` (the runner's compiled
-    shapes, read when needed) is given only under --new-shapes eager: a shape it lacks then runs uncompiled."""
+    shapes, read when needed) is given only under --new-shapes eager: a shape it lacks then runs uncompiled.
+    `offloaded`: what a memory budget offloads (memory_tiers.MemoryTier.offloaded), None without one."""
     unwarmed = None
     if warm_keys is not None:
         def unwarmed(decisions) -> str | None:
@@ -53,7 +59,8 @@ def plan_request(req: InferenceRequest, image: Image.Image | None, registry, pre
             kind = "text-to-image" if not refs else "edit" if refs == 1 else f"edit with {refs} reference images"
             return f"{w}x{h} {kind} ({shape[0]})"
 
-    return make_plan(req.flags(), registry, prepared, device_info, strict=req.strict, unwarmed_shape=unwarmed)
+    return make_plan(req.flags(), registry, prepared, device_info, strict=req.strict, unwarmed_shape=unwarmed,
+                     offloaded=offloaded, precision_of=lambda decisions: Runner.precision(decisions, registry))
 
 
 class FluxService:
@@ -76,6 +83,12 @@ class FluxService:
         self.warmups: list[dict] = []  # start-up warm-ups: shape, precision, milliseconds (in /health)
         self.parallel = None  # context parallelism: kontext_server/parallel sets its SequenceSplit (the Runner's)
         self.lora = None  # kontext_server.lora.manager.LoraManager with --lora-dir
+        # --memory-budget (memory_tiers.py): the budget, the tier planned for it, what applying it did, or why no
+        # tier applies (auto on a CPU)
+        self.budget = parse_budget(self.config.memory_budget)
+        self.memory_tier: MemoryTier | None = None
+        self.memory_tier_applied: dict = {}
+        self.memory_tier_note: str | None = None
 
     # ---- what was loaded ------------------------------------------------------------------------------------------
     @property
@@ -113,10 +126,16 @@ class FluxService:
     # ---- 1. load ----------------------------------------------------------------------------------------------------
     def load(self) -> None:
         try:
+            tiered = self.budget is not None and not (self.budget.auto and not self.device_info.is_cuda)
+            if self.budget is not None and not tiered:
+                self.memory_tier_note = "auto on a CPU: no device memory to budget; nothing is offloaded"
             self.loaded = comp.load_components(self.config.model, self.device, self.device_info, self.cache_root,
-                                               self.config.transformer)
+                                               self.config.transformer, on_host=tiered)
             components = self.loaded.components
             components.on_new_variant.append(self._adopt_variant)
+            names = resolve_names(self.config.optimizations, self.registry, self.device_info)
+            if tiered:  # before anything is prepared: the optimisations prepare the modules where they will run
+                self._plan_memory_tier(names)
             if self.config.lora_dir is not None:  # before any optimisation: adapters name the modules as loaded
                 from kontext_server.lora.manager import LoraManager
 
@@ -127,12 +146,14 @@ class FluxService:
                 warning = f"model {self.loaded.model.source!r} has random weights: the images carry no meaning"
             self.runner = Runner(components, self.registry, self.prepared, self.device, warning, self.parallel)
             self.runner.on_warmed = self._save_compile_cache
-            names = resolve_names(self.config.optimizations, self.registry, self.device_info)
             # Processes sharing the cache directory (replicas on one host) compile once: see compile_lock.py
             lock = compile_lock.first_compiler(self.cache_root / "compile", self.config.compile_lock_wait) \
                 if "compile" in names else contextlib.nullcontext(None)
             with lock as self.compile_lock:
                 self.prepare(names)
+                if self.memory_tier is not None:
+                    self.memory_tier_applied = offload.apply(components, self.memory_tier, self.device,
+                                                             "modulation_table" in self.prepared)
                 if self.lora is not None:
                     self._install_lora()
                 for size in self.config.warmup_sizes:
@@ -142,9 +163,34 @@ class FluxService:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             raise
 
+    def _plan_memory_tier(self, names: list[str]) -> None:
+        """Plan the tier for the budget from the loaded model's sizes, and place what stays resident before the
+        optimisations are prepared (offload.place_for_prepare). ModelLoadError: a budget too small, or LoRA slots
+        with a transformer offloaded."""
+        components = self.loaded.components
+        budget = self.budget.bytes if not self.budget.auto else memory_sizes.device_budget(self.device)
+        spec = self.budget.spec if not self.budget.auto else f"auto ({budget / 2**30:.2f} GiB free)"
+        sizes = memory_sizes.measure(components.pipe, fp8="low_precision" in names,
+                                     warmup_sizes=self.config.warmup_sizes)
+        try:
+            tier = plan_tier(budget, sizes, fp8="low_precision" in names,
+                             modulation_table="modulation_table" in names, spec=spec,
+                             streams=self.device_info.is_cuda)
+        except BudgetTooSmall as exc:
+            raise ModelLoadError(str(exc)) from None
+        offloaded = [n for n in tier.offloaded() if n.startswith("transformer")]
+        if self.config.lora_dir is not None and offloaded:
+            raise ModelLoadError(f"{SETTING} {spec} offloads the {', '.join(offloaded)}, and LoRA slots (--lora-dir) "
+                                 "need every transformer variant on the device: raise the budget or drop --lora-dir")
+        offload.place_for_prepare(components, tier, self.device)
+        self.memory_tier = tier
+
     # ---- 2. optimise (additive: the benchmark prepares stage by stage on one loaded model) -----------------------
     def prepare(self, names: list[str]) -> None:
         names = [n for n in names if n not in self.prepared]
+        if names and self.memory_tier_applied:
+            raise RuntimeError(f"{SETTING}: nothing can be prepared after the memory tier placed the model (the "
+                               "offload hooks hold the modules as they were)")
         if names and self.lora is not None and self.lora.installed:
             raise RuntimeError("LoRA slots wrap the modules the start-up optimisations produced: nothing can be "
                                "prepared after them")
@@ -199,7 +245,12 @@ class FluxService:
         new_shape_policy=False (they are what compiles a shape)."""
         eager = new_shape_policy and self.config.new_shapes == "eager" and self.runner is not None
         return plan_request(req, image, self.registry, self.prepared, self.device_info,
-                            warm_keys=(lambda: self.runner.warm_keys) if eager else None)
+                            warm_keys=(lambda: self.runner.warm_keys) if eager else None,
+                            offloaded=self.offloaded())
+
+    def offloaded(self) -> dict[str, str] | None:
+        """Component -> how the memory tier offloads it; None without a tier."""
+        return self.memory_tier.offloaded() if self.memory_tier is not None else None
 
     # ---- 4. generate ------------------------------------------------------------------------------------------------
     def generate(self, req: InferenceRequest, image: Image.Image | None = None,
@@ -210,6 +261,17 @@ class FluxService:
         if self.state != "ready":
             raise RuntimeError(f"service is {self.state}")
         plan = plan or self.plan(req, image)
+        try:
+            result = self._generate(req, image, plan, should_stop, output_type, on_step)
+        except BaseException:
+            if self.memory_tier is not None and self.memory_tier.offloaded():
+                offload.reset(self.loaded.components)  # e.g. out of memory mid-forward: the groups back on the host
+            raise
+        if self.memory_tier is not None:
+            self._report_memory_tier(result, plan)
+        return result
+
+    def _generate(self, req, image, plan, should_stop, output_type, on_step) -> GenerationResult:
         if self.lora is None:
             self.check_loras(req)
             return self.runner.generate(req, image, plan, should_stop, output_type, on_step)
@@ -222,6 +284,21 @@ class FluxService:
         if applied.switch_ms is not None:
             result.timings_ms["lora_switch"] = round(applied.switch_ms, 3)
         return result
+
+    def _report_memory_tier(self, result: GenerationResult, plan: dict[str, Decision]) -> None:
+        """What of the tier this request met: its transformer variant resident or offloaded, T5, the VAE's tiles."""
+        tier = self.memory_tier
+        component = variant_component(Runner.precision(plan, self.registry))
+        offloaded = tier.offloaded()
+        ran = [name for name in (component, T5) if name in offloaded]
+        tiled = tier.vae_tile is not None and max(result.width, result.height) > tier.vae_tile
+        result.memory_tier = {"budget": tier.spec, "transformer": component,
+                              "transformer_offloaded": component in offloaded,
+                              "ran_offloaded": {name: offloaded[name] for name in ran},
+                              "vae_tiled": tiled, "vae_tile_px": tier.vae_tile if tiled else None}
+        if component in offloaded:
+            result.warnings.append(f"ran offloaded: the {LABELS[component]} was streamed in from host memory block by "
+                                   f"block (--memory-budget {tier.spec}); slower than resident")
 
     def check_loras(self, req: InferenceRequest) -> None:
         """The cheap check of a request's adapters before it is queued: LoraError (its `index` set) for an adapter

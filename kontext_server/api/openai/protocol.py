@@ -144,6 +144,7 @@ class Report(BaseModel):
     warnings: list[str] = []
     size_reason: str | None = None  # why the output has its size
     references: int = 0  # reference images the model saw
+    memory_tier: dict | None = None  # under --memory-budget: what ran offloaded for this request
 
 
 class ImagesResponse(BaseModel):

@@ -29,7 +29,7 @@ def report(rid: str, srv: Server, result, timings: dict) -> Report:
                   model=ModelInfo(source=m.source, synthetic=m.synthetic, description=m.description),
                   loras=list(result.loras), context_parallel=getattr(result, "parallel", None),
                   warnings=result.warnings, size_reason=getattr(result, "size_reason", "") or None,
-                  references=getattr(result, "references", 0))
+                  references=getattr(result, "references", 0), memory_tier=getattr(result, "memory_tier", None))
 
 
 def report_headers(rep: Report) -> dict[str, str]:

@@ -120,4 +120,4 @@ async def inference(body: InferenceRequest, request: Request, response: Response
         model=ModelInfo(source=m.source, synthetic=m.synthetic, description=m.description),
         loras=[LoraReport(**lora) for lora in result.loras], warnings=result.warnings, replica=replica,
         size_reason=result.size_reason or None, references=result.references,
-        context_parallel=getattr(result, "parallel", None))
+        context_parallel=getattr(result, "parallel", None), memory_tier=getattr(result, "memory_tier", None))

@@ -180,6 +180,7 @@ def cli_args(ns) -> dict:
            "upscale_delay_s": ns.upscale_delay, "downscale_delay_s": ns.downscale_delay,
            "replica_queue": ns.replica_queue, "replica_cpus": ns.replica_cpus, "replica_gpus": ns.replica_gpus,
            "context_parallel": ns.context_parallel, "cp_ring": ns.cp_ring_degree, "cp_timeout": ns.cp_timeout,
+           "memory_budget": ns.memory_budget,
            "provenance_metadata": ns.provenance_metadata, "provenance_prompt": ns.provenance_prompt,
            "c2pa_cert": ns.c2pa_cert, "c2pa_key": ns.c2pa_key, "safety_checker": ns.safety_checker,
            "env": settings.replica_env()}

@@ -69,7 +69,8 @@ class RemoteService:
             raise NotReady("no model replica has reported yet")
         warm_keys = report["warm_keys"]
         return plan_request(req, image, self.registry, report["prepared"], report["device_info"],
-                            warm_keys=(lambda: warm_keys) if report["new_shapes"] == "eager" else None)
+                            warm_keys=(lambda: warm_keys) if report["new_shapes"] == "eager" else None,
+                            offloaded=report.get("offloaded"))
 
     def check_loras(self, req: InferenceRequest) -> None:
         """Nothing to check here: the ingress holds no adapters. Each replica checks a request's `loras` on its

@@ -45,9 +45,11 @@ WAIT_MARGIN_S = 60.0  # beyond queue + request timeout, before a call gives up o
 LOCAL_QUEUE_BOUND = 1024  # above any max_ongoing_requests: Ray's limit is the one that holds
 
 
-def plan_key(prepared: dict, device_info) -> tuple:
-    """What a plan made elsewhere depends on: the same key here means the ingress's plan fits this replica."""
-    return tuple(sorted(prepared)), device_info.name, device_info.capability
+def plan_key(prepared: dict, device_info, offloaded: dict | None = None) -> tuple:
+    """What a plan made elsewhere depends on: the same key here means the ingress's plan fits this replica
+    (`offloaded`: what a memory budget offloads on it)."""
+    key = (tuple(sorted(prepared)), device_info.name, device_info.capability)
+    return key + (tuple(sorted(offloaded)),) if offloaded else key
 
 
 @serve.deployment(name="FluxModel")
@@ -125,7 +127,7 @@ class FluxModel:
     def _fit_plan(self, payload, planned_with: tuple | None):
         """The ingress planned with some replica's prepared set; on a replica whose set differs, plan here."""
         if isinstance(payload, GenerateJob) and payload.plan is not None and \
-                planned_with != plan_key(self.service.prepared, self.service.device_info):
+                planned_with != plan_key(self.service.prepared, self.service.device_info, self.service.offloaded()):
             return dataclasses.replace(payload, plan=None)
         return payload
 
@@ -169,7 +171,7 @@ class FluxModel:
                 "torch_threads": torch.get_num_threads(),  # CPU results depend on it (Ray: OMP_NUM_THREADS=num_cpus)
                 "prepared": dict(svc.prepared), "device_info": svc.device_info,
                 "new_shapes": svc.config.new_shapes, "warm_keys": svc.runner.warm_keys if svc.runner else frozenset(),
-                "plan_key": plan_key(svc.prepared, svc.device_info),
+                "plan_key": plan_key(svc.prepared, svc.device_info, svc.offloaded()), "offloaded": svc.offloaded(),
                 "metrics": self.metrics.render(engine, ready=ready).decode()}
 
     def _push(self) -> None:

@@ -1,0 +1,37 @@
+"""tools/memory_tiers.py runs end to end on a CPU with the tiny model, placed as the full model would be (--plan-sizes
+full): one process per budget and one for the unlimited baseline, a row per workload with the tier and the median,
+the ratio to the baseline; a budget that cannot load loses only its own row. Its --plan table is the planner's."""
+from __future__ import annotations
+
+import json
+
+import memory_tiers as tool  # tools/ (pytest.ini's pythonpath)
+
+
+def test_the_memory_tiers_tool_measures_each_budget_in_its_own_process_and_keeps_the_others_when_one_fails(
+        tmp_path, cache_dir):
+    out = tmp_path / "tiers.json"
+    assert tool.main(["--model", "tiny", "--device", "cpu", "--cache-dir", str(cache_dir), "--budgets", "10GB,1GB",
+                      "--workloads", "t2i-1024", "--size", "256", "--steps", "2", "--runs", "1",
+                      "--plan-sizes", "full", "--json-out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    rows = {row["budget"]: row for row in r["rows"]}
+    assert list(rows) == ["10GB", "1GB", "unlimited"]
+    ten = rows["10GB"]
+    assert "transformer offloaded" in ten["tier"] and "text_encoder_2 offloaded" in ten["tier"]
+    w = ten["workloads"]["t2i-1024"]
+    assert w["oom"] is False and w["total_ms_median"] > 0 and w["steps"] == 2 and w["vs_unlimited"] > 0
+    assert w["memory_tier"]["transformer_offloaded"] and w["peak_allocated_gib"] is None  # a CPU: not measured
+    assert "too small" in rows["1GB"]["load_error"] and not rows["1GB"]["workloads"]  # its own row only
+    assert rows["unlimited"]["tier"] == "everything resident (no budget)"
+    assert rows["unlimited"]["workloads"]["t2i-1024"]["total_ms_median"] > 0
+    table = tool.markdown(r)
+    assert table.count("\n") == 4 and "| 1GB |" in table and "too small" in table
+
+
+def test_the_plan_table_is_the_planners_for_the_full_model(capsys):
+    assert tool.main(["--plan", "80GB,24GB,16GB,2GB"]) == 0
+    table = capsys.readouterr().out
+    assert "| 24GB | resident | offloaded (leaf level) | offloaded (block level) | whole |" in table
+    assert "| 16GB | resident, modulation weights on the host |" in table
+    assert "| 2GB |" in table and "too small" in table
