@@ -40,16 +40,20 @@ The data flow with k > 0: the fused branch (default; `FLUX_LORA_FUSED_BRANCH=0` 
   reads the generated code), where an in-place `addmm_` on a slice is functionalised into an out-of-place addmm into
   a new buffer, which aten fills with a copy of C before its GEMM: one more pass over the layer's output.
   The adapters' A rows are written into W_ext (and its fp8 copy re-quantised) in place when the adapters change.
-- Which modules: a plain Linear (bf16 tier: to_qkv, to_added_qkv, to_out, to_add_out, ff.net.2, and without the GELU
-  epilogue ff.net.0.proj and proj_mlp), an fp8 linear (Fp8Linear / GeluFp8Linear: the same ones of the fp8 copy),
-  and a single block's proj_out: a Linear (called on the concatenation, or on its two halves through column views
-  of W_ext: the halves' sum is [base | x A^T]) or, on the fp8 copy, a SplitProjOut whose halves each get their
-  column block of A (quantised per row on its own, as each half's weight is; the sum the split computes anyway adds
-  the two halves' down-projections too). What cannot, keeps the side branch
-  below: the exact tier's cuBLASLt GELU epilogue (its GELU is applied to every output column, the appended ones too,
-  and the update must be added before the GELU; the fused rows would save only the re-read of the input, as the
-  linear's output is written and read again either way), the modulation table (its fill runs once per request on
-  one conditioning vector, not per token), and any weight that is not a plain tensor (torchao's subclasses).
+- Which modules: every block linear of both tiers. A plain Linear (bf16 tier: to_qkv, to_added_qkv, to_out,
+  to_add_out, ff.net.0.proj, ff.net.2, proj_mlp), an fp8 linear (Fp8Linear / GeluFp8Linear: the same ones of the
+  fp8 copy), and a single block's proj_out: a Linear (called on the concatenation, or on its two halves through
+  column views of W_ext: the halves' sum is [base | x A^T]) or, on the fp8 copy, a SplitProjOut whose halves each
+  get their column block of A (quantised per row on its own, as each half's weight is; the sum the split computes
+  anyway adds the two halves' down-projections too). The exact tier's cuBLASLt GELU-epilogue linears (ff.net.0.proj,
+  proj_mlp) take the rows too, but with adapters they lose the epilogue on either branch: cuBLASLt would apply the
+  GELU to the appended columns and before the update, so the GEMM runs plain and the GELU is a pass of its own
+  (`LoraGeluOutput`). What cannot, keeps the side branch below: the modulation table (its fill runs once per request
+  on one conditioning vector, not per token: nothing to save) and any weight that is not a plain tensor (torchao's
+  subclasses, with FLUX_FP8_PLAIN_LINEARS=0 or MXFP4).
+- What is left: the up-projection's pass over each output (C read and written once by the beta = 1 GEMM, where the
+  side branch wrote its update and read it again in the add), and the GELU pass of the exact tier's GELU-epilogue
+  linears. Removing those would take the update into the base GEMM's own main loop, or into each consumer's kernel.
 
 The side branch (`FLUX_LORA_FUSED_BRANCH=0`, and the modules above that cannot take the fused one): two thin GEMMs
 beside the base module's, base(x) + (x A[:n]^T) B[:, :n]^T, each reading the layer input again and writing its
@@ -60,7 +64,7 @@ update, then added in another pass. Where it takes its input, per kind of module
 - an fp8 linear whose input is the pre-GELU activation (GeluFp8Linear, GELU fused into its quantisation): GELU(x),
   recomputed for the branch;
 - a linear whose GELU is applied in the same call (the exact tier's cuBLASLt GELU epilogue): with k > 0, the linear,
-  plus the branch, then the GELU (`LoraGeluOutput`: the epilogue cannot take a per-row update); k = 0 keeps it;
+  plus the branch, then the GELU (`LoraGeluOutput`: the epilogue cannot take the update); k = 0 keeps it;
 - a single block's proj_out, split into two GEMMs on the attention and MLP halves of its input (bf16 views or fp8
   halves): the branch takes both halves, A split by columns (`LoraProjOut`), so the concatenation is still never
   built;
@@ -93,7 +97,8 @@ FUSED_GROUPS = {"to_q": ("to_qkv", 0), "to_k": ("to_qkv", 1), "to_v": ("to_qkv",
 def lora_up_add_(y: torch.Tensor, b: torch.Tensor) -> None:
     """The fused branch's up-projection, in place: y (..., out + n) is [base | h] as the extended GEMM wrote it
     (contiguous), b the slot's B (out, >= n); y[..., :out] += h @ b[:, :n]^T, one GEMM with beta = 1 writing into
-    y's own rows (row stride out + n), so the update is added without another pass and without a copy."""
+    y's own rows (row stride out + n): the update is added by the GEMM (C read and written once), with no separate
+    add and no copy."""
     out = b.shape[0]
     y2 = y.view(-1, y.shape[-1])
     y2[:, :out].addmm_(y2[:, out:], b[:, :y2.shape[1] - out].t())
@@ -155,8 +160,9 @@ class LoraSlot(torch.nn.Module):
 
     @property
     def nbytes(self) -> int:
-        """A and B, and the mirrors' own rows (A's home rows are A)."""
-        return sum(t.numel() * t.element_size() for t in (self.A, self.B)) + sum(m.extra_nbytes for m in self.mirrors)
+        """A and B, the mirrors' own rows (A's home rows are A) and the zeros appended to biases."""
+        own = sum(t.numel() * t.element_size() for t in (self.A, self.B))
+        return own + sum(m.extra_nbytes for m in self.mirrors) + (self.home.bias_nbytes if self.home else 0)
 
     # ---- writing adapters (worker thread, between requests) ---------------------------------------------------------
     @torch.no_grad()
@@ -199,7 +205,13 @@ class AppendedRows(torch.nn.Module):
         raise NotImplementedError
 
     @property
+    def bias_nbytes(self) -> int:
+        """The zeros appended to the bias."""
+        return 0 if self.bias is None else (self.bias.numel() - self.out_features) * self.bias.element_size()
+
+    @property
     def extra_nbytes(self) -> int:
+        """The appended rows (weight, scales) and the bias's zeros: what this module adds as a mirror."""
         raise NotImplementedError
 
     @staticmethod
@@ -254,8 +266,7 @@ class LinearRows(AppendedRows):
     @property
     def extra_nbytes(self) -> int:
         rows = self.weight[self.out_features:]
-        b = 0 if self.bias is None else (self.bias.numel() - self.out_features) * self.bias.element_size()
-        return rows.numel() * rows.element_size() + b
+        return rows.numel() * rows.element_size() + self.bias_nbytes
 
     def forward(self, base, x: torch.Tensor, n: int) -> torch.Tensor:
         end = self.out_features + n
@@ -304,8 +315,8 @@ class ScaledRows(AppendedRows):
     @property
     def extra_nbytes(self) -> int:
         total = self.weight.shape[0] - self.out_features
-        b = 0 if self.bias is None else total * self.bias.element_size()
-        return total * (self.weight.shape[1] * self.weight.element_size() + self.weight_scale.element_size()) + b
+        return total * (self.weight.shape[1] * self.weight.element_size() + self.weight_scale.element_size()) \
+            + self.bias_nbytes
 
     def forward(self, base: Fp8Linear, x, n: int) -> torch.Tensor:
         end = self.out_features + n
@@ -361,21 +372,27 @@ class LoraLinear(torch.nn.Module):
 
 class LoraGeluOutput(torch.nn.Module):
     """A module that computes gelu_tanh(linear(x)) in one call (the exact tier's GELU epilogue): with adapters active,
-    gelu_tanh(linear(x) + branch(x)), the order of diffusers' modules; without, the module itself. Always the side
-    branch: the epilogue applies the GELU to every column it computes (appended rows included) and the update must
-    be added before the GELU, so with adapters the linear runs without its epilogue and the GELU is a pass of its
-    own either way; appended rows would save only the second read of the input."""
+    gelu_tanh(linear(x) + branch(x)), the order of diffusers' modules; without, the module itself. With adapters the
+    linear runs without its epilogue on either branch (the epilogue would apply the GELU to the appended columns too,
+    and before the update is added), then the GELU is a pass of its own: the fused branch saves the second read of
+    the input and the thin down-projection GEMM, not the GELU's pass."""
 
-    unfused_reason = "the GELU epilogue"
-
-    def __init__(self, base: torch.nn.Module, slot: LoraSlot, via_proj: bool):
+    def __init__(self, base: torch.nn.Module, slot: LoraSlot, via_proj: bool, fuse: bool = True):
         super().__init__()
         self.base, self.slot, self.via_proj = base, slot, via_proj
+        linear = base.proj if via_proj else base
+        self.appended, self.unfused_reason = append_rows(linear, slot.A.shape[0]) if fuse else (None, "off")
+        if self.appended is not None:
+            slot.attach(self.appended)
 
     def forward(self, x):
         if self.slot.k == 0:
             return self.base(x)
         linear = self.base.proj if self.via_proj else self.base
+        if self.appended is not None and self.slot.fused:
+            y = self.appended(linear, x, self.slot.k * self.slot.rows)
+            lora_up_add_(y, self.slot.B)
+            return F.gelu(y[..., :self.appended.out_features], approximate="tanh")
         y = F.linear(x, linear.weight, linear.bias)
         return F.gelu(y + self.slot.delta(x.to(self.slot.A.dtype)).to(y.dtype), approximate="tanh")
 
@@ -534,7 +551,7 @@ def wrap(variant: torch.nn.Module, placement: Placement, slot: LoraSlot, fuse: b
     if placement.kind in ("linear", "pre_gelu"):
         wrapper = LoraLinear(current, slot, pre_gelu=placement.kind == "pre_gelu", fuse=fuse)
     elif placement.kind in ("gelu_out", "gelu_out_proj"):
-        wrapper = LoraGeluOutput(current, slot, via_proj=placement.kind == "gelu_out_proj")
+        wrapper = LoraGeluOutput(current, slot, via_proj=placement.kind == "gelu_out_proj", fuse=fuse)
     else:
         wrapper = LoraProjOut(current, slot, fuse=fuse)
     setattr(owner, child, wrapper)

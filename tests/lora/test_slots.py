@@ -109,7 +109,8 @@ def test_the_side_branch_of_an_fp8_linear_fed_the_pre_gelu_activation_applies_th
     assert (out.float() - without_gelu.float()).abs().max() > 0.01
 
 
-def test_a_linear_with_its_gelu_in_the_same_call_adds_the_update_before_the_gelu():
+@BRANCHES
+def test_a_linear_with_its_gelu_in_the_same_call_adds_the_update_before_the_gelu(fuse):
     from optimizations.base import bind_forward
     from optimizations.fusions.gelu_epilogue import _linear_with_gelu_forward
 
@@ -122,8 +123,10 @@ def test_a_linear_with_its_gelu_in_the_same_call_adds_the_update_before_the_gelu
     t = target(4, 16, 24, 1.0, 3)
     s.write(0, {"proj_mlp": t}, 0.7)
     x = torch.randn(5, 16)
-    wrapped = LoraGeluOutput(proj_mlp, s, via_proj=False)
-    assert torch.equal(wrapped(x), proj_mlp(x))  # k = 0: the epilogue's own call
+    reference = copy.deepcopy(proj_mlp)
+    wrapped = LoraGeluOutput(proj_mlp, s, via_proj=False, fuse=fuse)
+    assert (wrapped.appended is not None) == fuse
+    assert torch.equal(wrapped(x), reference(x))  # k = 0: the epilogue's own call
     s.k = 1
     torch.testing.assert_close(wrapped(x), F.gelu(plain(x) + lora(x, t, 0.7), approximate="tanh"),
                                rtol=1e-5, atol=1e-5)
@@ -198,7 +201,7 @@ def test_the_base_weight_and_the_slots_A_are_views_of_one_extended_weight_and_k_
     assert torch.equal(ext[24:24 + 8], s.A[:8]) and torch.equal(linear.weight, reference.weight)
     x = torch.randn(3, 16)
     assert torch.equal(wrapped(x), reference(x))  # k = 0: the base module's code on the same values, bit for bit
-    assert s.nbytes == (s.A.numel() + s.B.numel()) * 4  # A lives in the extended weight: counted once
+    assert s.nbytes == (s.A.numel() + s.B.numel() + s.A.shape[0]) * 4  # A counted once; the bias's zeros
 
 
 def test_the_fused_branch_returns_the_base_columns_of_the_one_gemm_output_without_a_copy():
@@ -373,13 +376,6 @@ def test_switching_adapters_rewrites_the_appended_rows_in_place():
 
 
 def test_the_side_branch_only_runs_where_the_module_cannot_take_appended_rows():
-    from optimizations.base import bind_forward
-    from optimizations.fusions.gelu_epilogue import _linear_with_gelu_forward
-
-    proj_mlp = torch.nn.Linear(16, 24)
-    bind_forward(proj_mlp, _linear_with_gelu_forward)
-    s = slot("proj_mlp", [("proj_mlp", 0, 24)], 16, 24)
-    assert LoraGeluOutput(proj_mlp, s, via_proj=False).unfused_reason == "the GELU epilogue"
     other = slot("x", [("x", 0, 24)], 16, 24)
     assert LoraLinear(torch.nn.Linear(16, 24), other, fuse=False).appended is None
     conv = torch.nn.Conv1d(16, 24, 1)  # not a linear: no rows, and the reason says what it is
