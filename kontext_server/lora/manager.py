@@ -6,10 +6,10 @@ slots' rank, fuse `--lora-fuse` into the weights. After the optimisations are pr
 module any adapter targets, its wrapper on every transformer variant; then `--lora-preload`.
 
 Per request (`applied`, worker thread): validate the request's adapters and load what is missing before anything in
-the model is touched; copy them into the slots (only the scales when the same adapters run again); set the active
-count k and the branch (fused or unfused, slots.py), which are also the request's `graph_key`; reset the modulation
-table when the active set changed; and, on the way out, whatever happened, set k back to 0, so the next request
-without adapters runs the base model's code.
+the model is touched; copy them into the slots (only the scaled up-projections when the same adapters run again at
+other scales); set the active count k and the branch (fused or unfused, slots.py), which are also the request's
+`graph_key`; reset the modulation table when the active set changed; and, on the way out, whatever happened, set k
+back to 0, so the next request without adapters runs the base model's code.
 
 The branch: `FLUX_LORA_FUSED_BRANCH` (on unless "0") decides at start-up whether the wrapped modules get the slots'
 rows appended under their weights (the fused branch, slots.py); `path` is the branch requests run, "fused" where the
