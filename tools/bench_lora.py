@@ -15,7 +15,7 @@ service's own request path:
 - times the transformer per step, interleaved, for the exact tier and the fp8 tier, without an adapter and with
   adapter A on each branch: each branch's overhead is a ratio against the same server's steps without an adapter;
 - switches between the two loaded adapters A and B, request after request, on the server's default branch, recording
-  the switch (`lora_switch`: the slot writes, the fp8 copy's appended rows re-quantised, synchronised) and counting
+  the switch (`lora_switch`: the slot writes, the fp8 copy's appended rows included, synchronised) and counting
   dynamo's compiled graphs and the CUDA graphs captured (targets: <= 50 ms, no recompile, no capture);
 - reports each adapter's first load (`lora_load`: read, validate, copy to the device);
 - fidelity: fp8 + adapter against bf16 + adapter with the same seed, per branch (and fp8 against bf16 without an

@@ -39,7 +39,8 @@ The data flow with k > 0: the fused branch (default; `FLUX_LORA_FUSED_BRANCH=0` 
   of its own because inductor keeps a mutating custom op in place on an intermediate buffer (tests/lora/test_slots.py
   reads the generated code), where an in-place `addmm_` on a slice is functionalised into an out-of-place addmm into
   a new buffer, which aten fills with a copy of C before its GEMM: one more pass over the layer's output.
-  The adapters' A rows are written into W_ext (and its fp8 copy re-quantised) in place when the adapters change.
+  The adapters' A rows are copied into W_ext in place when the adapters change; the fp8 copy's rows are quantised
+  once per loaded adapter (kept with it in the store, `DeviceTarget.fp8`), so a switch copies them too.
 - Which modules: every block linear of both tiers. A plain Linear (bf16 tier: to_qkv, to_added_qkv, to_out,
   to_add_out, ff.net.0.proj, ff.net.2, proj_mlp), an fp8 linear (Fp8Linear / GeluFp8Linear: the same ones of the
   fp8 copy), and a single block's proj_out: a Linear (called on the concatenation, or on its two halves through
@@ -168,10 +169,11 @@ class LoraSlot(torch.nn.Module):
     @torch.no_grad()
     def write(self, i: int, targets: dict, scale: float, weights: bool = True) -> None:
         """Put adapter `targets` (module name -> DeviceTarget) in slot i at `scale`; weights=False: the scale only
-        (B's columns are rewritten: B holds the scaled up-projection; A and its mirrors are kept)."""
+        (B's columns are rewritten: B holds the scaled up-projection; A and its mirrors are kept). A's rows that the
+        adapter does not fill keep what they held: their B columns are zero. A few small copies per part, and for
+        each mirror one or two more (the fp8 rows are quantised once per loaded adapter, not per switch): a switch
+        is host-bound, one launch per op."""
         r_start, r_stop = i * self.rows, (i + 1) * self.rows
-        if weights:
-            self.A[r_start:r_stop].zero_()
         self.B[:, r_start:r_stop].zero_()  # block-diagonal: each part's columns feed only its own outputs
         for p, (module, out_offset, out_size) in enumerate(self.parts):
             t = targets.get(module)
@@ -181,10 +183,9 @@ class LoraSlot(torch.nn.Module):
             r = t.a.shape[0]
             if weights:
                 self.A[r0:r0 + r].copy_(t.a)
-            self.B[out_offset:out_offset + out_size, r0:r0 + r].copy_(t.b * (scale * t.scale))
-        if weights:
-            for m in self.mirrors:
-                m.refresh(self.A, r_start, r_stop)
+                for m in self.mirrors:
+                    m.put(r0, t)
+            torch.mul(t.b, scale * t.scale, out=self.B[out_offset:out_offset + out_size, r0:r0 + r])
 
 
 # ---- the rows appended under a module's weight (the fused branch) ------------------------------------------------------
@@ -202,6 +203,11 @@ class AppendedRows(torch.nn.Module):
     weight: torch.Tensor
 
     def refresh(self, a: torch.Tensor, start: int, stop: int) -> None:
+        """Rows [start, stop) from the slot's A (at attach)."""
+        raise NotImplementedError
+
+    def put(self, r0: int, t) -> None:
+        """One adapter target's rows (a DeviceTarget's `a`, or its column block) at slot row r0 (at a write)."""
         raise NotImplementedError
 
     @property
@@ -263,6 +269,10 @@ class LinearRows(AppendedRows):
         o = self.out_features
         self.weight[o + start:o + stop].copy_(a[start:stop, self.cols])
 
+    def put(self, r0: int, t) -> None:
+        o = self.out_features
+        self.weight[o + r0:o + r0 + t.a.shape[0]].copy_(t.a[:, self.cols])
+
     @property
     def extra_nbytes(self) -> int:
         rows = self.weight[self.out_features:]
@@ -307,10 +317,19 @@ class ScaledRows(AppendedRows):
 
     @torch.no_grad()
     def refresh(self, a: torch.Tensor, start: int, stop: int) -> None:
-        o = self.out_features
-        q, s = quantize_rows(a[start:stop, self.cols])
-        self.weight[o + start:o + stop].copy_(q)
-        self.weight_scale[0, o + start:o + stop].copy_(s.reshape(-1))
+        self._store(start, *quantize_rows(a[start:stop, self.cols]))
+
+    @torch.no_grad()
+    def put(self, r0: int, t) -> None:
+        key = (self.cols.start, self.cols.stop)
+        if key not in t.fp8:  # once per loaded adapter and column block: a switch then only copies
+            t.fp8[key] = quantize_rows(t.a[:, self.cols])
+        self._store(r0, *t.fp8[key])
+
+    def _store(self, r0: int, q: torch.Tensor, s: torch.Tensor) -> None:
+        o, r = self.out_features, q.shape[0]
+        self.weight[o + r0:o + r0 + r].copy_(q)
+        self.weight_scale[0, o + r0:o + r0 + r].copy_(s.reshape(-1))
 
     @property
     def extra_nbytes(self) -> int:

@@ -356,23 +356,29 @@ def test_a_split_fp8_proj_out_appends_each_halfs_column_block_of_a_quantised_on_
     assert (wrapped(a_rows, pre).float() - exact.float()).abs().max() / exact.float().abs().max() < 0.05
 
 
-def test_switching_adapters_rewrites_the_appended_rows_in_place():
+def test_switching_adapters_rewrites_the_appended_rows_in_place_quantising_each_adapter_once(monkeypatch):
+    import kontext_server.lora.slots as slots
+
+    quantised_rows = []
+    monkeypatch.setattr(slots, "quantize_rows", lambda x: quantised_rows.append(tuple(x.shape)) or quantize_rows(x))
     torch.manual_seed(0)
     bf16 = torch.nn.Linear(32, 48)
     fp8 = Fp8Linear.from_float(torch.nn.Linear(32, 48).to(torch.bfloat16))
     s = slot("x", [("x", 0, 48)], 32, 48)
-    exact, quantised = LoraLinear(bf16, s), LoraLinear(fp8, s)  # the exact variant's rows are A; the fp8 copy's mirror
-    assert s.home is exact.appended and s.mirrors == [quantised.appended]
-    pointers = [t.data_ptr() for t in (exact.appended.weight, quantised.appended.weight,
-                                       quantised.appended.weight_scale, s.A, s.B)]
-    for seed in (1, 2, 3):
-        t = target(8, 32, 48, 1.0, seed)
+    exact, fp8_rows = LoraLinear(bf16, s), LoraLinear(fp8, s)  # the exact variant's rows are A; the fp8 copy's mirror
+    assert s.home is exact.appended and s.mirrors == [fp8_rows.appended]
+    pointers = [t.data_ptr() for t in (exact.appended.weight, fp8_rows.appended.weight,
+                                       fp8_rows.appended.weight_scale, s.A, s.B)]
+    adapters = [target(8, 32, 48, 1.0, seed) for seed in (1, 2, 3)]
+    quantised_rows.clear()
+    for t in adapters + adapters:  # each adapter twice: loaded adapters switched back to
         s.write(0, {"x": t}, 1.0)
         assert torch.equal(s.A[:8], t.a)
         q, _ = quantize_rows(s.A[:s.rows])
-        assert torch.equal(quantised.appended.weight[48:48 + s.rows].view(torch.uint8), q.view(torch.uint8))
-    assert [t.data_ptr() for t in (exact.appended.weight, quantised.appended.weight,
-                                   quantised.appended.weight_scale, s.A, s.B)] == pointers
+        assert torch.equal(fp8_rows.appended.weight[48:48 + s.rows].view(torch.uint8), q.view(torch.uint8))
+    assert [t.data_ptr() for t in (exact.appended.weight, fp8_rows.appended.weight,
+                                   fp8_rows.appended.weight_scale, s.A, s.B)] == pointers
+    assert quantised_rows == [(8, 32)] * 3  # once per adapter, at its first write; a switch back only copies
 
 
 def test_the_side_branch_only_runs_where_the_module_cannot_take_appended_rows():
