@@ -209,7 +209,7 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     return out
 
 
-# ---- the fp8 branch's own error, from the exact tier's activations ------------------------------------------------------
+# ---- the fp8 branch's own error, from the exact tier's activations ----------------------------------------------
 def capture_inputs(variant, generate, rows: int) -> dict:
     """The inputs of every LoRA wrapper of `variant` on its first call during `generate()` (run eagerly: compiled
     code would not call the hooks), `rows` of them evenly spaced over the tokens: wrapper -> tuple of (rows, in)."""
@@ -384,8 +384,8 @@ def run(a, small: bool, backend: str | None) -> int:
 
 
 def table(results: dict) -> str:
-    rows = ["| rank | tier | branch | step without (ms) | step with (ms) | overhead | switch median (ms) | recompiles | "
-            "captures | first load (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| rank | tier | branch | step without (ms) | step with (ms) | overhead | switch median (ms) | "
+            "recompiles | captures | first load (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for rank, r in results["ranks"].items():
         loads = ", ".join(f"{v:.0f}" for v in r["first_load_ms"].values() if v is not None)
         for tier, t in r["tiers"].items():

@@ -188,7 +188,7 @@ class LoraSlot(torch.nn.Module):
             torch.mul(t.b, scale * t.scale, out=self.B[out_offset:out_offset + out_size, r0:r0 + r])
 
 
-# ---- the rows appended under a module's weight (the fused branch) ------------------------------------------------------
+# ---- the rows appended under a module's weight (the fused branch) ------------------------------------------------
 class AppendedRows(torch.nn.Module):
     """A linear-like module's weight (and bias) re-stored with a slot's S*Q rows of A (or a column block `cols` of
     them) appended under it; the module's own weight, bias (and fp8 scales) become views of the first `out` rows.
@@ -355,7 +355,7 @@ def append_rows(module, total: int, cols: slice = slice(None)) -> tuple[Appended
                                                                        LinearRows.reason(module)) if r)
 
 
-# ---- the wrappers --------------------------------------------------------------------------------------------------------
+# ---- the wrappers ------------------------------------------------------------------------------------------------
 def _dense(x, dtype: torch.dtype) -> torch.Tensor:
     """The side branch's input: fp8 rows (quantised by the kernel that produced them) dequantised; a tensor as it
     is."""

@@ -43,7 +43,8 @@ def fp8_copy(exact: torch.nn.Module) -> torch.nn.Module:
             setattr(block.attn, name, Fp8Linear.from_float(getattr(block.attn, name)))
         block.proj_mlp, block.act_mlp = Fp8Linear.from_float(block.proj_mlp), torch.nn.Identity()
         assert isinstance(block.proj_out, SplitProjOut)
-        block.proj_out.attn, block.proj_out.mlp = Fp8Linear.from_float(block.proj_out.attn), _gelu_fp8(block.proj_out.mlp)
+        split = block.proj_out
+        split.attn, split.mlp = Fp8Linear.from_float(split.attn), _gelu_fp8(split.mlp)
     return q
 
 
