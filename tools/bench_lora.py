@@ -1,24 +1,32 @@
 #!/usr/bin/env python
-"""What LoRA adapters cost a request: step time with and without one, the switch between two, their first load, and
-the fp8 tier's fidelity with an adapter.
+"""What LoRA adapters cost a request: step time with and without one (the fused branch and the side branch, in one
+server), the switch between two, their first load, and the fp8 tier's fidelity with an adapter.
 
-    python tools/bench_lora.py --model synthetic-full --workload edit-512 --out benchmarks/latest/lora.json
+    python tools/bench_lora.py --model synthetic-full --workload edit-512 --ranks 32 --out benchmarks/latest/lora.json
     python tools/bench_lora.py --model tiny --device cpu --small --out /tmp/lora.json     (CPU: that it runs)
 
 For each rank (32 and 128; --small: 4 and 8) it writes two synthetic adapters on every linear of the 57 blocks
 (random, non-zero, diffusers' layout) into a directory of their own, starts a FluxService on it (the server's start-up
 optimisations, `auto` on a GPU: compile, CUDA graphs, the fp8 copy...; the slots' rank is that rank), and through the
 service's own request path:
-- warms up each tier without and with one adapter (each active adapter count compiles once: reported as cold starts);
-- times the transformer per step, interleaved, for the exact tier and the fp8 tier, without and with adapter A;
-- switches between the two loaded adapters A and B, request after request, recording the switch (`lora_switch`: the
-  slot writes, synchronised) and counting dynamo's compiled graphs and the CUDA graphs captured (targets: <= 50 ms,
-  no recompile, no capture);
+- warms up each tier without and with one adapter, on each branch of --lora-paths (`fused`: the adapters' rows
+  appended under the weights, the server's default; `unfused`: the side branch; kontext_server/lora/slots.py). Each
+  active adapter count and branch compiles once: reported as cold starts;
+- times the transformer per step, interleaved, for the exact tier and the fp8 tier, without an adapter and with
+  adapter A on each branch: each branch's overhead is a ratio against the same server's steps without an adapter;
+- switches between the two loaded adapters A and B, request after request, on the server's default branch, recording
+  the switch (`lora_switch`: the slot writes, the fp8 copy's appended rows included, synchronised) and counting
+  dynamo's compiled graphs and the CUDA graphs captured (targets: <= 50 ms, no recompile, no capture);
 - reports each adapter's first load (`lora_load`: read, validate, copy to the device);
-- fidelity: fp8 + adapter against bf16 + adapter with the same seed (and fp8 against bf16 without an adapter, for
-  comparison), and how far the adapter moves the bf16 output (so a small fp8 error means something).
-Writes the JSON to --out and prints a table. On an H100 the whole run (model builds, compiles) takes about 6 minutes
-with the default arguments; --ranks 32 alone about half.
+- fidelity: fp8 + adapter against bf16 + adapter with the same seed, per branch (and fp8 against bf16 without an
+  adapter, for comparison), and how far the adapter moves the bf16 output (so a small fp8 error means something);
+- the fp8 branch's own error, on any device (no fp8 tier needed, so on CPU too): the inputs every slotted layer of
+  the exact tier sees in one step with adapter A (eager), put through the fp8 copy's branch as each branch computes
+  it (fused: the input rows and A's rows quantised to e4m3, one GEMM; unfused: the input rows quantised, then
+  dequantised for a bf16 GEMM with A), against the bf16 update x A^T B^T: relative to the update, and relative to
+  the layer's output.
+Writes the JSON to --out and prints a table. The run time is mostly each rank's server start and its compiles (one
+per tier, active adapter count and branch; --lora-paths fused halves them), then 3 x 10 steps per timed row.
 """
 from __future__ import annotations
 
@@ -107,9 +115,13 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     svc.load()
     load_s = time.perf_counter() - t0
     tiers = {"exact": {}} | ({"fp8": {"use_mxfp4": True}} if "low_precision" in svc.prepared else {})
+    default_path = svc.lora.path
+    paths = [p for p in a.lora_paths if p == "unfused" or svc.lora.fuse]
+    health = svc.health()["lora"]
     out: dict = {"rank": rank, "adapter_file_mib": {n: round(s / 2**20, 1) for n, s in sizes.items()},
                  "write_s": round(write_s, 1), "service_load_s": round(load_s, 1), "prepared": sorted(svc.prepared),
-                 "slots": svc.health()["lora"]["slots"], "tiers": {}}
+                 "slots": health["slots"], "branch": health["branch"], "paths": paths,
+                 "default_path": default_path, "tiers": {}}
     if "low_precision" not in svc.prepared:
         out["fp8"] = "not prepared: " + str(svc.registry["low_precision"].available(svc.device_info))
 
@@ -117,63 +129,77 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
         return InferenceRequest(prompt="make the car red", width=width, height=height, steps=steps, seed=seed,
                                 loras=[{"name": n, "scale": 1.0} for n in loras], **flags)
 
-    # warm-ups (compile / capture) without and with one adapter; the first adapter request also loads it
+    def run(flags: dict, loras=(), path: str = default_path, **kw):
+        svc.lora.set_path(path)
+        return svc.generate(req(flags, loras, **kw), image)
+
+    # warm-ups (compile / capture) without and with one adapter on each branch; the first adapter request also loads it
+    rows = [("without", (), default_path)] + [(f"with_{p}", (names[0],), p) for p in paths]
     first_load = {}
     for tier, flags in tiers.items():
         cold = {}
-        for label, loras in (("without", ()), ("with", (names[0],))):
-            r = svc.generate(req(flags, loras, steps=2), image)
+        for label, loras, path in rows:
+            r = run(flags, loras, path, steps=2)
             cold[label] = round(r.timings_ms.get("cold_start", 0.0), 1)
             if "lora_load" in r.timings_ms:
                 first_load[names[0]] = r.timings_ms["lora_load"]
         out["tiers"][tier] = {"cold_start_ms": cold}
-    r = svc.generate(req(tiers["exact"], (names[1],), steps=1), image)
+    r = run(tiers["exact"], (names[1],), steps=1)
     first_load[names[1]] = r.timings_ms.get("lora_load")
     out["first_load_ms"] = first_load
     out["dynamo_graphs_after_warmups"] = dynamo_graphs()  # the counter below counts: compiles happened by now
 
-    # step time, interleaved: exact / fp8 x without / with adapter A
-    per_step = {(t, w): [] for t in tiers for w in ("without", "with")}
+    # step time, interleaved: exact / fp8 x without / with adapter A on each branch
+    per_step = {(t, label): [] for t in tiers for label, _, _ in rows}
     for _ in range(a.runs):
         for tier, flags in tiers.items():
-            for label, loras in (("without", ()), ("with", (names[0],))):
-                r = svc.generate(req(flags, loras), image)
-                per_step[(tier, label)].append(r.timings_ms["transformer_per_step"])
+            for label, loras, path in rows:
+                per_step[(tier, label)].append(run(flags, loras, path).timings_ms["transformer_per_step"])
     for tier in tiers:
         without = statistics.median(per_step[(tier, "without")])
-        with_ = statistics.median(per_step[(tier, "with")])
-        out["tiers"][tier].update({"step_ms_without": round(without, 2), "step_ms_with": round(with_, 2),
-                                   "overhead_pct": round(100 * (with_ / without - 1), 2),
-                                   "runs": {k[1]: [round(v, 2) for v in vals] for k, vals in per_step.items()
-                                            if k[0] == tier}})
+        t = out["tiers"][tier]
+        t["step_ms_without"] = round(without, 2)
+        t["paths"] = {}
+        for label, _, path in rows[1:]:
+            with_ = statistics.median(per_step[(tier, label)])
+            t["paths"][path] = {"step_ms_with": round(with_, 2), "overhead_pct": round(100 * (with_ / without - 1), 2)}
+        main = t["paths"].get(default_path) or next(iter(t["paths"].values()))
+        t.update(main)  # the default branch's figures at the top level, as before
+        t["runs"] = {k[1]: [round(v, 2) for v in vals] for k, vals in per_step.items() if k[0] == tier}
 
-    # switching between the two loaded adapters, under compile (and CUDA graphs where prepared)
+    # switching between the two loaded adapters on the default branch, under compile (and CUDA graphs where prepared)
     switch = {}
     for tier, flags in tiers.items():
-        svc.generate(req(flags, (names[0],), steps=1), image)
+        run(flags, (names[0],), steps=1)
         graphs, captures = dynamo_graphs(), cuda_graph_count(svc)
         times, colds = [], 0
         for i in range(a.switches):
-            r = svc.generate(req(flags, (names[(i + 1) % 2],), steps=1), image)
+            r = run(flags, (names[(i + 1) % 2],), steps=1)
             times.append(r.timings_ms.get("lora_switch", float("nan")))
             colds += "cold_start" in r.timings_ms
         switch[tier] = {"switch_ms": [round(t, 2) for t in times], "switch_ms_median": round(statistics.median(times), 2),
                         "dynamo_graphs_compiled_during_switches": dynamo_graphs() - graphs,
                         "cuda_graphs_captured_during_switches": cuda_graph_count(svc) - captures,
-                        "cold_starts_during_switches": colds}
+                        "cold_starts_during_switches": colds, "path": default_path}
     out["switch"] = switch
 
-    # fidelity: fp8 + adapter vs bf16 + adapter (same seed), fp8 vs bf16 without, and the adapter's own effect
+    # fidelity: fp8 + adapter vs bf16 + adapter (same seed) on each branch, fp8 vs bf16 without, the adapter's effect
     fid_steps = min(a.steps, 8)
-    exact_with = svc.generate(req(tiers["exact"], (names[0],), steps=fid_steps, seed=5), image)
-    exact_without = svc.generate(req(tiers["exact"], (), steps=fid_steps, seed=5), image)
+    exact_with = run(tiers["exact"], (names[0],), steps=fid_steps, seed=5)
+    exact_without = run(tiers["exact"], (), steps=fid_steps, seed=5)
     out["adapter_effect_bf16"] = fidelity.fidelity(exact_without, exact_with)
     if "fp8" in tiers:
-        fp8_with = svc.generate(req(tiers["fp8"], (names[0],), steps=fid_steps, seed=5), image)
-        fp8_without = svc.generate(req(tiers["fp8"], (), steps=fid_steps, seed=5), image)
-        out["fidelity"] = {"fp8_with_adapter_vs_bf16_with_adapter": fidelity.fidelity(exact_with, fp8_with),
-                           "fp8_vs_bf16_without_adapter": fidelity.fidelity(exact_without, fp8_without),
-                           "steps": fid_steps}
+        fp8_without = run(tiers["fp8"], (), steps=fid_steps, seed=5)
+        out["fidelity"] = {"fp8_vs_bf16_without_adapter": fidelity.fidelity(exact_without, fp8_without),
+                           "steps": fid_steps, "bf16_reference_path": default_path}
+        for path in paths:
+            fp8_with = run(tiers["fp8"], (names[0],), path, steps=fid_steps, seed=5)
+            out["fidelity"][f"fp8_with_adapter_vs_bf16_with_adapter_{path}"] = fidelity.fidelity(exact_with,
+                                                                                                  fp8_with)
+        del fp8_with, fp8_without
+    eager = {**tiers["exact"], **({"use_cuda_graphs": False} if "cuda_graphs" in svc.prepared else {})}
+    out["fp8_branch_error"] = fp8_branch_error(svc, lambda: run(eager, (names[0],), steps=1), a.branch_rows)
+    svc.lora.set_path(default_path)
     out["health_lora"] = {k: v for k, v in svc.health()["lora"].items() if k != "library"}
     del svc, exact_with, exact_without
     torch._dynamo.reset()  # compiled code holds the service's modules: let the next rank's service have the memory
@@ -181,6 +207,107 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+# ---- the fp8 branch's own error, from the exact tier's activations ----------------------------------------------
+def capture_inputs(variant, generate, rows: int) -> dict:
+    """The inputs of every LoRA wrapper of `variant` on its first call during `generate()` (run eagerly: compiled
+    code would not call the hooks), `rows` of them evenly spaced over the tokens: wrapper -> tuple of (rows, in)."""
+    from kontext_server.lora.slots import WRAPPERS
+
+    captured: dict = {}
+
+    def hook(module, args):
+        if module not in captured:
+            flat = [t.reshape(-1, t.shape[-1]) for t in args if torch.is_tensor(t)]
+            step = max(1, flat[0].shape[0] // rows)
+            captured[module] = tuple(t[::step][:rows].detach().clone() for t in flat)
+
+    handles = [m.register_forward_pre_hook(hook) for m in variant.modules() if isinstance(m, WRAPPERS)]
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            generate()
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
+
+
+def _scaled_rows(out: int, n_in: int, slot, cols: slice, device):
+    """An fp8 linear of the layer's shape whose appended rows are the slot's A (its weight is irrelevant here: only
+    the appended columns are read)."""
+    from kontext_server.lora.slots import ScaledRows
+    from optimizations.fp8.linear import Fp8Linear
+
+    fp8 = Fp8Linear(torch.zeros(out, n_in, dtype=torch.float8_e4m3fn, device=device),
+                    torch.ones(out, 1, device=device), None, out_dtype=slot.A.dtype)
+    rows = ScaledRows(fp8, slot.A.shape[0], cols)
+    rows.refresh(slot.A, 0, slot.A.shape[0])
+    return fp8, rows
+
+
+@torch.no_grad()
+def branch_errors(wrapper, inputs: tuple) -> dict:
+    """One wrapper's update (its slot's adapters, k as set) on the captured inputs: the fp8 copy's fused branch and its
+    side branch against the bf16 update x A^T B^T (the exact tier's), as norms relative to the update and to the
+    layer's output. The fp8 input rows are the bf16 inputs quantised per row (in the fp8 tier the producing kernel
+    quantises the fp8 tier's own activations, which differ a little; the MLP halves' inputs are post-GELU here)."""
+    from kontext_server.lora.slots import LoraGeluOutput, _dense
+    from optimizations.fp8.linear import Fp8Rows, quantize_rows
+
+    slot = wrapper.slot
+    n, out = slot.k * slot.rows, slot.out_features
+    a, b = slot.A[:n].float(), slot.B[:, :n].float()
+    linear = wrapper.base.proj if isinstance(wrapper, LoraGeluOutput) and wrapper.via_proj else wrapper.base
+    halves = list(inputs)
+    splits = [slice(0, slot.in_features)] if len(halves) == 1 else \
+        [slice(0, slot.in_split), slice(slot.in_split, slot.in_features)]
+    x = torch.cat(halves, -1).float()
+    ref = (x @ a.t()) @ b.t()
+    base = x @ linear.weight.float().t()
+    fused_h = side_h = 0
+    for half, cols in zip(halves, splits):
+        rows = Fp8Rows(*quantize_rows(half))
+        fp8, appended = _scaled_rows(out, half.shape[-1], slot, cols, half.device)
+        fused_h = fused_h + appended(fp8, rows, n)[:, out:].float()
+        side_h = side_h + torch.nn.functional.linear(_dense(rows, slot.A.dtype), slot.A[:n, cols]).float()
+    result = {}
+    for path, h in (("fused", fused_h), ("unfused", side_h)):
+        err = (h @ b.t() - ref).norm()
+        result[path] = {"vs_update": float(err / ref.norm().clamp_min(1e-30)),
+                        "vs_output": float(err / (base + ref).norm().clamp_min(1e-30))}
+    result["update_vs_output"] = float(ref.norm() / (base + ref).norm().clamp_min(1e-30))
+    return result
+
+
+def fp8_branch_error(svc, generate, rows: int) -> dict:
+    """The fp8 branch's error (branch_errors) over every slotted layer of the exact tier, adapter A active: median
+    and max per branch, and the three worst layers of the fused branch."""
+    exact = svc.transformer_variants["exact"]
+    captured = capture_inputs(exact, generate, rows)
+    names = {m: n for n, m in exact.named_modules()}
+    per_layer = {}
+    slots = {w.slot for w in captured}
+    for slot in slots:
+        slot.k = 1  # adapter A is in slot 0 (the capture request wrote it); the request set k back to 0
+    try:
+        for wrapper, inputs in captured.items():
+            per_layer[names[wrapper]] = branch_errors(wrapper, inputs)
+    finally:
+        for slot in slots:
+            slot.k = 0
+    summary: dict = {"layers": len(per_layer), "rows_per_layer": rows}
+    for path in ("fused", "unfused"):
+        for key in ("vs_update", "vs_output"):
+            values = [e[path][key] for e in per_layer.values()]
+            summary[f"{path}_{key}_median"] = round(statistics.median(values), 5) if values else None
+            summary[f"{path}_{key}_max"] = round(max(values), 5) if values else None
+    if per_layer:
+        summary["update_vs_output_median"] = round(statistics.median(e["update_vs_output"]
+                                                                     for e in per_layer.values()), 5)
+    worst = sorted(per_layer.items(), key=lambda kv: -kv[1]["fused"]["vs_update"])[:3]
+    summary["worst_fused"] = {name: round(e["fused"]["vs_update"], 5) for name, e in worst}
+    return summary
 
 
 def main(argv=None) -> int:
@@ -191,6 +318,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="steps per timed request (default 10; --small: 2)")
     p.add_argument("--runs", type=int, default=None, help="timed requests per row (default 3; --small: 2)")
     p.add_argument("--switches", type=int, default=None, help="switch requests per tier (default 6; --small: 3)")
+    p.add_argument("--lora-paths", default="fused,unfused",
+                   help="the branches to time, comma-separated: fused (the adapters' rows under the weights, the "
+                        "server's default) and/or unfused (the side branch); each is a ratio against the same "
+                        "server's steps without an adapter")
+    p.add_argument("--branch-rows", type=int, default=128,
+                   help="activation rows per layer for the fp8 branch error (default 128)")
     p.add_argument("--small", action="store_true",
                    help="a quick run (the tiny model on CPU): small ranks, 256x256, few steps; compile uses dynamo's "
                         "eager backend (set --compile-backend to change)")
@@ -201,6 +334,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="JSON file to write")
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
+    a.lora_paths = [p.strip() for p in a.lora_paths.split(",") if p.strip()]
+    if not a.lora_paths or set(a.lora_paths) - {"fused", "unfused"}:
+        p.error("--lora-paths: fused and/or unfused")
     small = a.small
     a.steps = a.steps or (2 if small else 10)
     a.runs = a.runs or (2 if small else 3)
@@ -248,18 +384,27 @@ def run(a, small: bool, backend: str | None) -> int:
 
 
 def table(results: dict) -> str:
-    rows = ["| rank | tier | step without (ms) | step with (ms) | overhead | switch median (ms) | recompiles | "
-            "captures | first load (ms) |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| rank | tier | branch | step without (ms) | step with (ms) | overhead | switch median (ms) | "
+            "recompiles | captures | first load (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for rank, r in results["ranks"].items():
         loads = ", ".join(f"{v:.0f}" for v in r["first_load_ms"].values() if v is not None)
         for tier, t in r["tiers"].items():
             s = r["switch"][tier]
-            rows.append(f"| {rank} | {tier} | {t['step_ms_without']} | {t['step_ms_with']} | {t['overhead_pct']:+.1f}% "
-                        f"| {s['switch_ms_median']} | {s['dynamo_graphs_compiled_during_switches']} | "
-                        f"{s['cuda_graphs_captured_during_switches']} | {loads} |")
-        fid = r.get("fidelity", {}).get("fp8_with_adapter_vs_bf16_with_adapter")
-        if fid:
-            rows.append(f"| {rank} | fp8 fidelity | vs bf16 with the adapter: {fid} | | | | | | |")
+            for path, p in t["paths"].items():
+                switch = (f"{s['switch_ms_median']} | {s['dynamo_graphs_compiled_during_switches']} | "
+                          f"{s['cuda_graphs_captured_during_switches']}") if path == s["path"] else "| |"
+                rows.append(f"| {rank} | {tier} | {path} | {t['step_ms_without']} | {p['step_ms_with']} | "
+                            f"{p['overhead_pct']:+.1f}% | {switch} | {loads} |")
+        for key, fid in r.get("fidelity", {}).items():
+            if key.startswith("fp8_with_adapter_vs_bf16_with_adapter_"):
+                rows.append(f"| {rank} | fp8 fidelity | {key.rsplit('_', 1)[1]} | vs bf16 with the adapter: {fid} "
+                            f"| | | | | | |")
+        err = r.get("fp8_branch_error") or {}
+        for path in ("fused", "unfused"):
+            if err.get(f"{path}_vs_update_median") is not None:
+                rows.append(f"| {rank} | fp8 branch error | {path} | median {err[f'{path}_vs_update_median']} "
+                            f"(max {err[f'{path}_vs_update_max']}) of the update, {err[f'{path}_vs_output_median']} "
+                            f"of the output | | | | | | |")
     return "\n".join(rows)
 
 

@@ -6,9 +6,15 @@ slots' rank, fuse `--lora-fuse` into the weights. After the optimisations are pr
 module any adapter targets, its wrapper on every transformer variant; then `--lora-preload`.
 
 Per request (`applied`, worker thread): validate the request's adapters and load what is missing before anything in
-the model is touched; copy them into the slots (only the scales when the same adapters run again); set the active
-count k, which is also the request's `graph_key`; reset the modulation table when the active set changed; and, on the
-way out, whatever happened, set k back to 0, so the next request without adapters runs the base model's code.
+the model is touched; copy them into the slots (only the scaled up-projections when the same adapters run again at
+other scales); set the active count k and the branch (fused or unfused, slots.py), which are also the request's
+`graph_key`; reset the modulation table when the active set changed; and, on the way out, whatever happened, set k
+back to 0, so the next request without adapters runs the base model's code.
+
+The branch: `FLUX_LORA_FUSED_BRANCH` (on unless "0") decides at start-up whether the wrapped modules get the slots'
+rows appended under their weights (the fused branch, slots.py); `path` is the branch requests run, "fused" where the
+rows exist, and `set_path("unfused")` makes later requests run the side branch instead (tools/bench_lora.py times both
+in one server; each is compiled and captured once per adapter count).
 """
 from __future__ import annotations
 
@@ -19,9 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kontext_server import settings
 from kontext_server.lora.library import AdapterFused, Library, LoraError, NeedsRestart
-from kontext_server.lora.slots import SLOTS, LoraSlot, Placement, place, shape_of, wrap
+from kontext_server.lora.slots import SLOTS, LoraSlot, Placement, is_fused, place, shape_of, wrap
 from kontext_server.lora.store import AdapterStore
+from optimizations.compiling.cache import switched_off
 
 log = logging.getLogger("flux.lora")
 
@@ -68,6 +76,10 @@ class LoraManager:
         self.tables: list = []  # the modulation tables of the variants (optimizations.modulation_table.TableState)
         self.table_hooks: list = []  # (ModulationLinear, slot) pairs
         self.installed = False
+        self.fuse = not switched_off(settings.LORA_FUSED_BRANCH)  # append rows under the weights at install
+        self.path = "fused" if self.fuse else "unfused"
+        # per variant: how many wrapped modules run the fused branch, and why the others do not
+        self.branches: dict[str, dict] = {}
         self._content: tuple | None = ()  # (name, file stamp) per slot index now in the buffers; None: unknown
         self._scales: tuple = ()
         self._active: tuple = ()  # what the tables were last filled with
@@ -140,7 +152,8 @@ class LoraManager:
                     raise RuntimeError(f"LoRA slots: {p.group} differs between the transformer variants")
                 out = shape[1] // p.parts
                 slot.parts[p.part] = (module, p.part * out, out)
-                wrap(variant, p, slot)
+                wrapper = wrap(variant, p, slot, fuse=self.fuse)
+                self._count_branch(precision, p.group, wrapper)
                 if p.kind == "table":
                     self.table_hooks.append((variant.get_submodule(p.path), slot))
                 self.placements.setdefault(module, p)
@@ -151,6 +164,26 @@ class LoraManager:
         for m, _ in self.table_hooks:
             assert isinstance(m, ModulationLinear)
         self.installed = True
+
+    def _count_branch(self, precision: str, group: str, wrapper) -> None:
+        seen = self.branches.setdefault(precision, {"fused": 0, "unfused": {}, "_groups": set()})
+        if group in seen["_groups"]:  # a fused q/k/v slot is reached from each of its parts
+            return
+        seen["_groups"].add(group)
+        if wrapper is not None and is_fused(wrapper):
+            seen["fused"] += 1
+        else:
+            reason = "the modulation table" if wrapper is None else (wrapper.unfused_reason or "?")
+            seen["unfused"][reason] = seen["unfused"].get(reason, 0) + 1
+
+    def set_path(self, path: str) -> None:
+        """The branch the next requests run: "fused" (where the modules have appended rows) or "unfused" (the side
+        branch everywhere). Worker thread, between requests."""
+        if path not in ("fused", "unfused"):
+            raise ValueError(f"LoRA branch must be 'fused' or 'unfused', not {path!r}")
+        if path == "fused" and not self.fuse:
+            raise ValueError("the fused LoRA branch is off (FLUX_LORA_FUSED_BRANCH=0): no rows were appended")
+        self.path = path
 
     def preload(self, names: list[str]) -> None:
         for name in names:
@@ -214,13 +247,14 @@ class LoraManager:
             switched = self._write(adapters, [s.scale for s in specs])
             for slot in self.slots.values():
                 slot.k = k
+                slot.fused = self.path == "fused"
             self._activate_tables(tuple((a.name, a.stamp, s.scale) for a, s in zip(adapters, specs)))
             if switched:
                 if str(self.device).startswith("cuda"):
                     torch.cuda.synchronize(self.device)
                 self.last_switch_ms = (time.perf_counter() - t0) * 1000
             report = [{"name": a.name, "scale": s.scale, "rank": a.rank} for a, s in zip(adapters, specs)]
-            yield Applied(report, load_ms, self.last_switch_ms if switched else None, (("lora", k),))
+            yield Applied(report, load_ms, self.last_switch_ms if switched else None, (("lora", k, self.path),))
         finally:
             for slot in self.slots.values():
                 slot.k = 0
@@ -273,9 +307,12 @@ class LoraManager:
             "max_loras": self.store.capacity,
             "slots": {"adapters_per_request": SLOTS, "rank": self.rank, "modules": len(self.slots),
                       "targets": len(self.targets), "mib": round(slot_bytes / 2**20, 2)},
+            "branch": {"path": self.path, "variants": {
+                precision: {"fused_modules": b["fused"], "unfused_modules": dict(b["unfused"])}
+                for precision, b in self.branches.items()}},
             "loaded_mib": round(self.store.nbytes / 2**20, 2),
             "loads": self.store.loads, "evictions": self.store.evictions, "switches": self.switches,
-            "compile": "blocks compiled by dynamo in place (one graph per active adapter count)"
+            "compile": "blocks compiled by dynamo in place (one graph per active adapter count and branch)"
             if self.targets else "no slots",
         }
         if self.fused is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,14 @@ class DeviceTarget:
     a: torch.Tensor  # (rank, in), the model's dtype, on the device
     b: torch.Tensor  # (out, rank)
     scale: float  # alpha / rank
+    # a's rows (a column block of them) quantised to fp8 e4m3 per row, by column range: made by the fp8 copy's
+    # appended rows (slots.ScaledRows) the first time this adapter is written, so a switch only copies them
+    fp8: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        cached = sum(q.numel() * q.element_size() + s.numel() * s.element_size() for q, s in self.fp8.values())
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size() + cached
 
 
 @dataclass
@@ -34,8 +42,7 @@ class DeviceAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.a.numel() * t.a.element_size() + t.b.numel() * t.b.element_size()
-                   for t in self.targets.values())
+        return sum(t.nbytes for t in self.targets.values())
 
 
 class AdapterStore:

@@ -86,7 +86,9 @@ class GeluFp8Linear(Fp8Linear):
             raise RuntimeError("GeluFp8Linear needs Triton")
 
     def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.flux_kontext.gelu_quant_fp8_rows(x2d.contiguous())
+        # The kernel takes a row stride: a view of wider rows (the LoRA slots' fused branch returns the base columns
+        # of a wider GEMM output) is read where it lies, not copied; only a strided last dimension is.
+        return torch.ops.flux_kontext.gelu_quant_fp8_rows(x2d if x2d.stride(-1) == 1 else x2d.contiguous())
 
 
 def _tanh_gelu(module) -> bool:

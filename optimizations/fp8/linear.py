@@ -65,13 +65,18 @@ class Fp8Linear(torch.nn.Module):
     def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return quantize_rows(x2d)
 
-    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+    def input_rows(self, x: torch.Tensor | Fp8Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Size, torch.dtype]:
+        """The GEMM's fp8 input rows (M, in_features), their scales (M, 1), the leading shape of the output and its
+        dtype: fp8 rows as their producer quantised them, or the tensor quantised here (quantize_input). Shared
+        with the LoRA slots' fused branch (kontext_server/lora/slots.py), which runs one GEMM on the same rows."""
         if isinstance(x, Fp8Rows):  # quantised by its producer
-            lead, dtype = x.data.shape[:-1], self.out_dtype
             q, s = x.data.reshape(-1, self.in_features), x.scale.reshape(-1, 1)
-        else:
-            lead, dtype = x.shape[:-1], x.dtype
-            q, s = self.quantize_input(x.reshape(-1, x.shape[-1]))
+            return q, s, x.data.shape[:-1], self.out_dtype
+        q, s = self.quantize_input(x.reshape(-1, x.shape[-1]))
+        return q, s, x.shape[:-1], x.dtype
+
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        q, s, lead, dtype = self.input_rows(x)
         out = torch._scaled_mm(q, self.weight_t, scale_a=s, scale_b=self.weight_scale, bias=self.bias,
                                out_dtype=dtype, use_fast_accum=self.use_fast_accum)
         return out.reshape(*lead, self.out_features)

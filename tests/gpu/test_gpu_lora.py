@@ -5,7 +5,9 @@ the fp8 copy. Run on the device machine:
 
 With CUDA graphs each adapter request matches the same request without graphs, and a switch between adapters of the
 same count captures nothing; a request without adapters is bit-identical to a server without a LoRA directory, in
-both tiers; the fp8 tier with an adapter stays as close to bf16 with the adapter as fp8 is to bf16 without one.
+both tiers; the fp8 tier with an adapter stays as close to bf16 with the adapter as fp8 is to bf16 without one; the
+fused branch (the adapters' rows under the weights, the default) gives the side branch's image in each tier, within
+the rounding that differs between them (on the fp8 copy, A's rows in e4m3).
 """
 from __future__ import annotations
 
@@ -85,3 +87,24 @@ def test_fp8_with_an_adapter_is_as_close_to_bf16_with_it_as_fp8_is_without(svc):
     without = rel(run(svc, **TIERS["fp8"]).latents, run(svc).latents)
     print(f"tiny, fp8 vs bf16 latents: with the adapter {with_adapter:.4f}, without {without:.4f}")
     assert with_adapter < 2 * without + 0.01
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_the_fused_branch_gives_the_side_branchs_image(svc, tier):
+    flags = TIERS[tier]
+    loras = [("style", 1.0), ("light", 0.5), ("shared", -0.7)]
+    branch = svc.health()["lora"]["branch"]
+    assert branch["path"] == "fused" and all(v["fused_modules"] > 0 for v in branch["variants"].values())
+    fused = run(svc, loras, **flags)
+    svc.lora.set_path("unfused")
+    try:
+        side = run(svc, loras, **flags)
+        side_fp8_vs_bf16 = rel(run(svc, [("style", 1.0)], **TIERS["fp8"]).latents, run(svc, [("style", 1.0)]).latents)
+    finally:
+        svc.lora.set_path("fused")
+    fused_fp8_vs_bf16 = rel(run(svc, [("style", 1.0)], **TIERS["fp8"]).latents, run(svc, [("style", 1.0)]).latents)
+    diff = rel(fused.latents, side.latents)
+    print(f"tiny, {tier}: fused vs side branch latents {diff:.5f}; fp8 vs bf16 with the adapter: fused "
+          f"{fused_fp8_vs_bf16:.4f}, side branch {side_fp8_vs_bf16:.4f}")
+    assert diff < (2e-2 if tier == "fp8" else 5e-3)
+    assert fused_fp8_vs_bf16 < 2 * side_fp8_vs_bf16 + 0.01

@@ -103,3 +103,38 @@ def test_an_adapter_without_modulation_targets_leaves_the_table_rows_as_the_base
     base_rows = state.table[:state.used].clone()
     latents(lora_service, [("style", 1.0)])  # a reset, then rows of an adapter that targets no modulation linear
     torch.testing.assert_close(state.table[:state.used], base_rows, rtol=0, atol=0)
+
+
+@pytest.fixture
+def unfused_afterwards(lora_service):
+    yield lora_service
+    lora_service.lora.set_path("fused")
+
+
+@pytest.mark.parametrize("loras", [[("style", 1.0)], [("style", -0.8), ("light", 1.5), ("shared", 0.6)]],
+                         ids=["one", "three"])
+def test_the_fused_branch_gives_the_side_branchs_image(unfused_afterwards, loras):
+    svc = unfused_afterwards
+    assert svc.lora.path == "fused"
+    fused = latents(svc, loras)
+    svc.lora.set_path("unfused")
+    side = latents(svc, loras)
+    torch.testing.assert_close(fused.latents, side.latents, rtol=1e-5, atol=1e-5)
+
+
+def test_every_fused_module_holds_its_adapter_rows_in_its_own_weights_storage(lora_service):
+    from kontext_server.lora.slots import LinearRows, LoraLinear, LoraProjOut
+
+    exact = lora_service.transformer_variants["exact"]
+    wrappers = [m for m in exact.modules() if isinstance(m, (LoraLinear, LoraProjOut))]
+    assert wrappers and all(w.appended is not None for w in wrappers)
+    for w in wrappers:
+        rows = w.appended
+        assert isinstance(rows, LinearRows) and w.slot.home is rows  # the exact tier's rows are the slot's A
+        storage = rows.weight.untyped_storage().data_ptr()
+        assert w.base.weight.untyped_storage().data_ptr() == storage == w.slot.A.untyped_storage().data_ptr()
+    branch = lora_service.health()["lora"]["branch"]
+    assert branch["path"] == "fused"
+    exact_branch = branch["variants"]["exact"]
+    assert exact_branch["fused_modules"] == len(wrappers)
+    assert set(exact_branch["unfused_modules"]) == {"the modulation table"}

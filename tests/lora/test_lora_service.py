@@ -54,6 +54,18 @@ def test_switching_between_adapters_of_the_same_count_under_compile_does_not_rec
     latents(svc)
     latents(svc, [("light", 1.0)])
     assert counted_compile.frame_count == two  # ... and never again on a switch
+    # the side branch (tools/bench_lora.py times both in one server) is other code: it compiles once, then neither
+    # branch compiles again on a switch
+    assert svc.lora.path == "fused"
+    svc.lora.set_path("unfused")
+    side = latents(svc, [("style", 1.0)])
+    assert "cold_start" in side.timings_ms and counted_compile.frame_count > two
+    torch.testing.assert_close(side.latents, latents(lora_service, [("style", 1.0)]).latents, rtol=1e-4, atol=1e-4)
+    both = counted_compile.frame_count
+    latents(svc, [("light", 1.0)])
+    svc.lora.set_path("fused")
+    latents(svc, [("shared", 1.0)])
+    assert counted_compile.frame_count == both
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +112,20 @@ def test_without_a_lora_directory_a_request_with_adapters_is_refused_by_name(bas
     with pytest.raises(UnknownAdapter, match="no LoRA directory") as exc:
         base_service.check_loras(InferenceRequest(prompt="x", loras=[{"name": "style"}]))
     assert exc.value.index == 0
+
+
+def test_with_the_fused_branch_switched_off_no_rows_are_appended_and_the_side_branch_runs(cache_dir, lora_dir,
+                                                                                          lora_service, monkeypatch):
+    from kontext_server.lora.slots import LoraLinear
+
+    monkeypatch.setenv("FLUX_LORA_FUSED_BRANCH", "0")
+    svc = make_service(cache_dir, lora_dir=lora_dir, lora_max_rank=8)
+    wrappers = [m for m in svc.transformer_variants["exact"].modules() if isinstance(m, LoraLinear)]
+    assert wrappers and all(w.appended is None for w in wrappers)
+    assert all(w.base.weight.untyped_storage().nbytes() == w.base.weight.numel() * w.base.weight.element_size()
+               for w in wrappers)  # the weights as loaded, nothing appended
+    assert svc.health()["lora"]["branch"]["path"] == "unfused"
+    with pytest.raises(ValueError, match="FLUX_LORA_FUSED_BRANCH=0"):
+        svc.lora.set_path("fused")
+    torch.testing.assert_close(latents(svc, [("style", 1.0)]).latents,
+                               latents(lora_service, [("style", 1.0)]).latents, rtol=1e-5, atol=1e-5)

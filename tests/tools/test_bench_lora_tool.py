@@ -22,6 +22,17 @@ def test_the_lora_benchmark_runs_on_the_tiny_model_and_writes_its_figures(cache_
     r = json.loads(out.read_text())["ranks"]["4"]
     exact = r["tiers"]["exact"]
     assert exact["step_ms_without"] > 0 and exact["step_ms_with"] > 0 and "overhead_pct" in exact
+    # both branches timed in the one server, each against the same steps without an adapter
+    assert r["paths"] == ["fused", "unfused"] and r["default_path"] == "fused"
+    assert set(exact["paths"]) == {"fused", "unfused"} and all(p["step_ms_with"] > 0 for p in exact["paths"].values())
+    assert exact["step_ms_with"] == exact["paths"]["fused"]["step_ms_with"]
+    assert set(exact["cold_start_ms"]) == {"without", "with_fused", "with_unfused"}
+    assert r["branch"]["variants"]["exact"]["fused_modules"] > 0
+    # the fp8 branch's own error, measured without an fp8 tier: A's rows in e4m3 add to the input rows' rounding
+    err = r["fp8_branch_error"]
+    assert err["layers"] == r["branch"]["variants"]["exact"]["fused_modules"]
+    assert 0 < err["unfused_vs_update_median"] < err["fused_vs_update_median"] < 0.1
+    assert err["fused_vs_output_median"] < 0.01
     switch = r["switch"]["exact"]
     assert len(switch["switch_ms"]) == 2 and all(ms >= 0 for ms in switch["switch_ms"])
     assert switch["dynamo_graphs_compiled_during_switches"] == 0 and switch["cold_starts_during_switches"] == 0
