@@ -10,7 +10,8 @@ For each rank (32 and 128; --small: 4 and 8) it writes two synthetic adapters on
 optimisations, `auto` on a GPU: compile, CUDA graphs, the fp8 copy...; the slots' rank is that rank), and through the
 service's own request path:
 - warms up each tier without and with one adapter, on each branch of --lora-paths (`fused`: the adapters' rows
-  appended under the weights, the server's default; `unfused`: the side branch; kontext_server/lora/slots.py). Each
+  appended under the weights, opt-in: this tool sets FLUX_LORA_FUSED_BRANCH=1 when it is asked for; `unfused`: the
+  side branch, the server's default; kontext_server/lora/slots.py). Each
   active adapter count and branch compiles once: reported as cold starts;
 - times the transformer per step, interleaved, for the exact tier and the fp8 tier, without an adapter and with
   adapter A on each branch: each branch's overhead is a ratio against the same server's steps without an adapter;
@@ -31,6 +32,7 @@ per tier, active adapter count and branch; --lora-paths fused halves them), then
 from __future__ import annotations
 
 import argparse
+import os
 import gc
 import json
 import statistics
@@ -201,7 +203,7 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     out["fp8_branch_error"] = fp8_branch_error(svc, lambda: run(eager, (names[0],), steps=1), a.branch_rows)
     svc.lora.set_path(default_path)
     out["health_lora"] = {k: v for k, v in svc.health()["lora"].items() if k != "library"}
-    del svc, exact_with, exact_without
+    svc = exact_with = exact_without = None  # freed before the next rank's server (run() is not called after)
     torch._dynamo.reset()  # compiled code holds the service's modules: let the next rank's service have the memory
     gc.collect()
     if torch.cuda.is_available():
@@ -319,8 +321,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=None, help="timed requests per row (default 3; --small: 2)")
     p.add_argument("--switches", type=int, default=None, help="switch requests per tier (default 6; --small: 3)")
     p.add_argument("--lora-paths", default="fused,unfused",
-                   help="the branches to time, comma-separated: fused (the adapters' rows under the weights, the "
-                        "server's default) and/or unfused (the side branch); each is a ratio against the same "
+                   help="the branches to time, comma-separated: fused (the adapters' rows under the weights, "
+                        "opt-in) and/or unfused (the side branch); each is a ratio against the same "
                         "server's steps without an adapter")
     p.add_argument("--branch-rows", type=int, default=128,
                    help="activation rows per layer for the fp8 branch error (default 128)")
@@ -335,6 +337,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.lora_paths = [p.strip() for p in a.lora_paths.split(",") if p.strip()]
+    if "fused" in a.lora_paths:
+        os.environ.setdefault("FLUX_LORA_FUSED_BRANCH", "1")  # the rows must be appended at install to time it
     if not a.lora_paths or set(a.lora_paths) - {"fused", "unfused"}:
         p.error("--lora-paths: fused and/or unfused")
     small = a.small

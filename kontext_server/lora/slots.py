@@ -21,7 +21,8 @@ constant of the traced code guarded by dynamo: each k compiles once per shape, a
 same count changes only buffer contents (the slot's, and the rows appended under the weights below), so it compiles
 nothing and replays the same CUDA graphs.
 
-The data flow with k > 0: the fused branch (default; `FLUX_LORA_FUSED_BRANCH=0` turns it off).
+The data flow with k > 0: the fused branch (opt-in, `FLUX_LORA_FUSED_BRANCH=1`: tested on CPU; on CUDA the fp8
+copy's compiled GEMM with appended rows failed inductor's lowering of `_scaled_mm`, so the side branch is the default).
 - Down-projection inside the base GEMM. At install the module's weight is re-stored with the slot's A rows appended
   under it, W_ext = [W; A] of shape (out + S*Q, in), and the base module's weight becomes the view W_ext[:out]: the
   same values in a contiguous tensor of the same strides, so k = 0 is unchanged, and nothing is duplicated (on the
@@ -56,7 +57,7 @@ The data flow with k > 0: the fused branch (default; `FLUX_LORA_FUSED_BRANCH=0` 
   side branch wrote its update and read it again in the add), and the GELU pass of the exact tier's GELU-epilogue
   linears. Removing those would take the update into the base GEMM's own main loop, or into each consumer's kernel.
 
-The side branch (`FLUX_LORA_FUSED_BRANCH=0`, and the modules above that cannot take the fused one): two thin GEMMs
+The side branch (the default, and the modules above that cannot take the fused one): two thin GEMMs
 beside the base module's, base(x) + (x A[:n]^T) B[:, :n]^T, each reading the layer input again and writing its
 update, then added in another pass. Where it takes its input, per kind of module:
 - a Linear or an fp8 linear (`LoraLinear`): the module's input. In the fp8 copy that input may be fp8 rows quantised

@@ -27,12 +27,17 @@ def lora_dir(lora_source, tmp_path_factory) -> Path:
     return d
 
 
-def make_service(cache_dir, optimizations: str = "qkv_fusion,modulation_table", device: str = "cpu", **config):
+def make_service(cache_dir, optimizations: str = "qkv_fusion,modulation_table", device: str = "cpu",
+                 fused: bool = True, **config):
+    """A tiny service; `fused`: the adapters' rows appended under the weights (FLUX_LORA_FUSED_BRANCH=1, the branch
+    most CPU tests exercise: it takes the side branch's place on every module it can), else the default side branch."""
     from kontext_server.service import FluxService, ServiceConfig
 
-    svc = FluxService(ServiceConfig(model="tiny", device=device, cache_dir=cache_dir, optimizations=optimizations,
-                                    compile_vae=False, **config))
-    svc.load()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUX_LORA_FUSED_BRANCH", "1" if fused else "0")
+        svc = FluxService(ServiceConfig(model="tiny", device=device, cache_dir=cache_dir, optimizations=optimizations,
+                                        compile_vae=False, **config))
+        svc.load()
     return svc
 
 

@@ -74,8 +74,10 @@ def variants(cache_dir, lora_dir):
     q = fp8_copy(exact)
     pristine = {"exact": copy.deepcopy(exact), "fp8": copy.deepcopy(q)}
     config = SimpleNamespace(lora_dir=lora_dir, lora_fuse=None, lora_max_rank=8, max_loras=8)
-    manager = LoraManager.create(config, exact, "cpu")
-    manager.install({"exact": exact, "fp8": q})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUX_LORA_FUSED_BRANCH", "1")  # the opt-in branch these tests are about
+        manager = LoraManager.create(config, exact, "cpu")
+        manager.install({"exact": exact, "fp8": q})
     return manager, {"exact": exact, "fp8": q}, pristine
 
 

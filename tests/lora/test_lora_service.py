@@ -118,8 +118,7 @@ def test_with_the_fused_branch_switched_off_no_rows_are_appended_and_the_side_br
                                                                                           lora_service, monkeypatch):
     from kontext_server.lora.slots import LoraLinear
 
-    monkeypatch.setenv("FLUX_LORA_FUSED_BRANCH", "0")
-    svc = make_service(cache_dir, lora_dir=lora_dir, lora_max_rank=8)
+    svc = make_service(cache_dir, lora_dir=lora_dir, lora_max_rank=8, fused=False)
     wrappers = [m for m in svc.transformer_variants["exact"].modules() if isinstance(m, LoraLinear)]
     assert wrappers and all(w.appended is None for w in wrappers)
     assert all(w.base.weight.untyped_storage().nbytes() == w.base.weight.numel() * w.base.weight.element_size()
