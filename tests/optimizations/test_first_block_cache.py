@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from PIL import Image
 
 from kontext_server.models import sources
 from optimizations.caching.first_block_cache import CacheStats, FirstBlockCache
+from tests.optimizations.fbc_cases import CALLS, CASES, STEPS
 
-STEPS = 8
 HIGH = 10.0  # rel diff of first-block residuals on the tiny random model is far below this: every call after the first skips
 
 
-def _gen_kwargs(**extra):
-    kw = dict(prompt="a red car", height=256, width=256, max_area=256 * 256, num_inference_steps=STEPS,
-              guidance_scale=2.5, generator=torch.Generator().manual_seed(0), output_type="latent")
-    kw.update(extra)
-    return kw
-
-
-def _edit_image() -> Image.Image:
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8))
-
-
-CASES = {
-    "generate": lambda: _gen_kwargs(),
-    "edit": lambda: _gen_kwargs(image=_edit_image(), _auto_resize=False),
-    "cfg": lambda: _gen_kwargs(true_cfg_scale=2.0, negative_prompt="blurry"),
-}
-CALLS = {"generate": STEPS, "edit": STEPS, "cfg": 2 * STEPS}
 
 
 class _CallCounter:

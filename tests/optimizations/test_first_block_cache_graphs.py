@@ -14,35 +14,16 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from PIL import Image
 
 from kontext_server.models import sources
 from optimizations.caching.first_block_cache import FirstBlockCache
 from optimizations.cuda_graphs import CudaGraphTransformer
 from optimizations.graph_capture import RecordedCapture, RecordedGraph, capturing
+from tests.optimizations.fbc_cases import CALLS, CASES, gen_kwargs
 
-STEPS = 8
 HIGH = 10.0  # far above any relative change on the tiny random model: every call after a branch's first skips
 
 
-def _gen_kwargs(**extra):
-    kw = dict(prompt="a red car", height=256, width=256, max_area=256 * 256, num_inference_steps=STEPS,
-              guidance_scale=2.5, generator=torch.Generator().manual_seed(0), output_type="latent")
-    kw.update(extra)
-    return kw
-
-
-def _edit_image() -> Image.Image:
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8))
-
-
-CASES = {
-    "generate": lambda: _gen_kwargs(),
-    "edit": lambda: _gen_kwargs(image=_edit_image(), _auto_resize=False),
-    "cfg": lambda: _gen_kwargs(true_cfg_scale=2.0, negative_prompt="blurry"),
-}
-CALLS = {"generate": STEPS, "edit": STEPS, "cfg": 2 * STEPS}
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +139,7 @@ def test_under_graphs_requests_do_not_influence_each_other(setup):
     assert not cache.active
     # the first call of every request computes: its branch has no reference of this request yet
     with torch.inference_mode(), cache.session(HIGH) as stats, _graphed(pipe, runner):
-        pipe(**_gen_kwargs(num_inference_steps=1))
+        pipe(**gen_kwargs(num_inference_steps=1))
     assert (stats.computed, stats.skipped) == (1, 0)
 
 
