@@ -411,6 +411,37 @@ def test_full_queue_answers_429_with_retry_after(spare_service, monkeypatch):
         check_ok(c.post("/inference", json=dict(prompt="after the burst", **BASE)), width=256, height=256)
 
 
+def test_encoding_a_response_runs_beside_the_next_requests_generation(spare_service, monkeypatch):
+    """The host's work around a generation (here the output's encode, made slow) is done by the request's own
+    thread, not the one worker: the next queued request's generation starts while the first is still encoding."""
+    import kontext_server.provenance as provenance
+
+    events: list[tuple[str, str, float]] = []
+    original_generate, original_encode = spare_service.generate, provenance.encode_image_bytes
+
+    def generate(req, *args, **kwargs):
+        events.append(("generate", req.prompt, time.perf_counter()))
+        return original_generate(req, *args, **kwargs)
+
+    def slow_encode(image, fmt, *args, **kwargs):
+        time.sleep(1.5)
+        events.append(("encoded", "", time.perf_counter()))
+        return original_encode(image, fmt, *args, **kwargs)
+
+    monkeypatch.setattr(spare_service, "generate", generate)
+    monkeypatch.setattr(provenance, "encode_image_bytes", slow_encode)
+    app = create_app(spare_service, ServerSettings(max_queue=4, load_in_background=False))
+    with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(c.post, "/inference", json=dict(prompt="first", seed=1, **BASE))
+        wait_for(lambda: any(e[0] == "generate" for e in events))
+        second = pool.submit(c.post, "/inference", json=dict(prompt="second", seed=2, **BASE))
+        for r in (first.result(), second.result()):
+            check_ok(r, width=256, height=256)
+    started = {prompt: t for kind, prompt, t in events if kind == "generate"}
+    first_encoded = min(t for kind, _, t in events if kind == "encoded")
+    assert started["second"] < first_encoded, events
+
+
 def test_server_healthy_after_failed_generation(spare_service, monkeypatch):
     original = spare_service.generate
     calls = {"n": 0}
