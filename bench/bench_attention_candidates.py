@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fp8_attention import HEAD_DIM, HEADS, SEQ, bench, rel  # noqa: E402
+from bench_fp8_attention import HEAD_DIM, HEADS, SEQ, bench, rel  # bench/ beside this script
 
 ERROR_HEADS = slice(0, 4)
 INPUTS = {"flat": (1.0, 0.0), "sharp": (3.0, 0.0), "sharp+bias": (3.0, 2.0)}

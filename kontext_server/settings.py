@@ -42,7 +42,7 @@ class EnvVar:
         return self.name in os.environ
 
     def off(self) -> bool:
-        """A switch (default on) turned off: its variable is "0"."""
+        """A switch turned off: its variable, or unset its default (on unless declared "0"), is "0"."""
         return os.environ.get(self.name, self.default or "1") == "0"
 
 
@@ -253,9 +253,9 @@ def is_true(var: EnvVar) -> bool:
 
 
 def code_switches() -> dict[str, str]:
-    """The code switches turned off in this process (recorded by benchmarks, part of the compile-cache key). Only
-    the off ones: an explicit "1" runs the same code as an unset switch."""
-    return {v.name: "0" for v in CODE_SWITCHES if v.off()}
+    """The code switches set away from their default in this process, as "0" (off) or "1" (on) (recorded by
+    benchmarks, part of the compile-cache key). Only those: a switch at its default runs the same code as unset."""
+    return {v.name: "0" if v.off() else "1" for v in CODE_SWITCHES if v.off() != (v.default == "0")}
 
 
 def replica_env() -> dict[str, str]:
@@ -267,7 +267,8 @@ def replica_env() -> dict[str, str]:
 
 
 def set_process_env(var: EnvVar, value: str) -> None:
-    """Export a variable for a library that reads it from the environment (cuBLASLt, inductor)."""
+    """Export a variable for a library that reads it from the environment (cuBLASLt, inductor), or for the server's
+    own code that a tool runs in-process with a switch set (tools/bench_lora.py)."""
     os.environ[var.name] = value
 
 

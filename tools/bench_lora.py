@@ -32,7 +32,6 @@ per tier, active adapter count and branch; --lora-paths fused halves them), then
 from __future__ import annotations
 
 import argparse
-import os
 import gc
 import json
 import statistics
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from kontext_server import settings
 from kontext_server.benchmark import fidelity
 from kontext_server.benchmark.workloads import add_model_and_workload_args, workload_request
 from kontext_server.request import InferenceRequest
@@ -337,8 +337,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.lora_paths = [p.strip() for p in a.lora_paths.split(",") if p.strip()]
-    if "fused" in a.lora_paths:
-        os.environ.setdefault("FLUX_LORA_FUSED_BRANCH", "1")  # the rows must be appended at install to time it
+    if "fused" in a.lora_paths and not settings.LORA_FUSED_BRANCH.is_set():
+        settings.set_process_env(settings.LORA_FUSED_BRANCH, "1")  # the rows must be appended at install to time it
     if not a.lora_paths or set(a.lora_paths) - {"fused", "unfused"}:
         p.error("--lora-paths: fused and/or unfused")
     small = a.small
