@@ -306,6 +306,16 @@ class ScaledRows(AppendedRows):
         linear.weight_t = ext[:self.out_features].t()
         linear.weight_scale = scale[:, :self.out_features]
         self._extend_bias(linear, total)
+        # The bias of each adapter count as a whole buffer, not a slice of the extended one: inductor's _scaled_mm
+        # template unsqueezes the bias through a view whose size check reads a slice's underlying buffer, and fails
+        # (seen on an H100 with torch 2.11). The values never change (the appended entries are zeros).
+        self._biases: list[torch.Tensor | None] = [None] * (SLOTS + 1)
+        if self.bias is not None:
+            for k in range(1, SLOTS + 1):
+                self.register_buffer(f"bias_{k}", self.bias[:self.out_features + k * total // SLOTS].clone(),
+                                     persistent=False)
+                self._biases[k] = getattr(self, f"bias_{k}")
+        self._rows = total // SLOTS
 
     @staticmethod
     def reason(linear) -> str | None:
@@ -335,15 +345,18 @@ class ScaledRows(AppendedRows):
     @property
     def extra_nbytes(self) -> int:
         total = self.weight.shape[0] - self.out_features
+        per_count = sum(b.numel() * b.element_size() for b in self._biases if b is not None)
         return total * (self.weight.shape[1] * self.weight.element_size() + self.weight_scale.element_size()) \
-            + self.bias_nbytes
+            + self.bias_nbytes + per_count
 
     def forward(self, base: Fp8Linear, x, n: int) -> torch.Tensor:
         end = self.out_features + n
         q, s, lead, dtype = base.input_rows(x)
+        k, rest = divmod(n, self._rows)
+        bias = self._biases[k] if self.bias is not None and rest == 0 and 1 <= k <= SLOTS else \
+            None if self.bias is None else self.bias[:end]
         y = torch._scaled_mm(q, self.weight[:end].t(), scale_a=s, scale_b=self.weight_scale[:, :end],
-                             bias=None if self.bias is None else self.bias[:end], out_dtype=dtype,
-                             use_fast_accum=base.use_fast_accum)
+                             bias=bias, out_dtype=dtype, use_fast_accum=base.use_fast_accum)
         return y.reshape(*lead, end)
 
 

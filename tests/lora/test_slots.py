@@ -275,6 +275,10 @@ def test_an_fp8_linear_with_appended_rows_runs_the_branch_in_its_gemm_on_the_fp8
     q, sc = quantize_rows(s.A[:s.rows])  # the appended rows: A quantised per row, its scales after the weight's
     assert torch.equal(ext[96:96 + s.rows].view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(wrapped.appended.weight_scale[0, 96:96 + s.rows], sc.reshape(-1))
+    for k in (1, 2, 3):  # each adapter count's bias a whole buffer (inductor's _scaled_mm template fails on a slice)
+        bias_k = wrapped.appended._biases[k]
+        assert bias_k.shape == (96 + k * s.rows,) and bias_k.untyped_storage().nbytes() == bias_k.numel() * 2
+        assert torch.equal(bias_k, wrapped.appended.bias[:96 + k * s.rows])
     x = torch.randn(64, 256, dtype=torch.bfloat16)
     x[:, :4] *= 20  # a few outlier channels, as real activations have
     rows = Fp8Rows(*quantize_rows(x))
