@@ -11,7 +11,7 @@ optimisations, `auto` on a GPU: compile, CUDA graphs, the fp8 copy...; the slots
 service's own request path:
 - warms up each tier without and with one adapter, on each branch of --lora-paths (`fused`: the adapters' rows
   appended under the weights, opt-in: this tool sets FLUX_LORA_FUSED_BRANCH=1 when it is asked for; `unfused`: the
-  side branch, the server's default; kontext_server/lora/slots.py). Each
+  side branch, the server's default; kontext_server/lora/slots.py, fused_rows.py). Each
   active adapter count and branch compiles once: reported as cold starts;
 - times the transformer per step, interleaved, for the exact tier and the fp8 tier, without an adapter and with
   adapter A on each branch: each branch's overhead is a ratio against the same server's steps without an adapter;

@@ -361,10 +361,11 @@ def test_a_split_fp8_proj_out_appends_each_halfs_column_block_of_a_quantised_on_
 
 
 def test_switching_adapters_rewrites_the_appended_rows_in_place_quantising_each_adapter_once(monkeypatch):
-    import kontext_server.lora.slots as slots
+    import kontext_server.lora.fused_rows as fused_rows
 
     quantised_rows = []
-    monkeypatch.setattr(slots, "quantize_rows", lambda x: quantised_rows.append(tuple(x.shape)) or quantize_rows(x))
+    monkeypatch.setattr(fused_rows, "quantize_rows",
+                        lambda x: quantised_rows.append(tuple(x.shape)) or quantize_rows(x))
     torch.manual_seed(0)
     bf16 = torch.nn.Linear(32, 48)
     fp8 = Fp8Linear.from_float(torch.nn.Linear(32, 48).to(torch.bfloat16))
