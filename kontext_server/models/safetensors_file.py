@@ -110,19 +110,26 @@ class SafetensorsFile:
 
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor, read into its own CPU storage (no file mapping), then moved to `device`."""
-        info = self.tensors[name]
-        dtype = info.torch_dtype
-        if dtype is None:
-            raise _bad(self.path, f"tensor {name!r} is stored as {info.dtype}, which this server cannot read")
+        info, dtype = self.tensors[name], self.dtype_of(name)
         buf = torch.empty(info.end - info.begin, dtype=torch.uint8)
         if buf.numel():
             with open(self.path, "rb") as f:
-                f.seek(self.data_start + info.begin)
-                got = f.readinto(memoryview(buf.numpy()))
-            if got != buf.numel():
-                raise _bad(self.path, f"truncated while reading {name!r} (the file changed since it was checked?)")
+                self.read_into(f, name, buf)
         t = buf.view(dtype).reshape(info.shape)
         return t if torch.device(device).type == "cpu" else t.to(device)
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The tensor's torch dtype, or ModelLoadError naming the stored one this server cannot read."""
+        info = self.tensors[name]
+        if info.torch_dtype is None:
+            raise _bad(self.path, f"tensor {name!r} is stored as {info.dtype}, which this server cannot read")
+        return info.torch_dtype
+
+    def read_into(self, f, name: str, buf: torch.Tensor) -> None:
+        """The tensor's bytes from the open file `f` into the CPU uint8 tensor `buf` (exactly its size)."""
+        f.seek(self.data_start + self.tensors[name].begin)
+        if f.readinto(memoryview(buf.numpy())) != buf.numel():
+            raise _bad(self.path, f"truncated while reading {name!r} (the file changed since it was checked?)")
 
 
 class StagedReader:
@@ -156,10 +163,7 @@ class StagedReader:
     def read(self, name: str) -> torch.Tensor:
         if self._f is None:
             return self.file.read(name, self.device)
-        info = self.file.tensors[name]
-        dtype = info.torch_dtype
-        if dtype is None:
-            raise _bad(self.file.path, f"tensor {name!r} is stored as {info.dtype}, which this server cannot read")
+        info, dtype = self.file.tensors[name], self.file.dtype_of(name)
         n = info.end - info.begin
         out = torch.empty(n, dtype=torch.uint8, device=self.device)
         if n:
@@ -168,9 +172,7 @@ class StagedReader:
             if self._done[slot] is not None:
                 self._done[slot].synchronize()  # its previous copy has left the buffer
             buf = self._bufs[slot][:n]
-            self._f.seek(self.file.data_start + info.begin)
-            if self._f.readinto(memoryview(buf.numpy())) != n:
-                raise _bad(self.file.path, f"truncated while reading {name!r} (the file changed since it was checked?)")
+            self.file.read_into(self._f, name, buf)
             out.copy_(buf, non_blocking=True)
             self._done[slot] = torch.cuda.Event()
             self._done[slot].record()
