@@ -68,23 +68,25 @@ def decode_base64_image(data: str) -> bytes:
         if ";base64" not in header:
             raise ImageInputError("data URL must be base64-encoded (data:image/png;base64,...)")
     # base64 inflates by 4/3: reject oversize input before decoding it. Whitespace (line breaks of wrapped base64)
-    # is not data; the body it comes in is already bounded by the server's body limit.
-    # Unwrapped base64 (what clients send) decodes directly; the whitespace pass (a regex over the whole text, tens of
-    # ms at 1024x1024) runs only when that fails.
-    if len(data) > (MAX_IMAGE_BYTES * 4 // 3 + 8) * 2:
-        raise ImageInputError(f"image is larger than the {MAX_IMAGE_BYTES // (1024 * 1024)} MB limit", status=413)
-    try:
-        if len(data) <= MAX_IMAGE_BYTES * 4 // 3 + 8:
-            return base64.b64decode(data.encode("ascii"), validate=True)
-    except (binascii.Error, ValueError, UnicodeEncodeError):
-        pass
-    data = _WHITESPACE.sub("", data)
-    if len(data) > MAX_IMAGE_BYTES * 4 // 3 + 8:
-        raise ImageInputError(f"image is larger than the {MAX_IMAGE_BYTES // (1024 * 1024)} MB limit", status=413)
+    # is not data; the body it comes in is already bounded by the server's body limit. Unwrapped base64 (what clients
+    # send) decodes directly; the whitespace pass (a regex over the whole text) runs only when that fails.
+    limit = MAX_IMAGE_BYTES * 4 // 3 + 8
+    raw = _b64decode(data) if len(data) <= limit else None
+    if raw is None:
+        data = _WHITESPACE.sub("", data)
+        if len(data) > limit:
+            raise ImageInputError(f"image is larger than the {MAX_IMAGE_BYTES // (1024 * 1024)} MB limit", status=413)
+        raw = _b64decode(data)
+        if raw is None:
+            raise ImageInputError("image is not valid base64")
+    return raw
+
+
+def _b64decode(data: str) -> bytes | None:
     try:
         return base64.b64decode(data.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeEncodeError):
-        raise ImageInputError("image is not valid base64") from None
+        return None
 
 
 def decode_image_bytes(raw: bytes) -> Image.Image:
