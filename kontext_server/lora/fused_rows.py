@@ -184,13 +184,13 @@ class ScaledRows(AppendedRows):
         # The bias of each adapter count as a whole buffer, not a slice of the extended one: inductor's _scaled_mm
         # template unsqueezes the bias through a view whose size check reads a slice's underlying buffer, and fails
         # (seen on an H100 with torch 2.11). The values never change (the appended entries are zeros).
-        self._biases: list[torch.Tensor | None] = [None] * (SLOTS + 1)
+        self._rows = total // SLOTS
+        self._biases: list[torch.Tensor | None] = [None] * (SLOTS + 1)  # by adapter count k; [0] unused
         if self.bias is not None:
             for k in range(1, SLOTS + 1):
-                self.register_buffer(f"bias_{k}", self.bias[:self.out_features + k * total // SLOTS].clone(),
+                self.register_buffer(f"bias_{k}", self.bias[:self.out_features + k * self._rows].clone(),
                                      persistent=False)
                 self._biases[k] = getattr(self, f"bias_{k}")
-        self._rows = total // SLOTS
 
     @staticmethod
     def reason(linear) -> str | None:
@@ -227,9 +227,7 @@ class ScaledRows(AppendedRows):
     def forward(self, base: Fp8Linear, x, n: int) -> torch.Tensor:
         end = self.out_features + n
         q, s, lead, dtype = base.input_rows(x)
-        k, rest = divmod(n, self._rows)
-        bias = self._biases[k] if self.bias is not None and rest == 0 and 1 <= k <= SLOTS else \
-            None if self.bias is None else self.bias[:end]
+        bias = self._biases[n // self._rows]  # n = k * rows, k >= 1 (k = 0 runs the base module's own code)
         y = torch._scaled_mm(q, self.weight[:end].t(), scale_a=s, scale_b=self.weight_scale[:, :end],
                              bias=bias, out_dtype=dtype, use_fast_accum=base.use_fast_accum)
         return y.reshape(*lead, end)
