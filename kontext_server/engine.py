@@ -85,6 +85,17 @@ class Job:
     stop_reason: type[EngineError] | None = None
     queue_timeout: float | None = None  # overrides the engine's (durable async jobs wait as long as it takes)
 
+    def settle(self, result: Any = None, error: BaseException | None = None) -> bool:
+        """Complete the future with the result or the error, unless it is done already (a job gets exactly one
+        answer); True when this call completed it."""
+        if self.future.done():
+            return False
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
+        return True
+
     def should_stop(self) -> EngineError | None:
         """Checked by the generation between denoising steps."""
         if self.cancel_event.is_set():
@@ -202,13 +213,8 @@ class Engine:
 
     # ---- worker ------------------------------------------------------------------------------------------
     def _finish(self, job: Job, result: Any = None, error: BaseException | None = None) -> None:
-        if job.future.done():
-            return
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
-        self._on_event("finished", job, {"error": error})
+        if job.settle(result, error):
+            self._on_event("finished", job, {"error": error})
 
     def _loop(self) -> None:
         while True:

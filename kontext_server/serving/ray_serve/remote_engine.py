@@ -161,12 +161,7 @@ class RemoteEngine:
     # ---- the call ----------------------------------------------------------------------------------------------------
     def _finish(self, job: eng.Job, result: Any = None, error: BaseException | None = None) -> None:
         with self._lock:  # the one place a job's future completes: exactly one answer
-            if job.future.done():
-                return
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(result)
+            job.settle(result, error)
 
     async def _drive(self, job: eng.Job) -> None:
         queue_timeout = self.queue_timeout if job.queue_timeout is None else job.queue_timeout
