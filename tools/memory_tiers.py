@@ -31,7 +31,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 BASELINE = "unlimited"
@@ -59,6 +61,24 @@ def _use_full_sizes() -> None:
                                                                       warmup_sizes)
 
 
+def sample_stacks(path: Path, every_s: float) -> None:
+    """Where a slow start spends its time: every other thread's stack, every `every_s` seconds, appended to `path` by
+    a daemon thread (sys._current_frames under the GIL; faulthandler's timer dumps without it and can crash)."""
+    me, start = threading.get_ident(), time.monotonic()
+
+    def run():
+        while True:
+            time.sleep(every_s)
+            frames = {t: f for t, f in sys._current_frames().items() if t != threading.get_ident()}
+            with path.open("a") as f:
+                f.write(f"--- {time.monotonic() - start:.1f} s\n")
+                for tid, frame in frames.items():
+                    f.write(f"thread {tid}{' (main)' if tid == me else ''}\n")
+                    f.write("".join(traceback.format_stack(frame)[-12:]))
+
+    threading.Thread(target=run, name="stack-sampler", daemon=True).start()
+
+
 def run_child(a) -> dict:
     """One configuration in this process: limit, load, run every workload; returns the row."""
     import torch
@@ -72,6 +92,8 @@ def run_child(a) -> dict:
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
+    if a.stacks_every:
+        sample_stacks(Path(a.child_out).with_suffix(".stacks.txt"), a.stacks_every)
     budget = None if a.budget == BASELINE else a.budget
     row: dict = {"budget": a.budget, "device": device, "tier_requested": a.tier, "workloads": {}}
     if cuda:
@@ -143,7 +165,7 @@ def _child_argv(a, budget: str, out: Path) -> list[str]:
             "--model", a.model, "--optimizations", a.optimizations, "--runs", str(a.runs),
             "--workloads", ",".join(a.workloads), "--plan-sizes", a.plan_sizes, "--tier", a.tier]
     for flag, value in (("--device", a.device), ("--size", a.size), ("--steps", a.steps),
-                        ("--cache-dir", a.cache_dir)):
+                        ("--cache-dir", a.cache_dir), ("--stacks-every", a.stacks_every)):
         if value is not None:
             argv += [flag, str(value)]
     return argv
@@ -178,6 +200,11 @@ def run_all(a) -> dict:
             else:
                 row = {"budget": budget, "error": f"the process ended without a result (exit {rc})", "log_tail": tail}
             row["exit"] = rc
+            stacks = out.with_suffix(".stacks.txt")
+            if stacks.exists() and a.json_out:  # kept beside the JSON, one file per budget
+                kept = Path(a.json_out).with_suffix(f".{budget}.stacks.txt")
+                kept.write_text(stacks.read_text())
+                row["stacks"] = kept.name
             rows.append(row)
             if a.json_out:  # after every child: a later failure loses nothing written
                 Path(a.json_out).write_text(json.dumps(result, indent=1) + "\n")
@@ -272,6 +299,9 @@ def main(argv=None) -> int:
     p.add_argument("--deadline-s", type=float, default=290.0,
                    help="wall-clock seconds for everything: a budget that cannot start in time is skipped")
     p.add_argument("--child-timeout-s", type=float, default=240.0)
+    p.add_argument("--stacks-every", type=float, default=None,
+                   help="seconds: each budget's process writes every thread's stack this often (faulthandler) to a "
+                        "file beside --json-out, to show where a slow start spends its time")
     p.add_argument("--json-out", help="write the result as JSON here (after each budget, and at the end)")
     p.add_argument("--plan", type=_names, default=None,
                    help="only print the tiers the planner chooses for the full model at these budgets")

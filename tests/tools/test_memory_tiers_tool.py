@@ -1,6 +1,7 @@
 """tools/memory_tiers.py runs end to end on a CPU with the tiny model, placed as the full model would be (--plan-sizes
 full): one process per budget and one for the unlimited baseline, a row per workload with the tier and the median,
-the ratio to the baseline; a budget that cannot load loses only its own row. Its --plan table is the planner's."""
+the ratio to the baseline; a budget that cannot load loses only its own row; --stacks-every keeps each process's
+sampled stacks beside the JSON. Its --plan table is the planner's."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ def test_the_memory_tiers_tool_measures_each_budget_in_its_own_process_and_keeps
     out = tmp_path / "tiers.json"
     assert tool.main(["--model", "tiny", "--device", "cpu", "--cache-dir", str(cache_dir), "--budgets", "10GB,1GB",
                       "--workloads", "t2i-1024", "--size", "256", "--steps", "2", "--runs", "1",
-                      "--plan-sizes", "full", "--json-out", str(out)]) == 0
+                      "--plan-sizes", "full", "--stacks-every", "0.2", "--json-out", str(out)]) == 0
     r = json.loads(out.read_text())
     rows = {row["budget"]: row for row in r["rows"]}
     assert list(rows) == ["10GB", "1GB", "unlimited"]
@@ -24,6 +25,8 @@ def test_the_memory_tiers_tool_measures_each_budget_in_its_own_process_and_keeps
     assert w["memory_tier"]["transformer_offloaded"] and w["peak_allocated_gib"] is None  # a CPU: not measured
     assert "too small" in rows["1GB"]["load_error"] and not rows["1GB"]["workloads"]  # its own row only
     assert rows["unlimited"]["tier"] == "everything resident (no budget)"
+    stacks = tmp_path / ten["stacks"]
+    assert ten["stacks"] == "tiers.10GB.stacks.txt" and "(main)" in stacks.read_text()  # sampled while it ran
     assert rows["unlimited"]["workloads"]["t2i-1024"]["total_ms_median"] > 0
     table = tool.markdown(r)
     assert table.count("\n") == 4 and "| 1GB |" in table and "too small" in table
