@@ -23,6 +23,22 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Mapping
 
 
+@contextlib.contextmanager
+def linears_uninitialised():
+    """Every torch.nn.Linear built inside skips its random initialisation (reset_parameters). For rewrites that copy
+    every weight in right after building the linear (diffusers' fuse_qkv_projections, SplitProjOut): on a
+    transformer a memory budget keeps in host memory, that initialisation ran on the CPU over billions of weights,
+    only to be overwritten. Load-time only (the worker thread): the patch is process-wide while it lasts."""
+    import torch
+
+    original = torch.nn.Linear.reset_parameters
+    torch.nn.Linear.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        torch.nn.Linear.reset_parameters = original
+
+
 # The transformer variant of the exact tier: the model's own weights (bf16 on a GPU, float32 on a CPU, where bf16
 # matmuls are slow). Low-precision copies are keyed by their format ("fp8").
 EXACT = "exact"

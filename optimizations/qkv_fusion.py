@@ -7,7 +7,7 @@ processor takes the fused path), so we free them rather than carry them, and int
 """
 from __future__ import annotations
 
-from optimizations.base import Components, EXACT, Optimization
+from optimizations.base import Components, EXACT, Optimization, linears_uninitialised
 
 
 class QKVFusion(Optimization):
@@ -18,9 +18,10 @@ class QKVFusion(Optimization):
         if "fp8" in components.variants:
             raise RuntimeError("QKV fusion must be prepared before the low-precision copy is made")
         transformer = components.variants[EXACT]
-        transformer.fuse_qkv_projections()
+        with linears_uninitialised():  # every fused weight is copied in (base.linears_uninitialised)
+            transformer.fuse_qkv_projections()
+            components.pipe.vae.fuse_qkv_projections()
         freed = drop_unfused_projections(transformer)
-        components.pipe.vae.fuse_qkv_projections()
         return (f"transformer and VAE attention projections fused; {freed / 1e6:.1f} M unfused transformer "
                 "parameters freed (load-time, always on)")
 

@@ -30,7 +30,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from optimizations.base import bind_forward
+from optimizations.base import bind_forward, linears_uninitialised
 from kontext_server import settings
 from optimizations.compiling.cache import switched_off
 
@@ -46,9 +46,10 @@ class SplitProjOut(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, split: int):
         super().__init__()
         w, b = linear.weight.detach(), linear.bias
-        self.attn = torch.nn.Linear(split, linear.out_features, bias=False, device=w.device, dtype=w.dtype)
-        self.mlp = torch.nn.Linear(linear.in_features - split, linear.out_features, bias=b is not None,
-                                   device=w.device, dtype=w.dtype)
+        with linears_uninitialised():  # both are copied in below
+            self.attn = torch.nn.Linear(split, linear.out_features, bias=False, device=w.device, dtype=w.dtype)
+            self.mlp = torch.nn.Linear(linear.in_features - split, linear.out_features, bias=b is not None,
+                                       device=w.device, dtype=w.dtype)
         with torch.no_grad():
             self.attn.weight.copy_(w[:, :split])
             self.mlp.weight.copy_(w[:, split:])

@@ -126,6 +126,27 @@ def test_qkv_fusion_really_fuses(cache_dir):
     assert svc.pipe.vae.decoder.mid_block.attentions[0].fused_projections
 
 
+def test_rewrites_that_copy_every_weight_in_skip_initialising_it_and_still_compute_the_same(plain, monkeypatch):
+    """QKV fusion and the split proj_out build new linears and copy every weight in: they skip nn.Linear's random
+    initialisation, which on a transformer a memory budget keeps in host memory ran on the CPU over every weight."""
+    from types import SimpleNamespace
+
+    from optimizations.base import EXACT
+    from optimizations.fusions.split_proj_out import split_single_block_proj_out
+    from optimizations.qkv_fusion import QKVFusion
+
+    model, vae = copy.deepcopy(plain.pipe.transformer), copy.deepcopy(plain.pipe.vae)
+    inits = []
+    real_init = torch.nn.init.kaiming_uniform_
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: inits.append(t.shape) or real_init(t))
+    QKVFusion().prepare(SimpleNamespace(variants={EXACT: model}, pipe=SimpleNamespace(vae=vae)))
+    split_single_block_proj_out(model)
+    assert inits == []
+    inputs = transformer_inputs(model, n_img=16, n_txt=8, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs)[0], plain.pipe.transformer(**inputs)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_channels_last_really_changes_vae_layout(cache_dir):
     svc = _service(cache_dir, "channels_last")
     w = svc.pipe.vae.decoder.conv_in.weight
