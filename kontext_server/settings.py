@@ -196,10 +196,10 @@ FP8_PLAIN_LINEARS = EnvVar("FLUX_FP8_PLAIN_LINEARS", "1", "switch", "0: keep tor
 BF16_GELU_EPILOGUE = EnvVar("FLUX_BF16_GELU_EPILOGUE", "1", "switch", "0: no GELU in cuBLASLt's epilogue (exact tier)")
 BF16_SPLIT_PROJ_OUT = EnvVar("FLUX_BF16_SPLIT_PROJ_OUT", "1", "switch",
                              "0: the exact tier's single blocks call proj_out on the concatenation")
-LORA_FUSED_BRANCH = EnvVar("FLUX_LORA_FUSED_BRANCH", "0", "switch",
-                           "1: LoRA adapters run inside each GEMM (their down-projection rows appended under the "
-                           "weight, the update added in place) instead of as a side branch beside it; experimental: "
-                           "the fp8 copy's compiled path does not build on CUDA yet (docs/operations.md)")
+LORA_FUSED_BRANCH = EnvVar("FLUX_LORA_FUSED_BRANCH", "1", "switch",
+                           "0: LoRA adapters run as a side branch beside each GEMM instead of inside it (their "
+                           "down-projection rows appended under the weight, the update added in place); slower, "
+                           "measured in BENCHMARKS.md")
 # Switches that change the compiled code: each is part of the compile-cache key and the benchmark's record.
 CODE_SWITCHES = (FP8_SPLIT_PROJ_OUT, FP8_FUSED_GELU, FP8_FUSED_NORM, FP8_PLAIN_LINEARS, BF16_GELU_EPILOGUE,
                  BF16_SPLIT_PROJ_OUT, LORA_FUSED_BRANCH)

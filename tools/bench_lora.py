@@ -10,8 +10,8 @@ For each rank (32 and 128; --small: 4 and 8) it writes two synthetic adapters on
 optimisations, `auto` on a GPU: compile, CUDA graphs, the fp8 copy...; the slots' rank is that rank), and through the
 service's own request path:
 - warms up each tier without and with one adapter, on each branch of --lora-paths (`fused`: the adapters' rows
-  appended under the weights, opt-in: this tool sets FLUX_LORA_FUSED_BRANCH=1 when it is asked for; `unfused`: the
-  side branch, the server's default; kontext_server/lora/slots.py, fused_rows.py). Each
+  appended under the weights, the server's default; `unfused`: the side branch, what FLUX_LORA_FUSED_BRANCH=0
+  gives; kontext_server/lora/slots.py, fused_rows.py). Each
   active adapter count and branch compiles once: reported as cold starts;
 - times the transformer per step, interleaved, for the exact tier and the fp8 tier, without an adapter and with
   adapter A on each branch: each branch's overhead is a ratio against the same server's steps without an adapter;
@@ -42,7 +42,6 @@ from pathlib import Path
 
 import torch
 
-from kontext_server import settings
 from kontext_server.benchmark import fidelity
 from kontext_server.benchmark.workloads import add_model_and_workload_args, workload_request
 from kontext_server.request import InferenceRequest
@@ -322,7 +321,7 @@ def main(argv=None) -> int:
     p.add_argument("--switches", type=int, default=None, help="switch requests per tier (default 6; --small: 3)")
     p.add_argument("--lora-paths", default="fused,unfused",
                    help="the branches to time, comma-separated: fused (the adapters' rows under the weights, "
-                        "opt-in) and/or unfused (the side branch); each is a ratio against the same "
+                        "the default) and/or unfused (the side branch); each is a ratio against the same "
                         "server's steps without an adapter")
     p.add_argument("--branch-rows", type=int, default=128,
                    help="activation rows per layer for the fp8 branch error (default 128)")
@@ -337,8 +336,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.lora_paths = [p.strip() for p in a.lora_paths.split(",") if p.strip()]
-    if "fused" in a.lora_paths and not settings.LORA_FUSED_BRANCH.is_set():
-        settings.set_process_env(settings.LORA_FUSED_BRANCH, "1")  # the rows must be appended at install to time it
     if not a.lora_paths or set(a.lora_paths) - {"fused", "unfused"}:
         p.error("--lora-paths: fused and/or unfused")
     small = a.small

@@ -1,8 +1,9 @@
 """The fused LoRA branch: a slot's down-projection rows appended under a module's weight, the update added in place.
 
-Opt-in (`FLUX_LORA_FUSED_BRANCH=1`): tested on CPU; on CUDA the fp8 copy's compiled GEMM with appended rows failed
-inductor's lowering of `_scaled_mm` once (the bias slice, now whole buffers), so slots.py's side branch is the
-default until a GPU run says otherwise. The slots themselves (S, Q, A, B, k) are described in slots.py.
+The default (`FLUX_LORA_FUSED_BRANCH=0` gives slots.py's side branch instead): on an H100 it costs less per step
+than the side branch on both tiers, most on the fp8 copy (tools/bench_lora.py; BENCHMARKS.md). The fp8 copy's bias
+is passed to `_scaled_mm` as one whole buffer per adapter count: inductor's lowering failed a size check on a slice
+of the appended bias. The slots themselves (S, Q, A, B, k) are described in slots.py.
 
 - Down-projection inside the base GEMM. At install the module's weight is re-stored with the slot's A rows appended
   under it, W_ext = [W; A] of shape (out + S*Q, in), and the base module's weight becomes the view W_ext[:out]: the

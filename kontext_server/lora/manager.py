@@ -11,7 +11,7 @@ other scales); set the active count k and the branch (fused or unfused, slots.py
 `graph_key`; reset the modulation table when the active set changed; and, on the way out, whatever happened, set k
 back to 0, so the next request without adapters runs the base model's code.
 
-The branch: `FLUX_LORA_FUSED_BRANCH` (off unless "1") decides at start-up whether the wrapped modules get the slots'
+The branch: `FLUX_LORA_FUSED_BRANCH` (on unless "0") decides at start-up whether the wrapped modules get the slots'
 rows appended under their weights (the fused branch, slots.py); `path` is the branch requests run, "fused" where the
 rows exist, and `set_path("unfused")` makes later requests run the side branch instead (tools/bench_lora.py times both
 in one server; each is compiled and captured once per adapter count).

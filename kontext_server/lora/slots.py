@@ -21,11 +21,11 @@ constant of the traced code guarded by dynamo: each k compiles once per shape, a
 same count changes only buffer contents (the slot's, and the rows appended under the weights: fused_rows.py), so it
 compiles nothing and replays the same CUDA graphs.
 
-The data flow with k > 0: the side branch by default; with `FLUX_LORA_FUSED_BRANCH=1` the fused branch of
-fused_rows.py (the adapters' down-projection rows appended under each weight, the up-projection added in place) on
-every module that can take it.
+The data flow with k > 0: by default the fused branch of fused_rows.py (the adapters' down-projection rows appended
+under each weight, the up-projection added in place) on every module that can take it; with
+`FLUX_LORA_FUSED_BRANCH=0` the side branch everywhere.
 
-The side branch (the default, and the modules that cannot take the fused one): two thin GEMMs
+The side branch (`FLUX_LORA_FUSED_BRANCH=0`, and the modules that cannot take the fused one): two thin GEMMs
 beside the base module's, base(x) + (x A[:n]^T) B[:, :n]^T, each reading the layer input again and writing its
 update, then added in another pass. Where it takes its input, per kind of module:
 - a Linear or an fp8 linear (`LoraLinear`): the module's input. In the fp8 copy that input may be fp8 rows quantised

@@ -94,8 +94,6 @@ def test_fp8_with_an_adapter_is_as_close_to_bf16_with_it_as_fp8_is_without(svc):
     assert with_adapter < 2 * without + 0.01
 
 
-@pytest.mark.xfail(reason="on an H100 the fp8 copy's compiled GEMM with appended rows failed inductor's lowering of "
-                          "_scaled_mm (a size check); the fused branch is opt-in until it builds", strict=False)
 @pytest.mark.parametrize("tier", TIERS)
 def test_the_fused_branch_gives_the_side_branchs_image(fused_svc, tier):
     svc = fused_svc

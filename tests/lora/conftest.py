@@ -29,8 +29,8 @@ def lora_dir(lora_source, tmp_path_factory) -> Path:
 
 def make_service(cache_dir, optimizations: str = "qkv_fusion,modulation_table", device: str = "cpu",
                  fused: bool = True, **config):
-    """A tiny service; `fused`: the adapters' rows appended under the weights (FLUX_LORA_FUSED_BRANCH=1, the branch
-    most CPU tests exercise: it takes the side branch's place on every module it can), else the default side branch."""
+    """A tiny service; `fused`: the adapters' rows appended under the weights (FLUX_LORA_FUSED_BRANCH=1, the default:
+    it takes the side branch's place on every module it can), else the side branch (FLUX_LORA_FUSED_BRANCH=0)."""
     from kontext_server.service import FluxService, ServiceConfig
 
     with pytest.MonkeyPatch.context() as mp:

@@ -75,7 +75,7 @@ def variants(cache_dir, lora_dir):
     pristine = {"exact": copy.deepcopy(exact), "fp8": copy.deepcopy(q)}
     config = SimpleNamespace(lora_dir=lora_dir, lora_fuse=None, lora_max_rank=8, max_loras=8)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLUX_LORA_FUSED_BRANCH", "1")  # the opt-in branch these tests are about
+        mp.setenv("FLUX_LORA_FUSED_BRANCH", "1")  # the fused branch (the default) these tests are about
         manager = LoraManager.create(config, exact, "cpu")
         manager.install({"exact": exact, "fp8": q})
     return manager, {"exact": exact, "fp8": q}, pristine

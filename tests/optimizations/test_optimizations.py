@@ -621,14 +621,14 @@ def test_code_switches_records_only_the_switches_set_away_from_their_default(mon
 
     for var in settings.CODE_SWITCHES:
         monkeypatch.delenv(var.name, raising=False)
-    assert settings.code_switches() == {}  # every switch at its default, the opt-in one (off) included
-    assert switched_off(settings.LORA_FUSED_BRANCH)
+    assert settings.code_switches() == {}  # every switch at its default
+    assert not switched_off(settings.LORA_FUSED_BRANCH)
     monkeypatch.setenv("FLUX_FP8_FUSED_NORM", "1")
     monkeypatch.setenv("FLUX_FP8_FUSED_GELU", "0")
-    monkeypatch.setenv("FLUX_LORA_FUSED_BRANCH", "1")
-    assert settings.code_switches() == {"FLUX_FP8_FUSED_GELU": "0", "FLUX_LORA_FUSED_BRANCH": "1"}
+    monkeypatch.setenv("FLUX_LORA_FUSED_BRANCH", "0")
+    assert settings.code_switches() == {"FLUX_FP8_FUSED_GELU": "0", "FLUX_LORA_FUSED_BRANCH": "0"}
     assert switched_off(settings.FP8_FUSED_GELU) and not switched_off(settings.FP8_FUSED_NORM)
-    assert not switched_off(settings.LORA_FUSED_BRANCH)
+    assert switched_off(settings.LORA_FUSED_BRANCH)
     with pytest.raises(KeyError):  # a switch outside CODE_SWITCHES would change code without changing the cache key
         switched_off(settings.AOT_REGIONS)
 
