@@ -14,13 +14,15 @@ Each budget runs in a fresh process, which limits itself with `torch.cuda.set_pe
 total)` before anything is loaded, then starts the service with `--memory-budget` (the model loaded into host memory
 and placed by the tier), and runs every workload once as a warm-up (its CUDA graphs are captured there) and `--runs`
 times timed, on the fast tier (`--tier exact` for the exact one): fp8 GEMMs + DPM-Solver++ (14 steps) + CUDA graphs,
-with QKV fusion, channels-last, the attention backend and the modulation table prepared. torch.compile is left out (`--optimizations`' default is
-`auto` without it): compiling the fp8 transformer takes minutes. The unlimited baseline (no budget, no fraction)
-runs the same way, last unless `--baseline first`, for the ratios. Per workload: peak memory allocated and reserved
-(reset before its warm-up, so capture included), the median request total, the tier's own peak estimate beside the
-measured one, and an out-of-memory if one happened (the service answers it and goes on with the next workload). A
-budget that fails, even by killing its process, loses only its own row: each child writes its result as it finishes,
-and `--deadline-s` skips what cannot start in time, saying so.
+with QKV fusion, channels-last, the attention backend and the modulation table prepared. torch.compile is left out
+(`--optimizations`' default is `auto` without it): compiling the fp8 transformer takes minutes. The unlimited
+baseline (no budget, no fraction) runs the same way, last unless `--baseline first`, for the ratios. Per workload:
+peak memory allocated and reserved (reset before its warm-up, so capture included), the median request total, the
+tier's own peak estimate beside the measured one, and an out-of-memory if one happened (the service answers it and
+goes on with the next workload). Per budget, the host side too: the resident set's peak over the load and after the
+requests (kontext_server/models/host_memory.py; the pinned copies of what streams are resident). A budget that
+fails, even by killing its process, loses only its own row: each child writes its result as it finishes, and
+`--deadline-s` skips what cannot start in time, saying so.
 On a CPU there is no memory to measure (peaks are null) and no fp8: the tool then checks the machinery.
 """
 from __future__ import annotations
@@ -84,6 +86,7 @@ def run_child(a) -> dict:
     import torch
 
     from kontext_server.benchmark.floor import WORKLOADS
+    from kontext_server.models import host_memory
     from kontext_server.benchmark.timing import test_image
     from kontext_server.engine import free_device_memory, is_oom
     from kontext_server.request import InferenceRequest
@@ -114,11 +117,13 @@ def run_child(a) -> dict:
                                     cache_dir=Path(a.cache_dir) if a.cache_dir else None))
     t0 = time.perf_counter()
     try:
-        svc.load()
+        with host_memory.measure() as host:  # the host side of a budget: the model, pinned copies of what streams
+            svc.load()
     except BaseException as exc:  # noqa: BLE001 - the row says why this budget could not load
         row.update(load_error=f"{type(exc).__name__}: {str(exc)[:500]}", oom_at_load=is_oom(exc))
         return row
     row["load_s"] = round(time.perf_counter() - t0, 2)
+    row["host_memory_load"] = host_memory.summary(host.result)
     health = svc.health()
     tier = health.get("memory_tier")
     row["tier"] = tier["summary"] if tier and "summary" in tier else "everything resident (no budget)"
@@ -157,6 +162,7 @@ def run_child(a) -> dict:
         peak = f"peak {out['peak_allocated_gib']} GiB allocated / {out['peak_reserved_gib']} reserved" if cuda else ""
         print(f"[{a.budget}] {name}: {out.get('total_ms_median')} ms {peak}{' OOM' if out.get('oom') else ''}",
               flush=True)
+    row["host_rss_after_gib"] = host_memory.gib(host_memory.rss_bytes())  # serving, pinned copies included
     return row
 
 
@@ -224,11 +230,11 @@ def add_ratios(rows: list[dict]) -> None:
 
 def markdown(result: dict) -> str:
     lines = ["| budget | tier chosen | workload | median total (s) | vs unlimited | peak allocated / reserved (GiB) | "
-             "tier's peak estimate (GiB) | load (s) | OOM |", "|---|---|---|---|---|---|---|---|---|"]
+             "tier's peak estimate (GiB) | load (s) | host peak at load (GiB) | OOM |", "|---" * 10 + "|"]
     for row in result["rows"]:
         if not row.get("workloads"):
             why = row.get("skipped") or row.get("load_error") or row.get("error") or "no result"
-            lines.append(f"| {row['budget']} | - | - | - | - | - | - | - | {why} |")
+            lines.append(f"| {row['budget']} | - | - | - | - | - | - | - | - | {why} |")
             continue
         estimate = (row.get("tier_detail") or {}).get("peak_estimate_gib", "-")
         for name, w in row["workloads"].items():
@@ -237,7 +243,8 @@ def markdown(result: dict) -> str:
                     else "-")
             oom = "yes" if w.get("oom") else (w.get("error", "no")[:60] if w.get("error") else "no")
             lines.append(f"| {row['budget']} | {row.get('tier', '-')} | {name} | {total} | "
-                         f"{w.get('vs_unlimited', '-')} | {peak} | {estimate} | {row.get('load_s', '-')} | {oom} |")
+                         f"{w.get('vs_unlimited', '-')} | {peak} | {estimate} | {row.get('load_s', '-')} | "
+                         f"{(row.get('host_memory_load') or {}).get('peak_rss_gib', '-')} | {oom} |")
     return "\n".join(lines)
 
 

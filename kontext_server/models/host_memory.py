@@ -72,6 +72,11 @@ def measure():
                     "method": method}
 
 
+def rss_bytes() -> int | None:
+    """The process's resident set now (VmRSS; None where /proc is not there)."""
+    return _status_bytes("VmRSS")
+
+
 def gib(n: int | None) -> float | None:
     return None if n is None else round(n / 2**30, 3)
 

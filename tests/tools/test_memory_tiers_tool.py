@@ -24,12 +24,16 @@ def test_the_memory_tiers_tool_measures_each_budget_in_its_own_process_and_keeps
     assert w["oom"] is False and w["total_ms_median"] > 0 and w["steps"] == 2 and w["vs_unlimited"] > 0
     assert w["memory_tier"]["transformer_offloaded"] and w["peak_allocated_gib"] is None  # a CPU: not measured
     assert "too small" in rows["1GB"]["load_error"] and not rows["1GB"]["workloads"]  # its own row only
+    host = ten["host_memory_load"]  # the host side of the budget, measured over the load and after the requests
+    assert host["peak_rss_gib"] >= host["rss_after_gib"] > 0 and host["method"].startswith("VmHWM")
+    assert ten["host_rss_after_gib"] > 0
     assert rows["unlimited"]["tier"] == "everything resident (no budget)"
     stacks = tmp_path / ten["stacks"]
     assert ten["stacks"] == "tiers.10GB.stacks.txt" and "(main)" in stacks.read_text()  # sampled while it ran
     assert rows["unlimited"]["workloads"]["t2i-1024"]["total_ms_median"] > 0
     table = tool.markdown(r)
     assert table.count("\n") == 4 and "| 1GB |" in table and "too small" in table
+    assert f"| {ten['host_memory_load']['peak_rss_gib']} | no |" in table
 
 
 def test_the_plan_table_is_the_planners_for_the_full_model(capsys):
