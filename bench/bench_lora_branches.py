@@ -23,7 +23,10 @@ model with the adapter (fp32), beside the fp8 base's against the base, on random
 W ~ U(+-1/sqrt(K)), A ~ N(0, 1/K), B ~ N(0, 0.01^2)): random adapters
 say nothing of a trained one's ranges; it tells only whether the arithmetic holds.
 Reports per variant: ms per step (median of --replays graph replays), the ratio to `base` of the same precision,
-and each variant's relative error against an fp32 reference on the largest GEMM.
+and each variant's relative error against an fp32 reference on the largest GEMM. And the cost of the other route,
+merging the adapter into the fp8 copy's weights at each change of adapters (`switch_ms`): `merge` writes the fp8 rows
+of W + B A over every block weight, `restore` those of W alone (in torch ops; the time a switch would add to the
+request that makes it, against the per-step ratios above times the steps).
 """
 from __future__ import annotations
 
@@ -83,6 +86,8 @@ class Gemm:
             self.wideq = torch.cat([self.wq, (self.b.float() / self.sw).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)], dim=1)
             self.xcq = torch.empty(m, k + r, dtype=FP8, device=device)
             self.sxc = torch.empty(m, 1, dtype=torch.float32, device=device)
+            self.mq = torch.empty_like(self.wq)  # merge: the fp8 weight a switch writes, and its row scales
+            self.ms = torch.empty_like(self.sw)
 
     # ---- bf16 ----
     def base(self):
@@ -132,11 +137,28 @@ class Gemm:
         torch.div(amax, E4M3_MAX, out=self.sx)
         self.xq.copy_((self.x.float() / self.sx).clamp(-E4M3_MAX, E4M3_MAX))
 
+    # ---- merging the adapter into the fp8 weights: a cost per switch of adapters, not per step ----
+    def _quantise_weight(self, w: torch.Tensor):
+        amax = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+        torch.div(amax, E4M3_MAX, out=self.ms)
+        self.mq.copy_((w.float() / self.ms).clamp(-E4M3_MAX, E4M3_MAX))
+
+    def fp8_merge(self):
+        """The fp8 rows of W + B A (bf16), written over the copy's weight: what a switch to this adapter would cost
+        if adapters were merged into the fp8 copy instead of run beside it (torch ops, not one fused pass)."""
+        self._quantise_weight(torch.addmm(self.w_plain, self.b_plain, self.a))
+
+    def fp8_restore(self):
+        """The fp8 rows of W alone again: a request without adapters after a merged one."""
+        self._quantise_weight(self.w_plain)
+
 
 VARIANTS = {"bf16": {"base": [Gemm.base], "side": [Gemm.side], "rows": [Gemm.rows_branch], "kext": [Gemm.kext],
                      "kext-base": [Gemm.kext_base]},
             "fp8": {"base": [Gemm.fp8_quantise, Gemm.fp8_base], "side": [Gemm.fp8_quantise, Gemm.fp8_side],
-                    "kext": [Gemm.fp8_kext]}}
+                    "kext": [Gemm.fp8_kext]},
+            # once per change of adapters, over every block weight of the model (a step's GEMMs each have their own)
+            "switch": {"merge": [Gemm.fp8_merge], "restore": [Gemm.fp8_restore]}}
 
 
 def step_gemms(workload: str, rank: int, device: str, fp8: bool, small: bool) -> list[Gemm]:
@@ -235,11 +257,13 @@ def main(argv=None) -> int:
             ms: dict = {}
             for _ in range(a.rounds):
                 for precision, variants in VARIANTS.items():
-                    if precision == "fp8" and not fp8:
+                    if precision in ("fp8", "switch") and not fp8:
                         continue
                     for name, fns in variants.items():
                         ms.setdefault(f"{precision} {name}", []).append(time_variant(gemms, fns, a.replays))
             row["ms_per_step"] = {k: round(statistics.median(v), 3) for k, v in ms.items()}
+            row["switch_ms"] = {k.split()[1]: row["ms_per_step"].pop(k) for k in list(row["ms_per_step"])
+                                if k.startswith("switch ")}
             row["vs_base"] = {k: round(v / row["ms_per_step"][f"{k.split()[0]} base"], 4)
                               for k, v in row["ms_per_step"].items()}
         result["ranks"][str(rank)] = row

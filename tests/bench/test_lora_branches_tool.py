@@ -22,3 +22,13 @@ def test_a_fused_gemm_carries_one_adapter_per_projection_it_fuses():
 def test_the_wide_weights_first_columns_are_the_base_weight():
     g = tool.Gemm(16, 32, 48, 4, "cpu", fp8=False)
     assert torch.equal(g.wide[:, :32], g.w_plain) and torch.equal(g.wide[:, 32:], g.b_plain)
+
+
+def test_a_merge_writes_the_fp8_rows_of_the_weight_plus_the_update_and_a_restore_those_of_the_weight():
+    g = tool.Gemm(16, 32, 48, 4, "cpu", fp8=True)
+    g.fp8_merge()
+    merged = g.mq.float() * g.ms
+    target = (g.w_plain.float() + g.b_plain.float() @ g.a.float())
+    assert ((merged - target).norm() / target.norm()).item() < 0.05  # e4m3 rounding of each row
+    g.fp8_restore()
+    assert torch.equal(g.mq, g.wq) and torch.equal(g.ms, g.sw)  # the copy's own rows again, bit for bit
