@@ -50,10 +50,20 @@ def projections(k: int, n: int) -> int:
     return {(D, 3 * D): 3, (D, 3 * D + MLP): 4}.get((k, n), 1)
 
 
+def _quantise_rows_into(t: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """`t`'s rows in e4m3 into `q`, their float32 scales (row amax / 448) into `scale`: in place, as a captured
+    graph replays it."""
+    amax = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
+    torch.div(amax, E4M3_MAX, out=scale)
+    q.copy_((t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX))
+
+
 def _rowwise(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """e4m3 rows and their float32 scales (amax / 448 per row)."""
-    scale = t.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
-    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), scale
+    """e4m3 rows and their float32 scales (amax / 448 per row), new tensors."""
+    q = torch.empty(t.shape, dtype=FP8, device=t.device)
+    scale = torch.empty(t.shape[0], 1, dtype=torch.float32, device=t.device)
+    _quantise_rows_into(t, q, scale)
+    return q, scale
 
 
 class Gemm:
@@ -124,33 +134,24 @@ class Gemm:
     def fp8_kext(self):
         torch.mm(self.x, self.a.t(), out=self.u)
         self.xc[:, self.k:].copy_(self.u)
-        amax = self.xc.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)  # the producer's row amax, with u
-        torch.div(amax, E4M3_MAX, out=self.sxc)
-        self.xcq.copy_((self.xc.float() / self.sxc).clamp(-E4M3_MAX, E4M3_MAX))
+        _quantise_rows_into(self.xc, self.xcq, self.sxc)  # the producer's row amax, with u
         return torch._scaled_mm(self.xcq, self.wideq.t(), scale_a=self.sxc, scale_b=self.sw.t(),
                                 out_dtype=torch.bfloat16)
 
     def fp8_quantise(self):
         """What the fp8 base pays to quantise x (the producer's kernel, here as torch ops): `fp8_kext`'s own
         quantisation replaces it, so the timing adds it to `fp8_base` and `fp8_side` for a like-for-like step."""
-        amax = self.x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
-        torch.div(amax, E4M3_MAX, out=self.sx)
-        self.xq.copy_((self.x.float() / self.sx).clamp(-E4M3_MAX, E4M3_MAX))
+        _quantise_rows_into(self.x, self.xq, self.sx)
 
     # ---- merging the adapter into the fp8 weights: a cost per switch of adapters, not per step ----
-    def _quantise_weight(self, w: torch.Tensor):
-        amax = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12)
-        torch.div(amax, E4M3_MAX, out=self.ms)
-        self.mq.copy_((w.float() / self.ms).clamp(-E4M3_MAX, E4M3_MAX))
-
     def fp8_merge(self):
         """The fp8 rows of W + B A (bf16), written over the copy's weight: what a switch to this adapter would cost
         if adapters were merged into the fp8 copy instead of run beside it (torch ops, not one fused pass)."""
-        self._quantise_weight(torch.addmm(self.w_plain, self.b_plain, self.a))
+        _quantise_rows_into(torch.addmm(self.w_plain, self.b_plain, self.a), self.mq, self.ms)
 
     def fp8_restore(self):
         """The fp8 rows of W alone again: a request without adapters after a merged one."""
-        self._quantise_weight(self.w_plain)
+        _quantise_rows_into(self.w_plain, self.mq, self.ms)
 
 
 VARIANTS = {"bf16": {"base": [Gemm.base], "side": [Gemm.side], "rows": [Gemm.rows_branch], "kext": [Gemm.kext],

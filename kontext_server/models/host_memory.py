@@ -53,13 +53,13 @@ class _Measurement:
 def measure():
     """Measure the host resident set over the block: `with measure() as m: ...`, then `m.result`."""
     m = _Measurement()
-    before = _status_bytes("VmRSS")
+    before = rss_bytes()
     reset = before is not None and _reset_peak()
     maxrss_before = _maxrss_bytes()
     try:
         yield m
     finally:
-        after = _status_bytes("VmRSS")
+        after = rss_bytes()
         if reset:
             peak, method = _status_bytes("VmHWM"), "VmHWM over the load (reset through /proc/self/clear_refs)"
         else:
