@@ -18,25 +18,39 @@ through `Components` and `RunContext`; they never import the service.
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Mapping
 
 
+_UNINITIALISED = threading.local()  # linears_uninitialised: on in this thread while its block runs
+
+
 @contextlib.contextmanager
 def linears_uninitialised():
-    """Every torch.nn.Linear built inside skips its random initialisation (reset_parameters). For rewrites that copy
-    every weight in right after building the linear (diffusers' fuse_qkv_projections, SplitProjOut): on a
-    transformer a memory budget keeps in host memory, that initialisation ran on the CPU over billions of weights,
-    only to be overwritten. Load-time only (the worker thread): the patch is process-wide while it lasts."""
+    """Every torch.nn.Linear this thread builds inside skips its random initialisation (reset_parameters). For
+    rewrites that copy every weight in right after building the linear (diffusers' fuse_qkv_projections,
+    SplitProjOut): on a transformer a memory budget keeps in host memory, that initialisation ran on the CPU over
+    billions of weights, only to be overwritten. Per thread: another thread building a linear meanwhile (a second
+    service loading in the same process) still initialises it."""
     import torch
 
-    original = torch.nn.Linear.reset_parameters
-    torch.nn.Linear.reset_parameters = lambda self: None
+    if not getattr(torch.nn.Linear.reset_parameters, "_skips_when_uninitialised", False):
+        original = torch.nn.Linear.reset_parameters
+
+        def reset_parameters(self):
+            if not getattr(_UNINITIALISED, "on", False):
+                original(self)
+
+        reset_parameters._skips_when_uninitialised = True
+        torch.nn.Linear.reset_parameters = reset_parameters
+    before = getattr(_UNINITIALISED, "on", False)
+    _UNINITIALISED.on = True
     try:
         yield
     finally:
-        torch.nn.Linear.reset_parameters = original
+        _UNINITIALISED.on = before
 
 
 # The transformer variant of the exact tier: the model's own weights (bf16 on a GPU, float32 on a CPU, where bf16

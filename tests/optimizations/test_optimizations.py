@@ -147,6 +147,32 @@ def test_rewrites_that_copy_every_weight_in_skip_initialising_it_and_still_compu
         torch.testing.assert_close(model(**inputs)[0], plain.pipe.transformer(**inputs)[0], rtol=1e-5, atol=1e-5)
 
 
+def test_skipping_linear_initialisation_holds_only_in_the_thread_that_asked_for_it(monkeypatch):
+    import threading
+
+    from optimizations.base import linears_uninitialised
+
+    inits = []
+    real_init = torch.nn.init.kaiming_uniform_
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", lambda t, *a, **k: inits.append(t.shape) or real_init(t))
+    inside, other = threading.Event(), threading.Event()
+
+    def build_elsewhere():
+        inside.wait(10)
+        torch.nn.Linear(4, 5)  # another thread, while the main thread skips: initialised
+        other.set()
+
+    t = threading.Thread(target=build_elsewhere)
+    t.start()
+    with linears_uninitialised():
+        torch.nn.Linear(2, 3)
+        inside.set()
+        assert other.wait(10)
+    t.join()
+    torch.nn.Linear(6, 7)  # after the block: initialised again
+    assert inits == [(5, 4), (7, 6)]
+
+
 def test_channels_last_really_changes_vae_layout(cache_dir):
     svc = _service(cache_dir, "channels_last")
     w = svc.pipe.vae.decoder.conv_in.weight
