@@ -11,6 +11,7 @@ start-up); `set_process_env` is for the variables the server itself exports for 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,10 @@ LORA_FUSED_BRANCH = EnvVar("FLUX_LORA_FUSED_BRANCH", "1", "switch",
                            "0: LoRA adapters run as a side branch beside each GEMM instead of inside it (their "
                            "down-projection rows appended under the weight, the update added in place); slower, "
                            "measured in BENCHMARKS.md")
+LORA_FP8_MERGE = EnvVar("FLUX_LORA_FP8_MERGE", "0", "switch",
+                        "1: an fp8-tier request's LoRA adapters are merged into the fp8 copy's weights (re-quantised "
+                        "from the exact weights when the adapters change, restored bit for bit after) instead of "
+                        "running a branch beside each GEMM; not yet measured on a GPU (BENCHMARKS.md)")
 # Switches that change the compiled code: each is part of the compile-cache key and the benchmark's record.
 CODE_SWITCHES = (FP8_SPLIT_PROJ_OUT, FP8_FUSED_GELU, FP8_FUSED_NORM, FP8_PLAIN_LINEARS, BF16_GELU_EPILOGUE,
                  BF16_SPLIT_PROJ_OUT, LORA_FUSED_BRANCH)
@@ -267,9 +272,24 @@ def replica_env() -> dict[str, str]:
 
 
 def set_process_env(var: EnvVar, value: str) -> None:
-    """Export a variable for a library that reads it from the environment (cuBLASLt, inductor), or for the server's
-    own code that a tool runs in-process with a switch set (tools/bench_lora.py)."""
+    """Export a variable for a library that reads it from the environment (cuBLASLt, inductor), for the rest of the
+    process."""
     os.environ[var.name] = value
+
+
+@contextlib.contextmanager
+def process_env_set(var: EnvVar, value: str):
+    """`var` set to `value` in this process for the duration of the block, then as it was (a tool that runs the
+    server's code in-process with a switch set, inside a test run: tools/bench_lora.py)."""
+    before = os.environ.get(var.name)
+    os.environ[var.name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(var.name, None)
+        else:
+            os.environ[var.name] = before
 
 
 def environ_with(**overrides: str) -> dict[str, str]:

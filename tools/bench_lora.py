@@ -11,13 +11,17 @@ optimisations, `auto` on a GPU: compile, CUDA graphs, the fp8 copy...; the slots
 service's own request path:
 - warms up each tier without and with one adapter, on each branch of --lora-paths (`fused`: the adapters' rows
   appended under the weights, the server's default; `unfused`: the side branch, what FLUX_LORA_FUSED_BRANCH=0
-  gives; kontext_server/lora/slots.py, fused_rows.py). Each
-  active adapter count and branch compiles once: reported as cold starts;
+  gives; kontext_server/lora/slots.py, fused_rows.py; `merged`, fp8 tier only: the adapters merged into the fp8
+  copy's weights, what FLUX_LORA_FP8_MERGE=1 gives, lora/fp8_merge.py: the tool sets it for its server, which then
+  runs exact requests on the fused branch). Each active adapter count and branch compiles once: reported as cold
+  starts;
 - times the transformer per step, interleaved, for the exact tier and the fp8 tier, without an adapter and with
   adapter A on each branch: each branch's overhead is a ratio against the same server's steps without an adapter;
-- switches between the two loaded adapters A and B, request after request, on the server's default branch, recording
-  the switch (`lora_switch`: the slot writes, the fp8 copy's appended rows included, synchronised) and counting
-  dynamo's compiled graphs and the CUDA graphs captured (targets: <= 50 ms, no recompile, no capture);
+- switches between the two loaded adapters A and B, request after request, on each timed branch of the tier,
+  recording the switch (`lora_switch`: the slot writes, the fp8 copy's appended rows included, and on the merged
+  path the merge, synchronised) and counting dynamo's compiled graphs and the CUDA graphs captured (targets:
+  <= 50 ms, no recompile, no capture); on the merged path also the restore an fp8 request without adapters pays
+  after one with them;
 - reports each adapter's first load (`lora_load`: read, validate, copy to the device);
 - fidelity: fp8 + adapter against bf16 + adapter with the same seed, per branch (and fp8 against bf16 without an
   adapter, for comparison), and how far the adapter moves the bf16 output (so a small fp8 error means something);
@@ -42,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from kontext_server import settings
 from kontext_server.benchmark import fidelity
 from kontext_server.benchmark.workloads import add_model_and_workload_args, workload_request
 from kontext_server.request import InferenceRequest
@@ -113,11 +118,13 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     t0 = time.perf_counter()
     svc = FluxService(ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations,
                                     compile_vae=False, lora_dir=lib, lora_max_rank=rank, cache_dir=a.cache_dir))
-    svc.load()
+    with settings.process_env_set(settings.LORA_FP8_MERGE, "1" if "merged" in a.lora_paths else "0"):
+        svc.load()  # the switch is read at the slots' install
     load_s = time.perf_counter() - t0
     tiers = {"exact": {}} | ({"fp8": {"use_mxfp4": True}} if "low_precision" in svc.prepared else {})
     default_path = svc.lora.path
-    paths = [p for p in a.lora_paths if p == "unfused" or svc.lora.fuse]
+    paths = [p for p in a.lora_paths if p == "unfused" or (p == "fused" and svc.lora.fuse)
+             or (p == "merged" and svc.lora.merge is not None)]
     health = svc.health()["lora"]
     out: dict = {"rank": rank, "adapter_file_mib": {n: round(s / 2**20, 1) for n, s in sizes.items()},
                  "write_s": round(write_s, 1), "service_load_s": round(load_s, 1), "prepared": sorted(svc.prepared),
@@ -125,6 +132,9 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
                  "default_path": default_path, "tiers": {}}
     if "low_precision" not in svc.prepared:
         out["fp8"] = "not prepared: " + str(svc.registry["low_precision"].available(svc.device_info))
+    if "merged" in a.lora_paths and "merged" not in paths:
+        out["merged"] = "not timed: " + ("no fp8 tier" if "low_precision" not in svc.prepared else
+                                         "the server built no fp8 merge")
 
     def req(flags: dict, loras=(), steps=a.steps, seed=1):
         return InferenceRequest(prompt="make the car red", width=width, height=height, steps=steps, seed=seed,
@@ -135,11 +145,14 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
         return svc.generate(req(flags, loras, **kw), image)
 
     # warm-ups (compile / capture) without and with one adapter on each branch; the first adapter request also loads it
-    rows = [("without", (), default_path)] + [(f"with_{p}", (names[0],), p) for p in paths]
+    def rows(tier: str) -> list:
+        timed = [p for p in paths if p != "merged" or tier == "fp8"]  # exact requests run no merge
+        return [("without", (), default_path)] + [(f"with_{p}", (names[0],), p) for p in timed]
+
     first_load = {}
     for tier, flags in tiers.items():
         cold = {}
-        for label, loras, path in rows:
+        for label, loras, path in rows(tier):
             r = run(flags, loras, path, steps=2)
             cold[label] = round(r.timings_ms.get("cold_start", 0.0), 1)
             if "lora_load" in r.timings_ms:
@@ -151,37 +164,39 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     out["dynamo_graphs_after_warmups"] = dynamo_graphs()  # the counter below counts: compiles happened by now
 
     # step time, interleaved: exact / fp8 x without / with adapter A on each branch
-    per_step = {(t, label): [] for t in tiers for label, _, _ in rows}
+    per_step = {(t, label): [] for t in tiers for label, _, _ in rows(t)}
     for _ in range(a.runs):
         for tier, flags in tiers.items():
-            for label, loras, path in rows:
+            for label, loras, path in rows(tier):
                 per_step[(tier, label)].append(run(flags, loras, path).timings_ms["transformer_per_step"])
     for tier in tiers:
         without = statistics.median(per_step[(tier, "without")])
         t = out["tiers"][tier]
         t["step_ms_without"] = round(without, 2)
         t["paths"] = {}
-        for label, _, path in rows[1:]:
+        for label, _, path in rows(tier)[1:]:
             with_ = statistics.median(per_step[(tier, label)])
             t["paths"][path] = {"step_ms_with": round(with_, 2), "overhead_pct": round(100 * (with_ / without - 1), 2)}
         main = t["paths"].get(default_path) or next(iter(t["paths"].values()))
         t.update(main)  # the default branch's figures at the top level, as before
         t["runs"] = {k[1]: [round(v, 2) for v in vals] for k, vals in per_step.items() if k[0] == tier}
 
-    # switching between the two loaded adapters on the default branch, under compile (and CUDA graphs where prepared)
+    # switching between the two loaded adapters on each timed branch, under compile (and CUDA graphs where prepared);
+    # the default branch's figures at the tier's top level, as before
     switch = {}
     for tier, flags in tiers.items():
-        run(flags, (names[0],), steps=1)
-        graphs, captures = dynamo_graphs(), cuda_graph_count(svc)
-        times, colds = [], 0
-        for i in range(a.switches):
-            r = run(flags, (names[(i + 1) % 2],), steps=1)
-            times.append(r.timings_ms.get("lora_switch", float("nan")))
-            colds += "cold_start" in r.timings_ms
-        switch[tier] = {"switch_ms": [round(t, 2) for t in times], "switch_ms_median": round(statistics.median(times), 2),
-                        "dynamo_graphs_compiled_during_switches": dynamo_graphs() - graphs,
-                        "cuda_graphs_captured_during_switches": cuda_graph_count(svc) - captures,
-                        "cold_starts_during_switches": colds, "path": default_path}
+        by_path = {}
+        for _, _, path in rows(tier)[1:]:
+            by_path[path] = time_switches(svc, run, flags, names, path, a.switches)
+            if path == "merged":  # an fp8 request without adapters after one with: the copy restored
+                restores = []
+                for i in range(a.switches):
+                    run(flags, (names[i % 2],), path, steps=1)
+                    restores.append(run(flags, (), path, steps=1).timings_ms.get("lora_switch", float("nan")))
+                by_path[path]["restore_ms"] = [round(t, 2) for t in restores]
+                by_path[path]["restore_ms_median"] = round(statistics.median(restores), 2)
+        main = by_path.get(default_path) or by_path.get("fused") or next(iter(by_path.values()))
+        switch[tier] = {**main, "paths": by_path}
     out["switch"] = switch
 
     # fidelity: fp8 + adapter vs bf16 + adapter (same seed) on each branch, fp8 vs bf16 without, the adapter's effect
@@ -208,6 +223,22 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+def time_switches(svc, run, flags: dict, names: list, path: str, n: int) -> dict:
+    """n requests alternating between adapters A and B on `path`: each one's `lora_switch`, and what compiled,
+    captured or started cold meanwhile."""
+    run(flags, (names[0],), path, steps=1)
+    graphs, captures = dynamo_graphs(), cuda_graph_count(svc)
+    times, colds = [], 0
+    for i in range(n):
+        r = run(flags, (names[(i + 1) % 2],), path, steps=1)
+        times.append(r.timings_ms.get("lora_switch", float("nan")))
+        colds += "cold_start" in r.timings_ms
+    return {"switch_ms": [round(t, 2) for t in times], "switch_ms_median": round(statistics.median(times), 2),
+            "dynamo_graphs_compiled_during_switches": dynamo_graphs() - graphs,
+            "cuda_graphs_captured_during_switches": cuda_graph_count(svc) - captures,
+            "cold_starts_during_switches": colds, "path": path}
 
 
 # ---- the fp8 branch's own error, from the exact tier's activations ----------------------------------------------
@@ -319,10 +350,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="steps per timed request (default 10; --small: 2)")
     p.add_argument("--runs", type=int, default=None, help="timed requests per row (default 3; --small: 2)")
     p.add_argument("--switches", type=int, default=None, help="switch requests per tier (default 6; --small: 3)")
-    p.add_argument("--lora-paths", default="fused,unfused",
+    p.add_argument("--lora-paths", default="fused,unfused,merged",
                    help="the branches to time, comma-separated: fused (the adapters' rows under the weights, "
-                        "the default) and/or unfused (the side branch); each is a ratio against the same "
-                        "server's steps without an adapter")
+                        "the default), unfused (the side branch), merged (fp8 tier: the adapters merged into the "
+                        "fp8 copy; sets FLUX_LORA_FP8_MERGE=1 for the tool's server); each is a ratio against the "
+                        "same server's steps without an adapter")
     p.add_argument("--branch-rows", type=int, default=128,
                    help="activation rows per layer for the fp8 branch error (default 128)")
     p.add_argument("--small", action="store_true",
@@ -336,8 +368,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     a.lora_paths = [p.strip() for p in a.lora_paths.split(",") if p.strip()]
-    if not a.lora_paths or set(a.lora_paths) - {"fused", "unfused"}:
-        p.error("--lora-paths: fused and/or unfused")
+    if not a.lora_paths or set(a.lora_paths) - {"fused", "unfused", "merged"}:
+        p.error("--lora-paths: any of fused, unfused, merged")
     small = a.small
     a.steps = a.steps or (2 if small else 10)
     a.runs = a.runs or (2 if small else 3)

@@ -15,6 +15,11 @@ The branch: `FLUX_LORA_FUSED_BRANCH` (on unless "0") decides at start-up whether
 rows appended under their weights (the fused branch, slots.py); `path` is the branch requests run, "fused" where the
 rows exist, and `set_path("unfused")` makes later requests run the side branch instead (tools/bench_lora.py times both
 in one server; each is compiled and captured once per adapter count).
+
+The fp8 merge (`FLUX_LORA_FP8_MERGE=1`, fp8_merge.py): with path "merged", an fp8-tier request's adapters are merged
+into the fp8 copy's weights instead (its slots that the merge covers run with k = 0, the base code), and the next
+fp8 request without them restores the copy first; exact-tier requests and the modules the merge does not cover run
+the branch ("fused" where the rows exist). `applied(specs, precision)` takes the request's tier for that.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kontext_server import settings
+from kontext_server.lora.fp8_merge import Fp8Merge
 from kontext_server.lora.library import AdapterFused, Library, LoraError, NeedsRestart
 from kontext_server.lora.slots import SLOTS, LoraSlot, Placement, is_fused, place, shape_of, wrap
 from kontext_server.lora.store import AdapterStore
@@ -78,6 +84,8 @@ class LoraManager:
         self.installed = False
         self.fuse = not switched_off(settings.LORA_FUSED_BRANCH)  # append rows under the weights at install
         self.path = "fused" if self.fuse else "unfused"
+        self.merge: Fp8Merge | None = None  # the fp8 copy's merge (FLUX_LORA_FP8_MERGE=1), built at install
+        self.wrappers: dict[str, dict] = {}  # precision -> slot name -> that variant's wrapper (None: the table)
         # per variant: how many wrapped modules run the fused branch, and why the others do not
         self.branches: dict[str, dict] = {}
         self._content: tuple | None = ()  # (name, file stamp) per slot index now in the buffers; None: unknown
@@ -154,6 +162,7 @@ class LoraManager:
                 slot.parts[p.part] = (module, p.part * out, out)
                 wrapper = wrap(variant, p, slot, fuse=self.fuse)
                 self._count_branch(precision, p.group, wrapper)
+                self.wrappers.setdefault(precision, {})[p.group] = wrapper
                 if p.kind == "table":
                     self.table_hooks.append((variant.get_submodule(p.path), slot))
                 self.placements.setdefault(module, p)
@@ -163,6 +172,10 @@ class LoraManager:
                 self.tables.append(state)
         for m, _ in self.table_hooks:
             assert isinstance(m, ModulationLinear)
+        if not settings.LORA_FP8_MERGE.off() and "fp8" in self.wrappers and "exact" in self.wrappers:
+            self.merge = Fp8Merge.build(self.wrappers["exact"], self.wrappers["fp8"], self.slots)
+            self.path = "merged"
+            log.info("LoRA fp8 merge: %s", self.merge.report())
         self.installed = True
 
     def _count_branch(self, precision: str, group: str, wrapper) -> None:
@@ -177,13 +190,21 @@ class LoraManager:
             seen["unfused"][reason] = seen["unfused"].get(reason, 0) + 1
 
     def set_path(self, path: str) -> None:
-        """The branch the next requests run: "fused" (where the modules have appended rows) or "unfused" (the side
-        branch everywhere). Worker thread, between requests."""
-        if path not in ("fused", "unfused"):
-            raise ValueError(f"LoRA branch must be 'fused' or 'unfused', not {path!r}")
+        """The branch the next requests run: "fused" (where the modules have appended rows), "unfused" (the side
+        branch everywhere) or "merged" (fp8 requests merge, the rest as "fused" where it can). Worker thread,
+        between requests."""
+        if path not in ("fused", "unfused", "merged"):
+            raise ValueError(f"LoRA path must be 'fused', 'unfused' or 'merged', not {path!r}")
         if path == "fused" and not self.fuse:
             raise ValueError("the fused LoRA branch is off (FLUX_LORA_FUSED_BRANCH=0): no rows were appended")
+        if path == "merged" and self.merge is None:
+            raise ValueError("the fp8 merge is off (FLUX_LORA_FP8_MERGE=1 with an fp8 tier turns it on)")
         self.path = path
+
+    @property
+    def branch(self) -> str:
+        """The branch of the modules that run one: "fused" or "unfused"."""
+        return "unfused" if self.path == "unfused" or not self.fuse else "fused"
 
     def preload(self, names: list[str]) -> None:
         for name in names:
@@ -215,11 +236,14 @@ class LoraManager:
         return adapter, ms
 
     @contextlib.contextmanager
-    def applied(self, specs):
-        """Run the request's adapters for the duration of the context (see the module docstring)."""
+    def applied(self, specs, precision: str = "exact"):
+        """Run the request's adapters for the duration of the context (see the module docstring). `precision`: the
+        transformer variant the request runs ("exact" or "fp8")."""
+        merging = self.merge is not None and self.path == "merged" and precision == "fp8"
         if not specs:
             self._activate_tables(())
-            yield Applied()
+            restore_ms = self._restore() if precision == "fp8" and self.merge is not None else None
+            yield Applied(switch_ms=restore_ms)
             return
         if len(specs) > SLOTS:
             raise ValueError(f"at most {SLOTS} adapters per request")
@@ -245,21 +269,47 @@ class LoraManager:
         try:
             t0 = time.perf_counter()
             switched = self._write(adapters, [s.scale for s in specs])
-            for slot in self.slots.values():
-                slot.k = k
-                slot.fused = self.path == "fused"
-            self._activate_tables(tuple((a.name, a.stamp, s.scale) for a, s in zip(adapters, specs)))
+            active = tuple((a.name, a.stamp, s.scale) for a, s in zip(adapters, specs))
+            if merging:
+                switched = self.merge.apply(active, k) or switched
+            elif precision == "fp8" and self.merge is not None:
+                switched = self.merge.restore() or switched
+            for name, slot in self.slots.items():
+                slot.k = 0 if merging and name in self.merge.merged_slots else k
+                slot.fused = self.branch == "fused"
+            self._activate_tables(active)
             if switched:
                 if str(self.device).startswith("cuda"):
                     torch.cuda.synchronize(self.device)
                 self.last_switch_ms = (time.perf_counter() - t0) * 1000
             report = [{"name": a.name, "scale": s.scale, "rank": a.rank} for a, s in zip(adapters, specs)]
-            yield Applied(report, load_ms, self.last_switch_ms if switched else None, (("lora", k, self.path),))
+            yield Applied(report, load_ms, self.last_switch_ms if switched else None, self._graph_key(k, merging))
         finally:
             for slot in self.slots.values():
                 slot.k = 0
             for m, _ in self.table_hooks:
                 m.table_branch = None
+
+    def _restore(self) -> float | None:
+        """The fp8 copy's base weights back before an fp8 request without adapters; the milliseconds, or None if
+        they were there."""
+        t0 = time.perf_counter()
+        if not self.merge.restore():
+            return None
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        self.last_switch_ms = (time.perf_counter() - t0) * 1000
+        return self.last_switch_ms
+
+    def _graph_key(self, k: int, merging: bool) -> tuple:
+        """What the request's compiled code and captured graphs depend on: the active count and branch. A merged
+        request whose slots with k > 0 are all the modulation table's (filled on the host, before the compiled
+        blocks) runs the base code on the merged weights: the base graphs."""
+        if merging:
+            fp8 = self.wrappers.get("fp8", {})
+            return (("lora", k, "merged"),) if any(s.k and fp8.get(n) is not None for n, s in self.slots.items()) \
+                else ()
+        return (("lora", k, self.branch),)
 
     def _write(self, adapters, scales) -> bool:
         """Put the adapters in the slots; returns whether anything was written."""
@@ -309,7 +359,8 @@ class LoraManager:
                       "targets": len(self.targets), "mib": round(slot_bytes / 2**20, 2)},
             "branch": {"path": self.path, "variants": {
                 precision: {"fused_modules": b["fused"], "unfused_modules": dict(b["unfused"])}
-                for precision, b in self.branches.items()}},
+                for precision, b in self.branches.items()},
+                "fp8_merge": self.merge.report() if self.merge is not None else None},
             "loaded_mib": round(self.store.nbytes / 2**20, 2),
             "loads": self.store.loads, "evictions": self.store.evictions, "switches": self.switches,
             "compile": "blocks compiled by dynamo in place (one graph per active adapter count and branch)"

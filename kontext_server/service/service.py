@@ -275,7 +275,7 @@ class FluxService:
         if self.lora is None:
             self.check_loras(req)
             return self.runner.generate(req, image, plan, should_stop, output_type, on_step)
-        with self.lora.applied(req.loras) as applied:
+        with self.lora.applied(req.loras, Runner.precision(plan, self.registry)) as applied:
             result = self.runner.generate(req, image, plan, should_stop, output_type, on_step,
                                           graph_key=applied.graph_key)
         result.loras = applied.loras

@@ -6,8 +6,11 @@ the fp8 copy. Run on the device machine:
 With CUDA graphs each adapter request matches the same request without graphs, and a switch between adapters of the
 same count captures nothing; a request without adapters is bit-identical to a server without a LoRA directory, in
 both tiers; the fp8 tier with an adapter stays as close to bf16 with the adapter as fp8 is to bf16 without one; the
-fused branch (the adapters' rows under the weights, opt-in) gives the side branch's image in each tier, within
-the rounding that differs between them (on the fp8 copy, A's rows in e4m3).
+fused branch (the adapters' rows under the weights, the default) gives the side branch's image in each tier, within
+the rounding that differs between them (on the fp8 copy, A's rows in e4m3). The fp8 merge (FLUX_LORA_FP8_MERGE=1):
+it recognises torchao's quantisation of every fp8 linear, a merged request stays as close to bf16 with the adapters
+as the fused branch, switches capture nothing, and the fp8 base afterwards is bit-identical to a server without
+adapters.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def gpu_lora_dir(cache_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def svc(cache_dir, gpu_lora_dir):
-    return make_service(cache_dir, OPTS, device="cuda", lora_dir=gpu_lora_dir, fused=False)  # the default branch
+    return make_service(cache_dir, OPTS, device="cuda", lora_dir=gpu_lora_dir, fused=False)  # the side branch
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +117,46 @@ def test_the_fused_branch_gives_the_side_branchs_image(fused_svc, tier):
           f"{fused_fp8_vs_bf16:.4f}, side branch {side_fp8_vs_bf16:.4f}")
     assert diff < (2e-2 if tier == "fp8" else 5e-3)
     assert fused_fp8_vs_bf16 < 2 * side_fp8_vs_bf16 + 0.01
+
+
+@pytest.fixture(scope="module")
+def merged_svc(cache_dir, gpu_lora_dir):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUX_LORA_FP8_MERGE", "1")
+        return make_service(cache_dir, OPTS, device="cuda", lora_dir=gpu_lora_dir)
+
+
+def test_the_fp8_merge_takes_every_fp8_linear_as_torchao_quantised_it(merged_svc):
+    merge = merged_svc.health()["lora"]["branch"]["fp8_merge"]
+    print(f"fp8 merge: {merge}")
+    assert merged_svc.lora.path == "merged" and merge["linears"] > 0
+    assert set(merge["kept_on_branch"]) <= {"the modulation table"}, merge["kept_on_branch"]
+    assert len(merge["quantisers"]) == 1 and next(iter(merge["quantisers"])).startswith("torchao")
+
+
+def test_a_merged_fp8_request_is_as_close_to_bf16_as_the_fused_branch_and_a_switch_captures_nothing(merged_svc):
+    svc = merged_svc
+    loras = [("style", 1.0), ("light", 0.5), ("shared", -0.7)]
+    exact = run(svc, loras).latents
+    merged = run(svc, loras, **TIERS["fp8"])
+    assert merged.timings_ms.get("lora_switch") is not None
+    svc.lora.set_path("fused")
+    try:
+        fused = run(svc, loras, **TIERS["fp8"]).latents
+    finally:
+        svc.lora.set_path("merged")
+    merged_err, fused_err = rel(merged.latents, exact), rel(fused, exact)
+    print(f"tiny, fp8 vs bf16 with three adapters: merged {merged_err:.4f}, fused branch {fused_err:.4f}")
+    assert merged_err < 1.5 * fused_err + 0.005
+    n = captures(svc)
+    for name in ("light", "shared", "style"):
+        out = run(svc, [(name, 1.0)], **TIERS["fp8"])
+        assert "cold_start" not in out.timings_ms and out.timings_ms.get("lora_switch") is not None
+    assert captures(svc) == n, "a merged adapter switch captured a new CUDA graph"
+
+
+def test_after_merged_requests_the_fp8_base_is_bit_identical_to_a_server_without_adapters(merged_svc, plain):
+    run(merged_svc, [("style", 1.0), ("light", 1.0)], **TIERS["fp8"])
+    base = run(merged_svc, **TIERS["fp8"])
+    assert base.timings_ms.get("lora_switch") is not None  # the copy restored first
+    torch.testing.assert_close(base.latents, run(plain, **TIERS["fp8"]).latents, rtol=0, atol=0)

@@ -39,3 +39,4 @@ def test_the_lora_benchmark_runs_on_the_tiny_model_and_writes_its_figures(cache_
     assert set(r["first_load_ms"]) == {"r4a", "r4b"} and all(v > 0 for v in r["first_load_ms"].values())
     assert r["adapter_effect_bf16"]["rel_latent_error"] > 0
     assert r["fp8"].startswith("not prepared")  # no fp8 tier on a CPU: said, not silently left out
+    assert r["merged"] == "not timed: no fp8 tier"

@@ -1,0 +1,226 @@
+"""The fp8 copy with the request's adapters merged into its weights: no branch beside its GEMMs.
+
+What: for an fp8-tier request with adapters, every fp8 linear of the copy that a slot covers is re-quantised in
+place from the exact tier's weight plus the slots' update, W8 = Q(W + B[:, :n] A[:n]) (n = k * rows: the active
+adapters, B already scaled); a later fp8 request without adapters, or with others, re-quantises again from W. The
+storage is the same, so compiled code and captured CUDA graphs run on as they are, and the step runs the base
+model's code: no per-step cost. Why: the branch costs every step of every request (BENCHMARKS.md); a merge is one
+pass over the covered weights per change of adapters, paid only when they change.
+
+Contract: a restore is bit-identical to the copy as built. Q must be the function that quantised the copy, so at
+build time each candidate (torchao's own `Float8Tensor.from_hp`, which the GPU's copy came from; torchao's row
+primitives; this repository's `quantize_rows`) is tried on each target's exact weight, and a target is merged only
+where one of them reproduces its stored fp8 bytes and scales exactly. The others keep the branch, with the reason
+(`report()`); so does everything the copy keeps in bf16 (the modulation linears or their table, the top-level linears).
+`state` names what the copy holds: None (the base weights), the key of the merged adapters and scales, or DIRTY
+(a merge or restore that failed half-way: the next fp8 request restores or merges everything again).
+
+Limits: the fp8 tier only (the exact tier has no second copy to restore from); both copies on one device (the
+service refuses LoRA slots under a memory budget anyway). The merged weight is rounded once to the exact weight's
+dtype (one addmm: W + B A accumulated in fp32) and then quantised, as quantising a merged bf16 model would be: the
+fp8 error of the merged weights is the fp8 tier's own, measured against bf16 with the same adapters by
+tools/bench_lora.py. Not stateless: the copy holds one request's adapters at a time (requests run one at a time
+on the worker thread).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from optimizations.fp8.linear import Fp8Linear, quantize_rows
+from optimizations.fusions.split_proj_out import SplitProjOut
+
+log = logging.getLogger("flux.lora")
+
+DIRTY = "dirty"
+Quantiser = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (out, in) -> fp8 (out, in), scales
+
+
+def _torchao_from_hp(w: torch.Tensor):
+    """What torchao's quantize_ does to a weight with Float8DynamicActivationFloat8WeightConfig(PerRow()): its own
+    choice of kernel included."""
+    from torchao.quantization import PerRow
+    from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+
+    t = Float8Tensor.from_hp(w, float8_dtype=torch.float8_e4m3fn, granularity=PerRow())
+    return t.qdata, t.scale
+
+
+def _torchao_rows(w: torch.Tensor):
+    """torchao's row-wise primitives (its torch path): the scale is amax / 448 in the weight's dtype."""
+    from torchao.quantization.quant_primitives import _choose_scale_float8, _quantize_affine_float8
+
+    scale = _choose_scale_float8(w, block_size=[1, w.shape[1]], float8_dtype=torch.float8_e4m3fn)
+    return _quantize_affine_float8(w, scale, torch.float8_e4m3fn), scale
+
+
+QUANTISERS: dict[str, Quantiser] = {"torchao": _torchao_from_hp, "torchao_rows": _torchao_rows,
+                                    "quantize_rows": quantize_rows}
+
+
+@dataclass
+class Target:
+    """One fp8 linear to merge into: its weight rows and scales (views of the live storage), the exact weight it was
+    quantised from, the slot whose update it takes and which of the slot's input columns it sees."""
+    name: str
+    linear: Fp8Linear
+    source: torch.Tensor  # (out, in_cols), the exact tier's weight (a view)
+    slot: object  # LoraSlot
+    cols: slice
+    quantiser: str
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.linear.weight_t.t()  # (out, in) row-major fp8: the storage the GEMM reads
+
+    @torch.no_grad()
+    def write(self, w: torch.Tensor) -> None:
+        q, s = QUANTISERS[self.quantiser](w)
+        self.rows.copy_(q)
+        self.linear.weight_scale.copy_(s.reshape(1, -1))
+
+    @torch.no_grad()
+    def merge(self, k: int) -> None:
+        """W + B A over the first k adapters' rows of the slot."""
+        slot, n = self.slot, k * self.slot.rows
+        self.write(torch.addmm(self.source, slot.B[:, :n], slot.A[:n, self.cols]))
+
+    def restore(self) -> None:
+        self.write(self.source.contiguous())
+
+
+def _matches(linear: Fp8Linear, source: torch.Tensor, quantiser: Quantiser) -> bool:
+    try:
+        q, s = quantiser(source.contiguous())
+    except Exception as exc:  # noqa: BLE001 - a candidate that cannot run here is simply not the one
+        log.debug("fp8 merge: a quantiser failed: %s", exc)
+        return False
+    rows, scale = linear.weight_t.t(), linear.weight_scale
+    return q.shape == rows.shape and q.dtype == rows.dtype and torch.equal(q.view(torch.uint8), rows.view(torch.uint8)) \
+        and torch.equal(s.reshape(-1).float(), scale.reshape(-1))
+
+
+def _exact_weights(wrapper) -> list[torch.Tensor] | None:
+    """The exact tier's weights a slot's module computes with: one (out, in), or the two halves of a split proj_out
+    (attention columns first)."""
+    from kontext_server.lora.slots import LoraGeluOutput, LoraLinear, LoraProjOut
+
+    if isinstance(wrapper, LoraGeluOutput):
+        return [(wrapper.base.proj if wrapper.via_proj else wrapper.base).weight]
+    if isinstance(wrapper, (LoraLinear, LoraProjOut)):
+        base = wrapper.base
+        if isinstance(base, SplitProjOut):
+            return [base.attn.weight, base.mlp.weight]
+        if isinstance(base, torch.nn.Linear):
+            return [base.weight]
+    return None
+
+
+def _fp8_linears(wrapper) -> list[Fp8Linear] | str:
+    """The fp8 copy's linears of a slot's module (attention columns first for a split proj_out), or why none."""
+    from kontext_server.lora.slots import LoraLinear, LoraProjOut
+
+    if wrapper is None:
+        return "the modulation table"
+    if not isinstance(wrapper, (LoraLinear, LoraProjOut)):
+        return f"a {type(wrapper).__name__}"
+    base = wrapper.base
+    halves = [base.attn, base.mlp] if isinstance(base, SplitProjOut) else [base]
+    if not all(isinstance(h, Fp8Linear) for h in halves):
+        return "kept in bf16 in the fp8 copy (" + ", ".join(type(h).__name__ for h in halves) + ")"
+    return halves
+
+
+class Fp8Merge:
+    """The targets of one fp8 copy (see the module docstring). `merged_slots`: the slots whose every module of the
+    copy is a target (a merged request runs them with k = 0)."""
+
+    def __init__(self, targets: list[Target], kept: dict[str, int], merged_slots: set[str], quantisers: dict):
+        self.targets, self.kept, self.merged_slots, self.quantisers = targets, kept, merged_slots, quantisers
+        self.state: object = None
+        self.merges = self.restores = 0
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, exact_wrappers: dict, fp8_wrappers: dict, slots: dict) -> "Fp8Merge":
+        """Targets for every slot whose fp8 module is an fp8 linear quantised from the exact module's weight by a
+        known quantiser (checked bit for bit). `*_wrappers`: slot name -> that variant's wrapper (None: the table)."""
+        targets, kept, merged = [], {}, set()
+        used: dict[str, int] = {}
+        order = list(QUANTISERS)
+
+        def keep(reason: str) -> None:
+            kept[reason] = kept.get(reason, 0) + 1
+
+        for group, slot in slots.items():
+            linears = _fp8_linears(fp8_wrappers.get(group))
+            if isinstance(linears, str):
+                keep(linears)
+                continue
+            sources = _exact_weights(exact_wrappers.get(group))
+            if sources is None:
+                keep("no exact weight to quantise from")
+                continue
+            if len(linears) == 2 and len(sources) == 1:  # split fp8 halves of an unsplit exact proj_out
+                s = slot.in_split
+                sources = [sources[0][:, :s], sources[0][:, s:]]
+            if len(linears) != len(sources):
+                keep("the two tiers split the module differently")
+                continue
+            found, offset = [], 0
+            for i, (linear, source) in enumerate(zip(linears, sources)):
+                cols = slice(offset, offset + source.shape[1]) if len(linears) > 1 else slice(None)
+                offset += source.shape[1]
+                if source.device != linear.weight_t.device:
+                    found = "the exact weight is on another device"
+                    break
+                name = next((q for q in order if _matches(linear, source, QUANTISERS[q])), None)
+                if name is None:
+                    found = "its fp8 weight is not a known quantisation of the exact weight (e.g. stored fp8)"
+                    break
+                order.remove(name)
+                order.insert(0, name)  # the one that matched first is tried first for the next
+                suffix = (".attn", ".mlp")[i] if len(linears) > 1 else ""
+                found.append(Target(group + suffix, linear, source, slot, cols, name))
+            if isinstance(found, str):
+                keep(found)
+                continue
+            for t in found:
+                used[t.quantiser] = used.get(t.quantiser, 0) + 1
+            targets += found
+            merged.add(group)
+        return cls(targets, kept, merged, used)
+
+    @torch.no_grad()
+    def apply(self, key, k: int) -> bool:
+        """Hold the adapters of `key` (the first k of the slots, as they are written now) in the copy; returns
+        whether anything was written."""
+        if key == self.state:
+            return False
+        self.state = DIRTY
+        for t in self.targets:
+            t.merge(k)
+        self.state = key
+        self.merges += 1
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> bool:
+        """The copy's base weights back, bit for bit; returns whether anything was written."""
+        if self.state is None:
+            return False
+        self.state = DIRTY
+        for t in self.targets:
+            t.restore()
+        self.state = None
+        self.restores += 1
+        return True
+
+    def report(self) -> dict:
+        return {"modules": len(self.merged_slots), "linears": len(self.targets), "quantisers": dict(self.quantisers),
+                "kept_on_branch": dict(self.kept),
+                "holds": "base" if self.state is None else ("unknown" if self.state == DIRTY else "adapters"),
+                "merges": self.merges, "restores": self.restores}
