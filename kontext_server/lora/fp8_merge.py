@@ -13,7 +13,9 @@ primitives; this repository's `quantize_rows`) is tried on each target's exact w
 where one of them reproduces its stored fp8 bytes and scales exactly. The others keep the branch, with the reason
 (`report()`); so does everything the copy keeps in bf16 (the modulation linears or their table, the top-level linears).
 `state` names what the copy holds: None (the base weights), the key of the merged adapters and scales, or DIRTY
-(a merge or restore that failed half-way: the next fp8 request restores or merges everything again).
+(a merge or restore that failed half-way). Each target knows what it holds too, so a change writes only the
+linears whose weights change: those the new adapters reach, and those the old ones reached (restored), never the
+rest; one that failed half-way is written again by the next fp8 request.
 
 Limits: the fp8 tier only (the exact tier has no second copy to restore from); both copies on one device (the
 service refuses LoRA slots under a memory budget anyway). The merged weight is rounded once to the exact weight's
@@ -71,6 +73,7 @@ class Target:
     slot: object  # LoraSlot
     cols: slice
     quantiser: str
+    holds: object = None  # None: the base weight; a key: those adapters merged; DIRTY: a write that failed
 
     @property
     def rows(self) -> torch.Tensor:
@@ -90,6 +93,18 @@ class Target:
 
     def restore(self) -> None:
         self.write(self.source.contiguous())
+
+    def hold(self, key, k: int) -> bool:
+        """Make the weight hold `key`'s merge (None: the base weight); whether it was written."""
+        if self.holds == key:
+            return False
+        self.holds = DIRTY
+        if key is None:
+            self.restore()
+        else:
+            self.merge(k)
+        self.holds = key
+        return True
 
 
 def _matches(linear: Fp8Linear, source: torch.Tensor, quantiser: Quantiser) -> bool:
@@ -142,6 +157,7 @@ class Fp8Merge:
         self.targets, self.kept, self.merged_slots, self.quantisers = targets, kept, merged_slots, quantisers
         self.state: object = None
         self.merges = self.restores = 0
+        self.last_written = 0  # linears written by the last merge or restore
 
     @classmethod
     @torch.no_grad()
@@ -195,14 +211,15 @@ class Fp8Merge:
         return cls(targets, kept, merged, used)
 
     @torch.no_grad()
-    def apply(self, key, k: int) -> bool:
-        """Hold the adapters of `key` (the first k of the slots, as they are written now) in the copy; returns
-        whether anything was written."""
+    def apply(self, key, k: int, touched: set[str] | None = None) -> bool:
+        """Hold the adapters of `key` (the first k of the slots, as they are written now) in the copy; `touched`:
+        the slots those adapters reach (None: all), the others get their base weights. Returns whether anything
+        was written."""
         if key == self.state:
             return False
         self.state = DIRTY
-        for t in self.targets:
-            t.merge(k)
+        self.last_written = sum(t.hold(key if touched is None or t.slot.name in touched else None, k)
+                                for t in self.targets)
         self.state = key
         self.merges += 1
         return True
@@ -213,8 +230,7 @@ class Fp8Merge:
         if self.state is None:
             return False
         self.state = DIRTY
-        for t in self.targets:
-            t.restore()
+        self.last_written = sum(t.hold(None, 0) for t in self.targets)
         self.state = None
         self.restores += 1
         return True
@@ -223,4 +239,4 @@ class Fp8Merge:
         return {"modules": len(self.merged_slots), "linears": len(self.targets), "quantisers": dict(self.quantisers),
                 "kept_on_branch": dict(self.kept),
                 "holds": "base" if self.state is None else ("unknown" if self.state == DIRTY else "adapters"),
-                "merges": self.merges, "restores": self.restores}
+                "merges": self.merges, "restores": self.restores, "last_written": self.last_written}

@@ -271,7 +271,9 @@ class LoraManager:
             switched = self._write(adapters, [s.scale for s in specs])
             active = tuple((a.name, a.stamp, s.scale) for a, s in zip(adapters, specs))
             if merging:
-                switched = self.merge.apply(active, k) or switched
+                touched = {name for name, slot in self.slots.items()
+                           if any(m in a.targets for a in adapters for m, _, _ in slot.parts)}
+                switched = self.merge.apply(active, k, touched) or switched
             elif precision == "fp8" and self.merge is not None:
                 switched = self.merge.restore() or switched
             for name, slot in self.slots.items():

@@ -122,6 +122,24 @@ def test_the_copy_holds_the_merged_weights_and_gets_its_own_back_bit_for_bit(mer
     assert manager.merge.report()["holds"] == "base"
 
 
+def test_a_merge_writes_only_the_linears_its_adapters_reach_and_a_restore_only_those(merged):
+    manager, models, pristine = merged
+    with manager.applied([], "fp8"):
+        pass
+    before = fp8_bytes(pristine["fp8"])
+    shared = set(manager.library.index["shared"].targets)
+    reached = [t for t in manager.merge.targets if any(m in shared for m, _, _ in t.slot.parts)]
+    assert 0 < len(reached) < len(manager.merge.targets)
+    with manager.applied(specs([("shared", 1.0)]), "fp8"), torch.no_grad():
+        assert manager.merge.last_written == len(reached)
+        after = fp8_bytes(models["fp8"])
+        changed = {k.rsplit(".", 1)[0] for k in before if not torch.equal(before[k], after[k])}
+        live = {n.replace(".base", ""): m for n, m in models["fp8"].named_modules() if isinstance(m, Fp8Linear)}
+        assert changed and {id(live[n]) for n in changed} <= {id(t.linear) for t in reached}
+    with manager.applied([], "fp8"):
+        assert manager.merge.last_written == len(reached)
+
+
 def test_exact_requests_run_their_branch_and_leave_the_merged_copy_as_it_is(merged):
     manager, models, _ = merged
     x = inputs(models["exact"], seed=3)
