@@ -516,6 +516,27 @@ def test_health_503_while_loading_then_ready(cache_dir, monkeypatch):
         release.set()
 
 
+def test_health_status_code_agrees_with_its_body_when_the_load_ends_during_the_request(cache_dir, monkeypatch):
+    svc = FluxService(ServiceConfig(model="tiny", device="cpu", optimizations="auto", cache_dir=cache_dir))
+    release = threading.Event()
+    monkeypatch.setattr(svc, "load", lambda: release.wait(60))  # stays "loading" on its own
+    original = svc.health
+
+    def health_then_ready():
+        info = original()
+        svc.state = "ready"  # the load finishes while the handler is still building its answer
+        return info
+
+    monkeypatch.setattr(svc, "health", health_then_ready)
+    app = create_app(svc, ServerSettings(max_queue=2, load_in_background=True))
+    try:
+        with TestClient(app) as c:
+            r = c.get("/health")
+            assert r.json()["status"] == "loading" and r.status_code == 503
+    finally:
+        release.set()
+
+
 def test_health_503_failed_when_model_cannot_load(cache_dir, monkeypatch):
     import huggingface_hub.constants
 

@@ -22,7 +22,9 @@ async def health(request: Request):
     info["safety_checker"] = srv.safety.describe() if srv.safety is not None else None
     if not srv.engine.accepting:
         info["status"] = "draining"
-    ok = srv.service.state == "ready" and srv.engine.accepting
+    # From the body's own status, read once above: the model may finish loading while this handler awaits, and a
+    # second reading of the state would answer 200 with a body that says "loading"
+    ok = info["status"] == "ready"
     return JSONResponse(info, status_code=200 if ok else 503)
 
 
