@@ -8,10 +8,12 @@ model's code: no per-step cost. Why: the branch costs every step of every reques
 pass over the covered weights per change of adapters, paid only when they change.
 
 Contract: a restore is bit-identical to the copy as built. Q must be the function that quantised the copy, so at
-build time each candidate (torchao's own `Float8Tensor.from_hp`, which the GPU's copy came from; torchao's row
-primitives; this repository's `quantize_rows`) is tried on each target's exact weight, and a target is merged only
-where one of them reproduces its stored fp8 bytes and scales exactly. The others keep the branch, with the reason
-(`report()`); so does everything the copy keeps in bf16 (the modulation linears or their table, the top-level linears).
+build time each candidate is tried on each target's exact weight, in order (on a GPU first the one-pass kernel of
+optimizations/kernels/fp8_weight_quant.py in torchao's rounding and in ours, then torchao's own
+`Float8Tensor.from_hp`, which the GPU's copy came from, torchao's row primitives, this repository's
+`quantize_rows`), and a target is merged, with the first one that fits, only where one of them reproduces its
+stored fp8 bytes and scales exactly. The others keep the branch, with the reason (`report()`); so does everything
+the copy keeps in bf16 (the modulation linears or their table, the top-level linears).
 `state` names what the copy holds: None (the base weights), the key of the merged adapters and scales, or DIRTY
 (a merge or restore that failed half-way). Each target knows what it holds too, so a change writes only the
 linears whose weights change: those the new adapters reach, and those the old ones reached (restored), never the
@@ -59,8 +61,24 @@ def _torchao_rows(w: torch.Tensor):
     return _quantize_affine_float8(w, scale, torch.float8_e4m3fn), scale
 
 
-QUANTISERS: dict[str, Quantiser] = {"torchao": _torchao_from_hp, "torchao_rows": _torchao_rows,
+def _triton(scale_in_weight_dtype: bool) -> Quantiser:
+    """optimizations/kernels/fp8_weight_quant.py: torchao's rounding (True) or quantize_rows' in one pass."""
+    def quantise(w: torch.Tensor):
+        from optimizations.kernels.fp8_weight_quant import quantize_weight_rows
+
+        return quantize_weight_rows(w, scale_in_weight_dtype)
+    return quantise
+
+
+# Tried in this order at install (on a GPU the one-pass kernels first: the fastest that reproduces a linear is used
+# for it; on a CPU they would run in Triton's interpreter, so they are left out there).
+QUANTISERS: dict[str, Quantiser] = {"triton_torchao": _triton(True), "triton_rows": _triton(False),
+                                    "torchao": _torchao_from_hp, "torchao_rows": _torchao_rows,
                                     "quantize_rows": quantize_rows}
+
+
+def candidates(device: torch.device) -> list[str]:
+    return [q for q in QUANTISERS if device.type == "cuda" or not q.startswith("triton")]
 
 
 @dataclass
@@ -166,7 +184,6 @@ class Fp8Merge:
         known quantiser (checked bit for bit). `*_wrappers`: slot name -> that variant's wrapper (None: the table)."""
         targets, kept, merged = [], {}, set()
         used: dict[str, int] = {}
-        order = list(QUANTISERS)
 
         def keep(reason: str) -> None:
             kept[reason] = kept.get(reason, 0) + 1
@@ -193,12 +210,10 @@ class Fp8Merge:
                 if source.device != linear.weight_t.device:
                     found = "the exact weight is on another device"
                     break
-                name = next((q for q in order if _matches(linear, source, QUANTISERS[q])), None)
+                name = next((q for q in candidates(source.device) if _matches(linear, source, QUANTISERS[q])), None)
                 if name is None:
                     found = "its fp8 weight is not a known quantisation of the exact weight (e.g. stored fp8)"
                     break
-                order.remove(name)
-                order.insert(0, name)  # the one that matched first is tried first for the next
                 suffix = (".attn", ".mlp")[i] if len(linears) > 1 else ""
                 found.append(Target(group + suffix, linear, source, slot, cols, name))
             if isinstance(found, str):
