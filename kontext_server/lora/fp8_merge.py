@@ -62,11 +62,13 @@ def _torchao_rows(w: torch.Tensor):
 
 
 def _triton(scale_in_weight_dtype: bool) -> Quantiser:
-    """optimizations/kernels/fp8_weight_quant.py: torchao's rounding (True) or quantize_rows' in one pass."""
-    def quantise(w: torch.Tensor):
+    """optimizations/kernels/fp8_weight_quant.py: torchao's rounding (True) or quantize_rows' in one pass; with
+    `out`, written straight into a linear's storage."""
+    def quantise(w: torch.Tensor, out=None):
         from optimizations.kernels.fp8_weight_quant import quantize_weight_rows
 
-        return quantize_weight_rows(w, scale_in_weight_dtype)
+        return quantize_weight_rows(w, scale_in_weight_dtype, out)
+    quantise.writes_in_place = True
     return quantise
 
 
@@ -99,9 +101,14 @@ class Target:
 
     @torch.no_grad()
     def write(self, w: torch.Tensor) -> None:
-        q, s = QUANTISERS[self.quantiser](w)
+        quantise = QUANTISERS[self.quantiser]
+        scale = self.linear.weight_scale
+        if getattr(quantise, "writes_in_place", False) and scale.is_contiguous():
+            quantise(w, out=(self.rows, scale))  # no temporary: one read of w, one write of the rows
+            return
+        q, s = quantise(w)
         self.rows.copy_(q)
-        self.linear.weight_scale.copy_(s.reshape(1, -1))
+        scale.copy_(s.reshape(1, -1))
 
     @torch.no_grad()
     def merge(self, k: int) -> None:

@@ -43,15 +43,24 @@ def weight_rows_fp8_kernel(w_ptr, q_ptr, s_ptr, K, w_stride, q_stride, BLOCK: tl
     tl.store(s_ptr + row, scale)
 
 
-def quantize_weight_rows(w: torch.Tensor, scale_in_weight_dtype: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 e4m3 rows (N, K), fp32 scales (N, 1)) of a 2-D weight (see the module docstring)."""
+def quantize_weight_rows(w: torch.Tensor, scale_in_weight_dtype: bool,
+                         out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 e4m3 rows (N, K), fp32 scales (N, 1)) of a 2-D weight (see the module docstring). `out`: where to write
+    them instead (rows with unit column stride; N scales, contiguous, in any shape), e.g. a linear's own storage."""
     if w.dim() != 2 or w.stride(1) != 1:
         raise ValueError(f"a 2-D weight with contiguous rows, not shape {tuple(w.shape)} strides {w.stride()}")
     n, k = w.shape
     if k > MAX_K:
         raise ValueError(f"rows of {k} values: at most {MAX_K}")
-    q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
-    s = torch.empty(n, 1, dtype=torch.float32, device=w.device)
+    if out is None:
+        q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
+        s = torch.empty(n, 1, dtype=torch.float32, device=w.device)
+    else:
+        q, s = out
+        if q.shape != w.shape or q.dtype != torch.float8_e4m3fn or q.stride(1) != 1 or s.numel() != n \
+                or s.dtype != torch.float32 or not s.is_contiguous():
+            raise ValueError("out: fp8 rows of the weight's shape with unit column stride, and N contiguous fp32 "
+                             "scales")
     block = triton.next_power_of_2(k)
     weight_rows_fp8_kernel[(n,)](w, q, s, k, w.stride(0), q.stride(0), BLOCK=block,
                                  SCALE_IN_WEIGHT_DTYPE=scale_in_weight_dtype, num_warps=8 if block >= 4096 else 4)

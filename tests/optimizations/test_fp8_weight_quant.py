@@ -50,3 +50,22 @@ def test_the_merge_recognises_a_torchao_copy_with_the_kernel():
     linear = Fp8Linear(q, s, None, out_dtype=torch.bfloat16)
     assert _matches(linear, w, QUANTISERS["triton_torchao"])
     assert not _matches(linear, w, QUANTISERS["triton_rows"])
+
+
+def test_the_merge_writes_with_the_kernel_straight_into_the_linears_storage():
+    from types import SimpleNamespace
+
+    from kontext_server.lora.fp8_merge import Fp8Merge, Target
+
+    w = weight((32, 1024), seed=3)
+    q, s = QUANTISERS["torchao"](w)
+    linear = Fp8Linear(q, s, None, out_dtype=torch.bfloat16)
+    rows, scale = linear.weight_t.t(), linear.weight_scale
+    pristine = rows.view(torch.uint8).clone(), scale.clone()
+    slot = SimpleNamespace(name="m", rows=16, A=torch.randn(48, 1024).to(torch.bfloat16) * 0.05,
+                           B=torch.randn(32, 48).to(torch.bfloat16) * 0.05)
+    merge = Fp8Merge([Target("m", linear, w, slot, slice(None), "triton_torchao")], {}, {"m"}, {})
+    assert merge.apply("x", 1)
+    expected = QUANTISERS["torchao"](torch.addmm(w, slot.B[:, :16], slot.A[:16]))
+    assert linear.weight_t.t().data_ptr() == rows.data_ptr() and same((rows, scale), expected)
+    assert merge.restore() and torch.equal(rows.view(torch.uint8), pristine[0]) and torch.equal(scale, pristine[1])
