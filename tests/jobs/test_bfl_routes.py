@@ -69,14 +69,20 @@ def test_get_result_of_an_unknown_id_answers_task_not_found(client):
 def test_a_pending_job_cancelled_never_runs_and_a_running_one_stops_at_its_next_step(client):
     running = submit(client, seed=1, **SLOW)["id"]
     waiting = submit(client, seed=2, **FAST)["id"]
-    wait_for(lambda: (client.get("/v1/get_result", params={"id": running}).json()["progress"] or 0) > 0)
+    seen = []  # the running job's progress before the cancel (an Error answer carries none: the poll below may see none)
+
+    def started():
+        seen.append(client.get("/v1/get_result", params={"id": running}).json()["progress"] or 0)
+        return seen[-1] > 0
+
+    wait_for(started)
     r = client.delete(f"/v1/jobs/{waiting}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     r = client.delete(f"/v1/jobs/{running}")
     assert r.status_code == 200 and r.json()["status"] == "cancelling"
     stopped, progress = poll(client, running)
     assert stopped["status"] == "Error" and stopped["details"]["error"] == "cancelled"
-    assert "while running" in stopped["details"]["message"] and max(progress) < 1.0
+    assert "while running" in stopped["details"]["message"] and max(seen + progress) < 1.0
     never, _ = poll(client, waiting)
     assert never["status"] == "Error" and never["details"]["error"] == "cancelled"
     assert "before it started" in never["details"]["message"]
