@@ -202,12 +202,13 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     # fidelity: fp8 + adapter vs bf16 + adapter (same seed) on each branch, fp8 vs bf16 without, the adapter's effect
     fid_steps = min(a.steps, 8)
     exact_with = run(tiers["exact"], (names[0],), steps=fid_steps, seed=5)
+    exact_branch = svc.lora.branch  # the branch the exact tier ran (a "merged" server runs its fused branch there)
     exact_without = run(tiers["exact"], (), steps=fid_steps, seed=5)
     out["adapter_effect_bf16"] = fidelity.fidelity(exact_without, exact_with)
     if "fp8" in tiers:
         fp8_without = run(tiers["fp8"], (), steps=fid_steps, seed=5)
         out["fidelity"] = {"fp8_vs_bf16_without_adapter": fidelity.fidelity(exact_without, fp8_without),
-                           "steps": fid_steps, "bf16_reference_path": default_path}
+                           "steps": fid_steps, "bf16_reference_path": exact_branch}
         for path in paths:
             fp8_with = run(tiers["fp8"], (names[0],), path, steps=fid_steps, seed=5)
             out["fidelity"][f"fp8_with_adapter_vs_bf16_with_adapter_{path}"] = fidelity.fidelity(exact_with,
