@@ -73,3 +73,8 @@ def test_base64_inputs_decode_the_same_whether_wrapped_in_lines_or_not_and_white
     assert utils.decode_base64_image(wrapped) == raw and calls == [1]
     with pytest.raises(utils.ImageInputError, match="not valid base64"):
         utils.decode_base64_image("not base64!")
+    calls.clear()
+    too_long = "A" * (2 * (utils.MAX_IMAGE_BYTES * 4 // 3 + 8) + 1)
+    with pytest.raises(utils.ImageInputError, match="larger than") as err:
+        utils.decode_base64_image(too_long)
+    assert err.value.status == 413 and calls == []  # refused before any pass over the text
