@@ -28,6 +28,7 @@ on the worker thread).
 """
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -175,11 +176,12 @@ def _fp8_linears(wrapper) -> list[Fp8Linear] | str:
 
 
 class Fp8Merge:
-    """The targets of one fp8 copy (see the module docstring). `merged_slots`: the slots whose every module of the
-    copy is a target (a merged request runs them with k = 0)."""
+    """The targets of one fp8 copy (see the module docstring); `kept`: what keeps the branch, by reason (a count).
+    `merged_slots`: the slots whose every module of the copy is a target (a merged request runs them with k = 0)."""
 
-    def __init__(self, targets: list[Target], kept: dict[str, int], merged_slots: set[str], quantisers: dict):
-        self.targets, self.kept, self.merged_slots, self.quantisers = targets, kept, merged_slots, quantisers
+    def __init__(self, targets: list[Target], kept: dict[str, int]):
+        self.targets, self.kept = targets, kept
+        self.merged_slots = {t.slot.name for t in targets}
         self.state: object = None
         self.merges = self.restores = 0
         self.last_written = 0  # linears written by the last merge or restore
@@ -189,8 +191,7 @@ class Fp8Merge:
     def build(cls, exact_wrappers: dict, fp8_wrappers: dict, slots: dict) -> "Fp8Merge":
         """Targets for every slot whose fp8 module is an fp8 linear quantised from the exact module's weight by a
         known quantiser (checked bit for bit). `*_wrappers`: slot name -> that variant's wrapper (None: the table)."""
-        targets, kept, merged = [], {}, set()
-        used: dict[str, int] = {}
+        targets, kept = [], {}
 
         def keep(reason: str) -> None:
             kept[reason] = kept.get(reason, 0) + 1
@@ -226,11 +227,8 @@ class Fp8Merge:
             if isinstance(found, str):
                 keep(found)
                 continue
-            for t in found:
-                used[t.quantiser] = used.get(t.quantiser, 0) + 1
             targets += found
-            merged.add(group)
-        return cls(targets, kept, merged, used)
+        return cls(targets, kept)
 
     @torch.no_grad()
     def apply(self, key, k: int, touched: set[str] | None = None) -> bool:
@@ -258,7 +256,8 @@ class Fp8Merge:
         return True
 
     def report(self) -> dict:
-        return {"modules": len(self.merged_slots), "linears": len(self.targets), "quantisers": dict(self.quantisers),
+        quantisers = collections.Counter(t.quantiser for t in self.targets)
+        return {"modules": len(self.merged_slots), "linears": len(self.targets), "quantisers": dict(quantisers),
                 "kept_on_branch": dict(self.kept),
                 "holds": "base" if self.state is None else ("unknown" if self.state == DIRTY else "adapters"),
                 "merges": self.merges, "restores": self.restores, "last_written": self.last_written}

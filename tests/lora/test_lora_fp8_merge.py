@@ -240,8 +240,8 @@ def test_a_weight_quantised_by_torchao_is_recognised_by_torchaos_own_function():
     ours = QUANTISERS["quantize_rows"](w)
     if not torch.equal(ours[1].reshape(-1), t.scale.reshape(-1).float()):  # the scale in bf16 against fp32
         assert not _matches(linear, w, QUANTISERS["quantize_rows"])
-    slot = SimpleNamespace(rows=16, A=torch.zeros(48, 64, dtype=DTYPE), B=torch.zeros(96, 48, dtype=DTYPE))
-    merge = Fp8Merge([Target("m", linear, w, slot, slice(None), "torchao")], {}, {"m"}, {"torchao": 1})
+    slot = SimpleNamespace(name="m", rows=16, A=torch.zeros(48, 64, dtype=DTYPE), B=torch.zeros(96, 48, dtype=DTYPE))
+    merge = Fp8Merge([Target("m", linear, w, slot, slice(None), "torchao")], {})
     before = linear.weight_t.t().view(torch.uint8).clone()
     slot.A.normal_(0, 0.05), slot.B.normal_(0, 0.05)
     assert merge.apply("x", 1) and not torch.equal(linear.weight_t.t().view(torch.uint8), before)

@@ -64,7 +64,7 @@ def test_the_merge_writes_with_the_kernel_straight_into_the_linears_storage():
     pristine = rows.view(torch.uint8).clone(), scale.clone()
     slot = SimpleNamespace(name="m", rows=16, A=torch.randn(48, 1024).to(torch.bfloat16) * 0.05,
                            B=torch.randn(32, 48).to(torch.bfloat16) * 0.05)
-    merge = Fp8Merge([Target("m", linear, w, slot, slice(None), "triton_torchao")], {}, {"m"}, {})
+    merge = Fp8Merge([Target("m", linear, w, slot, slice(None), "triton_torchao")], {})
     assert merge.apply("x", 1)
     expected = QUANTISERS["torchao"](torch.addmm(w, slot.B[:, :16], slot.A[:16]))
     assert linear.weight_t.t().data_ptr() == rows.data_ptr() and same((rows, scale), expected)
