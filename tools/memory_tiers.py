@@ -307,8 +307,8 @@ def main(argv=None) -> int:
                    help="wall-clock seconds for everything: a budget that cannot start in time is skipped")
     p.add_argument("--child-timeout-s", type=float, default=240.0)
     p.add_argument("--stacks-every", type=float, default=None,
-                   help="seconds: each budget's process writes every thread's stack this often (faulthandler) to a "
-                        "file beside --json-out, to show where a slow start spends its time")
+                   help="seconds: each budget's process writes every thread's stack this often (sys._current_frames) "
+                        "to a file beside --json-out, to show where a slow start spends its time")
     p.add_argument("--json-out", help="write the result as JSON here (after each budget, and at the end)")
     p.add_argument("--plan", type=_names, default=None,
                    help="only print the tiers the planner chooses for the full model at these budgets")
