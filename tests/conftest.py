@@ -57,6 +57,37 @@ def _round_interpreter_casts_like_the_gpu() -> None:
 _round_interpreter_casts_like_the_gpu()
 
 
+def _interpreter_dot_reads_bf16_as_numbers() -> None:
+    """Triton's interpreter (`create_dot`, Triton 3.9) keeps bf16 tiles as their raw 16-bit patterns (numpy has no
+    bf16) and multiplies those integers. The GPU multiplies the values, accumulating in fp32: so does this."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = type(interpreter.interpreter_builder)
+    original = builder.create_dot
+
+    def values(h):
+        if h.dtype.scalar == tl.bfloat16:
+            return (h.data.astype(np.uint32) << 16).view(np.float32)
+        return h.data
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        out = np.matmul(values(a), values(b), dtype=np.float32) + d.data
+        return interpreter.TensorHandle(out.astype(d.data.dtype), d.dtype.scalar)
+
+    builder.create_dot = create_dot
+
+
+_interpreter_dot_reads_bf16_as_numbers()
+
+
 BENCH_TESTS = Path(__file__).parent / "bench"
 
 

@@ -1,11 +1,13 @@
 """The fp8 copy with the request's adapters merged into its weights: no branch beside its GEMMs.
 
 What: for an fp8-tier request with adapters, every fp8 linear of the copy that a slot covers is re-quantised in
-place from the exact tier's weight plus the slots' update, W8 = Q(W + B[:, :n] A[:n]) (n = k * rows: the active
-adapters, B already scaled); a later fp8 request without adapters, or with others, re-quantises again from W. The
-storage is the same, so compiled code and captured CUDA graphs run on as they are, and the step runs the base
-model's code: no per-step cost. Why: the branch costs every step of every request (BENCHMARKS.md); a merge is one
-pass over the covered weights per change of adapters, paid only when they change.
+place from the exact tier's weight plus the adapters' updates, W8 = Q(W + sum_j s_j B_j A_j), taken straight from
+the loaded adapters (the store's device copies: the slots are not written for it); a later fp8 request without
+adapters, or with others, re-quantises again from W. The storage is the same, so compiled code and captured CUDA
+graphs run on as they are, and the step runs the base model's code: no per-step cost. Why: the branch costs every
+step of every request (BENCHMARKS.md); a merge is a pass over the covered weights per change of adapters, paid only
+when they change. On a GPU every target's write of a change goes out in one launch
+(optimizations/kernels/fp8_weight_quant.py): one launch per linear made the switch bound by the host.
 
 Contract: a restore is bit-identical to the copy as built. Q must be the function that quantised the copy, so at
 build time each candidate is tried on each target's exact weight, in order (on a GPU first the one-pass kernel of
@@ -21,7 +23,7 @@ rest; one that failed half-way is written again by the next fp8 request.
 
 Limits: the fp8 tier only (the exact tier has no second copy to restore from); both copies on one device (the
 service refuses LoRA slots under a memory budget anyway). The merged weight is rounded once to the exact weight's
-dtype (one addmm: W + B A accumulated in fp32) and then quantised, as quantising a merged bf16 model would be: the
+dtype (W + sum s B A accumulated in fp32) and then quantised, as quantising a merged bf16 model would be: the
 fp8 error of the merged weights is the fp8 tier's own, measured against bf16 with the same adapters by
 tools/bench_lora.py. Not stateless: the copy holds one request's adapters at a time (requests run one at a time
 on the worker thread).
@@ -63,13 +65,12 @@ def _torchao_rows(w: torch.Tensor):
 
 
 def _triton(scale_in_weight_dtype: bool) -> Quantiser:
-    """optimizations/kernels/fp8_weight_quant.py: torchao's rounding (True) or quantize_rows' in one pass; with
-    `out`, written straight into a linear's storage."""
-    def quantise(w: torch.Tensor, out=None):
+    """optimizations/kernels/fp8_weight_quant.py with no update: torchao's rounding (True) or quantize_rows'. A
+    target recognised by it is written by that kernel's grouped launch (`Target.grouped`)."""
+    def quantise(w: torch.Tensor):
         from optimizations.kernels.fp8_weight_quant import quantize_weight_rows
 
-        return quantize_weight_rows(w, scale_in_weight_dtype, out)
-    quantise.writes_in_place = True
+        return quantize_weight_rows(w, scale_in_weight_dtype)
     return quantise
 
 
@@ -87,7 +88,8 @@ def candidates(device: torch.device) -> list[str]:
 @dataclass
 class Target:
     """One fp8 linear to merge into: its weight rows and scales (views of the live storage), the exact weight it was
-    quantised from, the slot whose update it takes and which of the slot's input columns it sees."""
+    quantised from, the slot whose modules' adapters it takes (`slot.parts`: each module's rows of it) and which of
+    their input columns it sees."""
     name: str
     linear: Fp8Linear
     source: torch.Tensor  # (out, in_cols), the exact tier's weight (a view)
@@ -100,37 +102,62 @@ class Target:
     def rows(self) -> torch.Tensor:
         return self.linear.weight_t.t()  # (out, in) row-major fp8: the storage the GEMM reads
 
+    @property
+    def grouped(self) -> bool:
+        """Written by the one-launch kernel (with every other such target) rather than on its own."""
+        return self.quantiser.startswith("triton") and self.linear.weight_scale.is_contiguous()
+
+    def reaches(self, adapters) -> bool:
+        return any(m in a.targets for a, _ in adapters for m, _, size in self.slot.parts if size)
+
+    def segments(self, adapters) -> list:
+        """One kernel segment per part of the slot: its rows, and the updates of the adapters that reach it.
+        `adapters`: [(DeviceAdapter, request scale)]."""
+        from optimizations.kernels.fp8_weight_quant import Segment
+
+        out, scale = [], self.linear.weight_scale.reshape(-1)
+        for module, offset, size in self.slot.parts:
+            if not size:
+                continue
+            rows = slice(offset, offset + size)
+            updates = [(t.a[:, self.cols], t.b, s * t.scale) for a, s in adapters
+                       if (t := a.targets.get(module)) is not None]
+            out.append(Segment(self.source[rows], self.rows[rows], scale[rows], updates))
+        return out
+
     @torch.no_grad()
-    def write(self, w: torch.Tensor) -> None:
-        quantise = QUANTISERS[self.quantiser]
-        scale = self.linear.weight_scale
-        if getattr(quantise, "writes_in_place", False) and scale.is_contiguous():
-            quantise(w, out=(self.rows, scale))  # no temporary: one read of w, one write of the rows
-            return
-        q, s = quantise(w)
+    def merged(self, adapters) -> torch.Tensor:
+        """W + sum s B A over the adapters that reach each part, accumulated in fp32 and rounded once to W's dtype:
+        what the kernel computes (up to the GEMMs' summation order)."""
+        w = self.source.float()
+        for module, offset, size in self.slot.parts:
+            for a, s in adapters:
+                t = a.targets.get(module)
+                if t is not None and size:
+                    w[offset:offset + size].addmm_(t.b.float(), t.a[:, self.cols].float(), alpha=s * t.scale)
+        return w.to(self.source.dtype)
+
+    @torch.no_grad()
+    def write(self, adapters) -> None:
+        """On its own (the targets that are not `grouped`): the quantisation of the merge, or of W with none."""
+        w = self.merged(adapters) if adapters else self.source.contiguous()
+        q, s = QUANTISERS[self.quantiser](w)
         self.rows.copy_(q)
-        scale.copy_(s.reshape(1, -1))
+        self.linear.weight_scale.copy_(s.reshape(self.linear.weight_scale.shape))
 
-    @torch.no_grad()
-    def merge(self, k: int) -> None:
-        """W + B A over the first k adapters' rows of the slot."""
-        slot, n = self.slot, k * self.slot.rows
-        self.write(torch.addmm(self.source, slot.B[:, :n], slot.A[:n, self.cols]))
 
-    def restore(self) -> None:
-        self.write(self.source.contiguous())
+def write_targets(jobs: list[tuple[Target, list]]) -> None:
+    """Write each (target, adapters) (no adapters: the base weight): the grouped targets in one launch per rounding,
+    the rest one by one."""
+    from optimizations.kernels.fp8_weight_quant import merge_weight_rows
 
-    def hold(self, key, k: int) -> bool:
-        """Make the weight hold `key`'s merge (None: the base weight); whether it was written."""
-        if self.holds == key:
-            return False
-        self.holds = DIRTY
-        if key is None:
-            self.restore()
-        else:
-            self.merge(k)
-        self.holds = key
-        return True
+    for rounding in ("triton_torchao", "triton_rows"):
+        segments = [s for t, adapters in jobs if t.grouped and t.quantiser == rounding for s in t.segments(adapters)]
+        if segments:
+            merge_weight_rows(segments, scale_in_weight_dtype=rounding == "triton_torchao")
+    for t, adapters in jobs:
+        if not t.grouped:
+            t.write(adapters)
 
 
 def _matches(linear: Fp8Linear, source: torch.Tensor, quantiser: Quantiser) -> bool:
@@ -231,26 +258,35 @@ class Fp8Merge:
         return cls(targets, kept)
 
     @torch.no_grad()
-    def apply(self, key, k: int, touched: set[str] | None = None) -> bool:
-        """Hold the adapters of `key` (the first k of the slots, as they are written now) in the copy; `touched`:
-        the slots those adapters reach (None: all), the others get their base weights. Returns whether anything
-        was written."""
+    def _hold(self, wanted: list[tuple[Target, object, list]]) -> int:
+        """Make each (target, key, adapters) hold its key, writing only those that do not; how many were written. A
+        target is DIRTY from before its write is issued until it is done (an error leaves it so)."""
+        jobs = [(t, key, adapters) for t, key, adapters in wanted if t.holds != key]
+        for t, _, _ in jobs:
+            t.holds = DIRTY
+        write_targets([(t, adapters) for t, _, adapters in jobs])
+        for t, key, _ in jobs:
+            t.holds = key
+        return len(jobs)
+
+    def apply(self, key, adapters: list) -> bool:
+        """Hold `adapters` ([(DeviceAdapter, request scale)], named by `key`) in the copy: the targets they reach
+        merged, the others their base weights. Returns whether anything was written."""
         if key == self.state:
             return False
         self.state = DIRTY
-        self.last_written = sum(t.hold(key if touched is None or t.slot.name in touched else None, k)
-                                for t in self.targets)
+        self.last_written = self._hold([(t, key, adapters) if t.reaches(adapters) else (t, None, [])
+                                        for t in self.targets])
         self.state = key
         self.merges += 1
         return True
 
-    @torch.no_grad()
     def restore(self) -> bool:
         """The copy's base weights back, bit for bit; returns whether anything was written."""
         if self.state is None:
             return False
         self.state = DIRTY
-        self.last_written = sum(t.hold(None, 0) for t in self.targets)
+        self.last_written = self._hold([(t, None, []) for t in self.targets])
         self.state = None
         self.restores += 1
         return True

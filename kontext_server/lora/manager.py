@@ -17,8 +17,9 @@ rows exist, and `set_path("unfused")` makes later requests run the side branch i
 in one server; each is compiled and captured once per adapter count).
 
 The fp8 merge (`FLUX_LORA_FP8_MERGE=1`, fp8_merge.py): with path "merged", an fp8-tier request's adapters are merged
-into the fp8 copy's weights instead (its slots that the merge covers run with k = 0, the base code), and the next
-fp8 request without them restores the copy first; exact-tier requests and the modules the merge does not cover run
+into the fp8 copy's weights instead (its slots that the merge covers run with k = 0, the base code, and are not
+written: each slot remembers what it holds, so a later exact request writes it then), and the next fp8 request
+without them restores the copy first; exact-tier requests and the modules the merge does not cover run
 the branch ("fused" where the rows exist). `applied(specs, precision)` takes the request's tier for that.
 """
 from __future__ import annotations
@@ -88,8 +89,8 @@ class LoraManager:
         self.wrappers: dict[str, dict] = {}  # precision -> slot name -> that variant's wrapper (None: the table)
         # per variant: how many wrapped modules run the fused branch, and why the others do not
         self.branches: dict[str, dict] = {}
-        self._content: tuple | None = ()  # (name, file stamp) per slot index now in the buffers; None: unknown
-        self._scales: tuple = ()
+        # slot name -> ((name, file stamp) per slot index, scales) it holds; None or absent: unknown
+        self._held: dict[str, tuple | None] = {}
         self._active: tuple = ()  # what the tables were last filled with
         self.switches = 0
         self.last_switch_ms: float | None = None
@@ -268,14 +269,15 @@ class LoraManager:
         k = len(specs)
         try:
             t0 = time.perf_counter()
-            switched = self._write(adapters, [s.scale for s in specs])
-            active = tuple((a.name, a.stamp, s.scale) for a, s in zip(adapters, specs))
-            if merging:
-                touched = {name for name, slot in self.slots.items()
-                           if any(m in a.targets for a in adapters for m, _, _ in slot.parts)}
-                switched = self.merge.apply(active, k, touched) or switched
-            elif precision == "fp8" and self.merge is not None:
-                switched = self.merge.restore() or switched
+            scales = [s.scale for s in specs]
+            active = tuple((a.name, a.stamp, s) for a, s in zip(adapters, scales))
+            if merging:  # the merged modules take the adapters from the store: only the others' slots are written
+                switched = self._write(adapters, scales, [n for n in self.slots if n not in self.merge.merged_slots])
+                switched = self.merge.apply(active, list(zip(adapters, scales))) or switched
+            else:
+                switched = self._write(adapters, scales, list(self.slots))
+                if precision == "fp8" and self.merge is not None:
+                    switched = self.merge.restore() or switched
             for name, slot in self.slots.items():
                 slot.k = 0 if merging and name in self.merge.merged_slots else k
                 slot.fused = self.branch == "fused"
@@ -313,20 +315,23 @@ class LoraManager:
                 else ()
         return (("lora", k, self.branch),)
 
-    def _write(self, adapters, scales) -> bool:
-        """Put the adapters in the slots; returns whether anything was written."""
-        content = tuple((a.name, a.stamp) for a in adapters)
-        scales = tuple(scales)
-        if content == self._content and scales == self._scales:
-            return False
-        weights = content != self._content
-        self._content = None  # unknown until the writes are done (an error half-way leaves it so)
-        for slot in self.slots.values():
+    def _write(self, adapters, scales, names: list[str]) -> bool:
+        """Put the adapters in the named slots (those that do not hold them at these scales); returns whether
+        anything was written."""
+        held = (tuple((a.name, a.stamp) for a in adapters), tuple(scales))
+        written = False
+        for name in names:
+            before = self._held.get(name)
+            if before == held:
+                continue
+            self._held[name] = None  # unknown until the write is done (an error half-way leaves it so)
+            slot, weights = self.slots[name], before is None or before[0] != held[0]
             for i, (adapter, scale) in enumerate(zip(adapters, scales)):
                 slot.write(i, adapter.targets, scale, weights=weights)
-        self._content, self._scales = content, scales
-        self.switches += 1
-        return True
+            self._held[name] = held
+            written = True
+        self.switches += written
+        return written
 
     def _activate_tables(self, active: tuple) -> None:
         """The modulation table's rows hold the modulation of the adapters they were filled with: refill on change."""

@@ -1,67 +1,186 @@
-"""Row-wise fp8 quantisation of a weight in one pass: the LoRA fp8 merge's re-quantisation (kontext_server/lora/
-fp8_merge.py), bit for bit what built the fp8 copy.
+"""Row-wise fp8 quantisation of weights, with low-rank updates merged in, many weights in one launch: the LoRA fp8
+merge's writes (kontext_server/lora/fp8_merge.py), bit for bit the quantisation that built the fp8 copy.
 
-Why a kernel: the merge re-quantises the covered weights of the fp8 copy on every change of adapters. In torch ops
-(torchao's `_choose_scale_float8` + `_quantize_affine_float8`) that is an abs, an amax, a cast to fp32, a division, a
-clamp and a cast, each a pass over the weight, several in fp32; here each row is read once (bf16) and written once
-(fp8, plus its scale): one program per row, the row held in registers.
+What: for each segment (a block of rows of one weight), W8 = Q(W + sum_j s_j B_j A_j), written in place into the
+fp8 rows and scales of a linear. The update is accumulated in fp32 over W (one addmm per adapter, in order) and
+rounded once to W's dtype, then quantised per row: what quantising the merged model would give. A segment with no
+update is plain Q(W): the restore of the base weights.
+Why a kernel: a change of adapters rewrites hundreds of linears. In torch ops that is per linear an addmm (W read,
+W + BA written in bf16) and then torchao's quantisation (an abs, an amax, casts, a division, a clamp: several passes,
+some in fp32), a dozen launches each: the switch was bound by the host's launches and by the passes. Here one launch
+covers every segment (a table of their addresses), and each weight row is read twice (the amax, then the write; the
+update's small GEMM is recomputed) and written once as fp8.
 
 Two roundings, chosen by SCALE_IN_WEIGHT_DTYPE:
 - True, torchao's (`Float8Tensor.from_hp` with PerRow on its torch path): scale = amax / 448 rounded to the weight's
   dtype, then to fp32; fp8 = clamp(w / scale, -448, 448);
 - False, this repository's `quantize_rows`: scale = max(amax, 1e-12) / 448 in fp32; fp8 = clamp(w * (1 / scale)).
 Every division is IEEE round-to-nearest (`div_rn`), as torch's are; the casts round to nearest even, as torch's do.
-The merge uses this kernel for a linear only where it reproduces the linear's stored bytes and scales exactly
-(checked at install), so a difference in rounding can only make it unused, never wrong.
-Limits: 2-D, rows contiguous, K <= 16,384 (the row in one block).
+The merge uses this kernel for a linear only where `quantize_weight_rows` reproduces the linear's stored bytes and
+scales exactly (checked at install): a difference in rounding can only make it unused, never wrong.
+Limits: bf16 or fp16 weights and updates; rows with unit column stride; update ranks up to 256; at most MAX_UPDATES
+updates per segment. The merged values (not the restore) may differ from a torch addmm in the last bit of W's dtype
+where the GEMM's summation order differs.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import triton
 import triton.language as tl
 
-MAX_K = 16384
+MAX_UPDATES = 3
+MAX_RANK = 256
+FIELDS = 8 + 5 * MAX_UPDATES  # int64s per segment in the table (see _table)
+BLOCK_ROWS, BLOCK_COLS = 32, 128
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
-def weight_rows_fp8_kernel(w_ptr, q_ptr, s_ptr, K, w_stride, q_stride, BLOCK: tl.constexpr,
-                           SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
-    row = tl.program_id(0)
-    c = tl.arange(0, BLOCK)
-    m = c < K
-    w = tl.load(w_ptr + row * w_stride + c, mask=m, other=0.0).to(tl.float32)
-    amax = tl.max(tl.abs(w), axis=0)
+def _merged_tile(w_ptr, w_stride, rows, rmask, cols, cmask, entry, scales_ptr, seg, n_updates,
+                 R: tl.constexpr, DTYPE: tl.constexpr):
+    """W[rows, cols] + sum_j s_j B_j[rows] A_j[:, cols] in fp32, rounded to W's dtype (and back to fp32)."""
+    m = tl.load(w_ptr + rows[:, None] * w_stride + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                other=0.0).to(tl.float32)
+    rr = tl.arange(0, R)
+    for j in range(n_updates):
+        u = entry + 8 + 5 * j
+        a_ptr = tl.load(u).to(tl.pointer_type(DTYPE))
+        a_stride = tl.load(u + 1)
+        b_ptr = tl.load(u + 2).to(tl.pointer_type(DTYPE))
+        b_stride = tl.load(u + 3)
+        r = tl.load(u + 4)
+        b = tl.load(b_ptr + rows[:, None] * b_stride + rr[None, :], mask=rmask[:, None] & (rr[None, :] < r),
+                    other=0.0)
+        a = tl.load(a_ptr + rr[:, None] * a_stride + cols[None, :], mask=(rr[:, None] < r) & cmask[None, :],
+                    other=0.0)
+        m += tl.dot(b, a) * tl.load(scales_ptr + seg * 3 + j)
+    return m.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def merge_rows_fp8_kernel(blocks_ptr, table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+                          FIELDS: tl.constexpr, DTYPE: tl.constexpr, SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
+    pid = tl.program_id(0)
+    seg = tl.load(blocks_ptr + 2 * pid).to(tl.int64)
+    row0 = tl.load(blocks_ptr + 2 * pid + 1)
+    entry = table_ptr + seg * FIELDS
+    w_ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
+    q_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float8e4nv))
+    s_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
+    w_stride = tl.load(entry + 3)
+    q_stride = tl.load(entry + 4)
+    n = tl.load(entry + 5)
+    k = tl.load(entry + 6)
+    n_updates = tl.load(entry + 7)
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < n
+    amax = tl.zeros([BM], dtype=tl.float32)
+    for k0 in range(0, k, BK):
+        cols = k0 + tl.arange(0, BK)
+        m = _merged_tile(w_ptr, w_stride, rows, rmask, cols, cols < k, entry, scales_ptr, seg, n_updates, R, DTYPE)
+        amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
     if SCALE_IN_WEIGHT_DTYPE:
-        scale = tl.math.div_rn(amax, 448.0).to(w_ptr.dtype.element_ty).to(tl.float32)
-        q = tl.math.div_rn(w, tl.zeros_like(w) + scale)
+        scale = tl.math.div_rn(amax, 448.0).to(DTYPE).to(tl.float32)
     else:
         scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
-        q = w * tl.math.div_rn(1.0, scale)
-    q = tl.clamp(q, -448.0, 448.0)
-    tl.store(q_ptr + row * q_stride + c, q.to(tl.float8e4nv), mask=m)
-    tl.store(s_ptr + row, scale)
+    inv = tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
+    for k0 in range(0, k, BK):
+        cols = k0 + tl.arange(0, BK)
+        cmask = cols < k
+        m = _merged_tile(w_ptr, w_stride, rows, rmask, cols, cmask, entry, scales_ptr, seg, n_updates, R, DTYPE)
+        if SCALE_IN_WEIGHT_DTYPE:
+            q = tl.math.div_rn(m, tl.zeros_like(m) + scale[:, None])
+        else:
+            q = m * inv[:, None]
+        q = tl.clamp(q, -448.0, 448.0)
+        tl.store(q_ptr + rows[:, None] * q_stride + cols[None, :], q.to(tl.float8e4nv),
+                 mask=rmask[:, None] & cmask[None, :])
+    tl.store(s_ptr + rows, scale, mask=rmask)
+
+
+@dataclass
+class Segment:
+    """Rows of one weight to write: `source` (n, k) the exact weight's rows, `rows` (n, k) fp8 and `scale` (n
+    values, contiguous) where they go, `updates` [(A (r, k), B (n, r), s)]: W + sum s B A is quantised."""
+    source: torch.Tensor
+    rows: torch.Tensor
+    scale: torch.Tensor
+    updates: list = field(default_factory=list)
+
+
+def _unit_columns(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] == 1) else t.contiguous()
+
+
+def _table(segments: list[Segment], dtype: torch.dtype) -> tuple[list[int], list[float], list[int], int]:
+    """The segments' int64 fields (w, q, s addresses; w and q row strides; n; k; update count; per update: A's
+    address and row stride, B's address and row stride, rank), their update scales, their row counts, and the largest
+    rank. Checks what the kernel assumes (ValueError)."""
+    ints, floats, counts, rank = [], [], [], 0
+    for seg in segments:
+        w, q, s = seg.source, seg.rows, seg.scale
+        n, k = w.shape
+        if w.dtype != dtype or w.stride(1) != 1 or q.shape != w.shape or q.dtype != torch.float8_e4m3fn \
+                or q.stride(1) != 1 or s.numel() != n or s.dtype != torch.float32 or not s.is_contiguous():
+            raise ValueError("a segment: the weight's rows (unit column stride), fp8 rows of its shape with unit column "
+                             "stride, and n contiguous fp32 scales")
+        if len(seg.updates) > MAX_UPDATES:
+            raise ValueError(f"at most {MAX_UPDATES} updates per segment")
+        row = [w.data_ptr(), q.data_ptr(), s.data_ptr(), w.stride(0), q.stride(0), n, k, len(seg.updates)]
+        scales = [0.0] * 3
+        for j, (a, b, scale) in enumerate(seg.updates):
+            a, b = _unit_columns(a), _unit_columns(b)
+            r = a.shape[0]
+            if a.shape != (r, k) or b.shape != (n, r) or a.dtype != dtype or b.dtype != dtype or r > MAX_RANK:
+                raise ValueError(f"an update: A ({r}, {k}) and B ({n}, {r}) in {dtype}, rank <= {MAX_RANK}; got "
+                                 f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+            row += [a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), r]
+            scales[j] = float(scale)
+            rank = max(rank, r)
+        ints += row + [0] * (FIELDS - len(row))
+        floats += scales
+        counts.append(n)
+    return ints, floats, counts, rank
+
+
+def merge_weight_rows(segments: list[Segment], scale_in_weight_dtype: bool) -> None:
+    """Write every segment (see the module docstring) in one launch. The tensors must stay alive until the launch has
+    run (the caller's weights and adapters do); all on one CUDA device, or on the CPU under Triton's interpreter."""
+    segments = [s for s in segments if s.source.shape[0] and s.source.shape[1]]
+    if not segments:
+        return
+    dtype = segments[0].source.dtype
+    if dtype not in _TL_DTYPES:
+        raise ValueError(f"weights in bf16 or fp16, not {dtype}")
+    ints, floats, counts, rank = _table(segments, dtype)
+    device = segments[0].source.device
+    n_blocks = torch.tensor([-(-n // BLOCK_ROWS) for n in counts])
+    seg_of = torch.repeat_interleave(torch.arange(len(counts)), n_blocks)
+    first = torch.cumsum(n_blocks, 0) - n_blocks
+    row0 = (torch.arange(len(seg_of)) - first[seg_of]) * BLOCK_ROWS
+    blocks = torch.stack([seg_of, row0], 1).to(torch.int32).to(device)
+    table = torch.tensor(ints, dtype=torch.int64).to(device)
+    scales = torch.tensor(floats, dtype=torch.float32).to(device)
+    r = max(16, triton.next_power_of_2(rank)) if rank else 16
+    merge_rows_fp8_kernel[(len(seg_of),)](blocks, table, scales, R=r, BM=BLOCK_ROWS, BK=BLOCK_COLS, FIELDS=FIELDS,
+                                          DTYPE=_TL_DTYPES[dtype], SCALE_IN_WEIGHT_DTYPE=scale_in_weight_dtype,
+                                          num_warps=4)
 
 
 def quantize_weight_rows(w: torch.Tensor, scale_in_weight_dtype: bool,
                          out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp8 e4m3 rows (N, K), fp32 scales (N, 1)) of a 2-D weight (see the module docstring). `out`: where to write
-    them instead (rows with unit column stride; N scales, contiguous, in any shape), e.g. a linear's own storage."""
+    """(fp8 e4m3 rows (N, K), fp32 scales (N, 1)) of a 2-D weight, by the merge's kernel with no update (the same code
+    that writes a restore). `out`: where to write them instead (rows with unit column stride; N scales, contiguous,
+    in any shape), e.g. a linear's own storage."""
     if w.dim() != 2 or w.stride(1) != 1:
         raise ValueError(f"a 2-D weight with contiguous rows, not shape {tuple(w.shape)} strides {w.stride()}")
     n, k = w.shape
-    if k > MAX_K:
-        raise ValueError(f"rows of {k} values: at most {MAX_K}")
     if out is None:
         q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
         s = torch.empty(n, 1, dtype=torch.float32, device=w.device)
     else:
         q, s = out
-        if q.shape != w.shape or q.dtype != torch.float8_e4m3fn or q.stride(1) != 1 or s.numel() != n \
-                or s.dtype != torch.float32 or not s.is_contiguous():
-            raise ValueError("out: fp8 rows of the weight's shape with unit column stride, and N contiguous fp32 "
-                             "scales")
-    block = triton.next_power_of_2(k)
-    weight_rows_fp8_kernel[(n,)](w, q, s, k, w.stride(0), q.stride(0), BLOCK=block,
-                                 SCALE_IN_WEIGHT_DTYPE=scale_in_weight_dtype, num_warps=8 if block >= 4096 else 4)
+    merge_weight_rows([Segment(w, q, s)], scale_in_weight_dtype)
     return q, s

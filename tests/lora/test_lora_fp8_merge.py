@@ -16,6 +16,7 @@ import torch
 
 from kontext_server.lora.fp8_merge import DIRTY, QUANTISERS, Fp8Merge, Target, _matches
 from kontext_server.lora.manager import LoraManager
+from kontext_server.lora.store import DeviceTarget
 from optimizations.fp8.linear import Fp8Linear
 from tests.lora.fp8_variants import DTYPE, fp8_copy, inputs, rel, run, specs
 
@@ -109,9 +110,14 @@ def test_the_copy_holds_the_merged_weights_and_gets_its_own_back_bit_for_bit(mer
         during = fp8_bytes(models["fp8"])
         changed = [k for k in before if not torch.equal(before[k], during[k])]
         assert changed and all(k.endswith((".w", ".s")) for k in changed)
-        for t in manager.merge.targets:  # what the GEMM reads is the quantisation of W + B A
-            q, s = QUANTISERS[t.quantiser](torch.addmm(t.source, t.slot.B[:, :t.slot.rows],
-                                                       t.slot.A[:t.slot.rows, t.cols]))
+        style = manager.store.loaded["style"]
+        for t in manager.merge.targets:  # what the GEMM reads is the quantisation of W + s B A, per part, in fp32
+            w = t.source.float()
+            for module, offset, size in t.slot.parts:
+                if module in style.targets:
+                    u = style.targets[module]
+                    w[offset:offset + size] += u.scale * (u.b.float() @ u.a[:, t.cols].float())
+            q, s = QUANTISERS[t.quantiser](w.to(t.source.dtype))
             assert torch.equal(t.rows.view(torch.uint8), q.view(torch.uint8)) and torch.equal(
                 t.linear.weight_scale.reshape(-1), s.reshape(-1)), t.name
     with manager.applied([], "fp8") as applied:
@@ -162,6 +168,25 @@ def test_exact_requests_run_their_branch_and_leave_the_merged_copy_as_it_is(merg
         manager.set_path("merged")
 
 
+def test_a_merged_request_writes_no_merged_slot_and_a_later_exact_request_runs_its_own_adapters(merged):
+    manager, models, _ = merged
+    x = inputs(models["exact"], seed=5)
+    light, style = specs([("light", 0.9)]), specs([("style", 1.0), ("shared", 0.6)])
+    with manager.applied(light, "exact"):
+        reference = run(models["exact"], x)
+    blocks = [n for n in manager.slots if n in manager.merge.merged_slots]
+    held = {n: (manager.slots[n].A.clone(), manager.slots[n].B.clone()) for n in blocks}
+    with manager.applied(style, "fp8"):
+        assert all(torch.equal(manager.slots[n].A, a) and torch.equal(manager.slots[n].B, b)
+                   for n, (a, b) in held.items())  # the merge read the adapters from the store, not the slots
+    with manager.applied(light, "exact"):
+        assert torch.equal(run(models["exact"], x), reference)
+    with manager.applied(style, "exact"):  # the slots the merge skipped are written now
+        with_style = run(models["exact"], x)
+    assert not torch.equal(with_style, reference)
+    assert any(not torch.equal(manager.slots[n].A, held[n][0]) for n in blocks)
+
+
 def test_the_same_adapters_again_merge_nothing_and_another_scale_merges_once(merged):
     manager, _, _ = merged
     one = specs([("style", 1.0)])
@@ -210,20 +235,20 @@ def test_a_merge_that_fails_half_way_is_undone_by_the_next_fp8_request(cache_dir
     manager, models, pristine = build(cache_dir, lora_dir)
     x = inputs(models["exact"], seed=4)
     calls = {"n": 0}
-    original = Target.merge
+    original = Target.write
 
-    def failing(self, k):
+    def failing(self, adapters):
         calls["n"] += 1
         if calls["n"] == 5:
             raise RuntimeError("out of memory (simulated)")
-        return original(self, k)
+        return original(self, adapters)
 
-    monkeypatch.setattr(Target, "merge", failing)
+    monkeypatch.setattr(Target, "write", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         with manager.applied(specs([("style", 1.0)]), "fp8"):
             pass
     assert manager.merge.state == DIRTY and all(s.k == 0 for s in manager.slots.values())
-    monkeypatch.setattr(Target, "merge", original)
+    monkeypatch.setattr(Target, "write", original)
     with manager.applied([], "fp8"):
         assert torch.equal(run(models["fp8"], x), run(pristine["fp8"], x))
     assert manager.merge.state is None
@@ -240,9 +265,11 @@ def test_a_weight_quantised_by_torchao_is_recognised_by_torchaos_own_function():
     ours = QUANTISERS["quantize_rows"](w)
     if not torch.equal(ours[1].reshape(-1), t.scale.reshape(-1).float()):  # the scale in bf16 against fp32
         assert not _matches(linear, w, QUANTISERS["quantize_rows"])
-    slot = SimpleNamespace(name="m", rows=16, A=torch.zeros(48, 64, dtype=DTYPE), B=torch.zeros(96, 48, dtype=DTYPE))
+    slot = SimpleNamespace(name="m", parts=[("m", 0, 96)])
     merge = Fp8Merge([Target("m", linear, w, slot, slice(None), "torchao")], {})
     before = linear.weight_t.t().view(torch.uint8).clone()
-    slot.A.normal_(0, 0.05), slot.B.normal_(0, 0.05)
-    assert merge.apply("x", 1) and not torch.equal(linear.weight_t.t().view(torch.uint8), before)
+    g = torch.Generator().manual_seed(1)
+    adapter = SimpleNamespace(targets={"m": DeviceTarget((torch.randn(16, 64, generator=g) * 0.05).to(DTYPE),
+                                                         (torch.randn(96, 16, generator=g) * 0.05).to(DTYPE), 1.0)})
+    assert merge.apply("x", [(adapter, 1.0)]) and not torch.equal(linear.weight_t.t().view(torch.uint8), before)
     assert merge.restore() and torch.equal(linear.weight_t.t().view(torch.uint8), before)
