@@ -110,20 +110,15 @@ class Target:
     def reaches(self, adapters) -> bool:
         return any(m in a.targets for a, _ in adapters for m, _, size in self.slot.parts if size)
 
-    def segments(self, adapters) -> list:
-        """One kernel segment per part of the slot: its rows, and the updates of the adapters that reach it.
-        `adapters`: [(DeviceAdapter, request scale)]."""
-        from optimizations.kernels.fp8_weight_quant import Segment
-
-        out, scale = [], self.linear.weight_scale.reshape(-1)
+    def add_to(self, launch, adapters) -> None:
+        """Its rows to the kernel's launch, one segment per part of the slot with the updates of the adapters that
+        reach that part. `adapters`: [(DeviceAdapter, request scale)]."""
+        scale, c = self.linear.weight_scale.reshape(-1), self.cols.start or 0
+        rows = self.rows
         for module, offset, size in self.slot.parts:
-            if not size:
-                continue
-            rows = slice(offset, offset + size)
-            updates = [(t.a[:, self.cols], t.b, s * t.scale) for a, s in adapters
-                       if (t := a.targets.get(module)) is not None]
-            out.append(Segment(self.source[rows], self.rows[rows], scale[rows], updates))
-        return out
+            if size:
+                launch.add(self.source, rows, scale, offset, size,
+                           [(t.a, c, t.b, s * t.scale) for a, s in adapters if (t := a.targets.get(module)) is not None])
 
     @torch.no_grad()
     def merged(self, adapters) -> torch.Tensor:
@@ -149,12 +144,15 @@ class Target:
 def write_targets(jobs: list[tuple[Target, list]]) -> None:
     """Write each (target, adapters) (no adapters: the base weight): the grouped targets in one launch per rounding,
     the rest one by one."""
-    from optimizations.kernels.fp8_weight_quant import merge_weight_rows
+    from optimizations.kernels.fp8_weight_quant import Launch
 
     for rounding in ("triton_torchao", "triton_rows"):
-        segments = [s for t, adapters in jobs if t.grouped and t.quantiser == rounding for s in t.segments(adapters)]
-        if segments:
-            merge_weight_rows(segments, scale_in_weight_dtype=rounding == "triton_torchao")
+        group = [(t, adapters) for t, adapters in jobs if t.grouped and t.quantiser == rounding]
+        if group:
+            launch = Launch(group[0][0].source.dtype, group[0][0].source.device)
+            for t, adapters in group:
+                t.add_to(launch, adapters)
+            launch.run(scale_in_weight_dtype=rounding == "triton_torchao")
     for t, adapters in jobs:
         if not t.grouped:
             t.write(adapters)

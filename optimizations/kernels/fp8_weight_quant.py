@@ -32,7 +32,7 @@ import triton.language as tl
 
 MAX_UPDATES = 3
 MAX_RANK = 256
-FIELDS = 8 + 5 * MAX_UPDATES  # int64s per segment in the table (see _table)
+FIELDS = 8 + 5 * MAX_UPDATES  # int64s per segment in the table (see Launch.add)
 BLOCK_ROWS, BLOCK_COLS = 32, 128
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -60,11 +60,11 @@ def _merged_tile(w_ptr, w_stride, rows, rmask, cols, cmask, entry, scales_ptr, s
 
 
 @triton.jit
-def merge_rows_fp8_kernel(blocks_ptr, table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+def merge_rows_fp8_kernel(table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                           FIELDS: tl.constexpr, DTYPE: tl.constexpr, SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
-    pid = tl.program_id(0)
-    seg = tl.load(blocks_ptr + 2 * pid).to(tl.int64)
-    row0 = tl.load(blocks_ptr + 2 * pid + 1)
+    """Grid (row blocks of the longest segment, segments): a program past its segment's rows does nothing."""
+    row0 = tl.program_id(0) * BM
+    seg = tl.program_id(1).to(tl.int64)
     entry = table_ptr + seg * FIELDS
     w_ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
     q_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float8e4nv))
@@ -72,7 +72,7 @@ def merge_rows_fp8_kernel(blocks_ptr, table_ptr, scales_ptr, R: tl.constexpr, BM
     w_stride = tl.load(entry + 3)
     q_stride = tl.load(entry + 4)
     n = tl.load(entry + 5)
-    k = tl.load(entry + 6)
+    k = tl.where(row0 < n, tl.load(entry + 6), 0)  # no column to visit in a block past the rows
     n_updates = tl.load(entry + 7)
     rows = row0 + tl.arange(0, BM)
     rmask = rows < n
@@ -100,73 +100,91 @@ def merge_rows_fp8_kernel(blocks_ptr, table_ptr, scales_ptr, R: tl.constexpr, BM
     tl.store(s_ptr + rows, scale, mask=rmask)
 
 
+class Launch:
+    """The table of one launch, built from addresses (no tensor views: a switch adds hundreds of segments, and the
+    host's time is the switch's). `add` a block of rows of a weight and its updates; `run` writes them all."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        if dtype not in _TL_DTYPES:
+            raise ValueError(f"weights in bf16 or fp16, not {dtype}")
+        self.dtype, self.device = dtype, device
+        self.ints: list[int] = []
+        self.floats: list[float] = []
+        self.blocks = self.rank = self.segments = 0
+        self.alive: list[torch.Tensor] = []  # what the table points into, until the launch is issued
+
+    def add(self, source: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor, first: int, n: int,
+            updates: list) -> None:
+        """Rows [first, first + n) of `source` (N, K), quantised into those of `rows` (N, K) fp8 and `scale` (N
+        contiguous fp32 values), with `updates` [(A (r, >= c + K), c, B (n, r), s)]: A's columns c.. c + K (an
+        adapter's down-projection, of which this weight sees a column block). ValueError where the kernel's
+        assumptions do not hold."""
+        k = source.shape[1]
+        if not n or not k:
+            return
+        if source.dtype != self.dtype or source.stride(1) != 1 or rows.shape != source.shape \
+                or rows.dtype != torch.float8_e4m3fn or rows.stride(1) != 1 or scale.dtype != torch.float32 \
+                or not scale.is_contiguous() or scale.numel() != source.shape[0] or first + n > source.shape[0] \
+                or source.device != self.device:
+            raise ValueError("a segment: the weight's rows (unit column stride), fp8 rows of its shape with unit column "
+                             "stride, N contiguous fp32 scales, on the launch's device")
+        if len(updates) > MAX_UPDATES:
+            raise ValueError(f"at most {MAX_UPDATES} updates per segment")
+        w_size = source.element_size()
+        self.alive += [source, rows, scale]
+        self.ints += [source.data_ptr() + first * source.stride(0) * w_size, rows.data_ptr() + first * rows.stride(0),
+                      scale.data_ptr() + first * 4, source.stride(0), rows.stride(0), n, k, len(updates)]
+        scales = [0.0] * MAX_UPDATES
+        for j, (a, c, b, s) in enumerate(updates):
+            r = a.shape[0]
+            if a.dtype != self.dtype or b.dtype != self.dtype or a.stride(1) != 1 or a.shape[1] < c + k \
+                    or tuple(b.shape) != (n, r) or (b.stride(1) != 1 and r > 1) or r > MAX_RANK:
+                raise ValueError(f"an update: A (r, >= {c + k}) and B ({n}, r), unit column strides, in {self.dtype}, "
+                                 f"rank <= {MAX_RANK}; got {tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+            self.ints += [a.data_ptr() + c * w_size, a.stride(0), b.data_ptr(), b.stride(0), r]
+            self.alive += [a, b]
+            scales[j] = float(s)
+            self.rank = max(self.rank, r)
+        self.ints += [0] * (FIELDS - 8 - 5 * len(updates))
+        self.floats += scales
+        self.blocks = max(self.blocks, -(-n // BLOCK_ROWS))
+        self.segments += 1
+
+    def run(self, scale_in_weight_dtype: bool) -> None:
+        """One launch over every segment added. The tensors must stay alive until it has run (a model's weights and
+        a store's adapters do)."""
+        if not self.segments:
+            return
+        table = torch.tensor(self.ints, dtype=torch.int64).to(self.device)
+        scales = torch.tensor(self.floats, dtype=torch.float32).to(self.device)
+        r = max(16, triton.next_power_of_2(self.rank)) if self.rank else 16
+        merge_rows_fp8_kernel[(self.blocks, self.segments)](
+            table, scales, R=r, BM=BLOCK_ROWS, BK=BLOCK_COLS, FIELDS=FIELDS, DTYPE=_TL_DTYPES[self.dtype],
+            SCALE_IN_WEIGHT_DTYPE=scale_in_weight_dtype, num_warps=4)
+        self.alive.clear()  # freed after this, their memory is reused only by work queued after the launch
+
+
 @dataclass
 class Segment:
-    """Rows of one weight to write: `source` (n, k) the exact weight's rows, `rows` (n, k) fp8 and `scale` (n
-    values, contiguous) where they go, `updates` [(A (r, k), B (n, r), s)]: W + sum s B A is quantised."""
+    """A whole weight to write: `source` (n, k) the exact weight, `rows` (n, k) fp8 and `scale` (n values,
+    contiguous) where it goes, `updates` [(A (r, k), B (n, r), s)]: W + sum s B A is quantised."""
     source: torch.Tensor
     rows: torch.Tensor
     scale: torch.Tensor
     updates: list = field(default_factory=list)
 
 
-def _unit_columns(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] == 1) else t.contiguous()
-
-
-def _table(segments: list[Segment], dtype: torch.dtype) -> tuple[list[int], list[float], list[int], int]:
-    """The segments' int64 fields (w, q, s addresses; w and q row strides; n; k; update count; per update: A's
-    address and row stride, B's address and row stride, rank), their update scales, their row counts, and the largest
-    rank. Checks what the kernel assumes (ValueError)."""
-    ints, floats, counts, rank = [], [], [], 0
-    for seg in segments:
-        w, q, s = seg.source, seg.rows, seg.scale
-        n, k = w.shape
-        if w.dtype != dtype or w.stride(1) != 1 or q.shape != w.shape or q.dtype != torch.float8_e4m3fn \
-                or q.stride(1) != 1 or s.numel() != n or s.dtype != torch.float32 or not s.is_contiguous():
-            raise ValueError("a segment: the weight's rows (unit column stride), fp8 rows of its shape with unit column "
-                             "stride, and n contiguous fp32 scales")
-        if len(seg.updates) > MAX_UPDATES:
-            raise ValueError(f"at most {MAX_UPDATES} updates per segment")
-        row = [w.data_ptr(), q.data_ptr(), s.data_ptr(), w.stride(0), q.stride(0), n, k, len(seg.updates)]
-        scales = [0.0] * 3
-        for j, (a, b, scale) in enumerate(seg.updates):
-            a, b = _unit_columns(a), _unit_columns(b)
-            r = a.shape[0]
-            if a.shape != (r, k) or b.shape != (n, r) or a.dtype != dtype or b.dtype != dtype or r > MAX_RANK:
-                raise ValueError(f"an update: A ({r}, {k}) and B ({n}, {r}) in {dtype}, rank <= {MAX_RANK}; got "
-                                 f"{tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
-            row += [a.data_ptr(), a.stride(0), b.data_ptr(), b.stride(0), r]
-            scales[j] = float(scale)
-            rank = max(rank, r)
-        ints += row + [0] * (FIELDS - len(row))
-        floats += scales
-        counts.append(n)
-    return ints, floats, counts, rank
-
-
 def merge_weight_rows(segments: list[Segment], scale_in_weight_dtype: bool) -> None:
-    """Write every segment (see the module docstring) in one launch. The tensors must stay alive until the launch has
-    run (the caller's weights and adapters do); all on one CUDA device, or on the CPU under Triton's interpreter."""
-    segments = [s for s in segments if s.source.shape[0] and s.source.shape[1]]
+    """Write every segment (see the module docstring) in one launch; all on one CUDA device, or on the CPU under
+    Triton's interpreter."""
     if not segments:
         return
-    dtype = segments[0].source.dtype
-    if dtype not in _TL_DTYPES:
-        raise ValueError(f"weights in bf16 or fp16, not {dtype}")
-    ints, floats, counts, rank = _table(segments, dtype)
-    device = segments[0].source.device
-    n_blocks = torch.tensor([-(-n // BLOCK_ROWS) for n in counts])
-    seg_of = torch.repeat_interleave(torch.arange(len(counts)), n_blocks)
-    first = torch.cumsum(n_blocks, 0) - n_blocks
-    row0 = (torch.arange(len(seg_of)) - first[seg_of]) * BLOCK_ROWS
-    blocks = torch.stack([seg_of, row0], 1).to(torch.int32).to(device)
-    table = torch.tensor(ints, dtype=torch.int64).to(device)
-    scales = torch.tensor(floats, dtype=torch.float32).to(device)
-    r = max(16, triton.next_power_of_2(rank)) if rank else 16
-    merge_rows_fp8_kernel[(len(seg_of),)](blocks, table, scales, R=r, BM=BLOCK_ROWS, BK=BLOCK_COLS, FIELDS=FIELDS,
-                                          DTYPE=_TL_DTYPES[dtype], SCALE_IN_WEIGHT_DTYPE=scale_in_weight_dtype,
-                                          num_warps=4)
+    launch = Launch(segments[0].source.dtype, segments[0].source.device)
+    for seg in segments:
+        launch.add(seg.source, seg.rows, seg.scale.reshape(-1), 0, seg.source.shape[0],
+                   [(a if a.stride(1) == 1 else a.contiguous(), 0, b if b.stride(1) == 1 else b.contiguous(), s)
+                    for a, b, s in seg.updates])
+    launch.run(scale_in_weight_dtype)
 
 
 def quantize_weight_rows(w: torch.Tensor, scale_in_weight_dtype: bool,
