@@ -189,12 +189,14 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
         for _, _, path in rows(tier)[1:]:
             by_path[path] = time_switches(svc, run, flags, names, path, a.switches)
             if path == "merged":  # an fp8 request without adapters after one with: the copy restored
-                restores = []
+                restores, issued = [], []
                 for i in range(a.switches):
                     run(flags, (names[i % 2],), path, steps=1)
                     restores.append(run(flags, (), path, steps=1).timings_ms.get("lora_switch", float("nan")))
+                    issued.append(svc.lora.merge.last_issue_ms)
                 by_path[path]["restore_ms"] = [round(t, 2) for t in restores]
                 by_path[path]["restore_ms_median"] = round(statistics.median(restores), 2)
+                by_path[path]["restore_issue_ms_median"] = round(statistics.median(issued), 2)
         main = by_path.get(default_path) or by_path.get("fused") or next(iter(by_path.values()))
         switch[tier] = {**main, "paths": by_path}
     out["switch"] = switch
@@ -231,12 +233,15 @@ def time_switches(svc, run, flags: dict, names: list, path: str, n: int) -> dict
     captured or started cold meanwhile."""
     run(flags, (names[0],), path, steps=1)
     graphs, captures = dynamo_graphs(), cuda_graph_count(svc)
-    times, colds = [], 0
+    times, issued, colds = [], [], 0
     for i in range(n):
         r = run(flags, (names[(i + 1) % 2],), path, steps=1)
         times.append(r.timings_ms.get("lora_switch", float("nan")))
+        if path == "merged":
+            issued.append(svc.lora.merge.last_issue_ms)
         colds += "cold_start" in r.timings_ms
-    return {"switch_ms": [round(t, 2) for t in times], "switch_ms_median": round(statistics.median(times), 2),
+    extra = {"merge_issue_ms_median": round(statistics.median(issued), 2)} if issued else {}
+    return {"switch_ms": [round(t, 2) for t in times], "switch_ms_median": round(statistics.median(times), 2), **extra,
             "dynamo_graphs_compiled_during_switches": dynamo_graphs() - graphs,
             "cuda_graphs_captured_during_switches": cuda_graph_count(svc) - captures,
             "cold_starts_during_switches": colds, "path": path}
@@ -429,6 +434,10 @@ def table(results: dict) -> str:
                           f"{s['cuda_graphs_captured_during_switches']}") if path == s["path"] else "| |"
                 rows.append(f"| {rank} | {tier} | {path} | {t['step_ms_without']} | {p['step_ms_with']} | "
                             f"{p['overhead_pct']:+.1f}% | {switch} | {loads} |")
+        m = r["switch"].get("fp8", {}).get("paths", {}).get("merged")
+        if m:
+            rows.append(f"| {rank} | fp8 merge | merged | switch {m['switch_ms_median']} ms (host {m['merge_issue_ms_median']}"
+                        f"), restore {m['restore_ms_median']} ms (host {m['restore_issue_ms_median']}) | | | | | | |")
         for key, fid in r.get("fidelity", {}).items():
             if key.startswith("fp8_with_adapter_vs_bf16_with_adapter_"):
                 rows.append(f"| {rank} | fp8 fidelity | {key.rsplit('_', 1)[1]} | vs bf16 with the adapter: {fid} "

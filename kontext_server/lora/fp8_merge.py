@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -210,6 +211,7 @@ class Fp8Merge:
         self.state: object = None
         self.merges = self.restores = 0
         self.last_written = 0  # linears written by the last merge or restore
+        self.last_issue_ms = 0.0  # the host's time to issue those writes (the GPU's may run on after it)
 
     @classmethod
     @torch.no_grad()
@@ -262,7 +264,9 @@ class Fp8Merge:
         jobs = [(t, key, adapters) for t, key, adapters in wanted if t.holds != key]
         for t, _, _ in jobs:
             t.holds = DIRTY
+        t0 = time.perf_counter()
         write_targets([(t, adapters) for t, _, adapters in jobs])
+        self.last_issue_ms = (time.perf_counter() - t0) * 1000
         for t, key, _ in jobs:
             t.holds = key
         return len(jobs)
@@ -294,4 +298,5 @@ class Fp8Merge:
         return {"modules": len(self.merged_slots), "linears": len(self.targets), "quantisers": dict(quantisers),
                 "kept_on_branch": dict(self.kept),
                 "holds": "base" if self.state is None else ("unknown" if self.state == DIRTY else "adapters"),
-                "merges": self.merges, "restores": self.restores, "last_written": self.last_written}
+                "merges": self.merges, "restores": self.restores, "last_written": self.last_written,
+                "last_issue_ms": round(self.last_issue_ms, 2)}
