@@ -33,7 +33,8 @@ import triton.language as tl
 MAX_UPDATES = 3
 MAX_RANK = 256
 FIELDS = 8 + 5 * MAX_UPDATES  # int64s per segment in the table (see Launch.add)
-BLOCK_ROWS, BLOCK_COLS = 32, 128
+TILED = {"BM": 32, "BK": 128, "num_warps": 4}  # merge_rows_fp8_kernel's tile (bench/bench_fp8_merge.py compares)
+ONE_PASS_MAX_K = 16384  # restore_rows_fp8_kernel holds a row in registers
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -100,6 +101,33 @@ def merge_rows_fp8_kernel(table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constex
     tl.store(s_ptr + rows, scale, mask=rmask)
 
 
+@triton.jit
+def restore_rows_fp8_kernel(table_ptr, BLOCK: tl.constexpr, FIELDS: tl.constexpr, DTYPE: tl.constexpr,
+                            SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
+    """A launch with no update (a restore): grid (rows of the longest segment, segments), one row per program, held
+    in registers: read once, written once. The same arithmetic as merge_rows_fp8_kernel's with no update."""
+    row = tl.program_id(0)
+    entry = table_ptr + tl.program_id(1).to(tl.int64) * FIELDS
+    if row < tl.load(entry + 5):
+        w_ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
+        q_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float8e4nv))
+        s_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
+        k = tl.load(entry + 6)
+        c = tl.arange(0, BLOCK)
+        m = c < k
+        w = tl.load(w_ptr + row * tl.load(entry + 3) + c, mask=m, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(w), axis=0)
+        if SCALE_IN_WEIGHT_DTYPE:
+            scale = tl.math.div_rn(amax, 448.0).to(DTYPE).to(tl.float32)
+            q = tl.math.div_rn(w, tl.zeros_like(w) + scale)
+        else:
+            scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+            q = w * tl.math.div_rn(1.0, scale)
+        q = tl.clamp(q, -448.0, 448.0)
+        tl.store(q_ptr + row * tl.load(entry + 4) + c, q.to(tl.float8e4nv), mask=m)
+        tl.store(s_ptr + row, scale)
+
+
 class Launch:
     """The table of one launch, built from addresses (no tensor views: a switch adds hundreds of segments, and the
     host's time is the switch's). `add` a block of rows of a weight and its updates; `run` writes them all."""
@@ -110,7 +138,8 @@ class Launch:
         self.dtype, self.device = dtype, device
         self.ints: list[int] = []
         self.floats: list[float] = []
-        self.blocks = self.rank = self.segments = 0
+        self.rows = self.cols = self.rank = self.segments = 0  # the longest segment's rows and columns
+        self.with_updates = False
         self.alive: list[torch.Tensor] = []  # what the table points into, until the launch is issued
 
     def add(self, source: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor, first: int, n: int,
@@ -145,22 +174,32 @@ class Launch:
             self.alive += [a, b]
             scales[j] = float(s)
             self.rank = max(self.rank, r)
+            self.with_updates = True
         self.ints += [0] * (FIELDS - 8 - 5 * len(updates))
         self.floats += scales
-        self.blocks = max(self.blocks, -(-n // BLOCK_ROWS))
+        self.rows, self.cols = max(self.rows, n), max(self.cols, k)
         self.segments += 1
 
-    def run(self, scale_in_weight_dtype: bool) -> None:
-        """One launch over every segment added. The tensors must stay alive until it has run (a model's weights and
-        a store's adapters do)."""
+    def run(self, scale_in_weight_dtype: bool, config: dict | None = None) -> None:
+        """One launch over every segment added: the one-pass kernel where no segment has an update and its rows fit
+        in registers, else the tiled one (`config`: its BM, BK, num_warps, for tools that compare them). The tensors
+        must stay alive until it has run (a model's weights and a store's adapters do)."""
         if not self.segments:
             return
         table = torch.tensor(self.ints, dtype=torch.int64).to(self.device)
-        scales = torch.tensor(self.floats, dtype=torch.float32).to(self.device)
-        r = max(16, triton.next_power_of_2(self.rank)) if self.rank else 16
-        merge_rows_fp8_kernel[(self.blocks, self.segments)](
-            table, scales, R=r, BM=BLOCK_ROWS, BK=BLOCK_COLS, FIELDS=FIELDS, DTYPE=_TL_DTYPES[self.dtype],
-            SCALE_IN_WEIGHT_DTYPE=scale_in_weight_dtype, num_warps=4)
+        dtype = _TL_DTYPES[self.dtype]
+        if not self.with_updates and self.cols <= ONE_PASS_MAX_K and config is None:
+            block = triton.next_power_of_2(self.cols)
+            restore_rows_fp8_kernel[(self.rows, self.segments)](
+                table, BLOCK=block, FIELDS=FIELDS, DTYPE=dtype, SCALE_IN_WEIGHT_DTYPE=scale_in_weight_dtype,
+                num_warps=8 if block >= 4096 else 4)
+        else:
+            c = {**TILED, **(config or {})}
+            scales = torch.tensor(self.floats, dtype=torch.float32).to(self.device)
+            r = max(16, triton.next_power_of_2(self.rank)) if self.rank else 16
+            merge_rows_fp8_kernel[(-(-self.rows // c["BM"]), self.segments)](
+                table, scales, R=r, BM=c["BM"], BK=c["BK"], FIELDS=FIELDS, DTYPE=dtype,
+                SCALE_IN_WEIGHT_DTYPE=scale_in_weight_dtype, num_warps=c["num_warps"])
         self.alive.clear()  # freed after this, their memory is reused only by work queued after the launch
 
 
@@ -174,9 +213,9 @@ class Segment:
     updates: list = field(default_factory=list)
 
 
-def merge_weight_rows(segments: list[Segment], scale_in_weight_dtype: bool) -> None:
+def merge_weight_rows(segments: list[Segment], scale_in_weight_dtype: bool, config: dict | None = None) -> None:
     """Write every segment (see the module docstring) in one launch; all on one CUDA device, or on the CPU under
-    Triton's interpreter."""
+    Triton's interpreter. `config`: Launch.run's."""
     if not segments:
         return
     launch = Launch(segments[0].source.dtype, segments[0].source.device)
@@ -184,7 +223,7 @@ def merge_weight_rows(segments: list[Segment], scale_in_weight_dtype: bool) -> N
         launch.add(seg.source, seg.rows, seg.scale.reshape(-1), 0, seg.source.shape[0],
                    [(a if a.stride(1) == 1 else a.contiguous(), 0, b if b.stride(1) == 1 else b.contiguous(), s)
                     for a, b, s in seg.updates])
-    launch.run(scale_in_weight_dtype)
+    launch.run(scale_in_weight_dtype, config)
 
 
 def quantize_weight_rows(w: torch.Tensor, scale_in_weight_dtype: bool,

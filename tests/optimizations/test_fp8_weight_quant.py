@@ -68,7 +68,7 @@ def reference(w: torch.Tensor, updates, quantiser: str):
     return QUANTISERS[quantiser](m.to(w.dtype))
 
 
-def grouped(parts, rounding: str):
+def grouped(parts, rounding: str, config=None):
     """Each (source, updates) written by one launch into fresh fp8 rows of a larger tensor (rows at an offset, a row
     stride wider than the weight); returns each one's (rows, scales)."""
     from optimizations.kernels.fp8_weight_quant import Segment, merge_weight_rows
@@ -80,15 +80,18 @@ def grouped(parts, rounding: str):
         s = torch.zeros(n + 8, dtype=torch.float32)[4:4 + n]
         segments.append(Segment(w, q, s, updates))
         out.append((q, s))
-    merge_weight_rows(segments, scale_in_weight_dtype=rounding == "torchao")
+    merge_weight_rows(segments, scale_in_weight_dtype=rounding == "torchao", config=config)
     return out
 
 
+@pytest.mark.parametrize("kernel", ["one-pass", "tiled"])
 @pytest.mark.parametrize("rounding", ["torchao", "quantize_rows"])
-def test_one_launch_over_many_weights_with_no_update_gives_each_ones_quantisation_bit_for_bit(rounding):
+def test_one_launch_over_many_weights_with_no_update_gives_each_ones_quantisation_bit_for_bit(rounding, kernel):
+    """A restore (the one-pass kernel) and the rows a merge leaves without an update (the tiled one)."""
     wide = weight((40, 4096), seed=4)
     parts = [(weight(s, seed=i), []) for i, s in enumerate(SHAPES)] + [(wide[:, 1024:3072], [])]  # a column block
-    for (w, _), got in zip(parts, grouped(parts, rounding)):
+    config = {"BM": 16, "BK": 256, "num_warps": 4} if kernel == "tiled" else None
+    for (w, _), got in zip(parts, grouped(parts, rounding, config)):
         assert same(got, QUANTISERS[rounding](w.contiguous()))
 
 

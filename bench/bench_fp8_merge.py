@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""What a LoRA switch costs on the fp8 merge path (kontext_server/lora/fp8_merge.py), kernel by kernel: every block
+linear of FLUX at its real shape, with the real merge code, for each tile of the merge kernel.
+
+    python bench/bench_fp8_merge.py --ranks 32,128 --configs 32x128x4,64x64x4,64x128x8,128x64x8 --out merge.json
+    python bench/bench_fp8_merge.py --small          (CPU, Triton's interpreter: that it runs and is exact, no timing)
+
+Builds the transformer's block linears as the fp8 copy holds them (19 double blocks: fused q/k/v of image and text,
+their output projections, both MLPs; 38 single blocks: the fused q/k/v + MLP input, the two column halves of the
+split proj_out), bf16 weights quantised by the merge's own kernel in torchao's rounding, and two adapters per rank
+on every one of those linears. Times, per tile config (BM rows x BK columns x warps of merge_rows_fp8_kernel):
+the switch between the two adapters (`Fp8Merge.apply`, synchronised: the host's issue time and the total) and the
+restore (`Fp8Merge.restore`, the one-pass kernel, the same for every config). Checks on the way: the restore gives
+the copy back bit for bit, and a merged weight is the quantisation of W + s B A up to the GEMMs' summation order
+(the share of fp8 values that differ from torch's fp32 addmm). Weights and adapters are random: the time depends
+only on the shapes. What it leaves out of a real switch: the modulation table's slots, written on the host.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+D, MLP, DOUBLE, SINGLE = 3072, 12288, 19, 38
+
+
+def block_linears(d: int, mlp: int, double: int, single: int) -> list[tuple[str, int, int, list, slice | None]]:
+    """(name, out, in, parts [(module, rows)], column block of a split proj_out) per fp8 linear."""
+    out = []
+    for i in range(double):
+        p = f"transformer_blocks.{i}"
+        out += [(f"{p}.attn.to_qkv", 3 * d, d, [(f"{p}.attn.to_{x}", d) for x in "qkv"], None),
+                (f"{p}.attn.to_added_qkv", 3 * d, d, [(f"{p}.attn.add_{x}_proj", d) for x in "qkv"], None),
+                (f"{p}.attn.to_out.0", d, d, [(f"{p}.attn.to_out.0", d)], None),
+                (f"{p}.attn.to_add_out", d, d, [(f"{p}.attn.to_add_out", d)], None)]
+        for ff in ("ff", "ff_context"):
+            out += [(f"{p}.{ff}.net.0.proj", mlp, d, [(f"{p}.{ff}.net.0.proj", mlp)], None),
+                    (f"{p}.{ff}.net.2", d, mlp, [(f"{p}.{ff}.net.2", d)], None)]
+    for i in range(single):
+        p = f"single_transformer_blocks.{i}"
+        out += [(f"{p}.qkv_mlp", 3 * d + mlp, d, [(f"{p}.attn.to_{x}", d) for x in "qkv"] + [(f"{p}.proj_mlp", mlp)],
+                 None),
+                (f"{p}.proj_out.attn", d, d, [(f"{p}.proj_out", d)], slice(0, d)),
+                (f"{p}.proj_out.mlp", d, mlp, [(f"{p}.proj_out", d)], slice(d, d + mlp))]
+    return out
+
+
+def build(linears, device: str, seed: int = 0):
+    """The merge's targets over fresh weights, and the modules' input widths (a proj_out's whole input)."""
+    from kontext_server.lora.fp8_merge import Target
+    from optimizations.fp8.linear import Fp8Linear
+    from optimizations.kernels.fp8_weight_quant import quantize_weight_rows
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    targets, widths = [], {}
+    full = {}  # a split proj_out's one weight, of which each half is a column block
+    for name, n, k, parts, cols in linears:
+        if cols is None:
+            w = (torch.randn(n, k, generator=g, device=device) * 0.02).to(torch.bfloat16)
+        else:
+            base = name.rsplit(".", 1)[0]
+            if base not in full:
+                full[base] = (torch.randn(n, D_of(linears, base), generator=g, device=device) * 0.02).to(torch.bfloat16)
+            w = full[base][:, cols]
+        q, s = quantize_weight_rows(w.contiguous(), True)
+        linear = Fp8Linear(q, s, None, out_dtype=torch.bfloat16)
+        offsets, rows = [], 0
+        for module, size in parts:
+            offsets.append((module, rows, size))
+            rows += size
+            widths[module] = k if cols is None else full[name.rsplit(".", 1)[0]].shape[1]
+        targets.append(Target(name, linear, w, SimpleNamespace(name=name, parts=offsets), cols or slice(None),
+                              "triton_torchao"))
+    return targets, widths
+
+
+def D_of(linears, base: str) -> int:
+    return sum(k for name, _, k, _, cols in linears if cols is not None and name.rsplit(".", 1)[0] == base)
+
+
+def adapter(targets, widths: dict, rank: int, device: str, seed: int):
+    from kontext_server.lora.store import DeviceTarget
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    mods = {}
+    for t in targets:
+        for module, _, size in t.slot.parts:
+            if module not in mods:
+                k = widths[module]
+                mods[module] = DeviceTarget((torch.randn(rank, k, generator=g, device=device) / k ** 0.5)
+                                            .to(torch.bfloat16),
+                                            (torch.randn(size, rank, generator=g, device=device) * 0.01)
+                                            .to(torch.bfloat16), 1.0)
+    return SimpleNamespace(name=f"r{rank}-{seed}", targets=mods)
+
+
+def check(targets, merge, a, pristine) -> dict:
+    """Merged bytes against torch's fp32 addmm + the same quantiser, then the restore against the copy as built."""
+    from kontext_server.lora.fp8_merge import QUANTISERS
+
+    merge.apply(("check", a.name), [(a, 1.0)])
+    differ = total = 0
+    for t in targets[:: max(1, len(targets) // 12)]:
+        q, _ = QUANTISERS["triton_torchao"](t.merged([(a, 1.0)]))
+        differ += (q.view(torch.uint8) != t.rows.view(torch.uint8)).sum().item()
+        total += q.numel()
+    merge.restore()
+    exact = all(torch.equal(t.rows.view(torch.uint8), p[0]) and torch.equal(t.linear.weight_scale, p[1])
+                for t, p in zip(targets, pristine))
+    return {"merged_fp8_values_differing_from_torch": differ / total, "restore_bit_identical": exact}
+
+
+def timed(fn, sync) -> float:
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t0) * 1000
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ranks", default="32,128")
+    p.add_argument("--configs", default="32x128x4,64x64x4,64x128x8,128x64x8",
+                   help="merge_rows_fp8_kernel tiles, BMxBKxWARPS")
+    p.add_argument("--switches", type=int, default=8)
+    p.add_argument("--small", action="store_true", help="CPU: small shapes under Triton's interpreter, no timing")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args(argv)
+    from kontext_server.lora.fp8_merge import Fp8Merge
+    from optimizations.kernels import fp8_weight_quant as kernels
+
+    device = "cpu" if a.small else "cuda"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    linears = block_linears(32, 64, 1, 1) if a.small else block_linears(D, MLP, DOUBLE, SINGLE)
+    targets, widths = build(linears, device)
+    pristine = [(t.rows.view(torch.uint8).clone(), t.linear.weight_scale.clone()) for t in targets]
+    merge = Fp8Merge(targets, {})
+    configs = [dict(zip(("BM", "BK", "num_warps"), map(int, c.split("x")))) for c in a.configs.split(",")]
+    default = dict(kernels.TILED)
+    out = {"tool": "bench/bench_fp8_merge.py", "argv": sys.argv[1:], "device": torch.cuda.get_device_name()
+           if device == "cuda" else "cpu", "torch": torch.__version__, "linears": len(targets),
+           "weights_gib": round(sum(t.source.numel() for t in targets) * 2 / 2**30, 2), "default_tile": default,
+           "ranks": {}}
+    for rank in map(int, a.ranks.split(",")):
+        pair = [adapter(targets, widths, rank, device, seed) for seed in (1, 2)]
+        r = out["ranks"][rank] = {"configs": {}}
+        for c in configs:
+            kernels.TILED.update(c)
+            key = f"{c['BM']}x{c['BK']}x{c['num_warps']}"
+            try:
+                checked = check(targets, merge, pair[0], pristine)
+                switch, issue = [], []
+                for i in range(0 if a.small else a.switches + 1):
+                    ad = pair[i % 2]
+                    ms = timed(lambda: merge.apply((ad.name, key), [(ad, 1.0)]), sync)
+                    if i:  # the first compiles
+                        switch.append(ms)
+                        issue.append(merge.last_issue_ms)
+                restore = []
+                for i in range(0 if a.small else 4):
+                    merge.apply((pair[0].name, key, i), [(pair[0], 1.0)])
+                    sync()
+                    restore.append(timed(merge.restore, sync))
+                r["configs"][key] = {**checked, **({"switch_ms_median": round(statistics.median(switch), 2),
+                                                   "issue_ms_median": round(statistics.median(issue), 2),
+                                                   "restore_ms_median": round(statistics.median(restore), 2)}
+                                                  if switch else {})}
+            except Exception as exc:  # noqa: BLE001 - a tile that does not compile or fit is reported, not fatal
+                r["configs"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            finally:
+                kernels.TILED.clear()
+                kernels.TILED.update(default)
+            print(rank, key, r["configs"][key], flush=True)
+    if a.out:
+        a.out.write_text(json.dumps(out, indent=1))
+    print(table(out))
+    return 0
+
+
+def table(out: dict) -> str:
+    rows = ["| rank | tile (BMxBKxwarps) | switch (ms) | host issue (ms) | restore (ms) | merged values off torch's | "
+            "restore exact |", "|---|---|---|---|---|---|---|"]
+    for rank, r in out["ranks"].items():
+        for key, c in r["configs"].items():
+            rows.append(f"| {rank} | {key} | {c.get('switch_ms_median', c.get('error', ''))} | "
+                        f"{c.get('issue_ms_median', '')} | {c.get('restore_ms_median', '')} | "
+                        f"{c.get('merged_fp8_values_differing_from_torch', '')} | {c.get('restore_bit_identical', '')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""bench/bench_fp8_merge.py runs (CPU, Triton's interpreter, small shapes): the real merge over FLUX's kinds of block
+linear (fused q/k/v, a single block's fused q/k/v + MLP input with four parts, a split proj_out's column halves)
+merges what torch's fp32 addmm gives and restores the copy bit for bit, for each tile it is asked to compare."""
+from __future__ import annotations
+
+import json
+
+import bench_fp8_merge as tool  # bench/ (pytest.ini's pythonpath)
+
+
+def test_every_kind_of_block_linear_is_a_target_with_its_parts_rows():
+    linears = tool.block_linears(32, 64, 1, 1)
+    parts = {name.split(".", 2)[-1]: [size for _, size in p] for name, _, _, p, _ in linears}
+    assert parts["attn.to_qkv"] == [32, 32, 32] and parts["qkv_mlp"] == [32, 32, 32, 64]
+    assert all(n == sum(size for _, size in p) for _, n, _, p, _ in linears)
+    halves = [(k, cols) for name, _, k, _, cols in linears if cols is not None]
+    assert halves == [(32, slice(0, 32)), (64, slice(32, 96))]
+
+
+def test_the_bench_merges_as_torch_does_and_restores_bit_for_bit_for_each_tile(tmp_path):
+    out = tmp_path / "merge.json"
+    assert tool.main(["--small", "--ranks", "4,20", "--configs", "16x64x4,32x32x4", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["linears"] == 11  # 8 of a double block, 3 of a single one
+    for rank in ("4", "20"):
+        for tile, c in result["ranks"][rank]["configs"].items():
+            assert "error" not in c, (rank, tile, c)
+            assert c["restore_bit_identical"] is True
+            assert c["merged_fp8_values_differing_from_torch"] < 1e-3, (rank, tile, c)
