@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What a LoRA switch costs on the fp8 merge path (kontext_server/lora/fp8_merge.py), kernel by kernel: every block
-linear of FLUX at its real shape, with the real merge code, for each tile of the merge kernel.
+linear of FLUX at its real shape, with the real merge code, for each way of adding the adapters' updates.
 
     python bench/bench_fp8_merge.py --ranks 32,128 --configs 32x128x4,64x64x4,64x128x8,128x64x8 --out merge.json
     python bench/bench_fp8_merge.py --small          (CPU, Triton's interpreter: that it runs and is exact, no timing)
@@ -8,7 +8,8 @@ linear of FLUX at its real shape, with the real merge code, for each tile of the
 Builds the transformer's block linears as the fp8 copy holds them (19 double blocks: fused q/k/v of image and text,
 their output projections, both MLPs; 38 single blocks: the fused q/k/v + MLP input, the two column halves of the
 split proj_out), bf16 weights quantised by the merge's own kernel in torchao's rounding, and two adapters per rank
-on every one of those linears. Times, per tile config (BM rows x BK columns x warps of merge_rows_fp8_kernel):
+on every one of those linears. Times, per way of adding the updates (`gemm`: cuBLAS's addmm into scratch rows,
+then the one-pass quantisation; or the tiled kernel at BM rows x BK columns x warps):
 the switch between the two adapters (`Fp8Merge.apply`, synchronised: the host's issue time and the total) and the
 restore (`Fp8Merge.restore`, the one-pass kernel, the same for every config). Checks on the way: the restore gives
 the copy back bit for bit, and a merged weight is the quantisation of W + s B A up to the GEMMs' summation order
@@ -126,14 +127,15 @@ def timed(fn, sync) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="32,128")
-    p.add_argument("--configs", default="32x128x4,64x64x4,64x128x8,128x64x8",
-                   help="merge_rows_fp8_kernel tiles, BMxBKxWARPS")
+    p.add_argument("--configs", default="gemm,32x128x4,64x64x4,128x64x8",
+                   help="`gemm` (cuBLAS's addmm into scratch rows, then the one-pass kernel) and tiles of "
+                        "merge_rows_fp8_kernel, BMxBKxWARPS")
     p.add_argument("--switches", type=int, default=8)
     p.add_argument("--small", action="store_true", help="CPU: small shapes under Triton's interpreter, no timing")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    from kontext_server.lora import fp8_merge
     from kontext_server.lora.fp8_merge import Fp8Merge
-    from optimizations.kernels import fp8_weight_quant as kernels
 
     device = "cpu" if a.small else "cuda"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -141,18 +143,19 @@ def main(argv=None) -> int:
     targets, widths = build(linears, device)
     pristine = [(t.rows.view(torch.uint8).clone(), t.linear.weight_scale.clone()) for t in targets]
     merge = Fp8Merge(targets, {})
-    configs = [dict(zip(("BM", "BK", "num_warps"), map(int, c.split("x")))) for c in a.configs.split(",")]
-    default = dict(kernels.TILED)
+    configs = {c: {"gemm_first": True, "config": None} if c == "gemm" else
+               {"gemm_first": False, "config": dict(zip(("BM", "BK", "num_warps"), map(int, c.split("x"))))}
+               for c in a.configs.split(",")}
+    default = dict(fp8_merge.KERNEL)
     out = {"tool": "bench/bench_fp8_merge.py", "argv": sys.argv[1:], "device": torch.cuda.get_device_name()
            if device == "cuda" else "cpu", "torch": torch.__version__, "linears": len(targets),
-           "weights_gib": round(sum(t.source.numel() for t in targets) * 2 / 2**30, 2), "default_tile": default,
+           "weights_gib": round(sum(t.source.numel() for t in targets) * 2 / 2**30, 2), "default": default,
            "ranks": {}}
     for rank in map(int, a.ranks.split(",")):
         pair = [adapter(targets, widths, rank, device, seed) for seed in (1, 2)]
         r = out["ranks"][rank] = {"configs": {}}
-        for c in configs:
-            kernels.TILED.update(c)
-            key = f"{c['BM']}x{c['BK']}x{c['num_warps']}"
+        for key, c in configs.items():
+            fp8_merge.KERNEL.update(c)
             try:
                 checked = check(targets, merge, pair[0], pristine)
                 switch, issue = [], []
@@ -174,8 +177,7 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - a tile that does not compile or fit is reported, not fatal
                 r["configs"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             finally:
-                kernels.TILED.clear()
-                kernels.TILED.update(default)
+                fp8_merge.KERNEL.update(default)
             print(rank, key, r["configs"][key], flush=True)
     if a.out:
         a.out.write_text(json.dumps(out, indent=1))
@@ -184,8 +186,8 @@ def main(argv=None) -> int:
 
 
 def table(out: dict) -> str:
-    rows = ["| rank | tile (BMxBKxwarps) | switch (ms) | host issue (ms) | restore (ms) | merged values off torch's | "
-            "restore exact |", "|---|---|---|---|---|---|---|"]
+    rows = ["| rank | kernel (gemm, or tile BMxBKxwarps) | switch (ms) | host issue (ms) | restore (ms) | "
+            "merged values off torch's | restore exact |", "|---|---|---|---|---|---|---|"]
     for rank, r in out["ranks"].items():
         for key, c in r["configs"].items():
             rows.append(f"| {rank} | {key} | {c.get('switch_ms_median', c.get('error', ''))} | "

@@ -82,6 +82,11 @@ QUANTISERS: dict[str, Quantiser] = {"triton_torchao": _triton(True), "triton_row
                                     "quantize_rows": quantize_rows}
 
 
+# How the grouped writes add the updates (optimizations/kernels/fp8_weight_quant.py's Launch): gemm_first (cuBLAS's
+# addmm into scratch rows, then the one-pass quantisation) or the tiled kernel; bench/bench_fp8_merge.py compares.
+KERNEL: dict = {"gemm_first": False, "config": None}
+
+
 def candidates(device: torch.device) -> list[str]:
     return [q for q in QUANTISERS if device.type == "cuda" or not q.startswith("triton")]
 
@@ -150,10 +155,11 @@ def write_targets(jobs: list[tuple[Target, list]]) -> None:
     for rounding in ("triton_torchao", "triton_rows"):
         group = [(t, adapters) for t, adapters in jobs if t.grouped and t.quantiser == rounding]
         if group:
-            launch = Launch(group[0][0].source.dtype, group[0][0].source.device)
+            launch = Launch(group[0][0].source.dtype, group[0][0].source.device, rounding == "triton_torchao",
+                            **KERNEL)
             for t, adapters in group:
                 t.add_to(launch, adapters)
-            launch.run(scale_in_weight_dtype=rounding == "triton_torchao")
+            launch.run()
     for t, adapters in jobs:
         if not t.grouped:
             t.write(adapters)

@@ -35,6 +35,7 @@ MAX_RANK = 256
 FIELDS = 8 + 5 * MAX_UPDATES  # int64s per segment in the table (see Launch.add)
 TILED = {"BM": 32, "BK": 128, "num_warps": 4}  # merge_rows_fp8_kernel's tile (bench/bench_fp8_merge.py compares)
 ONE_PASS_MAX_K = 16384  # restore_rows_fp8_kernel holds a row in registers
+SCRATCH_BYTES = 1 << 30  # Launch(gemm_first=True): merged rows held at once before their quantisation is launched
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -132,15 +133,35 @@ class Launch:
     """The table of one launch, built from addresses (no tensor views: a switch adds hundreds of segments, and the
     host's time is the switch's). `add` a block of rows of a weight and its updates; `run` writes them all."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device):
+    def __init__(self, dtype: torch.dtype, device: torch.device, scale_in_weight_dtype: bool,
+                 gemm_first: bool = False, config: dict | None = None, one_pass: bool = True):
+        """`gemm_first`: a segment's update is added by torch's addmm (cuBLAS) into a scratch copy of its rows as it
+        is added, and the scratch rows are quantised by the one-pass kernel (in launches of at most SCRATCH_BYTES of
+        scratch), instead of the tiled kernel computing the update itself. `config`: the tiled kernel's BM, BK,
+        num_warps (tools compare them). `one_pass=False`: the tiled kernel even with no update (tests)."""
         if dtype not in _TL_DTYPES:
             raise ValueError(f"weights in bf16 or fp16, not {dtype}")
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.rounding = dtype, device, scale_in_weight_dtype
+        self.gemm_first, self.config, self.one_pass = gemm_first, config, one_pass
+        self._reset()
+
+    def _reset(self) -> None:
         self.ints: list[int] = []
         self.floats: list[float] = []
-        self.rows = self.cols = self.rank = self.segments = 0  # the longest segment's rows and columns
+        self.rows = self.cols = self.rank = self.segments = self.scratch = 0  # the longest segment's rows, columns
         self.with_updates = False
         self.alive: list[torch.Tensor] = []  # what the table points into, until the launch is issued
+
+    def _gemm(self, source: torch.Tensor, first: int, n: int, updates: list) -> torch.Tensor:
+        """W's rows + sum s B A[:, c:c+K], by cuBLAS, rounded once to W's dtype when there is one update (several are
+        stacked into one GEMM, B scaled first)."""
+        k = source.shape[1]
+        w = source[first:first + n]
+        if len(updates) == 1:
+            a, c, b, s = updates[0]
+            return torch.addmm(w, b, a[:, c:c + k], alpha=s)
+        return torch.addmm(w, torch.cat([b * s for _, _, b, s in updates], 1),
+                           torch.cat([a[:, c:c + k] for a, c, _, _ in updates], 0))
 
     def add(self, source: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor, first: int, n: int,
             updates: list) -> None:
@@ -160,6 +181,22 @@ class Launch:
         if len(updates) > MAX_UPDATES:
             raise ValueError(f"at most {MAX_UPDATES} updates per segment")
         w_size = source.element_size()
+        if updates and self.gemm_first:
+            for a, c, b, _ in updates:
+                if a.shape[1] < c + k or tuple(b.shape) != (n, a.shape[0]):
+                    raise ValueError(f"an update: A (r, >= {c + k}) and B ({n}, r); got {tuple(a.shape)} and "
+                                     f"{tuple(b.shape)}")
+            merged = self._gemm(source, first, n, updates)
+            self.alive += [merged, rows, scale]
+            self.scratch += merged.numel() * w_size
+            self.ints += [merged.data_ptr(), rows.data_ptr() + first * rows.stride(0), scale.data_ptr() + first * 4,
+                          merged.stride(0), rows.stride(0), n, k, 0] + [0] * (FIELDS - 8)
+            self.floats += [0.0] * MAX_UPDATES
+            self.rows, self.cols = max(self.rows, n), max(self.cols, k)
+            self.segments += 1
+            if self.scratch >= SCRATCH_BYTES:
+                self.run()
+            return
         self.alive += [source, rows, scale]
         self.ints += [source.data_ptr() + first * source.stride(0) * w_size, rows.data_ptr() + first * rows.stride(0),
                       scale.data_ptr() + first * 4, source.stride(0), rows.stride(0), n, k, len(updates)]
@@ -180,27 +217,27 @@ class Launch:
         self.rows, self.cols = max(self.rows, n), max(self.cols, k)
         self.segments += 1
 
-    def run(self, scale_in_weight_dtype: bool, config: dict | None = None) -> None:
-        """One launch over every segment added: the one-pass kernel where no segment has an update and its rows fit
-        in registers, else the tiled one (`config`: its BM, BK, num_warps, for tools that compare them). The tensors
-        must stay alive until it has run (a model's weights and a store's adapters do)."""
+    def run(self) -> None:
+        """Write every segment added since the last run, in one launch: the one-pass kernel where no segment has an
+        update and its rows fit in registers, else the tiled one. The tensors must stay alive until it has run (a
+        model's weights and a store's adapters do; the scratch rows are kept until then)."""
         if not self.segments:
             return
         table = torch.tensor(self.ints, dtype=torch.int64).to(self.device)
         dtype = _TL_DTYPES[self.dtype]
-        if not self.with_updates and self.cols <= ONE_PASS_MAX_K and config is None:
+        if not self.with_updates and self.cols <= ONE_PASS_MAX_K and self.one_pass:
             block = triton.next_power_of_2(self.cols)
             restore_rows_fp8_kernel[(self.rows, self.segments)](
-                table, BLOCK=block, FIELDS=FIELDS, DTYPE=dtype, SCALE_IN_WEIGHT_DTYPE=scale_in_weight_dtype,
+                table, BLOCK=block, FIELDS=FIELDS, DTYPE=dtype, SCALE_IN_WEIGHT_DTYPE=self.rounding,
                 num_warps=8 if block >= 4096 else 4)
         else:
-            c = {**TILED, **(config or {})}
+            c = {**TILED, **(self.config or {})}
             scales = torch.tensor(self.floats, dtype=torch.float32).to(self.device)
             r = max(16, triton.next_power_of_2(self.rank)) if self.rank else 16
             merge_rows_fp8_kernel[(-(-self.rows // c["BM"]), self.segments)](
                 table, scales, R=r, BM=c["BM"], BK=c["BK"], FIELDS=FIELDS, DTYPE=dtype,
-                SCALE_IN_WEIGHT_DTYPE=scale_in_weight_dtype, num_warps=c["num_warps"])
-        self.alive.clear()  # freed after this, their memory is reused only by work queued after the launch
+                SCALE_IN_WEIGHT_DTYPE=self.rounding, num_warps=c["num_warps"])
+        self._reset()  # what it pointed into is freed after this: reused only by work queued after the launch
 
 
 @dataclass
@@ -213,17 +250,17 @@ class Segment:
     updates: list = field(default_factory=list)
 
 
-def merge_weight_rows(segments: list[Segment], scale_in_weight_dtype: bool, config: dict | None = None) -> None:
+def merge_weight_rows(segments: list[Segment], scale_in_weight_dtype: bool, **launch) -> None:
     """Write every segment (see the module docstring) in one launch; all on one CUDA device, or on the CPU under
-    Triton's interpreter. `config`: Launch.run's."""
+    Triton's interpreter. `launch`: Launch's options."""
     if not segments:
         return
-    launch = Launch(segments[0].source.dtype, segments[0].source.device)
+    run = Launch(segments[0].source.dtype, segments[0].source.device, scale_in_weight_dtype, **launch)
     for seg in segments:
-        launch.add(seg.source, seg.rows, seg.scale.reshape(-1), 0, seg.source.shape[0],
+        run.add(seg.source, seg.rows, seg.scale.reshape(-1), 0, seg.source.shape[0],
                    [(a if a.stride(1) == 1 else a.contiguous(), 0, b if b.stride(1) == 1 else b.contiguous(), s)
                     for a, b, s in seg.updates])
-    launch.run(scale_in_weight_dtype, config)
+    run.run()
 
 
 def quantize_weight_rows(w: torch.Tensor, scale_in_weight_dtype: bool,

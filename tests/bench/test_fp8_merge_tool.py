@@ -1,6 +1,6 @@
 """bench/bench_fp8_merge.py runs (CPU, Triton's interpreter, small shapes): the real merge over FLUX's kinds of block
 linear (fused q/k/v, a single block's fused q/k/v + MLP input with four parts, a split proj_out's column halves)
-merges what torch's fp32 addmm gives and restores the copy bit for bit, for each tile it is asked to compare."""
+merges what torch's fp32 addmm gives and restores the copy bit for bit, for each way of adding the updates it is asked to compare."""
 from __future__ import annotations
 
 import json
@@ -17,9 +17,9 @@ def test_every_kind_of_block_linear_is_a_target_with_its_parts_rows():
     assert halves == [(32, slice(0, 32)), (64, slice(32, 96))]
 
 
-def test_the_bench_merges_as_torch_does_and_restores_bit_for_bit_for_each_tile(tmp_path):
+def test_the_bench_merges_as_torch_does_and_restores_bit_for_bit_each_way(tmp_path):
     out = tmp_path / "merge.json"
-    assert tool.main(["--small", "--ranks", "4,20", "--configs", "16x64x4,32x32x4", "--out", str(out)]) == 0
+    assert tool.main(["--small", "--ranks", "4,20", "--configs", "gemm,16x64x4,32x32x4", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["linears"] == 11  # 8 of a double block, 3 of a single one
     for rank in ("4", "20"):

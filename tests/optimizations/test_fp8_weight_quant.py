@@ -68,7 +68,7 @@ def reference(w: torch.Tensor, updates, quantiser: str):
     return QUANTISERS[quantiser](m.to(w.dtype))
 
 
-def grouped(parts, rounding: str, config=None):
+def grouped(parts, rounding: str, **launch):
     """Each (source, updates) written by one launch into fresh fp8 rows of a larger tensor (rows at an offset, a row
     stride wider than the weight); returns each one's (rows, scales)."""
     from optimizations.kernels.fp8_weight_quant import Segment, merge_weight_rows
@@ -80,7 +80,7 @@ def grouped(parts, rounding: str, config=None):
         s = torch.zeros(n + 8, dtype=torch.float32)[4:4 + n]
         segments.append(Segment(w, q, s, updates))
         out.append((q, s))
-    merge_weight_rows(segments, scale_in_weight_dtype=rounding == "torchao", config=config)
+    merge_weight_rows(segments, scale_in_weight_dtype=rounding == "torchao", **launch)
     return out
 
 
@@ -90,26 +90,32 @@ def test_one_launch_over_many_weights_with_no_update_gives_each_ones_quantisatio
     """A restore (the one-pass kernel) and the rows a merge leaves without an update (the tiled one)."""
     wide = weight((40, 4096), seed=4)
     parts = [(weight(s, seed=i), []) for i, s in enumerate(SHAPES)] + [(wide[:, 1024:3072], [])]  # a column block
-    config = {"BM": 16, "BK": 256, "num_warps": 4} if kernel == "tiled" else None
-    for (w, _), got in zip(parts, grouped(parts, rounding, config)):
+    launch = {"config": {"BM": 16, "BK": 256, "num_warps": 4}, "one_pass": False} if kernel == "tiled" else {}
+    for (w, _), got in zip(parts, grouped(parts, rounding, **launch)):
         assert same(got, QUANTISERS[rounding](w.contiguous()))
 
 
+@pytest.mark.parametrize("gemm_first", [False, True], ids=["tiled", "gemm-first"])
 @pytest.mark.parametrize("rounding", ["torchao", "quantize_rows"])
-def test_one_launch_merges_each_weights_updates_as_torch_would_up_to_the_gemms_summation_order(rounding):
+def test_one_launch_merges_each_weights_updates_as_torch_would_up_to_the_gemms_summation_order(rounding, gemm_first):
+    """The tiled kernel computing the updates, and cuBLAS's addmm into scratch rows quantised by the one-pass kernel
+    (several updates stacked into one GEMM, B scaled in bf16 first: a little further from the fp32 sum)."""
     parts = []
     for i, (n, k) in enumerate([(48, 3072), (8, 1000), (40, 2048)]):
         w = weight((n, k), seed=10 + i)
         updates = [(*segment_rows(n, k, 3 * i + j), scale) for j, scale in enumerate((1.0, -0.7, 0.35)[:i + 1])]
         parts.append((w, updates))
-    for (w, updates), (q, s) in zip(parts, grouped(parts, rounding)):
+    for (w, updates), (q, s) in zip(parts, grouped(parts, rounding, gemm_first=gemm_first)):
         rq, rs = reference(w, updates, rounding)
         base = QUANTISERS[rounding](w)
         assert not torch.equal(q.view(torch.uint8), base[0].view(torch.uint8))  # the update is there
         # the merged bf16 value may round the other way where the GEMMs sum in another order: rarely, by one step
         differ = (q.float() != rq.float()).float().mean().item()
-        assert differ < 2e-3, differ
-        assert torch.allclose(q.float() * s[:, None], rq.float() * rs.reshape(-1, 1), rtol=0.07, atol=0)
+        # one update: cuBLAS rounds W + s B A once, as the fp32 sum; several: s B is rounded to bf16 first (as the
+        # slots' B is), which moves a few values across an fp8 step
+        assert differ < (2e-3 if not gemm_first or len(updates) == 1 else 0.05), differ
+        got, ref = q.float() * s[:, None], rq.float() * rs.reshape(-1, 1)
+        assert ((got - ref).norm() / ref.norm()).item() < 0.01  # e4m3's step is 6-12% of a value
         assert torch.allclose(s, rs.reshape(-1).float(), rtol=1e-2)
 
 
