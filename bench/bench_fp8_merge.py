@@ -192,7 +192,8 @@ def table(out: dict) -> str:
         for key, c in r["configs"].items():
             rows.append(f"| {rank} | {key} | {c.get('switch_ms_median', c.get('error', ''))} | "
                         f"{c.get('issue_ms_median', '')} | {c.get('restore_ms_median', '')} | "
-                        f"{c.get('merged_fp8_values_differing_from_torch', '')} | {c.get('restore_bit_identical', '')} |")
+                        f"{c.get('merged_fp8_values_differing_from_torch', '')} | "
+                        f"{c.get('restore_bit_identical', '')} |")
     return "\n".join(rows)
 
 

@@ -123,8 +123,8 @@ class Target:
         rows = self.rows
         for module, offset, size in self.slot.parts:
             if size:
-                launch.add(self.source, rows, scale, offset, size,
-                           [(t.a, c, t.b, s * t.scale) for a, s in adapters if (t := a.targets.get(module)) is not None])
+                updates = [(t.a, c, t.b, s * t.scale) for a, s in adapters if (t := a.targets.get(module)) is not None]
+                launch.add(self.source, rows, scale, offset, size, updates)
 
     @torch.no_grad()
     def merged(self, adapters) -> torch.Tensor:

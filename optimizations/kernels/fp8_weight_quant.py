@@ -176,8 +176,8 @@ class Launch:
                 or rows.dtype != torch.float8_e4m3fn or rows.stride(1) != 1 or scale.dtype != torch.float32 \
                 or not scale.is_contiguous() or scale.numel() != source.shape[0] or first + n > source.shape[0] \
                 or source.device != self.device:
-            raise ValueError("a segment: the weight's rows (unit column stride), fp8 rows of its shape with unit column "
-                             "stride, N contiguous fp32 scales, on the launch's device")
+            raise ValueError("a segment: the weight's rows (unit column stride), fp8 rows of its shape with unit "
+                             "column stride, N contiguous fp32 scales, on the launch's device")
         if len(updates) > MAX_UPDATES:
             raise ValueError(f"at most {MAX_UPDATES} updates per segment")
         w_size = source.element_size()

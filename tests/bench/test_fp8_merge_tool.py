@@ -1,6 +1,7 @@
 """bench/bench_fp8_merge.py runs (CPU, Triton's interpreter, small shapes): the real merge over FLUX's kinds of block
 linear (fused q/k/v, a single block's fused q/k/v + MLP input with four parts, a split proj_out's column halves)
-merges what torch's fp32 addmm gives and restores the copy bit for bit, for each way of adding the updates it is asked to compare."""
+merges what torch's fp32 addmm gives and restores the copy bit for bit, for each way of adding the updates it is asked
+to compare."""
 from __future__ import annotations
 
 import json
