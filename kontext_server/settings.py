@@ -201,10 +201,11 @@ LORA_FUSED_BRANCH = EnvVar("FLUX_LORA_FUSED_BRANCH", "1", "switch",
                            "0: LoRA adapters run as a side branch beside each GEMM instead of inside it (their "
                            "down-projection rows appended under the weight, the update added in place); slower, "
                            "measured in BENCHMARKS.md")
-LORA_FP8_MERGE = EnvVar("FLUX_LORA_FP8_MERGE", "0", "switch",
-                        "1: an fp8-tier request's LoRA adapters are merged into the fp8 copy's weights (re-quantised "
-                        "from the exact weights when the adapters change, restored bit for bit after) instead of "
-                        "running a branch beside each GEMM; not yet measured on a GPU (BENCHMARKS.md)")
+LORA_FP8_MERGE = EnvVar("FLUX_LORA_FP8_MERGE", "1", "switch",
+                        "0: an fp8-tier request's LoRA adapters run the branch beside each GEMM, as the exact tier's "
+                        "do, instead of being merged into the fp8 copy's weights (re-quantised from the exact weights "
+                        "when the adapters change, restored bit for bit after): the branch costs every step, the "
+                        "merge only a change of adapters (BENCHMARKS.md)")
 # Switches that change the compiled code: each is part of the compile-cache key and the benchmark's record.
 CODE_SWITCHES = (FP8_SPLIT_PROJ_OUT, FP8_FUSED_GELU, FP8_FUSED_NORM, FP8_PLAIN_LINEARS, BF16_GELU_EPILOGUE,
                  BF16_SPLIT_PROJ_OUT, LORA_FUSED_BRANCH)

@@ -10,10 +10,10 @@ For each rank (32 and 128; --small: 4 and 8) it writes two synthetic adapters on
 optimisations, `auto` on a GPU: compile, CUDA graphs, the fp8 copy...; the slots' rank is that rank), and through the
 service's own request path:
 - warms up each tier without and with one adapter, on each branch of --lora-paths (`fused`: the adapters' rows
-  appended under the weights, the server's default; `unfused`: the side branch, what FLUX_LORA_FUSED_BRANCH=0
+  appended under the weights, the exact tier's default; `unfused`: the side branch, what FLUX_LORA_FUSED_BRANCH=0
   gives; kontext_server/lora/slots.py, fused_rows.py; `merged`, fp8 tier only: the adapters merged into the fp8
-  copy's weights, what FLUX_LORA_FP8_MERGE=1 gives, lora/fp8_merge.py: the tool sets it for its server, which then
-  runs exact requests on the fused branch). Each active adapter count and branch compiles once: reported as cold
+  copy's weights, the fp8 tier's default, lora/fp8_merge.py: the tool sets FLUX_LORA_FP8_MERGE for its server by
+  whether `merged` is asked for; exact requests run the fused branch either way). Each active adapter count and branch compiles once: reported as cold
   starts;
 - times the transformer per step, interleaved, for the exact tier and the fp8 tier, without an adapter and with
   adapter A on each branch: each branch's overhead is a ratio against the same server's steps without an adapter;
@@ -358,8 +358,8 @@ def main(argv=None) -> int:
     p.add_argument("--switches", type=int, default=None, help="switch requests per tier (default 6; --small: 3)")
     p.add_argument("--lora-paths", default="fused,unfused,merged",
                    help="the branches to time, comma-separated: fused (the adapters' rows under the weights, "
-                        "the default), unfused (the side branch), merged (fp8 tier: the adapters merged into the "
-                        "fp8 copy; sets FLUX_LORA_FP8_MERGE=1 for the tool's server); each is a ratio against the "
+                        "the exact tier's default), unfused (the side branch), merged (fp8 tier: the adapters merged "
+                        "into the fp8 copy, that tier's default; left out, FLUX_LORA_FP8_MERGE=0 for the tool's server); each is a ratio against the "
                         "same server's steps without an adapter")
     p.add_argument("--branch-rows", type=int, default=128,
                    help="activation rows per layer for the fp8 branch error (default 128)")

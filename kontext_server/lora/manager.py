@@ -16,7 +16,7 @@ rows appended under their weights (the fused branch, slots.py); `path` is the br
 rows exist, and `set_path("unfused")` makes later requests run the side branch instead (tools/bench_lora.py times both
 in one server; each is compiled and captured once per adapter count).
 
-The fp8 merge (`FLUX_LORA_FP8_MERGE=1`, fp8_merge.py): with path "merged", an fp8-tier request's adapters are merged
+The fp8 merge (fp8_merge.py; on unless `FLUX_LORA_FP8_MERGE=0`): with path "merged", an fp8-tier request's adapters are merged
 into the fp8 copy's weights instead (its slots that the merge covers run with k = 0, the base code, and are not
 written: each slot remembers what it holds, so a later exact request writes it then), and the next fp8 request
 without them restores the copy first; exact-tier requests and the modules the merge does not cover run
@@ -85,7 +85,7 @@ class LoraManager:
         self.installed = False
         self.fuse = not switched_off(settings.LORA_FUSED_BRANCH)  # append rows under the weights at install
         self.path = "fused" if self.fuse else "unfused"
-        self.merge: Fp8Merge | None = None  # the fp8 copy's merge (FLUX_LORA_FP8_MERGE=1), built at install
+        self.merge: Fp8Merge | None = None  # the fp8 copy's merge (unless FLUX_LORA_FP8_MERGE=0), built at install
         self.wrappers: dict[str, dict] = {}  # precision -> slot name -> that variant's wrapper (None: the table)
         # per variant: how many wrapped modules run the fused branch, and why the others do not
         self.branches: dict[str, dict] = {}
@@ -199,7 +199,7 @@ class LoraManager:
         if path == "fused" and not self.fuse:
             raise ValueError("the fused LoRA branch is off (FLUX_LORA_FUSED_BRANCH=0): no rows were appended")
         if path == "merged" and self.merge is None:
-            raise ValueError("the fp8 merge is off (FLUX_LORA_FP8_MERGE=1 with an fp8 tier turns it on)")
+            raise ValueError("the fp8 merge is off (FLUX_LORA_FP8_MERGE=0, or no fp8 tier)")
         self.path = path
 
     @property
