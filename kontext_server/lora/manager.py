@@ -16,11 +16,11 @@ rows appended under their weights (the fused branch, slots.py); `path` is the br
 rows exist, and `set_path("unfused")` makes later requests run the side branch instead (tools/bench_lora.py times both
 in one server; each is compiled and captured once per adapter count).
 
-The fp8 merge (fp8_merge.py; on unless `FLUX_LORA_FP8_MERGE=0`): with path "merged", an fp8-tier request's adapters are merged
-into the fp8 copy's weights instead (its slots that the merge covers run with k = 0, the base code, and are not
-written: each slot remembers what it holds, so a later exact request writes it then), and the next fp8 request
-without them restores the copy first; exact-tier requests and the modules the merge does not cover run
-the branch ("fused" where the rows exist). `applied(specs, precision)` takes the request's tier for that.
+The fp8 merge (fp8_merge.py; on unless `FLUX_LORA_FP8_MERGE=0`): with path "merged", an fp8-tier request's adapters
+are merged into the fp8 copy's weights instead (its slots that the merge covers run with k = 0, the base code, and
+are not written: each slot remembers what it holds, so a later exact request writes it then), and the next fp8
+request without them restores the copy first; exact-tier requests and the modules the merge does not cover run the
+branch ("fused" where the rows exist). `applied(specs, precision)` takes the request's tier for that.
 """
 from __future__ import annotations
 
