@@ -35,6 +35,7 @@ MAX_RANK = 256
 FIELDS = 8 + 5 * MAX_UPDATES  # int64s per segment in the table (see Launch.add)
 TILED = {"BM": 32, "BK": 128, "num_warps": 4}  # merge_rows_fp8_kernel's tile (bench/bench_fp8_merge.py compares)
 ONE_PASS_MAX_K = 16384  # restore_rows_fp8_kernel holds a row in registers
+ONE_PASS_ROWS = 8  # rows per program of restore_rows_fp8_kernel
 SCRATCH_BYTES = 1 << 30  # Launch(gemm_first=True): merged rows held at once before their quantisation is launched
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -103,20 +104,23 @@ def merge_rows_fp8_kernel(table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constex
 
 
 @triton.jit
-def restore_rows_fp8_kernel(table_ptr, BLOCK: tl.constexpr, FIELDS: tl.constexpr, DTYPE: tl.constexpr,
-                            SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
-    """A launch with no update (a restore): grid (rows of the longest segment, segments), one row per program, held
-    in registers: read once, written once. The same arithmetic as merge_rows_fp8_kernel's with no update."""
-    row = tl.program_id(0)
+def restore_rows_fp8_kernel(table_ptr, BLOCK: tl.constexpr, ROWS: tl.constexpr, FIELDS: tl.constexpr,
+                            DTYPE: tl.constexpr, SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
+    """A launch with no update (a restore): grid (ROWS-row blocks of the longest segment, segments), each row held in
+    registers: read once, written once (ROWS rows a program, so few programs find their segment already done). The
+    same arithmetic as merge_rows_fp8_kernel's with no update."""
+    row0 = tl.program_id(0) * ROWS
     entry = table_ptr + tl.program_id(1).to(tl.int64) * FIELDS
-    if row < tl.load(entry + 5):
-        w_ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
-        q_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float8e4nv))
-        s_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
-        k = tl.load(entry + 6)
-        c = tl.arange(0, BLOCK)
-        m = c < k
-        w = tl.load(w_ptr + row * tl.load(entry + 3) + c, mask=m, other=0.0).to(tl.float32)
+    w_ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
+    q_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float8e4nv))
+    s_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
+    w_stride = tl.load(entry + 3)
+    q_stride = tl.load(entry + 4)
+    k = tl.load(entry + 6)
+    c = tl.arange(0, BLOCK)
+    m = c < k
+    for row in range(row0, tl.minimum(row0 + ROWS, tl.load(entry + 5))):
+        w = tl.load(w_ptr + row * w_stride + c, mask=m, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(w), axis=0)
         if SCALE_IN_WEIGHT_DTYPE:
             scale = tl.math.div_rn(amax, 448.0).to(DTYPE).to(tl.float32)
@@ -125,7 +129,7 @@ def restore_rows_fp8_kernel(table_ptr, BLOCK: tl.constexpr, FIELDS: tl.constexpr
             scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
             q = w * tl.math.div_rn(1.0, scale)
         q = tl.clamp(q, -448.0, 448.0)
-        tl.store(q_ptr + row * tl.load(entry + 4) + c, q.to(tl.float8e4nv), mask=m)
+        tl.store(q_ptr + row * q_stride + c, q.to(tl.float8e4nv), mask=m)
         tl.store(s_ptr + row, scale)
 
 
@@ -227,9 +231,9 @@ class Launch:
         dtype = _TL_DTYPES[self.dtype]
         if not self.with_updates and self.cols <= ONE_PASS_MAX_K and self.one_pass:
             block = triton.next_power_of_2(self.cols)
-            restore_rows_fp8_kernel[(self.rows, self.segments)](
-                table, BLOCK=block, FIELDS=FIELDS, DTYPE=dtype, SCALE_IN_WEIGHT_DTYPE=self.rounding,
-                num_warps=8 if block >= 4096 else 4)
+            restore_rows_fp8_kernel[(-(-self.rows // ONE_PASS_ROWS), self.segments)](
+                table, BLOCK=block, ROWS=ONE_PASS_ROWS, FIELDS=FIELDS, DTYPE=dtype,
+                SCALE_IN_WEIGHT_DTYPE=self.rounding, num_warps=8 if block >= 4096 else 4)
         else:
             c = {**TILED, **(self.config or {})}
             scales = torch.tensor(self.floats, dtype=torch.float32).to(self.device)
