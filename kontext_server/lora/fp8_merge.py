@@ -147,13 +147,17 @@ class Target:
         self.linear.weight_scale.copy_(s.reshape(self.linear.weight_scale.shape))
 
 
-def write_targets(jobs: list[tuple[Target, list]]) -> None:
+def write_targets(jobs: list[tuple[Target, list]], grouped_merges: bool = True) -> None:
     """Write each (target, adapters) (no adapters: the base weight): the grouped targets in one launch per rounding,
-    the rest one by one."""
+    the rest one by one; `grouped_merges=False`: those with adapters one by one too (the merge kernel failed its
+    check, `merge_kernel_problem`)."""
     from optimizations.kernels.fp8_weight_quant import Launch
 
+    def grouped(t: Target, adapters) -> bool:
+        return t.grouped and (grouped_merges or not adapters)
+
     for rounding in ("triton_torchao", "triton_rows"):
-        group = [(t, adapters) for t, adapters in jobs if t.grouped and t.quantiser == rounding]
+        group = [(t, adapters) for t, adapters in jobs if grouped(t, adapters) and t.quantiser == rounding]
         if group:
             launch = Launch(group[0][0].source.dtype, group[0][0].source.device, rounding == "triton_torchao",
                             **KERNEL)
@@ -161,8 +165,30 @@ def write_targets(jobs: list[tuple[Target, list]]) -> None:
                 t.add_to(launch, adapters)
             launch.run()
     for t, adapters in jobs:
-        if not t.grouped:
+        if not grouped(t, adapters):
             t.write(adapters)
+
+
+@torch.no_grad()
+def merge_kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if the grouped merge (KERNEL's way) runs here and merges a small weight with one update as torch's fp32
+    sum does (e4m3's rounding aside), else why not: checked at build, before any linear trusts it (a restore's kernel
+    is checked by `_matches` on every linear)."""
+    from optimizations.kernels.fp8_weight_quant import Segment, merge_weight_rows, quantize_weight_rows
+
+    g = torch.Generator().manual_seed(0)
+    w, a, b = ((torch.randn(*shape, generator=g) * std).to(dtype).to(device)
+               for shape, std in (((48, 256), 0.02), ((16, 256), 0.1), ((48, 16), 0.05)))
+    try:
+        q = torch.empty(48, 256, dtype=torch.float8_e4m3fn, device=device)
+        s = torch.empty(48, dtype=torch.float32, device=device)
+        merge_weight_rows([Segment(w, q, s, [(a, b, 0.7)])], True, **KERNEL)
+        rq, rs = quantize_weight_rows(torch.addmm(w.float(), b.float(), a.float(), alpha=0.7).to(dtype), True)
+        got, ref = q.float() * s[:, None], rq.float() * rs.reshape(-1, 1)
+        err = ((got - ref).norm() / ref.norm()).item()
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is reported, and the merge goes on without
+        return f"{type(exc).__name__}: {exc}"[:300]
+    return None if err < 0.01 else f"merged a test weight {err:.3f} away from torch's sum"
 
 
 def _matches(linear: Fp8Linear, source: torch.Tensor, quantiser: Quantiser) -> bool:
@@ -211,8 +237,9 @@ class Fp8Merge:
     """The targets of one fp8 copy (see the module docstring); `kept`: what keeps the branch, by reason (a count).
     `merged_slots`: the slots whose every module of the copy is a target (a merged request runs them with k = 0)."""
 
-    def __init__(self, targets: list[Target], kept: dict[str, int]):
+    def __init__(self, targets: list[Target], kept: dict[str, int], merge_kernel_problem: str | None = None):
         self.targets, self.kept = targets, kept
+        self.merge_kernel_problem = merge_kernel_problem  # None, or why merges are written linear by linear
         self.merged_slots = {t.slot.name for t in targets}
         self.state: object = None
         self.merges = self.restores = 0
@@ -261,7 +288,12 @@ class Fp8Merge:
                 keep(found)
                 continue
             targets += found
-        return cls(targets, kept)
+        grouped = next((t for t in targets if t.grouped), None)
+        problem = merge_kernel_problem(grouped.source.device, grouped.source.dtype) if grouped is not None else None
+        if problem:
+            log.warning("LoRA fp8 merge: the grouped merge kernel is not used (%s); merges are written linear by "
+                        "linear", problem)
+        return cls(targets, kept, problem)
 
     @torch.no_grad()
     def _hold(self, wanted: list[tuple[Target, object, list]]) -> int:
@@ -271,7 +303,7 @@ class Fp8Merge:
         for t, _, _ in jobs:
             t.holds = DIRTY
         t0 = time.perf_counter()
-        write_targets([(t, adapters) for t, _, adapters in jobs])
+        write_targets([(t, adapters) for t, _, adapters in jobs], self.merge_kernel_problem is None)
         self.last_issue_ms = (time.perf_counter() - t0) * 1000
         for t, key, _ in jobs:
             t.holds = key
@@ -304,5 +336,6 @@ class Fp8Merge:
         return {"modules": len(self.merged_slots), "linears": len(self.targets), "quantisers": dict(quantisers),
                 "kept_on_branch": dict(self.kept),
                 "holds": "base" if self.state is None else ("unknown" if self.state == DIRTY else "adapters"),
+                "merge_kernel": "grouped" if self.merge_kernel_problem is None else self.merge_kernel_problem,
                 "merges": self.merges, "restores": self.restores, "last_written": self.last_written,
                 "last_issue_ms": round(self.last_issue_ms, 2)}

@@ -63,19 +63,44 @@ def _merged_tile(w_ptr, w_stride, rows, rmask, cols, cmask, entry, scales_ptr, s
 
 
 @triton.jit
+def _segment(entry, DTYPE: tl.constexpr):
+    """A segment's fields from the table (Launch.add): weight, fp8 rows and scales pointers, the two row strides,
+    rows, columns."""
+    return (tl.load(entry).to(tl.pointer_type(DTYPE)), tl.load(entry + 1).to(tl.pointer_type(tl.float8e4nv)),
+            tl.load(entry + 2).to(tl.pointer_type(tl.float32)), tl.load(entry + 3), tl.load(entry + 4),
+            tl.load(entry + 5), tl.load(entry + 6))
+
+
+@triton.jit
+def _row_scale(amax, DTYPE: tl.constexpr, SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
+    """A row's fp32 scale from its amax, in torchao's rounding (True) or quantize_rows' (see the module docstring)."""
+    if SCALE_IN_WEIGHT_DTYPE:
+        scale = tl.math.div_rn(amax, 448.0).to(DTYPE).to(tl.float32)
+    else:
+        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    return scale
+
+
+@triton.jit
+def _to_fp8(m, scale, inv, SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
+    """Values over their row's scale (an IEEE division: torchao) or times its inverse `inv` (quantize_rows), clamped
+    to e4m3's range, in e4m3."""
+    if SCALE_IN_WEIGHT_DTYPE:
+        q = tl.math.div_rn(m, tl.zeros_like(m) + scale)
+    else:
+        q = m * inv
+    return tl.clamp(q, -448.0, 448.0).to(tl.float8e4nv)
+
+
+@triton.jit
 def merge_rows_fp8_kernel(table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                           FIELDS: tl.constexpr, DTYPE: tl.constexpr, SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
     """Grid (row blocks of the longest segment, segments): a program past its segment's rows does nothing."""
     row0 = tl.program_id(0) * BM
     seg = tl.program_id(1).to(tl.int64)
     entry = table_ptr + seg * FIELDS
-    w_ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
-    q_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float8e4nv))
-    s_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
-    w_stride = tl.load(entry + 3)
-    q_stride = tl.load(entry + 4)
-    n = tl.load(entry + 5)
-    k = tl.where(row0 < n, tl.load(entry + 6), 0)  # no column to visit in a block past the rows
+    w_ptr, q_ptr, s_ptr, w_stride, q_stride, n, k = _segment(entry, DTYPE)
+    k = tl.where(row0 < n, k, 0)  # no column to visit in a block past the rows
     n_updates = tl.load(entry + 7)
     rows = row0 + tl.arange(0, BM)
     rmask = rows < n
@@ -84,22 +109,14 @@ def merge_rows_fp8_kernel(table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constex
         cols = k0 + tl.arange(0, BK)
         m = _merged_tile(w_ptr, w_stride, rows, rmask, cols, cols < k, entry, scales_ptr, seg, n_updates, R, DTYPE)
         amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
-    if SCALE_IN_WEIGHT_DTYPE:
-        scale = tl.math.div_rn(amax, 448.0).to(DTYPE).to(tl.float32)
-    else:
-        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    scale = _row_scale(amax, DTYPE, SCALE_IN_WEIGHT_DTYPE)
     inv = tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
     for k0 in range(0, k, BK):
         cols = k0 + tl.arange(0, BK)
         cmask = cols < k
         m = _merged_tile(w_ptr, w_stride, rows, rmask, cols, cmask, entry, scales_ptr, seg, n_updates, R, DTYPE)
-        if SCALE_IN_WEIGHT_DTYPE:
-            q = tl.math.div_rn(m, tl.zeros_like(m) + scale[:, None])
-        else:
-            q = m * inv[:, None]
-        q = tl.clamp(q, -448.0, 448.0)
-        tl.store(q_ptr + rows[:, None] * q_stride + cols[None, :], q.to(tl.float8e4nv),
-                 mask=rmask[:, None] & cmask[None, :])
+        tl.store(q_ptr + rows[:, None] * q_stride + cols[None, :],
+                 _to_fp8(m, scale[:, None], inv[:, None], SCALE_IN_WEIGHT_DTYPE), mask=rmask[:, None] & cmask[None, :])
     tl.store(s_ptr + rows, scale, mask=rmask)
 
 
@@ -110,26 +127,14 @@ def restore_rows_fp8_kernel(table_ptr, BLOCK: tl.constexpr, ROWS: tl.constexpr, 
     registers: read once, written once (ROWS rows a program, so few programs find their segment already done). The
     same arithmetic as merge_rows_fp8_kernel's with no update."""
     row0 = tl.program_id(0) * ROWS
-    entry = table_ptr + tl.program_id(1).to(tl.int64) * FIELDS
-    w_ptr = tl.load(entry).to(tl.pointer_type(DTYPE))
-    q_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float8e4nv))
-    s_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
-    w_stride = tl.load(entry + 3)
-    q_stride = tl.load(entry + 4)
-    k = tl.load(entry + 6)
+    w_ptr, q_ptr, s_ptr, w_stride, q_stride, n, k = _segment(table_ptr + tl.program_id(1).to(tl.int64) * FIELDS, DTYPE)
     c = tl.arange(0, BLOCK)
     m = c < k
-    for row in range(row0, tl.minimum(row0 + ROWS, tl.load(entry + 5))):
+    for row in range(row0, tl.minimum(row0 + ROWS, n)):
         w = tl.load(w_ptr + row * w_stride + c, mask=m, other=0.0).to(tl.float32)
-        amax = tl.max(tl.abs(w), axis=0)
-        if SCALE_IN_WEIGHT_DTYPE:
-            scale = tl.math.div_rn(amax, 448.0).to(DTYPE).to(tl.float32)
-            q = tl.math.div_rn(w, tl.zeros_like(w) + scale)
-        else:
-            scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
-            q = w * tl.math.div_rn(1.0, scale)
-        q = tl.clamp(q, -448.0, 448.0)
-        tl.store(q_ptr + row * q_stride + c, q.to(tl.float8e4nv), mask=m)
+        scale = _row_scale(tl.max(tl.abs(w), axis=0), DTYPE, SCALE_IN_WEIGHT_DTYPE)
+        tl.store(q_ptr + row * q_stride + c, _to_fp8(w, scale, tl.math.div_rn(1.0, scale), SCALE_IN_WEIGHT_DTYPE),
+                 mask=m)
         tl.store(s_ptr + row, scale)
 
 

@@ -132,6 +132,7 @@ def test_the_fp8_merge_takes_every_fp8_linear_as_torchao_quantised_it(merged_svc
     assert merged_svc.lora.path == "merged" and merge["linears"] > 0
     assert not any(r.startswith("its fp8 weight") for r in merge["kept_on_branch"]), merge["kept_on_branch"]
     assert merge["quantisers"] == {"triton_torchao": merge["linears"]}  # the one-pass kernel, in torchao's rounding
+    assert merge["merge_kernel"] == "grouped"  # the merge kernel passed its check at build
 
 
 def test_a_merged_fp8_request_is_as_close_to_bf16_as_the_fused_branch_and_a_switch_captures_nothing(merged_svc):

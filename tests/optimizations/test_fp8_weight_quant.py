@@ -167,3 +167,46 @@ def test_the_merge_writes_with_the_kernel_straight_into_the_linears_storage_and_
     assert merge.restore()
     assert all(torch.equal(t.rows.view(torch.uint8), p[0]) and torch.equal(t.linear.weight_scale, p[1])
                for t, p in zip(fast, pristine))
+
+
+def test_the_merge_kernel_is_checked_before_use_and_a_failing_one_leaves_merges_to_each_linear(monkeypatch):
+    """A kernel that raises, or writes nothing, is reported; a merge then writes linear by linear (torch's sum and the
+    one-pass quantisation), restores still in one launch."""
+    from types import SimpleNamespace
+
+    from kontext_server.lora.fp8_merge import Fp8Merge, Target, merge_kernel_problem
+    from kontext_server.lora.store import DeviceTarget
+    from optimizations.kernels import fp8_weight_quant as kernels
+
+    assert merge_kernel_problem(torch.device("cpu"), torch.bfloat16) is None
+    real_run = kernels.Launch.run
+    monkeypatch.setattr(kernels.Launch, "run", lambda self: None)  # writes nothing
+    assert "away from torch's sum" in merge_kernel_problem(torch.device("cpu"), torch.bfloat16)
+
+    def no_image(self):
+        raise RuntimeError("no kernel image is available for execution on the device")
+    monkeypatch.setattr(kernels.Launch, "run", no_image)
+    assert "no kernel image" in merge_kernel_problem(torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setattr(kernels.Launch, "run", real_run)
+
+    w = weight((32, 256), seed=30)
+    linear = Fp8Linear(*QUANTISERS["torchao"](w), None, out_dtype=torch.bfloat16)
+    pristine = linear.weight_t.t().view(torch.uint8).clone()
+    target = Target("m", linear, w, SimpleNamespace(name="m", parts=[("m", 0, 32)]), slice(None), "triton_torchao")
+    g = torch.Generator().manual_seed(31)
+    adapter = SimpleNamespace(targets={"m": DeviceTarget((torch.randn(8, 256, generator=g) * 0.1).bfloat16(),
+                                                         (torch.randn(32, 8, generator=g) * 0.05).bfloat16(), 1.0)})
+    launched, written = [], []
+    real_add, real_write = kernels.Launch.add, Target.write
+    monkeypatch.setattr(kernels.Launch, "add", lambda self, *a: (launched.append(bool(a[-1])), real_add(self, *a))[1])
+    monkeypatch.setattr(Target, "write", lambda self, adapters: (written.append(bool(adapters)),
+                                                                  real_write(self, adapters))[1])
+    merge = Fp8Merge([target], {}, merge_kernel_problem="RuntimeError: no kernel image")
+    # the linear's own write: torch's sum, then the one-pass kernel with no update
+    assert merge.apply("x", [(adapter, 1.0)]) and written == [True] and launched == [False]
+    expected = QUANTISERS["triton_torchao"](target.merged([(adapter, 1.0)]))
+    assert same((target.rows, linear.weight_scale), expected)
+    launched.clear()
+    assert merge.restore() and launched == [False] and written == [True]  # the restore: the grouped launch
+    assert torch.equal(target.rows.view(torch.uint8), pristine)
+    assert merge.report()["merge_kernel"] == "RuntimeError: no kernel image"
