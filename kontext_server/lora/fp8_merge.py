@@ -7,7 +7,9 @@ adapters, or with others, re-quantises again from W. The storage is the same, so
 graphs run on as they are, and the step runs the base model's code: no per-step cost. Why: the branch costs every
 step of every request (BENCHMARKS.md); a merge is a pass over the covered weights per change of adapters, paid only
 when they change. On a GPU every target's write of a change goes out in one launch
-(optimizations/kernels/fp8_weight_quant.py): one launch per linear made the switch bound by the host.
+(optimizations/kernels/fp8_weight_quant.py): one launch per linear made the switch bound by the host. That kernel is
+checked at build on a small weight against torch's sum (`merge_kernel_problem`); if it fails, merges are written
+linear by linear, and `report()` says why.
 
 Contract: a restore is bit-identical to the copy as built. Q must be the function that quantised the copy, so at
 build time each candidate is tried on each target's exact weight, in order (on a GPU first the one-pass kernel of
