@@ -8,8 +8,10 @@ update is plain Q(W): the restore of the base weights.
 Why a kernel: a change of adapters rewrites hundreds of linears. In torch ops that is per linear an addmm (W read,
 W + BA written in bf16) and then torchao's quantisation (an abs, an amax, casts, a division, a clamp: several passes,
 some in fp32), a dozen launches each: the switch was bound by the host's launches and by the passes. Here one launch
-covers every segment (a table of their addresses), and each weight row is read twice (the amax, then the write; the
-update's small GEMM is recomputed) and written once as fp8.
+covers every segment (a table of their addresses). Two kernels: with no update (a restore), `restore_rows_fp8_kernel`
+holds each row in registers, read once and written once; with updates, `merge_rows_fp8_kernel` reads each tile of
+rows twice (the amax, then the write; the update's small GEMM recomputed by a tensor-core dot). `Launch(gemm_first=
+True)` is the other way to add updates: cuBLAS's addmm into scratch rows, then the one-pass kernel.
 
 Two roundings, chosen by SCALE_IN_WEIGHT_DTYPE:
 - True, torchao's (`Float8Tensor.from_hp` with PerRow on its torch path): scale = amax / 448 rounded to the weight's
