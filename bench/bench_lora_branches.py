@@ -9,7 +9,8 @@ Variants, per GEMM y = x W^T (W: N x K) with an adapter A (r x K), B (N x r), it
 fuses several projections (q, k, v; a single block's q, k, v and MLP input) carries one rank-r adapter per
 projection, taken here as one of rank r x projections with a dense B (the slots pad the same way):
 - `base`: the GEMM alone;
-- `side`: the side branch (FLUX_LORA_FUSED_BRANCH=0): y = x W^T, then y += (x A^T) B^T (two more GEMMs, y read and written);
+- `side`: the side branch (FLUX_LORA_FUSED_BRANCH=0): y = x W^T, then y += (x A^T) B^T (two more GEMMs, y read
+  and written);
 - `rows`: the fused-rows branch (the server's default): [y | u] = x [W; A]^T in one GEMM, then y += u B^T;
 - `kext`: the update inside the base GEMM's reduction: u = x A^T, then y = [x | u] [W | B]^T, one GEMM over K + r.
   Here x is already in a K + r wide buffer (its producer would write it there) and u is written beside it; the

@@ -191,33 +191,27 @@ class Launch:
                              "column stride, N contiguous fp32 scales, on the launch's device")
         if len(updates) > MAX_UPDATES:
             raise ValueError(f"at most {MAX_UPDATES} updates per segment")
+        for a, c, b, _ in updates:
+            if a.shape[1] < c + k or tuple(b.shape) != (n, a.shape[0]):
+                raise ValueError(f"an update: A (r, >= {c + k}) and B ({n}, r); got {tuple(a.shape)} and "
+                                 f"{tuple(b.shape)}")
         w_size = source.element_size()
-        if updates and self.gemm_first:
-            for a, c, b, _ in updates:
-                if a.shape[1] < c + k or tuple(b.shape) != (n, a.shape[0]):
-                    raise ValueError(f"an update: A (r, >= {c + k}) and B ({n}, r); got {tuple(a.shape)} and "
-                                     f"{tuple(b.shape)}")
-            merged = self._gemm(source, first, n, updates)
-            self.alive += [merged, rows, scale]
-            self.scratch += merged.numel() * w_size
-            self.ints += [merged.data_ptr(), rows.data_ptr() + first * rows.stride(0), scale.data_ptr() + first * 4,
-                          merged.stride(0), rows.stride(0), n, k, 0] + [0] * (FIELDS - 8)
-            self.floats += [0.0] * MAX_UPDATES
-            self.rows, self.cols = max(self.rows, n), max(self.cols, k)
-            self.segments += 1
-            if self.scratch >= SCRATCH_BYTES:
-                self.run()
-            return
-        self.alive += [source, rows, scale]
-        self.ints += [source.data_ptr() + first * source.stride(0) * w_size, rows.data_ptr() + first * rows.stride(0),
-                      scale.data_ptr() + first * 4, source.stride(0), rows.stride(0), n, k, len(updates)]
+        if updates and self.gemm_first:  # the merged rows become the segment's weight, with no update left
+            w = self._gemm(source, first, n, updates)
+            w_ptr, updates = w.data_ptr(), []
+            self.scratch += w.numel() * w_size
+        else:
+            w, w_ptr = source, source.data_ptr() + first * source.stride(0) * w_size
+        self.alive += [w, rows, scale]
+        self.ints += [w_ptr, rows.data_ptr() + first * rows.stride(0), scale.data_ptr() + first * 4, w.stride(0),
+                      rows.stride(0), n, k, len(updates)]
         scales = [0.0] * MAX_UPDATES
         for j, (a, c, b, s) in enumerate(updates):
             r = a.shape[0]
-            if a.dtype != self.dtype or b.dtype != self.dtype or a.stride(1) != 1 or a.shape[1] < c + k \
-                    or tuple(b.shape) != (n, r) or (b.stride(1) != 1 and r > 1) or r > MAX_RANK:
-                raise ValueError(f"an update: A (r, >= {c + k}) and B ({n}, r), unit column strides, in {self.dtype}, "
-                                 f"rank <= {MAX_RANK}; got {tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}")
+            if a.dtype != self.dtype or b.dtype != self.dtype or a.stride(1) != 1 \
+                    or (b.stride(1) != 1 and r > 1) or r > MAX_RANK:
+                raise ValueError(f"an update: unit column strides, in {self.dtype}, rank <= {MAX_RANK}; got A "
+                                 f"{tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} {b.dtype}")
             self.ints += [a.data_ptr() + c * w_size, a.stride(0), b.data_ptr(), b.stride(0), r]
             self.alive += [a, b]
             scales[j] = float(s)
@@ -227,6 +221,8 @@ class Launch:
         self.floats += scales
         self.rows, self.cols = max(self.rows, n), max(self.cols, k)
         self.segments += 1
+        if self.scratch >= SCRATCH_BYTES:
+            self.run()
 
     def run(self) -> None:
         """Write every segment added since the last run, in one launch: the one-pass kernel where no segment has an
@@ -266,12 +262,12 @@ def merge_weight_rows(segments: list[Segment], scale_in_weight_dtype: bool, **la
     Triton's interpreter. `launch`: Launch's options."""
     if not segments:
         return
-    run = Launch(segments[0].source.dtype, segments[0].source.device, scale_in_weight_dtype, **launch)
+    batch = Launch(segments[0].source.dtype, segments[0].source.device, scale_in_weight_dtype, **launch)
     for seg in segments:
-        run.add(seg.source, seg.rows, seg.scale.reshape(-1), 0, seg.source.shape[0],
-                   [(a if a.stride(1) == 1 else a.contiguous(), 0, b if b.stride(1) == 1 else b.contiguous(), s)
-                    for a, b, s in seg.updates])
-    run.run()
+        batch.add(seg.source, seg.rows, seg.scale.reshape(-1), 0, seg.source.shape[0],
+                  [(a if a.stride(1) == 1 else a.contiguous(), 0, b if b.stride(1) == 1 else b.contiguous(), s)
+                   for a, b, s in seg.updates])
+    batch.run()
 
 
 def quantize_weight_rows(w: torch.Tensor, scale_in_weight_dtype: bool,
