@@ -67,7 +67,8 @@ def build(linears, device: str, seed: int = 0):
         else:
             base = name.rsplit(".", 1)[0]
             if base not in full:
-                full[base] = (torch.randn(n, D_of(linears, base), generator=g, device=device) * 0.02).to(torch.bfloat16)
+                width = max(c.stop for other, _, _, _, c in linears if c is not None and other.startswith(base + "."))
+                full[base] = (torch.randn(n, width, generator=g, device=device) * 0.02).to(torch.bfloat16)
             w = full[base][:, cols]
         q, s = quantize_weight_rows(w.contiguous(), True)
         linear = Fp8Linear(q, s, None, out_dtype=torch.bfloat16)
@@ -79,10 +80,6 @@ def build(linears, device: str, seed: int = 0):
         targets.append(Target(name, linear, w, SimpleNamespace(name=name, parts=offsets), cols or slice(None),
                               "triton_torchao"))
     return targets, widths
-
-
-def D_of(linears, base: str) -> int:
-    return sum(k for name, _, k, _, cols in linears if cols is not None and name.rsplit(".", 1)[0] == base)
 
 
 def adapter(targets, widths: dict, rank: int, device: str, seed: int):
