@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="gemm,32x128x4,64x64x4,128x64x8",
                    help="`gemm` (cuBLAS's addmm into scratch rows, then the one-pass kernel) and tiles of "
                         "merge_rows_fp8_kernel, BMxBKxWARPS")
+    p.add_argument("--restore-rows", default="4,8,16",
+                   help="rows per program of the one-pass kernel to time a restore with (ONE_PASS_ROWS)")
     p.add_argument("--switches", type=int, default=8)
     p.add_argument("--small", action="store_true", help="CPU: small shapes under Triton's interpreter, no timing")
     p.add_argument("--out", type=Path)
@@ -176,10 +178,32 @@ def main(argv=None) -> int:
             finally:
                 fp8_merge.KERNEL.update(default)
             print(rank, key, r["configs"][key], flush=True)
+    if not a.small:
+        out["restore_by_rows"] = restore_by_rows(merge, pair[0], [int(x) for x in a.restore_rows.split(",")], sync)
+        print("restore by rows per program", out["restore_by_rows"], flush=True)
     if a.out:
         a.out.write_text(json.dumps(out, indent=1))
     print(table(out))
     return 0
+
+
+def restore_by_rows(merge, ad, rows: list[int], sync) -> dict:
+    """The restore's time (median of 4) for each number of rows per program of the one-pass kernel."""
+    from optimizations.kernels import fp8_weight_quant
+
+    default, res = fp8_weight_quant.ONE_PASS_ROWS, {}
+    try:
+        for n in rows:
+            fp8_weight_quant.ONE_PASS_ROWS = n
+            times = []
+            for i in range(5):
+                merge.apply(("rows", n, i), [(ad, 1.0)])
+                sync()
+                times.append(timed(merge.restore, sync))
+            res[n] = round(statistics.median(times[1:]), 2)  # the first compiles
+    finally:
+        fp8_weight_quant.ONE_PASS_ROWS = default
+    return res
 
 
 def table(out: dict) -> str:
@@ -191,6 +215,12 @@ def table(out: dict) -> str:
                         f"{c.get('issue_ms_median', '')} | {c.get('restore_ms_median', '')} | "
                         f"{c.get('merged_fp8_values_differing_from_torch', '')} | "
                         f"{c.get('restore_bit_identical', '')} |")
+    gb = out["weights_gib"] * 2**30 * 1.5 / 1e9  # bf16 read + fp8 written: the least a switch can move
+    rows.append(f"\nLeast traffic of a switch or restore (bf16 weights read once, fp8 written once): {gb:.1f} GB, "
+                f"{gb / 3.35:.1f} ms at the H100 SXM's 3.35 TB/s.")
+    if out.get("restore_by_rows"):
+        rows.append("Restore by rows per program of the one-pass kernel (ms): " + ", ".join(
+            f"{n}: {ms}" for n, ms in out["restore_by_rows"].items()))
     return "\n".join(rows)
 
 

@@ -6,8 +6,8 @@ the loaded adapters (the store's device copies: the slots are not written for it
 adapters, or with others, re-quantises again from W. The storage is the same, so compiled code and captured CUDA
 graphs run on as they are, and the step runs the base model's code: no per-step cost. Why: the branch costs every
 step of every request (BENCHMARKS.md); a merge is a pass over the covered weights per change of adapters, paid only
-when they change. On a GPU every target's write of a change goes out in one launch
-(optimizations/kernels/fp8_weight_quant.py): one launch per linear made the switch bound by the host. That kernel is
+when they change. On a GPU a change's writes go out in a few launches
+(optimizations/kernels/fp8_weight_quant.py, many linears each): one launch per linear made the switch bound by the host. That kernel is
 checked at build on a small weight against torch's sum (`merge_kernel_problem`); if it fails, merges are written
 linear by linear, and `report()` says why.
 
@@ -150,7 +150,7 @@ class Target:
 
 
 def write_targets(jobs: list[tuple[Target, list]], grouped_merges: bool = True) -> None:
-    """Write each (target, adapters) (no adapters: the base weight): the grouped targets in one launch per rounding,
+    """Write each (target, adapters) (no adapters: the base weight): the grouped targets in a few launches per rounding,
     the rest one by one; `grouped_merges=False`: those with adapters one by one too (the merge kernel failed its
     check, `merge_kernel_problem`)."""
     from optimizations.kernels.fp8_weight_quant import Launch

@@ -1,4 +1,4 @@
-"""Row-wise fp8 quantisation of weights, with low-rank updates merged in, many weights in one launch: the LoRA fp8
+"""Row-wise fp8 quantisation of weights, with low-rank updates merged in, many weights per launch: the LoRA fp8
 merge's writes (kontext_server/lora/fp8_merge.py), bit for bit the quantisation that built the fp8 copy.
 
 What: for each segment (a block of rows of one weight), W8 = Q(W + sum_j s_j B_j A_j), written in place into the
@@ -7,8 +7,8 @@ rounded once to W's dtype, then quantised per row: what quantising the merged mo
 update is plain Q(W): the restore of the base weights.
 Why a kernel: a change of adapters rewrites hundreds of linears. In torch ops that is per linear an addmm (W read,
 W + BA written in bf16) and then torchao's quantisation (an abs, an amax, casts, a division, a clamp: several passes,
-some in fp32), a dozen launches each: the switch was bound by the host's launches and by the passes. Here one launch
-covers every segment (a table of their addresses). Two kernels: with no update (a restore), `restore_rows_fp8_kernel`
+some in fp32), a dozen launches each: the switch was bound by the host's launches and by the passes. Here a launch
+covers many segments (a table of their addresses; CHUNK_SEGMENTS of them). Two kernels: with no update (a restore), `restore_rows_fp8_kernel`
 holds each row in registers, read once and written once; with updates, `merge_rows_fp8_kernel` reads each tile of
 rows twice (the amax, then the write; the update's small GEMM recomputed by a tensor-core dot). `Launch(gemm_first=
 True)` is the other way to add updates: cuBLAS's addmm into scratch rows, then the one-pass kernel.
@@ -39,6 +39,8 @@ TILED = {"BM": 32, "BK": 128, "num_warps": 4}  # merge_rows_fp8_kernel's tile (b
 ONE_PASS_MAX_K = 16384  # restore_rows_fp8_kernel holds a row in registers
 ONE_PASS_ROWS = 8  # rows per program of restore_rows_fp8_kernel
 SCRATCH_BYTES = 1 << 30  # Launch(gemm_first=True): merged rows held at once before their quantisation is launched
+CHUNK_SEGMENTS = 64  # segments per launch: the GPU starts on the first ones while the host adds the rest
+SEGMENT_ROWS = 3072  # longer blocks of rows are split: a launch's programs then have like work
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -140,28 +142,47 @@ def restore_rows_fp8_kernel(table_ptr, BLOCK: tl.constexpr, ROWS: tl.constexpr, 
         tl.store(s_ptr + row, scale)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table on the launch's device without waiting for the GPU: a blocking copy from pageable memory
+    synchronises the stream, which would hold the host (and the next segments' addmms) until the work queued before
+    it is done. Pinned by torch's caching host allocator, which keeps the block until the copy has run."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class _Table:
+    """The segments of one kernel launch: their fields (FIELDS int64s each), update scales and extents."""
+
+    def __init__(self):
+        self.ints: list[int] = []
+        self.floats: list[float] = []
+        self.rows = self.cols = self.rank = self.segments = 0  # the longest segment's rows, columns; the top rank
+        self.scratch = 0  # bytes of the gemm-first way's scratch rows it holds
+        self.alive: list[torch.Tensor] = []  # what the table points into, until the launch is issued
+
+
 class Launch:
-    """The table of one launch, built from addresses (no tensor views: a switch adds hundreds of segments, and the
-    host's time is the switch's). `add` a block of rows of a weight and its updates; `run` writes them all."""
+    """Tables of launches, built from addresses (no tensor views: a switch adds hundreds of segments, and the host's
+    time is the switch's). `add` a block of rows of a weight and its updates; `run` writes them all.
+    Segments are grouped: those with no update (a restore's, or the gemm-first way's) by their row length's power
+    of two, for the one-pass kernel (a row of 3,072 is not held in a register block sized for 12,288); those with
+    updates apart, for the tiled kernel. A segment longer than SEGMENT_ROWS rows is split, so that a launch's
+    programs have like work. A group of CHUNK_SEGMENTS segments (or SCRATCH_BYTES of scratch rows held) is launched
+    as `add` fills it, so that the host's building of the rest overlaps the GPU's writing."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device, scale_in_weight_dtype: bool,
                  gemm_first: bool = False, config: dict | None = None, one_pass: bool = True):
         """`gemm_first`: a segment's update is added by torch's addmm (cuBLAS) into a scratch copy of its rows as it
-        is added, and the scratch rows are quantised by the one-pass kernel (in launches of at most SCRATCH_BYTES of
-        scratch), instead of the tiled kernel computing the update itself. `config`: the tiled kernel's BM, BK,
-        num_warps (tools compare them). `one_pass=False`: the tiled kernel even with no update (tests)."""
+        is added, and the scratch rows are quantised by the one-pass kernel, instead of the tiled kernel computing
+        the update itself. `config`: the tiled kernel's BM, BK, num_warps (tools compare them). `one_pass=False`:
+        the tiled kernel even with no update (tests)."""
         if dtype not in _TL_DTYPES:
             raise ValueError(f"weights in bf16 or fp16, not {dtype}")
         self.dtype, self.device, self.rounding = dtype, device, scale_in_weight_dtype
         self.gemm_first, self.config, self.one_pass = gemm_first, config, one_pass
-        self._reset()
-
-    def _reset(self) -> None:
-        self.ints: list[int] = []
-        self.floats: list[float] = []
-        self.rows = self.cols = self.rank = self.segments = self.scratch = 0  # the longest segment's rows, columns
-        self.with_updates = False
-        self.alive: list[torch.Tensor] = []  # what the table points into, until the launch is issued
+        self.tables: dict[int, _Table] = {}  # 0: with updates (tiled); else the one-pass kernel's register block
+        self.scratch = 0  # bytes of scratch rows held by the tables
 
     def _gemm(self, source: torch.Tensor, first: int, n: int, updates: list) -> torch.Tensor:
         """W's rows + sum s B A[:, c:c+K], by cuBLAS, rounded once to W's dtype when there is one update (several are
@@ -195,56 +216,67 @@ class Launch:
             if a.shape[1] < c + k or tuple(b.shape) != (n, a.shape[0]):
                 raise ValueError(f"an update: A (r, >= {c + k}) and B ({n}, r); got {tuple(a.shape)} and "
                                  f"{tuple(b.shape)}")
-        w_size = source.element_size()
+            if a.dtype != self.dtype or b.dtype != self.dtype or a.stride(1) != 1 \
+                    or (b.stride(1) != 1 and a.shape[0] > 1) or a.shape[0] > MAX_RANK:
+                raise ValueError(f"an update: unit column strides, in {self.dtype}, rank <= {MAX_RANK}; got A "
+                                 f"{tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} {b.dtype}")
+        size = source.element_size()
         if updates and self.gemm_first:  # the merged rows become the segment's weight, with no update left
             w = self._gemm(source, first, n, updates)
             w_ptr, updates = w.data_ptr(), []
-            self.scratch += w.numel() * w_size
         else:
-            w, w_ptr = source, source.data_ptr() + first * source.stride(0) * w_size
-        self.alive += [w, rows, scale]
-        self.ints += [w_ptr, rows.data_ptr() + first * rows.stride(0), scale.data_ptr() + first * 4, w.stride(0),
-                      rows.stride(0), n, k, len(updates)]
-        scales = [0.0] * MAX_UPDATES
-        for j, (a, c, b, s) in enumerate(updates):
-            r = a.shape[0]
-            if a.dtype != self.dtype or b.dtype != self.dtype or a.stride(1) != 1 \
-                    or (b.stride(1) != 1 and r > 1) or r > MAX_RANK:
-                raise ValueError(f"an update: unit column strides, in {self.dtype}, rank <= {MAX_RANK}; got A "
-                                 f"{tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} {b.dtype}")
-            self.ints += [a.data_ptr() + c * w_size, a.stride(0), b.data_ptr(), b.stride(0), r]
-            self.alive += [a, b]
-            scales[j] = float(s)
-            self.rank = max(self.rank, r)
-            self.with_updates = True
-        self.ints += [0] * (FIELDS - 8 - 5 * len(updates))
-        self.floats += scales
-        self.rows, self.cols = max(self.rows, n), max(self.cols, k)
-        self.segments += 1
+            w, w_ptr = source, source.data_ptr() + first * source.stride(0) * size
+        one_pass = not updates and self.one_pass and k <= ONE_PASS_MAX_K
+        table = self.tables.setdefault(triton.next_power_of_2(k) if one_pass else 0, _Table())
+        table.alive += [w, rows, scale] + [t for a, _, b, _ in updates for t in (a, b)]
+        if w is not source:
+            table.scratch += w.numel() * size
+            self.scratch += w.numel() * size
+        q_ptr, s_ptr = rows.data_ptr() + first * rows.stride(0), scale.data_ptr() + first * 4
+        for i in range(0, n, SEGMENT_ROWS):  # rows i.. of the block, as a segment of their own
+            m = min(SEGMENT_ROWS, n - i)
+            table.ints += [w_ptr + i * w.stride(0) * size, q_ptr + i * rows.stride(0), s_ptr + i * 4, w.stride(0),
+                           rows.stride(0), m, k, len(updates)]
+            for a, c, b, _ in updates:
+                table.ints += [a.data_ptr() + c * size, a.stride(0), b.data_ptr() + i * b.stride(0) * size,
+                               b.stride(0), a.shape[0]]
+                table.rank = max(table.rank, a.shape[0])
+            table.ints += [0] * (FIELDS - 8 - 5 * len(updates))
+            table.floats += [float(u[3]) for u in updates] + [0.0] * (MAX_UPDATES - len(updates))
+            table.rows, table.cols = max(table.rows, m), max(table.cols, k)
+            table.segments += 1
         if self.scratch >= SCRATCH_BYTES:
             self.run()
+        elif table.segments >= CHUNK_SEGMENTS:
+            self._launch(table)
+            self.tables = {key: t for key, t in self.tables.items() if t is not table}
+            self.scratch -= table.scratch
 
-    def run(self) -> None:
-        """Write every segment added since the last run, in one launch: the one-pass kernel where no segment has an
-        update and its rows fit in registers, else the tiled one. The tensors must stay alive until it has run (a
-        model's weights and a store's adapters do; the scratch rows are kept until then)."""
-        if not self.segments:
-            return
-        table = torch.tensor(self.ints, dtype=torch.int64).to(self.device)
+    def _launch(self, t: _Table) -> None:
+        """One launch of the kernel for a table: the one-pass kernel for a table with no update, else the tiled
+        one."""
+        table = _to_device(torch.tensor(t.ints, dtype=torch.int64), self.device)
         dtype = _TL_DTYPES[self.dtype]
-        if not self.with_updates and self.cols <= ONE_PASS_MAX_K and self.one_pass:
-            block = triton.next_power_of_2(self.cols)
-            restore_rows_fp8_kernel[(-(-self.rows // ONE_PASS_ROWS), self.segments)](
+        if not t.rank and self.one_pass and t.cols <= ONE_PASS_MAX_K:
+            block = triton.next_power_of_2(t.cols)
+            restore_rows_fp8_kernel[(-(-t.rows // ONE_PASS_ROWS), t.segments)](
                 table, BLOCK=block, ROWS=ONE_PASS_ROWS, FIELDS=FIELDS, DTYPE=dtype,
                 SCALE_IN_WEIGHT_DTYPE=self.rounding, num_warps=8 if block >= 4096 else 4)
         else:
             c = {**TILED, **(self.config or {})}
-            scales = torch.tensor(self.floats, dtype=torch.float32).to(self.device)
-            r = max(16, triton.next_power_of_2(self.rank)) if self.rank else 16
-            merge_rows_fp8_kernel[(-(-self.rows // c["BM"]), self.segments)](
+            scales = _to_device(torch.tensor(t.floats, dtype=torch.float32), self.device)
+            r = max(16, triton.next_power_of_2(t.rank)) if t.rank else 16
+            merge_rows_fp8_kernel[(-(-t.rows // c["BM"]), t.segments)](
                 table, scales, R=r, BM=c["BM"], BK=c["BK"], FIELDS=FIELDS, DTYPE=dtype,
                 SCALE_IN_WEIGHT_DTYPE=self.rounding, num_warps=c["num_warps"])
-        self._reset()  # what it pointed into is freed after this: reused only by work queued after the launch
+
+    def run(self) -> None:
+        """Write every segment added since the last run. The tensors must stay alive until it has run (a model's
+        weights and a store's adapters do; the scratch rows are kept until then): what a table pointed into is freed
+        after its launch is issued, and reused only by work queued after it."""
+        for t in self.tables.values():
+            self._launch(t)
+        self.tables, self.scratch = {}, 0
 
 
 @dataclass
@@ -258,7 +290,7 @@ class Segment:
 
 
 def merge_weight_rows(segments: list[Segment], scale_in_weight_dtype: bool, **launch) -> None:
-    """Write every segment (see the module docstring) in one launch; all on one CUDA device, or on the CPU under
+    """Write every segment (see the module docstring), in as few launches as Launch makes; all on one CUDA device, or on the CPU under
     Triton's interpreter. `launch`: Launch's options."""
     if not segments:
         return

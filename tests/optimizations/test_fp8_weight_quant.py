@@ -119,6 +119,30 @@ def test_one_launch_merges_each_weights_updates_as_torch_would_up_to_the_gemms_s
         assert torch.allclose(s, rs.reshape(-1).float(), rtol=1e-2)
 
 
+@pytest.mark.parametrize("gemm_first", [False, True], ids=["tiled", "gemm-first"])
+def test_weights_split_into_row_pieces_and_launched_in_chunks_are_written_as_by_one_launch(monkeypatch, gemm_first):
+    """Long blocks of rows split into segments of their own (B's rows with them), tables launched as they fill, and
+    segments with and without updates and of different widths in tables apart: the same bytes as one launch."""
+    from optimizations.kernels import fp8_weight_quant
+
+    parts = []
+    for i, (n, k) in enumerate([(48, 3072), (8, 1000), (40, 2048), (24, 512)]):
+        w = weight((n, k), seed=20 + i)
+        parts.append((w, [] if i % 2 else [(*segment_rows(n, k, 5 + i), 0.8)]))
+    whole = grouped(parts, "torchao", gemm_first=gemm_first)
+    launches = []
+    real = fp8_weight_quant.Launch._launch
+    monkeypatch.setattr(fp8_weight_quant.Launch, "_launch", lambda self, t: launches.append(t.segments) or real(self, t))
+    monkeypatch.setattr(fp8_weight_quant, "SEGMENT_ROWS", 16)
+    monkeypatch.setattr(fp8_weight_quant, "CHUNK_SEGMENTS", 2)
+    pieces = grouped(parts, "torchao", gemm_first=gemm_first)
+    # ceil(n / 16) segments each; a table is launched once it holds two, the one left over (8 rows, no update, its
+    # own width) at the end
+    assert launches == [3, 3, 2, 1]
+    for a, b in zip(whole, pieces):
+        assert same(a, b)
+
+
 def test_the_merge_writes_with_the_kernel_straight_into_the_linears_storage_and_restores_it_bit_for_bit():
     """A fused q/k/v-like target (three parts of 32 rows; the adapter reaches two) and the two column halves of a
     split proj_out, all in one launch, against the same targets written one by one with torchao's function."""
