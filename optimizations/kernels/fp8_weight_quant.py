@@ -8,10 +8,11 @@ update is plain Q(W): the restore of the base weights.
 Why a kernel: a change of adapters rewrites hundreds of linears. In torch ops that is per linear an addmm (W read,
 W + BA written in bf16) and then torchao's quantisation (an abs, an amax, casts, a division, a clamp: several passes,
 some in fp32), a dozen launches each: the switch was bound by the host's launches and by the passes. Here a launch
-covers many segments (a table of their addresses; CHUNK_SEGMENTS of them). Two kernels: with no update (a restore), `restore_rows_fp8_kernel`
-holds each row in registers, read once and written once; with updates, `merge_rows_fp8_kernel` reads each tile of
-rows twice (the amax, then the write; the update's small GEMM recomputed by a tensor-core dot). `Launch(gemm_first=
-True)` is the other way to add updates: cuBLAS's addmm into scratch rows, then the one-pass kernel.
+covers many segments (a table of their addresses; up to CHUNK_SEGMENTS). Two kernels: with no update (a restore),
+`restore_rows_fp8_kernel` holds each row in registers, read once and written once; with updates,
+`merge_rows_fp8_kernel` reads each tile of rows twice (the amax, then the write; the update's small GEMM recomputed
+by a tensor-core dot). `Launch(gemm_first=True)` is the other way to add updates: cuBLAS's addmm into scratch rows,
+then the one-pass kernel.
 
 Two roundings, chosen by SCALE_IN_WEIGHT_DTYPE:
 - True, torchao's (`Float8Tensor.from_hp` with PerRow on its torch path): scale = amax / 448 rounded to the weight's
@@ -290,8 +291,8 @@ class Segment:
 
 
 def merge_weight_rows(segments: list[Segment], scale_in_weight_dtype: bool, **launch) -> None:
-    """Write every segment (see the module docstring), in as few launches as Launch makes; all on one CUDA device, or on the CPU under
-    Triton's interpreter. `launch`: Launch's options."""
+    """Write every segment (see the module docstring), in as few launches as Launch makes; all on one CUDA device,
+    or on the CPU under Triton's interpreter. `launch`: Launch's options."""
     if not segments:
         return
     batch = Launch(segments[0].source.dtype, segments[0].source.device, scale_in_weight_dtype, **launch)

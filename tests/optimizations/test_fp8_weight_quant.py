@@ -132,7 +132,8 @@ def test_weights_split_into_row_pieces_and_launched_in_chunks_are_written_as_by_
     whole = grouped(parts, "torchao", gemm_first=gemm_first)
     launches = []
     real = fp8_weight_quant.Launch._launch
-    monkeypatch.setattr(fp8_weight_quant.Launch, "_launch", lambda self, t: launches.append(t.segments) or real(self, t))
+    monkeypatch.setattr(fp8_weight_quant.Launch, "_launch",
+                        lambda self, t: launches.append(t.segments) or real(self, t))
     monkeypatch.setattr(fp8_weight_quant, "SEGMENT_ROWS", 16)
     monkeypatch.setattr(fp8_weight_quant, "CHUNK_SEGMENTS", 2)
     pieces = grouped(parts, "torchao", gemm_first=gemm_first)
