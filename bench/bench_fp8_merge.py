@@ -142,9 +142,7 @@ def main(argv=None) -> int:
     targets, widths = build(linears, device)
     pristine = [(t.rows.view(torch.uint8).clone(), t.linear.weight_scale.clone()) for t in targets]
     merge = Fp8Merge(targets, {})
-    configs = {c: {"gemm_first": True, "config": None} if c == "gemm" else
-               {"gemm_first": False, "config": dict(zip(("BM", "BK", "num_warps"), map(int, c.split("x"))))}
-               for c in a.configs.split(",")}
+    configs = {c: fp8_merge.kernel_from_spec(c) for c in a.configs.split(",")}
     default = dict(fp8_merge.KERNEL)
     out = {"tool": "bench/bench_fp8_merge.py", "argv": sys.argv[1:], "device": torch.cuda.get_device_name()
            if device == "cuda" else "cpu", "torch": torch.__version__, "linears": len(targets),

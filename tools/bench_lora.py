@@ -13,8 +13,8 @@ service's own request path:
   appended under the weights, the exact tier's default; `unfused`: the side branch, what FLUX_LORA_FUSED_BRANCH=0
   gives; kontext_server/lora/slots.py, fused_rows.py; `merged`, fp8 tier only: the adapters merged into the fp8
   copy's weights, the fp8 tier's default, lora/fp8_merge.py: the tool sets FLUX_LORA_FP8_MERGE for its server by
-  whether `merged` is asked for; exact requests run the fused branch either way). Each active adapter count and branch compiles once: reported as cold
-  starts;
+  whether `merged` is asked for; exact requests run the fused branch either way). Each active adapter count and
+  branch compiles once: reported as cold starts;
 - times the transformer per step, interleaved, for the exact tier and the fp8 tier, without an adapter and with
   adapter A on each branch: each branch's overhead is a ratio against the same server's steps without an adapter;
 - switches between the two loaded adapters A and B, request after request, on each timed branch of the tier,
@@ -359,8 +359,11 @@ def main(argv=None) -> int:
     p.add_argument("--lora-paths", default="fused,unfused,merged",
                    help="the branches to time, comma-separated: fused (the adapters' rows under the weights, "
                         "the exact tier's default), unfused (the side branch), merged (fp8 tier: the adapters merged "
-                        "into the fp8 copy, that tier's default; left out, FLUX_LORA_FP8_MERGE=0 for the tool's server); each is a ratio against the "
-                        "same server's steps without an adapter")
+                        "into the fp8 copy, that tier's default; left out, FLUX_LORA_FP8_MERGE=0 for the tool's "
+                        "server); each is a ratio against the same server's steps without an adapter")
+    p.add_argument("--merge-kernel", default=None,
+                   help="how the fp8 merge adds the updates: gemm, a tile BMxBKxWARPS, or a JSON file of "
+                        "bench/bench_fp8_merge.py (its fastest exact way at the lowest rank); default: the server's")
     p.add_argument("--branch-rows", type=int, default=128,
                    help="activation rows per layer for the fp8 branch error (default 128)")
     p.add_argument("--small", action="store_true",
@@ -385,13 +388,31 @@ def main(argv=None) -> int:
     backend = a.compile_backend or ("eager" if small else None)
     from optimizations.compile import Compile
 
-    original = Compile._kwargs
+    from kontext_server.lora import fp8_merge
+
+    original, kernel = Compile._kwargs, dict(fp8_merge.KERNEL)
     if backend:  # a measuring tool's choice (the server always uses inductor); undone on the way out
         Compile._kwargs = lambda self: {**original(self), "backend": backend}
+    if a.merge_kernel:
+        a.merge_kernel = fastest_merge_kernel(a.merge_kernel) if a.merge_kernel.endswith(".json") else a.merge_kernel
+        fp8_merge.KERNEL.update(fp8_merge.kernel_from_spec(a.merge_kernel))
     try:
         return run(a, small, backend)
     finally:
         Compile._kwargs = original
+        fp8_merge.KERNEL.update(kernel)
+
+
+def fastest_merge_kernel(path: str) -> str:
+    """The way with the fastest switch at the lowest rank of a bench/bench_fp8_merge.py JSON, among those whose
+    restore was bit-identical and whose merged values stayed within 1% of torch's."""
+    ranks = json.loads(Path(path).read_text())["ranks"]
+    configs = ranks[min(ranks, key=int)]["configs"]
+    fine = {k: c["switch_ms_median"] for k, c in configs.items() if "switch_ms_median" in c
+            and c.get("restore_bit_identical") and c.get("merged_fp8_values_differing_from_torch", 1) < 0.01}
+    if not fine:
+        raise SystemExit(f"{path}: no merge kernel ran exactly")
+    return min(fine, key=fine.get)
 
 
 def run(a, small: bool, backend: str | None) -> int:
@@ -406,6 +427,7 @@ def run(a, small: bool, backend: str | None) -> int:
     results = {"tool": "tools/bench_lora.py", "argv": a.argv, "model": a.model,
                "workload": a.workload, "width": width, "height": height, "edit": image is not None,
                "steps": a.steps, "runs": a.runs, "compile_backend": backend or "inductor",
+               "merge_kernel": a.merge_kernel or "default",
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "cpu",
                "torch": torch.__version__, "block_linears": len(linears), "ranks": {}}
     for rank in ranks:
@@ -436,8 +458,8 @@ def table(results: dict) -> str:
                             f"{p['overhead_pct']:+.1f}% | {switch} | {loads} |")
         m = r["switch"].get("fp8", {}).get("paths", {}).get("merged")
         if m:
-            rows.append(f"| {rank} | fp8 merge | merged | switch {m['switch_ms_median']} ms (host {m['merge_issue_ms_median']}"
-                        f"), restore {m['restore_ms_median']} ms (host {m['restore_issue_ms_median']}) | | | | | | |")
+            rows.append(f"| {rank} | fp8 merge | merged | switch {m['switch_ms_median']} ms "
+                        f"(host {m['merge_issue_ms_median']}), restore {m['restore_ms_median']} ms (host {m['restore_issue_ms_median']}) | | | | | | |")
         for key, fid in r.get("fidelity", {}).items():
             if key.startswith("fp8_with_adapter_vs_bf16_with_adapter_"):
                 rows.append(f"| {rank} | fp8 fidelity | {key.rsplit('_', 1)[1]} | vs bf16 with the adapter: {fid} "

@@ -6,10 +6,10 @@ the loaded adapters (the store's device copies: the slots are not written for it
 adapters, or with others, re-quantises again from W. The storage is the same, so compiled code and captured CUDA
 graphs run on as they are, and the step runs the base model's code: no per-step cost. Why: the branch costs every
 step of every request (BENCHMARKS.md); a merge is a pass over the covered weights per change of adapters, paid only
-when they change. On a GPU a change's writes go out in a few launches
-(optimizations/kernels/fp8_weight_quant.py, many linears each): one launch per linear made the switch bound by the host. That kernel is
-checked at build on a small weight against torch's sum (`merge_kernel_problem`); if it fails, merges are written
-linear by linear, and `report()` says why.
+when they change. On a GPU a change's writes go out in a few launches (optimizations/kernels/fp8_weight_quant.py,
+many linears each): one launch per linear made the switch bound by the host. That kernel is checked at build on a
+small weight against torch's sum (`merge_kernel_problem`); if it fails, merges are written linear by linear, and
+`report()` says why.
 
 Contract: a restore is bit-identical to the copy as built. Q must be the function that quantised the copy, so at
 build time each candidate is tried on each target's exact weight, in order (on a GPU first the one-pass kernel of
@@ -87,6 +87,17 @@ QUANTISERS: dict[str, Quantiser] = {"triton_torchao": _triton(True), "triton_row
 # How the grouped writes add the updates (optimizations/kernels/fp8_weight_quant.py's Launch): gemm_first (cuBLAS's
 # addmm into scratch rows, then the one-pass quantisation) or the tiled kernel; bench/bench_fp8_merge.py compares.
 KERNEL: dict = {"gemm_first": False, "config": None}
+
+
+def kernel_from_spec(spec: str) -> dict:
+    """KERNEL's value for a tool's spelling of it: `gemm` (gemm_first) or a tile of the tiled kernel, BMxBKxWARPS."""
+    if spec == "gemm":
+        return {"gemm_first": True, "config": None}
+    try:
+        bm, bk, warps = (int(x) for x in spec.split("x"))
+    except ValueError:
+        raise ValueError(f"a merge kernel: gemm or BMxBKxWARPS (e.g. 64x64x4), not {spec!r}") from None
+    return {"gemm_first": False, "config": {"BM": bm, "BK": bk, "num_warps": warps}}
 
 
 def candidates(device: torch.device) -> list[str]:

@@ -16,8 +16,8 @@ def test_the_lora_benchmark_runs_on_the_tiny_model_and_writes_its_figures(cache_
     kwargs = Compile._kwargs
     out = tmp_path / "lora.json"
     assert main(["--model", "tiny", "--device", "cpu", "--small", "--ranks", "4", "--runs", "1", "--steps", "1",
-                 "--switches", "2", "--optimizations", "qkv_fusion,modulation_table", "--cache-dir", str(cache_dir), "--work-dir", str(tmp_path / "work"),
-                 "--out", str(out)]) == 0
+                 "--switches", "2", "--optimizations", "qkv_fusion,modulation_table", "--cache-dir", str(cache_dir),
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
     assert Compile._kwargs is kwargs  # the tool's compile backend is undone
     r = json.loads(out.read_text())["ranks"]["4"]
     exact = r["tiers"]["exact"]
@@ -40,3 +40,23 @@ def test_the_lora_benchmark_runs_on_the_tiny_model_and_writes_its_figures(cache_
     assert r["adapter_effect_bf16"]["rel_latent_error"] > 0
     assert r["fp8"].startswith("not prepared")  # no fp8 tier on a CPU: said, not silently left out
     assert r["merged"] == "not timed: no fp8 tier"
+
+
+def test_the_merge_kernel_taken_from_a_merge_benchmark_is_its_fastest_exact_way_at_the_lowest_rank(tmp_path):
+    from bench_lora import fastest_merge_kernel
+
+    from kontext_server.lora.fp8_merge import kernel_from_spec
+
+    def way(ms, exact=True, off=1e-4):
+        return {"switch_ms_median": ms, "restore_bit_identical": exact, "merged_fp8_values_differing_from_torch": off}
+
+    bench = tmp_path / "merge.json"
+    bench.write_text(json.dumps({"ranks": {
+        "128": {"configs": {"gemm": way(90.0), "64x64x4": way(50.0)}},
+        "32": {"configs": {"gemm": way(30.0), "64x64x4": way(40.0), "32x128x4": way(20.0, exact=False),
+                           "128x64x8": way(10.0, off=0.2), "16x16x1": {"error": "OutOfResources"}}}}}))
+    assert fastest_merge_kernel(str(bench)) == "gemm"
+    assert kernel_from_spec("gemm") == {"gemm_first": True, "config": None}
+    assert kernel_from_spec("64x32x8")["config"] == {"BM": 64, "BK": 32, "num_warps": 8}
+    with pytest.raises(ValueError, match="BMxBKxWARPS"):
+        kernel_from_spec("fast")
