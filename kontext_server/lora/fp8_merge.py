@@ -18,13 +18,12 @@ optimizations/kernels/fp8_weight_quant.py in torchao's rounding and in ours, the
 `quantize_rows`), and a target is merged, with the first one that fits, only where one of them reproduces its
 stored fp8 bytes and scales exactly. The others keep the branch, with the reason (`report()`); so does everything
 the copy keeps in bf16 (the modulation linears or their table, the top-level linears).
-`state` names what the copy holds: None (the base weights), the key of the merged adapters and scales, or DIRTY
-(a merge or restore that failed half-way). Each target knows what it holds too, so a change writes only the
-linears whose weights change: those the new adapters reach, and those the old ones reached (restored), never the
-rest; one that failed half-way is written again by the next fp8 request.
+What the copy and each target hold, and which linears a change writes (those the new adapters reach and those the
+old ones reached, never the rest), is merged_weights.py's bookkeeping. The source W is the exact tier's weight, or,
+where the exact tier merges adapters into its own weights (exact_merge.py), its copy of the base values.
 
-Limits: the fp8 tier only (the exact tier has no second copy to restore from); both copies on one device (the
-service refuses LoRA slots under a memory budget anyway). The merged weight is rounded once to the exact weight's
+Limits: the fp8 tier only (the exact tier's own merge is exact_merge.py); both copies on one device (the service
+refuses LoRA slots under a memory budget anyway). The merged weight is rounded once to the exact weight's
 dtype (W + sum s B A accumulated in fp32) and then quantised, as quantising a merged bf16 model would be: the
 fp8 error of the merged weights is the fp8 tier's own, measured against bf16 with the same adapters by
 tools/bench_lora.py. Not stateless: the copy holds one request's adapters at a time (requests run one at a time
@@ -34,18 +33,16 @@ from __future__ import annotations
 
 import collections
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from kontext_server.lora.merged_weights import DIRTY, MergedWeights, exact_weights, reaches  # noqa: F401 (DIRTY)
 from optimizations.fp8.linear import Fp8Linear, quantize_rows
 from optimizations.fusions.split_proj_out import SplitProjOut
 
 log = logging.getLogger("flux.lora")
-
-DIRTY = "dirty"
 Quantiser = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (out, in) -> fp8 (out, in), scales
 
 
@@ -125,9 +122,6 @@ class Target:
     def grouped(self) -> bool:
         """Written by the one-launch kernel (with every other such target) rather than on its own."""
         return self.quantiser.startswith("triton") and self.linear.weight_scale.is_contiguous()
-
-    def reaches(self, adapters) -> bool:
-        return any(m in a.targets for a, _ in adapters for m, _, size in self.slot.parts if size)
 
     def add_to(self, launch, adapters) -> None:
         """Its rows to the kernel's launch, one segment per part of the slot with the updates of the adapters that
@@ -215,22 +209,6 @@ def _matches(linear: Fp8Linear, source: torch.Tensor, quantiser: Quantiser) -> b
         and torch.equal(s.reshape(-1).float(), scale.reshape(-1))
 
 
-def _exact_weights(wrapper) -> list[torch.Tensor] | None:
-    """The exact tier's weights a slot's module computes with: one (out, in), or the two halves of a split proj_out
-    (attention columns first)."""
-    from kontext_server.lora.slots import LoraGeluOutput, LoraLinear, LoraProjOut
-
-    if isinstance(wrapper, LoraGeluOutput):
-        return [(wrapper.base.proj if wrapper.via_proj else wrapper.base).weight]
-    if isinstance(wrapper, (LoraLinear, LoraProjOut)):
-        base = wrapper.base
-        if isinstance(base, SplitProjOut):
-            return [base.attn.weight, base.mlp.weight]
-        if isinstance(base, torch.nn.Linear):
-            return [base.weight]
-    return None
-
-
 def _fp8_linears(wrapper) -> list[Fp8Linear] | str:
     """The fp8 copy's linears of a slot's module (attention columns first for a split proj_out), or why none."""
     from kontext_server.lora.slots import LoraLinear, LoraProjOut
@@ -246,24 +224,24 @@ def _fp8_linears(wrapper) -> list[Fp8Linear] | str:
     return halves
 
 
-class Fp8Merge:
-    """The targets of one fp8 copy (see the module docstring); `kept`: what keeps the branch, by reason (a count).
-    `merged_slots`: the slots whose every module of the copy is a target (a merged request runs them with k = 0)."""
+class Fp8Merge(MergedWeights):
+    """The targets of one fp8 copy (see the module docstring and merged_weights.py)."""
 
     def __init__(self, targets: list[Target], kept: dict[str, int], merge_kernel_problem: str | None = None):
-        self.targets, self.kept = targets, kept
+        super().__init__(targets, kept)
         self.merge_kernel_problem = merge_kernel_problem  # None, or why merges are written linear by linear
-        self.merged_slots = {t.slot.name for t in targets}
-        self.state: object = None
-        self.merges = self.restores = 0
-        self.last_written = 0  # linears written by the last merge or restore
-        self.last_issue_ms = 0.0  # the host's time to issue those writes (the GPU's may run on after it)
+
+    def _write(self, jobs: list[tuple[Target, list]]) -> None:
+        write_targets(jobs, self.merge_kernel_problem is None)
 
     @classmethod
     @torch.no_grad()
-    def build(cls, exact_wrappers: dict, fp8_wrappers: dict, slots: dict) -> "Fp8Merge":
+    def build(cls, exact_wrappers: dict, fp8_wrappers: dict, slots: dict,
+              pristine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> "Fp8Merge":
         """Targets for every slot whose fp8 module is an fp8 linear quantised from the exact module's weight by a
-        known quantiser (checked bit for bit). `*_wrappers`: slot name -> that variant's wrapper (None: the table)."""
+        known quantiser (checked bit for bit). `*_wrappers`: slot name -> that variant's wrapper (None: the table).
+        `pristine`: an exact weight -> the copy of its base values to quantise from (where the exact tier merges
+        adapters into its own weights: exact_merge.py), else the weight itself."""
         targets, kept = [], {}
 
         def keep(reason: str) -> None:
@@ -274,10 +252,12 @@ class Fp8Merge:
             if isinstance(linears, str):
                 keep(linears)
                 continue
-            sources = _exact_weights(exact_wrappers.get(group))
+            sources = exact_weights(exact_wrappers.get(group))
             if sources is None:
                 keep("no exact weight to quantise from")
                 continue
+            if pristine is not None:
+                sources = [pristine(w) for w in sources]
             if len(linears) == 2 and len(sources) == 1:  # split fp8 halves of an unsplit exact proj_out
                 s = slot.in_split
                 sources = [sources[0][:, :s], sources[0][:, s:]]
@@ -308,47 +288,6 @@ class Fp8Merge:
                         "linear", problem)
         return cls(targets, kept, problem)
 
-    @torch.no_grad()
-    def _hold(self, wanted: list[tuple[Target, object, list]]) -> int:
-        """Make each (target, key, adapters) hold its key, writing only those that do not; how many were written. A
-        target is DIRTY from before its write is issued until it is done (an error leaves it so)."""
-        jobs = [(t, key, adapters) for t, key, adapters in wanted if t.holds != key]
-        for t, _, _ in jobs:
-            t.holds = DIRTY
-        t0 = time.perf_counter()
-        write_targets([(t, adapters) for t, _, adapters in jobs], self.merge_kernel_problem is None)
-        self.last_issue_ms = (time.perf_counter() - t0) * 1000
-        for t, key, _ in jobs:
-            t.holds = key
-        return len(jobs)
-
-    def apply(self, key, adapters: list) -> bool:
-        """Hold `adapters` ([(DeviceAdapter, request scale)], named by `key`) in the copy: the targets they reach
-        merged, the others their base weights. Returns whether anything was written."""
-        if key == self.state:
-            return False
-        self.state = DIRTY
-        self.last_written = self._hold([(t, key, adapters) if t.reaches(adapters) else (t, None, [])
-                                        for t in self.targets])
-        self.state = key
-        self.merges += 1
-        return True
-
-    def restore(self) -> bool:
-        """The copy's base weights back, bit for bit; returns whether anything was written."""
-        if self.state is None:
-            return False
-        self.state = DIRTY
-        self.last_written = self._hold([(t, None, []) for t in self.targets])
-        self.state = None
-        self.restores += 1
-        return True
-
     def report(self) -> dict:
-        quantisers = collections.Counter(t.quantiser for t in self.targets)
-        return {"modules": len(self.merged_slots), "linears": len(self.targets), "quantisers": dict(quantisers),
-                "kept_on_branch": dict(self.kept),
-                "holds": "base" if self.state is None else ("unknown" if self.state == DIRTY else "adapters"),
-                "merge_kernel": "grouped" if self.merge_kernel_problem is None else self.merge_kernel_problem,
-                "merges": self.merges, "restores": self.restores, "last_written": self.last_written,
-                "last_issue_ms": round(self.last_issue_ms, 2)}
+        return {**super().report(), "quantisers": dict(collections.Counter(t.quantiser for t in self.targets)),
+                "merge_kernel": "grouped" if self.merge_kernel_problem is None else self.merge_kernel_problem}
