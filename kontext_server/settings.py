@@ -95,6 +95,10 @@ LORA_MAX_RANK = EnvVar("FLUX_LORA_MAX_RANK", None, "lora",
 LORA_FUSE = EnvVar("FLUX_LORA_FUSE", None, "lora",
                    "NAME or NAME:SCALE: one adapter fused into the weights at start-up (zero overhead; every request "
                    "runs it)")
+LORA_EXACT_MERGE = EnvVar("FLUX_LORA_EXACT_MERGE", "auto", "lora",
+                          "auto | 1 | 0: an exact-tier request's LoRA adapters merged into the bf16 weights (restored "
+                          "bit for bit from a copy of the block linears kept on the device) instead of the branch "
+                          "beside each GEMM; auto: where a CUDA device has room for the copies and 12 GiB besides")
 HOST = EnvVar("FLUX_HOST", "127.0.0.1", "server", "listen address")
 PORT = EnvVar("FLUX_PORT", "8000", "server", "listen port")
 MAX_QUEUE = EnvVar("FLUX_MAX_QUEUE", "16", "server", "requests that may wait beside the running one (then 429)")

@@ -11,20 +11,21 @@ optimisations, `auto` on a GPU: compile, CUDA graphs, the fp8 copy...; the slots
 service's own request path:
 - warms up each tier without and with one adapter, on each branch of --lora-paths (`fused`: the adapters' rows
   appended under the weights, the exact tier's default; `unfused`: the side branch, what FLUX_LORA_FUSED_BRANCH=0
-  gives; kontext_server/lora/slots.py, fused_rows.py; `merged`, fp8 tier only: the adapters merged into the fp8
-  copy's weights, the fp8 tier's default, lora/fp8_merge.py: the tool sets FLUX_LORA_FP8_MERGE for its server by
-  whether `merged` is asked for; exact requests run the fused branch either way). Each active adapter count and
-  branch compiles once: reported as cold starts;
+  gives; kontext_server/lora/slots.py, fused_rows.py; `merged`: the adapters merged into the tier's weights, the
+  default where the tier has a merge: the fp8 copy's (lora/fp8_merge.py) and, where FLUX_LORA_EXACT_MERGE gives it
+  its copies, the exact tier's (lora/exact_merge.py); without `merged` the tool's server builds neither). Each
+  active adapter count and branch compiles once: reported as cold starts;
 - times the transformer per step, interleaved, for the exact tier and the fp8 tier, without an adapter and with
   adapter A on each branch: each branch's overhead is a ratio against the same server's steps without an adapter;
 - switches between the two loaded adapters A and B, request after request, on each timed branch of the tier,
   recording the switch (`lora_switch`: the slot writes, the fp8 copy's appended rows included, and on the merged
   path the merge, synchronised) and counting dynamo's compiled graphs and the CUDA graphs captured (targets:
-  <= 50 ms, no recompile, no capture); on the merged path also the restore an fp8 request without adapters pays
-  after one with them;
+  <= 50 ms, no recompile, no capture); on the merged path also the restore a request of the tier without adapters
+  pays after one with them;
 - reports each adapter's first load (`lora_load`: read, validate, copy to the device);
-- fidelity: fp8 + adapter against bf16 + adapter with the same seed, per branch (and fp8 against bf16 without an
-  adapter, for comparison), and how far the adapter moves the bf16 output (so a small fp8 error means something);
+- fidelity: fp8 + adapter against bf16 + adapter (the exact tier's branch) with the same seed, per branch (and fp8
+  against bf16 without an adapter, for comparison), the exact merge against that branch, and how far the adapter
+  moves the bf16 output (so a small error means something);
 - the fp8 branch's own error, on any device (no fp8 tier needed, so on CPU too): the inputs every slotted layer of
   the exact tier sees in one step with adapter A (eager), put through the fp8 copy's branch as each branch computes
   it (fused: the input rows and A's rows quantised to e4m3, one GEMM; unfused: the input rows quantised, then
@@ -118,13 +119,16 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     t0 = time.perf_counter()
     svc = FluxService(ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations,
                                     compile_vae=False, lora_dir=lib, lora_max_rank=rank, cache_dir=a.cache_dir))
-    with settings.process_env_set(settings.LORA_FP8_MERGE, "1" if "merged" in a.lora_paths else "0"):
-        svc.load()  # the switch is read at the slots' install
+    merged = "merged" in a.lora_paths
+    with settings.process_env_set(settings.LORA_FP8_MERGE, "1" if merged else "0"), \
+            settings.process_env_set(settings.LORA_EXACT_MERGE, settings.LORA_EXACT_MERGE.get() if merged else "0"):
+        svc.load()  # the switches are read at the slots' install
     load_s = time.perf_counter() - t0
     tiers = {"exact": {}} | ({"fp8": {"use_mxfp4": True}} if "low_precision" in svc.prepared else {})
     default_path = svc.lora.path
+    merges = {"exact": svc.lora.exact_merge, "fp8": svc.lora.merge}  # each tier's merge, or None
     paths = [p for p in a.lora_paths if p == "unfused" or (p == "fused" and svc.lora.fuse)
-             or (p == "merged" and svc.lora.merge is not None)]
+             or (p == "merged" and any(merges.values()))]
     health = svc.health()["lora"]
     out: dict = {"rank": rank, "adapter_file_mib": {n: round(s / 2**20, 1) for n, s in sizes.items()},
                  "write_s": round(write_s, 1), "service_load_s": round(load_s, 1), "prepared": sorted(svc.prepared),
@@ -132,9 +136,11 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
                  "default_path": default_path, "tiers": {}}
     if "low_precision" not in svc.prepared:
         out["fp8"] = "not prepared: " + str(svc.registry["low_precision"].available(svc.device_info))
-    if "merged" in a.lora_paths and "merged" not in paths:
+    if merged and merges["fp8"] is None:
         out["merged"] = "not timed: " + ("no fp8 tier" if "low_precision" not in svc.prepared else
                                          "the server built no fp8 merge")
+    if merged and merges["exact"] is None:
+        out["exact_merge"] = "not timed: " + str(svc.lora.exact_merge_off)
 
     def req(flags: dict, loras=(), steps=a.steps, seed=1):
         return InferenceRequest(prompt="make the car red", width=width, height=height, steps=steps, seed=seed,
@@ -146,7 +152,7 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
 
     # warm-ups (compile / capture) without and with one adapter on each branch; the first adapter request also loads it
     def rows(tier: str) -> list:
-        timed = [p for p in paths if p != "merged" or tier == "fp8"]  # exact requests run no merge
+        timed = [p for p in paths if p != "merged" or merges[tier] is not None]
         return [("without", (), default_path)] + [(f"with_{p}", (names[0],), p) for p in timed]
 
     first_load = {}
@@ -187,13 +193,14 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     for tier, flags in tiers.items():
         by_path = {}
         for _, _, path in rows(tier)[1:]:
-            by_path[path] = time_switches(svc, run, flags, names, path, a.switches)
-            if path == "merged":  # an fp8 request without adapters after one with: the copy restored
+            merge = merges[tier] if path == "merged" else None
+            by_path[path] = time_switches(svc, run, flags, names, path, a.switches, merge)
+            if merge is not None:  # a request of the tier without adapters after one with: the weights restored
                 restores, issued = [], []
                 for i in range(a.switches):
                     run(flags, (names[i % 2],), path, steps=1)
                     restores.append(run(flags, (), path, steps=1).timings_ms.get("lora_switch", float("nan")))
-                    issued.append(svc.lora.merge.last_issue_ms)
+                    issued.append(merge.last_issue_ms)
                 by_path[path]["restore_ms"] = [round(t, 2) for t in restores]
                 by_path[path]["restore_ms_median"] = round(statistics.median(restores), 2)
                 by_path[path]["restore_issue_ms_median"] = round(statistics.median(issued), 2)
@@ -203,10 +210,14 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
 
     # fidelity: fp8 + adapter vs bf16 + adapter (same seed) on each branch, fp8 vs bf16 without, the adapter's effect
     fid_steps = min(a.steps, 8)
-    exact_with = run(tiers["exact"], (names[0],), steps=fid_steps, seed=5)
-    exact_branch = svc.lora.branch  # the branch the exact tier ran (a "merged" server runs its fused branch there)
+    # the bf16 reference: the exact tier's branch ("fused" where the rows exist), whatever the server's default
+    exact_branch = "fused" if svc.lora.fuse else "unfused"
+    exact_with = run(tiers["exact"], (names[0],), exact_branch, steps=fid_steps, seed=5)
     exact_without = run(tiers["exact"], (), steps=fid_steps, seed=5)
     out["adapter_effect_bf16"] = fidelity.fidelity(exact_without, exact_with)
+    if merges["exact"] is not None:  # the exact merge's one rounding of W + s B A against the branch's arithmetic
+        out["exact_merged_vs_branch"] = fidelity.fidelity(
+            exact_with, run(tiers["exact"], (names[0],), "merged", steps=fid_steps, seed=5))
     if "fp8" in tiers:
         fp8_without = run(tiers["fp8"], (), steps=fid_steps, seed=5)
         out["fidelity"] = {"fp8_vs_bf16_without_adapter": fidelity.fidelity(exact_without, fp8_without),
@@ -228,17 +239,17 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     return out
 
 
-def time_switches(svc, run, flags: dict, names: list, path: str, n: int) -> dict:
+def time_switches(svc, run, flags: dict, names: list, path: str, n: int, merge=None) -> dict:
     """n requests alternating between adapters A and B on `path`: each one's `lora_switch`, and what compiled,
-    captured or started cold meanwhile."""
+    captured or started cold meanwhile; `merge`: the tier's merge on the merged path (its host issue time)."""
     run(flags, (names[0],), path, steps=1)
     graphs, captures = dynamo_graphs(), cuda_graph_count(svc)
     times, issued, colds = [], [], 0
     for i in range(n):
         r = run(flags, (names[(i + 1) % 2],), path, steps=1)
         times.append(r.timings_ms.get("lora_switch", float("nan")))
-        if path == "merged":
-            issued.append(svc.lora.merge.last_issue_ms)
+        if merge is not None:
+            issued.append(merge.last_issue_ms)
         colds += "cold_start" in r.timings_ms
     extra = {"merge_issue_ms_median": round(statistics.median(issued), 2)} if issued else {}
     return {"switch_ms": [round(t, 2) for t in times], "switch_ms_median": round(statistics.median(times), 2), **extra,
@@ -456,10 +467,15 @@ def table(results: dict) -> str:
                           f"{s['cuda_graphs_captured_during_switches']}") if path == s["path"] else "| |"
                 rows.append(f"| {rank} | {tier} | {path} | {t['step_ms_without']} | {p['step_ms_with']} | "
                             f"{p['overhead_pct']:+.1f}% | {switch} | {loads} |")
-        m = r["switch"].get("fp8", {}).get("paths", {}).get("merged")
-        if m:
-            rows.append(f"| {rank} | fp8 merge | merged | switch {m['switch_ms_median']} ms "
-                        f"(host {m['merge_issue_ms_median']}), restore {m['restore_ms_median']} ms (host {m['restore_issue_ms_median']}) | | | | | | |")
+        for tier in r["switch"]:
+            m = r["switch"][tier].get("paths", {}).get("merged")
+            if m:
+                rows.append(f"| {rank} | {tier} merge | merged | switch {m['switch_ms_median']} ms (host "
+                            f"{m['merge_issue_ms_median']}), restore {m['restore_ms_median']} ms (host "
+                            f"{m['restore_issue_ms_median']}) | | | | | | |")
+        if r.get("exact_merged_vs_branch"):
+            rows.append(f"| {rank} | exact fidelity | merged | vs the branch: {r['exact_merged_vs_branch']} "
+                        f"| | | | | | |")
         for key, fid in r.get("fidelity", {}).items():
             if key.startswith("fp8_with_adapter_vs_bf16_with_adapter_"):
                 rows.append(f"| {rank} | fp8 fidelity | {key.rsplit('_', 1)[1]} | vs bf16 with the adapter: {fid} "

@@ -16,11 +16,13 @@ rows appended under their weights (the fused branch, slots.py); `path` is the br
 rows exist, and `set_path("unfused")` makes later requests run the side branch instead (tools/bench_lora.py times both
 in one server; each is compiled and captured once per adapter count).
 
-The fp8 merge (fp8_merge.py; on unless `FLUX_LORA_FP8_MERGE=0`): with path "merged", an fp8-tier request's adapters
-are merged into the fp8 copy's weights instead (its slots that the merge covers run with k = 0, the base code, and
-are not written: each slot remembers what it holds, so a later exact request writes it then), and the next fp8
-request without them restores the copy first; exact-tier requests and the modules the merge does not cover run the
-branch ("fused" where the rows exist). `applied(specs, precision)` takes the request's tier for that.
+The merges: with path "merged", a request's adapters are merged into its tier's weights instead: the fp8 copy's
+(fp8_merge.py; on unless `FLUX_LORA_FP8_MERGE=0`) or the exact tier's own (exact_merge.py; `FLUX_LORA_EXACT_MERGE`,
+where the device has room for a copy of the base weights). The slots a merge covers run with k = 0, the base code,
+and are not written (each slot remembers what it holds, so a later request that runs their branch writes them
+then); the next request of that tier without the adapters restores the weights first. A tier without a merge, and
+the modules a merge does not cover, run the branch ("fused" where the rows exist). `applied(specs, precision)` takes
+the request's tier for that.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kontext_server import settings
+from kontext_server.lora.exact_merge import ExactMerge
 from kontext_server.lora.fp8_merge import Fp8Merge
 from kontext_server.lora.library import AdapterFused, Library, LoraError, NeedsRestart
 from kontext_server.lora.slots import SLOTS, LoraSlot, Placement, is_fused, place, shape_of, wrap
@@ -86,6 +89,8 @@ class LoraManager:
         self.fuse = not switched_off(settings.LORA_FUSED_BRANCH)  # append rows under the weights at install
         self.path = "fused" if self.fuse else "unfused"
         self.merge: Fp8Merge | None = None  # the fp8 copy's merge (unless FLUX_LORA_FP8_MERGE=0), built at install
+        self.exact_merge: ExactMerge | None = None  # the exact tier's (FLUX_LORA_EXACT_MERGE), built at install
+        self.exact_merge_off: str | None = "not installed"  # why there is none
         self.wrappers: dict[str, dict] = {}  # precision -> slot name -> that variant's wrapper (None: the table)
         # per variant: how many wrapped modules run the fused branch, and why the others do not
         self.branches: dict[str, dict] = {}
@@ -173,10 +178,17 @@ class LoraManager:
                 self.tables.append(state)
         for m, _ in self.table_hooks:
             assert isinstance(m, ModulationLinear)
+        if "exact" in self.wrappers:
+            self.exact_merge, self.exact_merge_off = ExactMerge.build(
+                self.wrappers["exact"], self.slots, [v for p, v in variants.items() if p != "exact"],
+                settings.LORA_EXACT_MERGE.get(), self.device)
+            log.info("LoRA exact merge: %s", self.exact_merge.report() if self.exact_merge else self.exact_merge_off)
         if not settings.LORA_FP8_MERGE.off() and "fp8" in self.wrappers and "exact" in self.wrappers:
-            self.merge = Fp8Merge.build(self.wrappers["exact"], self.wrappers["fp8"], self.slots)
-            self.path = "merged"
+            self.merge = Fp8Merge.build(self.wrappers["exact"], self.wrappers["fp8"], self.slots,
+                                        self.exact_merge.pristine if self.exact_merge else None)
             log.info("LoRA fp8 merge: %s", self.merge.report())
+        if self.merge is not None or self.exact_merge is not None:
+            self.path = "merged"
         self.installed = True
 
     def _count_branch(self, precision: str, group: str, wrapper) -> None:
@@ -192,14 +204,15 @@ class LoraManager:
 
     def set_path(self, path: str) -> None:
         """The branch the next requests run: "fused" (where the modules have appended rows), "unfused" (the side
-        branch everywhere) or "merged" (fp8 requests merge, the rest as "fused" where it can). Worker thread,
-        between requests."""
+        branch everywhere) or "merged" (requests of a tier with a merge merge, the rest as "fused" where it can).
+        Worker thread, between requests."""
         if path not in ("fused", "unfused", "merged"):
             raise ValueError(f"LoRA path must be 'fused', 'unfused' or 'merged', not {path!r}")
         if path == "fused" and not self.fuse:
             raise ValueError("the fused LoRA branch is off (FLUX_LORA_FUSED_BRANCH=0): no rows were appended")
-        if path == "merged" and self.merge is None:
-            raise ValueError("the fp8 merge is off (FLUX_LORA_FP8_MERGE=0, or no fp8 tier)")
+        if path == "merged" and self.merge is None and self.exact_merge is None:
+            raise ValueError("no merge is on (FLUX_LORA_FP8_MERGE=0 or no fp8 tier; the exact merge: "
+                             f"{self.exact_merge_off})")
         self.path = path
 
     @property
@@ -240,11 +253,11 @@ class LoraManager:
     def applied(self, specs, precision: str = "exact"):
         """Run the request's adapters for the duration of the context (see the module docstring). `precision`: the
         transformer variant the request runs ("exact" or "fp8")."""
-        merging = self.merge is not None and self.path == "merged" and precision == "fp8"
+        merge = {"fp8": self.merge, "exact": self.exact_merge}.get(precision)
+        merging = merge is not None and self.path == "merged"
         if not specs:
             self._activate_tables(())
-            restore_ms = self._restore() if precision == "fp8" and self.merge is not None else None
-            yield Applied(switch_ms=restore_ms)
+            yield Applied(switch_ms=self._restore(merge) if merge is not None else None)
             return
         if len(specs) > SLOTS:
             raise ValueError(f"at most {SLOTS} adapters per request")
@@ -272,14 +285,14 @@ class LoraManager:
             scales = [s.scale for s in specs]
             active = tuple((a.name, a.stamp, s) for a, s in zip(adapters, scales))
             if merging:  # the merged modules take the adapters from the store: only the others' slots are written
-                switched = self._write(adapters, scales, [n for n in self.slots if n not in self.merge.merged_slots])
-                switched = self.merge.apply(active, list(zip(adapters, scales))) or switched
+                switched = self._write(adapters, scales, [n for n in self.slots if n not in merge.merged_slots])
+                switched = merge.apply(active, list(zip(adapters, scales))) or switched
             else:
                 switched = self._write(adapters, scales, list(self.slots))
-                if precision == "fp8" and self.merge is not None:
-                    switched = self.merge.restore() or switched
+                if merge is not None:
+                    switched = merge.restore() or switched
             for name, slot in self.slots.items():
-                slot.k = 0 if merging and name in self.merge.merged_slots else k
+                slot.k = 0 if merging and name in merge.merged_slots else k
                 slot.fused = self.branch == "fused"
             self._activate_tables(active)
             if switched:
@@ -287,32 +300,33 @@ class LoraManager:
                     torch.cuda.synchronize(self.device)
                 self.last_switch_ms = (time.perf_counter() - t0) * 1000
             report = [{"name": a.name, "scale": s.scale, "rank": a.rank} for a, s in zip(adapters, specs)]
-            yield Applied(report, load_ms, self.last_switch_ms if switched else None, self._graph_key(k, merging))
+            yield Applied(report, load_ms, self.last_switch_ms if switched else None,
+                          self._graph_key(k, merging, precision))
         finally:
             for slot in self.slots.values():
                 slot.k = 0
             for m, _ in self.table_hooks:
                 m.table_branch = None
 
-    def _restore(self) -> float | None:
-        """The fp8 copy's base weights back before an fp8 request without adapters; the milliseconds, or None if
-        they were there."""
+    def _restore(self, merge) -> float | None:
+        """A tier's base weights back before its request without adapters; the milliseconds, or None if they were
+        there."""
         t0 = time.perf_counter()
-        if not self.merge.restore():
+        if not merge.restore():
             return None
         if str(self.device).startswith("cuda"):
             torch.cuda.synchronize(self.device)
         self.last_switch_ms = (time.perf_counter() - t0) * 1000
         return self.last_switch_ms
 
-    def _graph_key(self, k: int, merging: bool) -> tuple:
+    def _graph_key(self, k: int, merging: bool, precision: str) -> tuple:
         """What the request's compiled code and captured graphs depend on: the active count and branch. A merged
         request whose slots with k > 0 are all the modulation table's (filled on the host, before the compiled
         blocks) runs the base code on the merged weights: the base graphs."""
         if merging:
-            fp8 = self.wrappers.get("fp8", {})
-            return (("lora", k, "merged"),) if any(s.k and fp8.get(n) is not None for n, s in self.slots.items()) \
-                else ()
+            wrappers = self.wrappers.get(precision, {})
+            return (("lora", k, "merged"),) if any(s.k and wrappers.get(n) is not None
+                                                   for n, s in self.slots.items()) else ()
         return (("lora", k, self.branch),)
 
     def _write(self, adapters, scales, names: list[str]) -> bool:
@@ -367,7 +381,9 @@ class LoraManager:
             "branch": {"path": self.path, "variants": {
                 precision: {"fused_modules": b["fused"], "unfused_modules": dict(b["unfused"])}
                 for precision, b in self.branches.items()},
-                "fp8_merge": self.merge.report() if self.merge is not None else None},
+                "fp8_merge": self.merge.report() if self.merge is not None else None,
+                "exact_merge": self.exact_merge.report() if self.exact_merge is not None
+                else {"off": self.exact_merge_off}},
             "loaded_mib": round(self.store.nbytes / 2**20, 2),
             "loads": self.store.loads, "evictions": self.store.evictions, "switches": self.switches,
             "compile": "blocks compiled by dynamo in place (one graph per active adapter count and branch)"
