@@ -10,7 +10,8 @@ fused branch (the adapters' rows under the weights, the default) gives the side 
 the rounding that differs between them (on the fp8 copy, A's rows in e4m3). The fp8 merge (FLUX_LORA_FP8_MERGE=1):
 it recognises torchao's quantisation of every fp8 linear, a merged request stays as close to bf16 with the adapters
 as the fused branch, switches capture nothing, and the fp8 base afterwards is bit-identical to a server without
-adapters.
+adapters. The exact merge (FLUX_LORA_EXACT_MERGE, on by default where the device has room): a merged exact request
+gives the fused branch's image, its switches capture nothing, and the exact base afterwards is bit-identical.
 """
 from __future__ import annotations
 
@@ -49,14 +50,22 @@ def gpu_lora_dir(cache_dir, tmp_path_factory):
     return d
 
 
+def branch_service(cache_dir, lora_dir, fused: bool):
+    """Adapters on a branch in both tiers: the merges off."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUX_LORA_FP8_MERGE", "0")
+        mp.setenv("FLUX_LORA_EXACT_MERGE", "0")
+        return make_service(cache_dir, OPTS, device="cuda", lora_dir=lora_dir, fused=fused)
+
+
 @pytest.fixture(scope="module")
 def svc(cache_dir, gpu_lora_dir):
-    return make_service(cache_dir, OPTS, device="cuda", lora_dir=gpu_lora_dir, fused=False)  # the side branch
+    return branch_service(cache_dir, gpu_lora_dir, fused=False)  # the side branch
 
 
 @pytest.fixture(scope="module")
 def fused_svc(cache_dir, gpu_lora_dir):
-    return make_service(cache_dir, OPTS, device="cuda", lora_dir=gpu_lora_dir, fused=True)
+    return branch_service(cache_dir, gpu_lora_dir, fused=True)
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +132,7 @@ def test_the_fused_branch_gives_the_side_branchs_image(fused_svc, tier):
 def merged_svc(cache_dir, gpu_lora_dir):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLUX_LORA_FP8_MERGE", "1")
+        mp.setenv("FLUX_LORA_EXACT_MERGE", "auto")  # the default: on, with this device's room for the copies
         return make_service(cache_dir, OPTS, device="cuda", lora_dir=gpu_lora_dir)
 
 
@@ -156,8 +166,32 @@ def test_a_merged_fp8_request_is_as_close_to_bf16_as_the_fused_branch_and_a_swit
     assert captures(svc) == n, "a merged adapter switch captured a new CUDA graph"
 
 
-def test_after_merged_requests_the_fp8_base_is_bit_identical_to_a_server_without_adapters(merged_svc, plain):
-    run(merged_svc, [("style", 1.0), ("light", 1.0)], **TIERS["fp8"])
-    base = run(merged_svc, **TIERS["fp8"])
-    assert base.timings_ms.get("lora_switch") is not None  # the copy restored first
-    torch.testing.assert_close(base.latents, run(plain, **TIERS["fp8"]).latents, rtol=0, atol=0)
+@pytest.mark.parametrize("tier", TIERS)
+def test_after_merged_requests_the_base_is_bit_identical_to_a_server_without_adapters(merged_svc, plain, tier):
+    run(merged_svc, [("style", 1.0), ("light", 1.0)], **TIERS[tier])
+    base = run(merged_svc, **TIERS[tier])
+    assert base.timings_ms.get("lora_switch") is not None  # the weights restored first
+    torch.testing.assert_close(base.latents, run(plain, **TIERS[tier]).latents, rtol=0, atol=0)
+
+
+def test_a_merged_exact_request_gives_the_fused_branchs_image_and_a_switch_captures_nothing(merged_svc):
+    svc = merged_svc
+    merge = svc.health()["lora"]["branch"]["exact_merge"]
+    print(f"exact merge: {merge}")
+    assert merge.get("linears", 0) > 0 and set(merge["kept_on_branch"]) <= {"the modulation table"}, merge
+    loras = [("style", 1.0), ("light", 0.5), ("shared", -0.7)]
+    merged = run(svc, loras)
+    assert merged.timings_ms.get("lora_switch") is not None
+    svc.lora.set_path("fused")
+    try:
+        fused = run(svc, loras).latents
+    finally:
+        svc.lora.set_path("merged")
+    diff = rel(merged.latents, fused)
+    print(f"tiny, exact tier with three adapters: merged vs fused branch latents {diff:.5f}")
+    assert diff < 5e-3  # the fused branch's own distance from the side branch is held to the same bound above
+    n = captures(svc)
+    for name in ("light", "shared", "style"):
+        out = run(svc, [(name, 1.0)])
+        assert "cold_start" not in out.timings_ms and out.timings_ms.get("lora_switch") is not None
+    assert captures(svc) == n, "a merged adapter switch captured a new CUDA graph"
