@@ -128,7 +128,8 @@ class ExactMerge(MergedWeights):
             wrapper = exact_wrappers.get(group)
             weights = exact_weights(wrapper) if wrapper is not None else None
             if weights is None:
-                keep("the modulation table" if wrapper is None else f"a {type(wrapper).__name__}")
+                keep("the modulation table" if wrapper is None
+                     else f"no plain weight ({type(getattr(wrapper, 'base', wrapper)).__name__})")
                 continue
             if any(w.untyped_storage().data_ptr() in shared for w in weights):
                 keep("its weight is shared with another variant")
