@@ -42,6 +42,26 @@ def test_the_lora_benchmark_runs_on_the_tiny_model_and_writes_its_figures(cache_
     assert r["merged"] == "not timed: no fp8 tier"
 
 
+@pytest.mark.slow
+def test_with_the_exact_merge_forced_the_benchmark_times_the_exact_tiers_merged_path(cache_dir, tmp_path, monkeypatch):
+    from bench_lora import main
+
+    monkeypatch.setenv("FLUX_LORA_EXACT_MERGE", "1")  # auto makes the copies only on a CUDA device
+    out = tmp_path / "lora.json"
+    assert main(["--model", "tiny", "--device", "cpu", "--small", "--ranks", "4", "--runs", "1", "--steps", "1",
+                 "--switches", "2", "--lora-paths", "fused,merged", "--cache-dir", str(cache_dir),
+                 "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["ranks"]["4"]
+    assert r["default_path"] == "merged" and r["paths"] == ["fused", "merged"]
+    exact = r["tiers"]["exact"]
+    assert set(exact["paths"]) == {"fused", "merged"} and exact["paths"]["merged"]["step_ms_with"] > 0
+    switch = r["switch"]["exact"]
+    assert switch["path"] == "merged" and switch["dynamo_graphs_compiled_during_switches"] == 0
+    assert len(switch["restore_ms"]) == 2 and switch["merge_issue_ms_median"] >= 0
+    assert r["branch"]["exact_merge"]["linears"] > 0
+    assert r["exact_merged_vs_branch"]["rel_latent_error"] < 1e-3  # one rounding of W + s B A against the branch's
+
+
 def test_the_merge_kernel_taken_from_a_merge_benchmark_is_its_fastest_exact_way_at_the_lowest_rank(tmp_path):
     from bench_lora import fastest_merge_kernel
 
