@@ -3,7 +3,9 @@ quantised by quantize_rows), tiny-transformer inputs, and the helpers the fp8-co
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 from kontext_server.request import InferenceRequest
@@ -66,3 +68,40 @@ def run(module, x):
 
 def specs(loras):
     return InferenceRequest(prompt="x", loras=[{"name": n, "scale": s} for n, s in loras]).loras
+
+
+def build_merges(cache_dir, lora_dir, exact_merge: str = "0", spoil=None):
+    """The exact tiny transformer and its fp8 copy with slots installed (the fused branch, the fp8 merge on, the exact
+    merge as asked: FLUX_LORA_EXACT_MERGE); `spoil(fp8_copy)` runs before install. Returns (manager, the variants,
+    untouched copies of both)."""
+    from kontext_server.lora.manager import LoraManager
+    from kontext_server.models.tiny import load_tiny
+
+    exact = load_tiny("cpu", cache_dir).transformer.to(DTYPE).eval()
+    q = fp8_copy(exact)
+    if spoil is not None:
+        spoil(q)
+    pristine = {"exact": copy.deepcopy(exact), "fp8": copy.deepcopy(q)}
+    config = SimpleNamespace(lora_dir=lora_dir, lora_fuse=None, lora_max_rank=8, max_loras=8)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLUX_LORA_FUSED_BRANCH", "1")
+        mp.setenv("FLUX_LORA_FP8_MERGE", "1")
+        mp.setenv("FLUX_LORA_EXACT_MERGE", exact_merge)
+        manager = LoraManager.create(config, exact, "cpu")
+        manager.install({"exact": exact, "fp8": q})
+    return manager, {"exact": exact, "fp8": q}, pristine
+
+
+def assert_same_adapters_write_once(manager, tier: str) -> None:
+    """The tier's merge writes nothing for the adapters it holds, and once for another scale."""
+    merge = {"fp8": manager.merge, "exact": manager.exact_merge}[tier]
+    one = specs([("style", 1.0)])
+    with manager.applied(one, tier):
+        pass
+    n = merge.merges
+    with manager.applied(one, tier) as applied:
+        assert applied.switch_ms is None
+    assert merge.merges == n
+    with manager.applied(specs([("style", 0.5)]), tier) as applied:
+        assert applied.switch_ms is not None
+    assert merge.merges == n + 1

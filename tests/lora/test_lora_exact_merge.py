@@ -9,34 +9,20 @@ after merged ones against a fresh server."""
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kontext_server.lora.exact_merge import EXACT_MERGE_HEADROOM, ExactMerge, decide
-from kontext_server.lora.manager import LoraManager
 from kontext_server.lora.merged_weights import exact_weights
 from tests.lora.conftest import latents, make_service
-from tests.lora.fp8_variants import DTYPE, fp8_copy, inputs, rel, run, specs
+from tests.lora.fp8_variants import assert_same_adapters_write_once, build_merges, inputs, rel, run, specs
 
 THREE = [("style", 1.0), ("light", 0.7), ("shared", -0.5)]
 
 
 def build(cache_dir, lora_dir, exact_merge: str = "1"):
-    from kontext_server.models.tiny import load_tiny
-
-    exact = load_tiny("cpu", cache_dir).transformer.to(DTYPE).eval()
-    q = fp8_copy(exact)
-    pristine = {"exact": copy.deepcopy(exact), "fp8": copy.deepcopy(q)}
-    config = SimpleNamespace(lora_dir=lora_dir, lora_fuse=None, lora_max_rank=8, max_loras=8)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLUX_LORA_FUSED_BRANCH", "1")
-        mp.setenv("FLUX_LORA_FP8_MERGE", "1")
-        mp.setenv("FLUX_LORA_EXACT_MERGE", exact_merge)
-        manager = LoraManager.create(config, exact, "cpu")
-        manager.install({"exact": exact, "fp8": q})
-    return manager, {"exact": exact, "fp8": q}, pristine
+    return build_merges(cache_dir, lora_dir, exact_merge)
 
 
 @pytest.fixture(scope="module")
@@ -130,16 +116,7 @@ def test_an_fp8_request_after_an_exact_merge_quantises_from_the_base_weights(mer
 
 
 def test_the_same_adapters_again_write_nothing_and_another_scale_writes_once(merged):
-    manager, _, _ = merged
-    one = specs([("style", 1.0)])
-    with manager.applied(one, "exact"):
-        pass
-    n = manager.exact_merge.merges
-    with manager.applied(one, "exact") as applied:
-        assert applied.switch_ms is None
-    with manager.applied(specs([("style", 0.5)]), "exact") as applied:
-        assert applied.switch_ms is not None
-    assert manager.exact_merge.merges == n + 1
+    assert_same_adapters_write_once(merged[0], "exact")
 
 
 def test_a_weight_another_variant_shares_keeps_the_branch(merged):

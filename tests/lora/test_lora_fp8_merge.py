@@ -8,37 +8,23 @@ an fp8 weight that is not a quantisation of its exact weight keeps the branch; a
 torchao's own quantisation recognised."""
 from __future__ import annotations
 
-import copy
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kontext_server.lora.fp8_merge import DIRTY, QUANTISERS, Fp8Merge, Target, _matches
-from kontext_server.lora.manager import LoraManager
 from kontext_server.lora.store import DeviceTarget
 from optimizations.fp8.linear import Fp8Linear
-from tests.lora.fp8_variants import DTYPE, fp8_copy, inputs, rel, run, specs
+from tests.lora.fp8_variants import DTYPE, assert_same_adapters_write_once, build_merges, inputs, rel, run, specs
 
 THREE = [("style", 1.0), ("light", 0.7), ("shared", -0.5)]
 
 
 def build(cache_dir, lora_dir, spoil=None):
-    """The two variants with slots and the merge on; `spoil(fp8_copy)` runs before install."""
-    from kontext_server.models.tiny import load_tiny
-
-    exact = load_tiny("cpu", cache_dir).transformer.to(DTYPE).eval()
-    q = fp8_copy(exact)
-    if spoil is not None:
-        spoil(q)
-    pristine = {"exact": copy.deepcopy(exact), "fp8": copy.deepcopy(q)}
-    config = SimpleNamespace(lora_dir=lora_dir, lora_fuse=None, lora_max_rank=8, max_loras=8)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FLUX_LORA_FUSED_BRANCH", "1")
-        mp.setenv("FLUX_LORA_FP8_MERGE", "1")
-        manager = LoraManager.create(config, exact, "cpu")
-        manager.install({"exact": exact, "fp8": q})
-    return manager, {"exact": exact, "fp8": q}, pristine
+    """The two variants with slots and the fp8 merge on (the exact merge off); `spoil(fp8_copy)` runs before
+    install."""
+    return build_merges(cache_dir, lora_dir, "0", spoil)
 
 
 @pytest.fixture(scope="module")
@@ -188,17 +174,7 @@ def test_a_merged_request_writes_no_merged_slot_and_a_later_exact_request_runs_i
 
 
 def test_the_same_adapters_again_merge_nothing_and_another_scale_merges_once(merged):
-    manager, _, _ = merged
-    one = specs([("style", 1.0)])
-    with manager.applied(one, "fp8"):
-        pass
-    n = manager.merge.merges
-    with manager.applied(one, "fp8") as applied:
-        assert applied.switch_ms is None
-    assert manager.merge.merges == n
-    with manager.applied(specs([("style", 0.5)]), "fp8") as applied:
-        assert applied.switch_ms is not None
-    assert manager.merge.merges == n + 1
+    assert_same_adapters_write_once(merged[0], "fp8")
 
 
 def test_a_merged_request_runs_the_base_code_and_graphs_where_no_slot_keeps_a_branch(merged, cache_dir, lora_dir,
