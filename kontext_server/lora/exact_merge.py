@@ -22,14 +22,11 @@ the branch.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
-from kontext_server.lora.merged_weights import MergedWeights, exact_weights
-
-log = logging.getLogger("flux.lora")
+from kontext_server.lora.merged_weights import MergedWeights, exact_weights, part_updates
 
 GIB = 2**30
 EXACT_MERGE_HEADROOM = 12 * GIB  # free device memory left after the copies, for a request's activations
@@ -49,20 +46,17 @@ class ExactTarget:
     @torch.no_grad()
     def write(self, adapters) -> None:
         """W0 + sum s B A per part over the adapters that reach it, or W0 where none does."""
+        from optimizations.kernels.fp8_weight_quant import add_low_rank
+
         for module, offset, size in self.slot.parts:
             if not size:
                 continue
             rows, base = self.weight[offset:offset + size], self.pristine[offset:offset + size]
-            ups = [(t.a[:, self.cols], t.b, s * t.scale) for a, s in adapters
-                   if (t := a.targets.get(module)) is not None]
-            if not ups:
-                rows.copy_(base)
-            elif len(ups) == 1:
-                a, b, s = ups[0]
-                torch.addmm(base, b, a, alpha=s, out=rows)
+            ups = [(t.a[:, self.cols], t.b, s) for t, s in part_updates(adapters, module)]
+            if ups:
+                add_low_rank(base, ups, out=rows)
             else:
-                torch.addmm(base, torch.cat([b * s for _, b, s in ups], 1), torch.cat([a for a, _, _ in ups], 0),
-                            out=rows)
+                rows.copy_(base)
 
 
 def _storages(variants) -> set[int]:

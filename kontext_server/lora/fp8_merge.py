@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from kontext_server.lora.merged_weights import DIRTY, MergedWeights, exact_weights, reaches  # noqa: F401 (DIRTY)
+from kontext_server.lora.merged_weights import MergedWeights, exact_weights, part_updates
 from optimizations.fp8.linear import Fp8Linear, quantize_rows
 from optimizations.fusions.split_proj_out import SplitProjOut
 
@@ -130,8 +130,8 @@ class Target:
         rows = self.rows
         for module, offset, size in self.slot.parts:
             if size:
-                updates = [(t.a, c, t.b, s * t.scale) for a, s in adapters if (t := a.targets.get(module)) is not None]
-                launch.add(self.source, rows, scale, offset, size, updates)
+                launch.add(self.source, rows, scale, offset, size,
+                           [(t.a, c, t.b, s) for t, s in part_updates(adapters, module)])
 
     @torch.no_grad()
     def merged(self, adapters) -> torch.Tensor:
@@ -139,10 +139,10 @@ class Target:
         what the kernel computes (up to the GEMMs' summation order)."""
         w = self.source.float()
         for module, offset, size in self.slot.parts:
-            for a, s in adapters:
-                t = a.targets.get(module)
-                if t is not None and size:
-                    w[offset:offset + size].addmm_(t.b.float(), t.a[:, self.cols].float(), alpha=s * t.scale)
+            if not size:
+                continue
+            for t, s in part_updates(adapters, module):
+                w[offset:offset + size].addmm_(t.b.float(), t.a[:, self.cols].float(), alpha=s)
         return w.to(self.source.dtype)
 
     @torch.no_grad()

@@ -36,6 +36,12 @@ def exact_weights(wrapper) -> list[torch.Tensor] | None:
     return None
 
 
+def part_updates(adapters, module: str) -> list:
+    """The updates of `adapters` ([(DeviceAdapter, request scale)]) for one module: [(DeviceTarget, its scale: the
+    request's times the adapter's own)], in the adapters' order."""
+    return [(t, s * t.scale) for a, s in adapters if (t := a.targets.get(module)) is not None]
+
+
 def reaches(slot, adapters) -> bool:
     """Whether any of `adapters` ([(DeviceAdapter, scale)]) has an update for a module of the slot."""
     return any(m in a.targets for a, _ in adapters for m, _, size in slot.parts if size)

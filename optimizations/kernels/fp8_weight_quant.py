@@ -152,6 +152,17 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def add_low_rank(w: torch.Tensor, updates: list, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W + sum s B A by cuBLAS, `updates` [(A (r, K), B (N, r), s)]: rounded once to W's dtype where there is one
+    update; several are stacked into one GEMM, each B scaled first (in W's dtype, as LoRA slots hold it). `out`:
+    where to write it (e.g. a live weight's rows)."""
+    if len(updates) == 1:
+        a, b, s = updates[0]
+        return torch.addmm(w, b, a, alpha=s, out=out)
+    return torch.addmm(w, torch.cat([b * s for _, b, s in updates], 1), torch.cat([a for a, _, _ in updates], 0),
+                       out=out)
+
+
 class _Table:
     """The segments of one kernel launch: their fields (FIELDS int64s each), update scales and extents."""
 
@@ -185,17 +196,6 @@ class Launch:
         self.tables: dict[int, _Table] = {}  # 0: with updates (tiled); else the one-pass kernel's register block
         self.scratch = 0  # bytes of scratch rows held by the tables
 
-    def _gemm(self, source: torch.Tensor, first: int, n: int, updates: list) -> torch.Tensor:
-        """W's rows + sum s B A[:, c:c+K], by cuBLAS, rounded once to W's dtype when there is one update (several are
-        stacked into one GEMM, B scaled first)."""
-        k = source.shape[1]
-        w = source[first:first + n]
-        if len(updates) == 1:
-            a, c, b, s = updates[0]
-            return torch.addmm(w, b, a[:, c:c + k], alpha=s)
-        return torch.addmm(w, torch.cat([b * s for _, _, b, s in updates], 1),
-                           torch.cat([a[:, c:c + k] for a, c, _, _ in updates], 0))
-
     def add(self, source: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor, first: int, n: int,
             updates: list) -> None:
         """Rows [first, first + n) of `source` (N, K), quantised into those of `rows` (N, K) fp8 and `scale` (N
@@ -223,12 +223,12 @@ class Launch:
                                  f"{tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} {b.dtype}")
         size = source.element_size()
         if updates and self.gemm_first:  # the merged rows become the segment's weight, with no update left
-            w = self._gemm(source, first, n, updates)
+            w = add_low_rank(source[first:first + n], [(a[:, c:c + k], b, s) for a, c, b, s in updates])
             w_ptr, updates = w.data_ptr(), []
         else:
             w, w_ptr = source, source.data_ptr() + first * source.stride(0) * size
-        one_pass = not updates and self.one_pass and k <= ONE_PASS_MAX_K
-        table = self.tables.setdefault(triton.next_power_of_2(k) if one_pass else 0, _Table())
+        key = triton.next_power_of_2(k) if not updates and self.one_pass and k <= ONE_PASS_MAX_K else 0
+        table = self.tables.setdefault(key, _Table())
         table.alive += [w, rows, scale] + [t for a, _, b, _ in updates for t in (a, b)]
         if w is not source:
             table.scratch += w.numel() * size
@@ -249,8 +249,7 @@ class Launch:
         if self.scratch >= SCRATCH_BYTES:
             self.run()
         elif table.segments >= CHUNK_SEGMENTS:
-            self._launch(table)
-            self.tables = {key: t for key, t in self.tables.items() if t is not table}
+            self._launch(self.tables.pop(key))
             self.scratch -= table.scratch
 
     def _launch(self, t: _Table) -> None:

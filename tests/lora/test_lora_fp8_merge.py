@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kontext_server.lora.fp8_merge import DIRTY, QUANTISERS, Fp8Merge, Target, _matches
+from kontext_server.lora.fp8_merge import QUANTISERS, Fp8Merge, Target, _matches
+from kontext_server.lora.merged_weights import DIRTY
 from kontext_server.lora.store import DeviceTarget
 from optimizations.fp8.linear import Fp8Linear
 from tests.lora.fp8_variants import DTYPE, assert_same_adapters_write_once, build_merges, inputs, rel, run, specs
