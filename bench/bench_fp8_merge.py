@@ -162,11 +162,7 @@ def main(argv=None) -> int:
                     if i:  # the first compiles
                         switch.append(ms)
                         issue.append(merge.last_issue_ms)
-                restore = []
-                for i in range(0 if a.small else 4):
-                    merge.apply((pair[0].name, key, i), [(pair[0], 1.0)])
-                    sync()
-                    restore.append(timed(merge.restore, sync))
+                restore = [] if a.small else restores(merge, pair[0], key, 4, sync)
                 r["configs"][key] = {**checked, **({"switch_ms_median": round(statistics.median(switch), 2),
                                                    "issue_ms_median": round(statistics.median(issue), 2),
                                                    "restore_ms_median": round(statistics.median(restore), 2)}
@@ -185,6 +181,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def restores(merge, ad, key, n: int, sync) -> list[float]:
+    """n restores, each after a merge of adapter `ad` (under a key of its own): their milliseconds."""
+    times = []
+    for i in range(n):
+        merge.apply((key, i), [(ad, 1.0)])
+        sync()
+        times.append(timed(merge.restore, sync))
+    return times
+
+
 def restore_by_rows(merge, ad, rows: list[int], sync) -> dict:
     """The restore's time (median of 4) for each number of rows per program of the one-pass kernel."""
     from optimizations.kernels import fp8_weight_quant
@@ -193,12 +199,7 @@ def restore_by_rows(merge, ad, rows: list[int], sync) -> dict:
     try:
         for n in rows:
             fp8_weight_quant.ONE_PASS_ROWS = n
-            times = []
-            for i in range(5):
-                merge.apply(("rows", n, i), [(ad, 1.0)])
-                sync()
-                times.append(timed(merge.restore, sync))
-            res[n] = round(statistics.median(times[1:]), 2)  # the first compiles
+            res[n] = round(statistics.median(restores(merge, ad, ("rows", n), 5, sync)[1:]), 2)  # the first compiles
     finally:
         fp8_weight_quant.ONE_PASS_ROWS = default
     return res

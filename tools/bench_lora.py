@@ -368,10 +368,10 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=None, help="timed requests per row (default 3; --small: 2)")
     p.add_argument("--switches", type=int, default=None, help="switch requests per tier (default 6; --small: 3)")
     p.add_argument("--lora-paths", default="fused,unfused,merged",
-                   help="the branches to time, comma-separated: fused (the adapters' rows under the weights, "
-                        "the exact tier's default), unfused (the side branch), merged (fp8 tier: the adapters merged "
-                        "into the fp8 copy, that tier's default; left out, FLUX_LORA_FP8_MERGE=0 for the tool's "
-                        "server); each is a ratio against the same server's steps without an adapter")
+                   help="the branches to time, comma-separated: fused (the adapters' rows under the weights), "
+                        "unfused (the side branch), merged (the adapters merged into the weights of each tier that "
+                        "has a merge, its default; left out, the tool's server builds neither merge); each is a "
+                        "ratio against the same server's steps without an adapter")
     p.add_argument("--merge-kernel", default=None,
                    help="how the fp8 merge adds the updates: gemm, a tile BMxBKxWARPS, or a JSON file of "
                         "bench/bench_fp8_merge.py (its fastest exact way at the lowest rank); default: the server's")
