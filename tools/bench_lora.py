@@ -126,7 +126,7 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     load_s = time.perf_counter() - t0
     tiers = {"exact": {}} | ({"fp8": {"use_mxfp4": True}} if "low_precision" in svc.prepared else {})
     default_path = svc.lora.path
-    merges = {"exact": svc.lora.exact_merge, "fp8": svc.lora.merge}  # each tier's merge, or None
+    merges = {tier: svc.lora.merge_for(tier) for tier in ("exact", "fp8")}  # each tier's merge, or None
     paths = [p for p in a.lora_paths if p == "unfused" or (p == "fused" and svc.lora.fuse)
              or (p == "merged" and any(merges.values()))]
     health = svc.health()["lora"]

@@ -215,6 +215,10 @@ class LoraManager:
                              f"{self.exact_merge_off})")
         self.path = path
 
+    def merge_for(self, precision: str):
+        """The merge of a tier ("exact" or "fp8"), or None where it has none."""
+        return {"fp8": self.merge, "exact": self.exact_merge}.get(precision)
+
     @property
     def branch(self) -> str:
         """The branch of the modules that run one: "fused" or "unfused"."""
@@ -253,7 +257,7 @@ class LoraManager:
     def applied(self, specs, precision: str = "exact"):
         """Run the request's adapters for the duration of the context (see the module docstring). `precision`: the
         transformer variant the request runs ("exact" or "fp8")."""
-        merge = {"fp8": self.merge, "exact": self.exact_merge}.get(precision)
+        merge = self.merge_for(precision)
         merging = merge is not None and self.path == "merged"
         if not specs:
             self._activate_tables(())

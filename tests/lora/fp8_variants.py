@@ -94,7 +94,7 @@ def build_merges(cache_dir, lora_dir, exact_merge: str = "0", spoil=None):
 
 def assert_same_adapters_write_once(manager, tier: str) -> None:
     """The tier's merge writes nothing for the adapters it holds, and once for another scale."""
-    merge = {"fp8": manager.merge, "exact": manager.exact_merge}[tier]
+    merge = manager.merge_for(tier)
     one = specs([("style", 1.0)])
     with manager.applied(one, tier):
         pass
