@@ -180,6 +180,13 @@ class JobManager:
             return "cancelling"
         return "finished"
 
+    def lookup(self, job_id: str) -> tuple[JobRow | None, float | None]:
+        """A job's row and its progress (None when not running here). The progress is read first: a job that finishes
+        in between is then read as finished, whereas the other order could pair its last `running` row with the
+        progress its finish has just dropped, and a poll would see the progress fall back to 0."""
+        progress = self.progress.get(job_id)
+        return self.store.get(job_id), progress
+
     # ---- answers ------------------------------------------------------------------------------------------------
     def _finish(self, job: eng.Job, fut: Future) -> None:
         try:

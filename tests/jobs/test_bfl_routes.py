@@ -93,6 +93,27 @@ def test_a_pending_job_cancelled_never_runs_and_a_running_one_stops_at_its_next_
                                                                       "or its result expired)"}
 
 
+def test_a_poll_that_races_the_jobs_finish_never_sees_its_progress_fall_back(client, monkeypatch):
+    """The job's finish lands between get_result's two reads: its row still `running`, its progress already dropped
+    (as the finisher drops it once the answer is stored). The poll still reports the progress it had, not 0."""
+    jobs = client.app.state.server.jobs
+    job_id = submit(client, seed=3, **SLOW)["id"]
+    before = wait_for(lambda: jobs.progress.get(job_id), 60)  # a step done: progress > 0
+    read_row = jobs.store.get
+
+    def row_then_finish(jid):
+        row = read_row(jid)
+        jobs.progress.pop(jid, None)
+        return row
+
+    monkeypatch.setattr(jobs.store, "get", row_then_finish)
+    body = client.get("/v1/get_result", params={"id": job_id}).json()
+    monkeypatch.undo()
+    assert body["status"] == "Pending" and body["progress"] >= before > 0
+    client.delete(f"/v1/jobs/{job_id}")
+    assert poll(client, job_id)[0]["status"] == "Error"
+
+
 @pytest.mark.parametrize("fields, field, words", [
     ({"prompt_upsampling": True}, "prompt_upsampling", "does not run"),
     ({"aspect_ratio": "22:9"}, "aspect_ratio", "between 21:9 and 9:21"),

@@ -125,10 +125,10 @@ def not_found(job_id: str) -> dict:
 
 async def get_result(request: Request, job_id: str) -> dict:
     srv = server(request)
-    row = await run_in_threadpool(srv.jobs.store.get, job_id)
+    row, progress = await run_in_threadpool(srv.jobs.lookup, job_id)
     if row is None:
         return not_found(job_id)
-    out = describe(srv, row, srv.settings.base_url(request), srv.jobs.progress.get(job_id))
+    out = describe(srv, row, srv.settings.base_url(request), progress)
     delivery = await run_in_threadpool(srv.jobs.store.delivery_of, job_id) if row.webhook_url else None
     if delivery is not None:
         out["details"]["webhook"] = delivery
