@@ -47,7 +47,7 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 @triton.jit
 def _merged_tile(w_ptr, w_stride, rows, rmask, cols, cmask, entry, scales_ptr, seg, n_updates,
-                 R: tl.constexpr, DTYPE: tl.constexpr):
+                 R: tl.constexpr, MAX_U: tl.constexpr, DTYPE: tl.constexpr):
     """W[rows, cols] + sum_j s_j B_j[rows] A_j[:, cols] in fp32, rounded to W's dtype (and back to fp32)."""
     m = tl.load(w_ptr + rows[:, None] * w_stride + cols[None, :], mask=rmask[:, None] & cmask[None, :],
                 other=0.0).to(tl.float32)
@@ -63,7 +63,7 @@ def _merged_tile(w_ptr, w_stride, rows, rmask, cols, cmask, entry, scales_ptr, s
                     other=0.0)
         a = tl.load(a_ptr + rr[:, None] * a_stride + cols[None, :], mask=(rr[:, None] < r) & cmask[None, :],
                     other=0.0)
-        m += tl.dot(b, a) * tl.load(scales_ptr + seg * 3 + j)
+        m += tl.dot(b, a) * tl.load(scales_ptr + seg * MAX_U + j)
     return m.to(DTYPE).to(tl.float32)
 
 
@@ -99,7 +99,8 @@ def _to_fp8(m, scale, inv, SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
 
 @triton.jit
 def merge_rows_fp8_kernel(table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                          FIELDS: tl.constexpr, DTYPE: tl.constexpr, SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
+                          FIELDS: tl.constexpr, MAX_U: tl.constexpr, DTYPE: tl.constexpr,
+                          SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
     """Grid (row blocks of the longest segment, segments): a program past its segment's rows does nothing."""
     row0 = tl.program_id(0) * BM
     seg = tl.program_id(1).to(tl.int64)
@@ -112,14 +113,16 @@ def merge_rows_fp8_kernel(table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constex
     amax = tl.zeros([BM], dtype=tl.float32)
     for k0 in range(0, k, BK):
         cols = k0 + tl.arange(0, BK)
-        m = _merged_tile(w_ptr, w_stride, rows, rmask, cols, cols < k, entry, scales_ptr, seg, n_updates, R, DTYPE)
+        m = _merged_tile(w_ptr, w_stride, rows, rmask, cols, cols < k, entry, scales_ptr, seg, n_updates, R, MAX_U,
+                         DTYPE)
         amax = tl.maximum(amax, tl.max(tl.abs(m), axis=1))
     scale = _row_scale(amax, DTYPE, SCALE_IN_WEIGHT_DTYPE)
     inv = tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
     for k0 in range(0, k, BK):
         cols = k0 + tl.arange(0, BK)
         cmask = cols < k
-        m = _merged_tile(w_ptr, w_stride, rows, rmask, cols, cmask, entry, scales_ptr, seg, n_updates, R, DTYPE)
+        m = _merged_tile(w_ptr, w_stride, rows, rmask, cols, cmask, entry, scales_ptr, seg, n_updates, R, MAX_U,
+                         DTYPE)
         tl.store(q_ptr + rows[:, None] * q_stride + cols[None, :],
                  _to_fp8(m, scale[:, None], inv[:, None], SCALE_IN_WEIGHT_DTYPE), mask=rmask[:, None] & cmask[None, :])
     tl.store(s_ptr + rows, scale, mask=rmask)
@@ -267,7 +270,7 @@ class Launch:
             scales = _to_device(torch.tensor(t.floats, dtype=torch.float32), self.device)
             r = max(16, triton.next_power_of_2(t.rank)) if t.rank else 16
             merge_rows_fp8_kernel[(-(-t.rows // c["BM"]), t.segments)](
-                table, scales, R=r, BM=c["BM"], BK=c["BK"], FIELDS=FIELDS, DTYPE=dtype,
+                table, scales, R=r, BM=c["BM"], BK=c["BK"], FIELDS=FIELDS, MAX_U=MAX_UPDATES, DTYPE=dtype,
                 SCALE_IN_WEIGHT_DTYPE=self.rounding, num_warps=c["num_warps"])
 
     def run(self) -> None:
