@@ -83,11 +83,14 @@ def main(argv=None) -> int:
     p.add_argument("--gap-ms", type=float, default=500.0)
     p.add_argument("--idle-s", type=float, default=2.0)
     p.add_argument("--sample-ms", type=int, default=50)
+    p.add_argument("--inductor-flags", default="light", help="the Compile optimisation's preset (optimizations/"
+                   "compile.py INDUCTOR_PRESETS; `autotune`: GEMMs autotuned with their epilogues fused)")
     p.add_argument("--out", help="JSON file for the results")
     a = p.parse_args(argv)
 
     svc = FluxService(ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations,
-                                    compile_vae=not a.no_compile_vae))
+                                    compile_vae=not a.no_compile_vae, inductor_flags=a.inductor_flags))
+    t_load = time.monotonic()
     svc.load()
     width, height, image = workload_request(a)
     req = InferenceRequest(prompt="make the car red", width=width, height=height, steps=4, seed=1,
@@ -98,6 +101,7 @@ def main(argv=None) -> int:
         svc.generate(req, image)  # compile / capture; the probe records a mid-denoising call's inputs
     finally:
         svc.transformer_call_observer = None
+    ready_s = time.monotonic() - t_load  # load + the first request's compile (an autotuning preset's cost)
     plan = svc.plan(req)
     transformer = svc.transformer_for(plan)
     applied = [k for k, d in plan.items() if d.applied]
@@ -126,6 +130,7 @@ def main(argv=None) -> int:
     seq = floor.seq_len_for(width, height, image is not None)
     report = {"workload": a.workload, "width": width, "height": height, "seq_len": seq,
               "device": svc.device_info.name, "applied": applied, "torch": torch.__version__,
+              "inductor_flags": a.inductor_flags, "load_and_first_request_s": round(ready_s, 1),
               "clock_fields": sampler.fields, "phases": phases}
     print(f"\n{a.workload} (L={seq}) on {svc.device_info.name}; applied: {', '.join(applied)}")
     print("\n| phase | calls | median ms (min-max) | first 5 | last 20 | SM MHz median (min-max) | power W median (max) "

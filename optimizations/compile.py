@@ -30,6 +30,12 @@ INDUCTOR_PRESETS = {
     "light": dict(conv_1x1_as_mm=True, epilogue_fusion=False, shape_padding=True),
     "seed": dict(conv_1x1_as_mm=True, epilogue_fusion=False, shape_padding=True, coordinate_descent_tuning=True,
                  coordinate_descent_check_all_directions=True),
+    # An experiment for the exact tier's gap to its GEMMs (bench/probe_sustained_step.py --inductor-flags autotune):
+    # every GEMM autotuned between cuBLAS and inductor's Triton templates, the templates benchmarked with the
+    # pointwise epilogue they would absorb (bias, gate x output + residual), so a fused GEMM is chosen only where it
+    # beats cuBLAS plus the separate kernel. Not a server choice until measured.
+    "autotune": dict(conv_1x1_as_mm=True, shape_padding=True, epilogue_fusion=True, max_autotune_gemm=True,
+                     max_autotune_gemm_backends="ATEN,TRITON", benchmark_epilogue_fusion=True),
 }
 
 

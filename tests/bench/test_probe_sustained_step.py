@@ -14,10 +14,11 @@ def test_sustained_and_gapped_phases_time_every_call(tmp_path, cache_dir, monkey
     out = tmp_path / "sustained.json"
     rc = pss.main(["--model", "tiny", "--device", "cpu", "--workload", "t2i-1024", "--width", "256", "--height",
                    "256", "--optimizations", "qkv_fusion", "--calls", "6", "--gapped-calls", "2", "--gap-ms", "10",
-                   "--idle-s", "0.05", "--out", str(out)])
+                   "--idle-s", "0.05", "--inductor-flags", "none", "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["applied"] == ["qkv_fusion"] and report["seq_len"] == 256 + 512
+    assert report["inductor_flags"] == "none" and report["load_and_first_request_s"] > 0
     sustained, gapped = report["phases"]["sustained"], report["phases"]["gapped"]
     assert sustained["calls"] == 6 and len(sustained["per_call_ms"]) == 6
     assert gapped["calls"] == 2 and gapped["gap_ms"] == 10
