@@ -117,6 +117,8 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     write_s = time.perf_counter() - t0
     names = list(sizes)
     t0 = time.perf_counter()
+    if draw_on == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # this rank's own peaks
     svc = FluxService(ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations,
                                     compile_vae=False, lora_dir=lib, lora_max_rank=rank, cache_dir=a.cache_dir))
     merged = "merged" in a.lora_paths
@@ -124,6 +126,7 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
             settings.process_env_set(settings.LORA_EXACT_MERGE, settings.LORA_EXACT_MERGE.get() if merged else "0"):
         svc.load()  # the switches are read at the slots' install
     load_s = time.perf_counter() - t0
+    memory = {"after_load": device_memory(svc.device)}
     tiers = {"exact": {}} | ({"fp8": {"use_mxfp4": True}} if "low_precision" in svc.prepared else {})
     default_path = svc.lora.path
     merges = {tier: svc.lora.merge_for(tier) for tier in ("exact", "fp8")}  # each tier's merge, or None
@@ -231,12 +234,26 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
     out["fp8_branch_error"] = fp8_branch_error(svc, lambda: run(eager, (names[0],), steps=1), a.branch_rows)
     svc.lora.set_path(default_path)
     out["health_lora"] = {k: v for k, v in svc.health()["lora"].items() if k != "library"}
+    out["memory_gib"] = {**memory, "end": device_memory(svc.device)}  # the room the exact merge's `auto` judges
     svc = exact_with = exact_without = None  # freed before the next rank's server (run() is not called after)
     torch._dynamo.reset()  # compiled code holds the service's modules: let the next rank's service have the memory
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return out
+
+
+def device_memory(device) -> dict | None:
+    """Free, allocated and reserved device memory now, and the peaks so far, in GiB (None off CUDA)."""
+    if torch.device(device).type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    gib = 2 ** 30
+    return {"free": round(free / gib, 2), "total": round(total / gib, 2),
+            "allocated": round(torch.cuda.memory_allocated(device) / gib, 2),
+            "reserved": round(torch.cuda.memory_reserved(device) / gib, 2),
+            "peak_allocated": round(torch.cuda.max_memory_allocated(device) / gib, 2),
+            "peak_reserved": round(torch.cuda.max_memory_reserved(device) / gib, 2)}
 
 
 def time_switches(svc, run, flags: dict, names: list, path: str, n: int, merge=None) -> dict:

@@ -40,6 +40,7 @@ def test_the_lora_benchmark_runs_on_the_tiny_model_and_writes_its_figures(cache_
     assert r["adapter_effect_bf16"]["rel_latent_error"] > 0
     assert r["fp8"].startswith("not prepared")  # no fp8 tier on a CPU: said, not silently left out
     assert r["merged"] == "not timed: no fp8 tier"
+    assert r["memory_gib"] == {"after_load": None, "end": None}  # device memory is reported on CUDA only
 
 
 @pytest.mark.slow
