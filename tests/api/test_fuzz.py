@@ -19,10 +19,11 @@ import re
 import struct
 import time
 import zlib
+from urllib.parse import urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from PIL import Image
@@ -352,10 +353,26 @@ def test_fuzz_benchmark_params(stub, params):
        path=st.sampled_from(["/inference", "/health", "/live", "/metrics", "/benchmark", "/", "/docs/../health"])
        | st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters="?#%"), max_size=20)
        .map(lambda s: "/" + s.lstrip("/")))
+@example(method="GET", path="/v1").via("found by a run: OpenAI's namespace answers 404 in OpenAI's shape")
+@example(method="POST", path="/v1/get_result").via("a BFL route, wrong method")
 def test_fuzz_methods_and_paths(stub, method, path):
+    """Any method on any path: never a 5xx, and an error in the shape of the API family the path belongs to
+    (OpenAI's under /v1, BFL's on its routes, ours elsewhere)."""
+    from kontext_server.api.bfl import errors as bfl_errors
+    from kontext_server.api.openai import errors as openai_errors
+
     r = stub.request(method, path)
     assert r.status_code < 500, (method, path, r.status_code, r.text[:200])
-    if r.status_code >= 400 and method != "HEAD":
+    if r.status_code < 400 or method == "HEAD":
+        return
+    url_path = urlsplit(str(r.request.url)).path  # as the server routed it (the client normalises dot segments)
+    if bfl_errors.is_bfl_path(url_path):
+        detail = r.json()["detail"]
+        assert detail and (isinstance(detail, str) or all(d.get("msg") for d in detail)), (path, r.text[:200])
+    elif openai_errors.is_openai_path(url_path):
+        error = r.json()["error"]
+        assert error["message"].strip() and error["type"] == "invalid_request_error", (path, error)
+    else:
         check_error_shape(r)
 
 
