@@ -186,6 +186,13 @@ class Library:
         return adapter
 
 
+def selectable(library: dict[str, dict]) -> list[str]:
+    """The adapters a request may select by name alone (the OpenAI routes' `model`, listed by GET /v1/models): those
+    of `library` (LoraManager.library_report's shape: name -> rank and targets, or error, or fused) that can run and
+    are not fused into the weights already."""
+    return [name for name, e in library.items() if "error" not in e and not e.get("fused")]
+
+
 def _read_state_dict(name: str, path: Path):
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 

@@ -361,9 +361,9 @@ class LoraManager:
             self._active = active
 
     # ---- /health -----------------------------------------------------------------------------------------------------------
-    def health(self) -> dict:
-        slot_bytes = sum(s.nbytes for s in self.slots.values())
-
+    def library_report(self) -> dict[str, dict]:
+        """/health's `lora.library`: each adapter start-up found, with its rank and target count, or why it cannot
+        run, or `fused` (library.selectable() reads it, here and on a Ray Serve ingress from a replica's report)."""
         def entry(e) -> dict:
             if e.error is not None:
                 return {"error": e.error.reason}
@@ -374,9 +374,13 @@ class LoraManager:
                 out["error"] = f"rank {e.rank} is larger than the slots' rank {self.rank} (--lora-max-rank)"
             return out
 
+        return {name: entry(e) for name, e in sorted(self.library.index.items())}
+
+    def health(self) -> dict:
+        slot_bytes = sum(s.nbytes for s in self.slots.values())
         info = {
             "directory": str(self.library.directory),
-            "library": {name: entry(e) for name, e in sorted(self.library.index.items())},
+            "library": self.library_report(),
             "loaded": {name: {"rank": a.rank, "load_ms": round(a.load_ms, 1), "mib": round(a.nbytes / 2**20, 2)}
                        for name, a in self.store.loaded.items()},
             "max_loras": self.store.capacity,

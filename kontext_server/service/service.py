@@ -31,7 +31,7 @@ from kontext_server.service.health import health_report  # noqa: E402
 from kontext_server.service.memory_tiers import (LABELS, SETTING, T5, BudgetTooSmall, MemoryTier,  # noqa: E402
                                                  parse_budget, plan_tier, variant_component)
 from kontext_server.service.planner import plan as make_plan  # noqa: E402
-from kontext_server.lora.library import UnknownAdapter  # noqa: E402
+from kontext_server.lora.library import UnknownAdapter, selectable  # noqa: E402
 from kontext_server.service.runner import (GenerationResult, Runner, compile_shape, output_size,  # noqa: E402
                                           shape_is_compiled)
 from kontext_server.service.steps import StepEvent  # noqa: E402
@@ -299,6 +299,10 @@ class FluxService:
         if component in offloaded:
             result.warnings.append(f"ran offloaded: the {LABELS[component]} was streamed in from host memory block by "
                                    f"block (--memory-budget {tier.spec}); slower than resident")
+
+    def lora_names(self) -> list[str]:
+        """The adapters a request may select by name alone (GET /v1/models lists them): lora.library.selectable."""
+        return selectable(self.lora.library_report()) if self.lora is not None else []
 
     def check_loras(self, req: InferenceRequest) -> None:
         """The cheap check of a request's adapters before it is queued: LoraError (its `index` set) for an adapter

@@ -159,3 +159,31 @@ def test_the_openai_routes_take_loras_as_extra_body_and_report_them_in_kontext(h
     with pytest.raises(BadRequestError) as err:
         sdk.images.generate(prompt="x", size="256x256", extra_body={**extra, "loras": [{"name": "nope", "scale": 1}]})
     assert err.value.body["param"] == "loras.0.name" and "nope" in err.value.body["message"]
+
+
+def test_an_openai_client_selects_an_adapter_by_model_as_listed_by_v1_models(http, base_image):
+    """As vLLM serves its adapters: GET /v1/models lists each adapter that can run as a model whose `parent` is the
+    served model, and `model=<adapter>` runs it at scale 1 (before extra_body's loras); an adapter that cannot run
+    is not listed, and naming it is the 404 an unknown model gets."""
+    from openai import NotFoundError, OpenAI
+
+    sdk = OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+    cards = {m.id: m for m in sdk.models.list().data}
+    assert list(cards)[0] == "tiny" and getattr(cards["tiny"], "parent", None) is None
+    assert {"style", "light", "shared", "shared_kohya"} <= set(cards)
+    assert all(getattr(cards[n], "parent") == "tiny" for n in cards if n != "tiny")
+    assert not {"corrupt", "truncated", "not_a_lora", "other_model", "big"} & set(cards)  # 422s if named in loras
+    extra = {"steps": 2, "seed": 3}
+    r = sdk.images.generate(model="style", prompt=BODY["prompt"], size="256x256", extra_body=extra)
+    assert r.kontext["loras"] == [{"name": "style", "scale": 1.0, "rank": 4}]
+    assert r.data[0].b64_json == image(post(http, [("style", 1.0)]))
+    both = sdk.images.generate(model="style", prompt=BODY["prompt"], size="256x256",
+                               extra_body={**extra, "loras": [{"name": "light", "scale": -1.0}]})
+    assert [(lo["name"], lo["scale"]) for lo in both.kontext["loras"]] == [("style", 1.0), ("light", -1.0)]
+    assert both.data[0].b64_json == image(post(http, [("style", 1.0), ("light", -1.0)]))
+    for name in ("big", "nope"):
+        with pytest.raises(NotFoundError) as err:
+            sdk.images.generate(model=name, prompt="x", size="256x256", extra_body=extra)
+        assert err.value.body["code"] == "model_not_found" and err.value.body["param"] == "model"
+        assert "'style'" in err.value.body["message"]  # the adapters that exist are named
+    assert image(post(http)) == base_image

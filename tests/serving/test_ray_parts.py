@@ -419,6 +419,30 @@ def test_two_replicas_saving_the_mega_cache_at_once_leave_one_whole_file(tmp_pat
 # ---------------------------------------------------------------------------------------------------------------
 # Ray stays optional
 # ---------------------------------------------------------------------------------------------------------------
+def test_the_ingress_lists_the_adapters_a_replica_reports_that_can_run_and_none_before_a_report():
+    """GET /v1/models on the ingress (no model there): the adapters of a replica's `lora.library`, less those that
+    cannot run or are fused already."""
+    from kontext_server.service.config import ServiceConfig
+    from kontext_server.serving.ray_serve.remote_service import RemoteService
+
+    class Board:
+        report = None
+
+        def any_report(self):
+            return self.report
+
+    board = Board()
+    remote = RemoteService(ServiceConfig(model="tiny", device="cpu"), board)
+    assert remote.lora_names() == []
+    board.report = {"health": {"lora": None}}  # replicas without a LoRA directory
+    assert remote.lora_names() == []
+    board.report = {"health": {"lora": {"library": {
+        "big": {"error": "rank 16 is larger than the slots' rank 8 (--lora-max-rank)"},
+        "light": {"rank": 8, "targets": 22}, "style": {"rank": 4, "targets": 22},
+        "studio": {"rank": 4, "targets": 22, "fused": True}}}}}
+    assert remote.lora_names() == ["light", "style"]
+
+
 def test_the_local_server_and_the_clis_help_do_not_import_ray():
     code = ("import sys\n"
             "from kontext_server.cli import build_parser\n"

@@ -60,7 +60,9 @@ class _ImageRequestBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=4000, description="Instruction (edit) or description")
-    model: str | None = Field(None, description="Omitted, or the served model's id (GET /v1/models)")
+    model: str | None = Field(None, description="Omitted, the served model's id, or the name of one of its LoRA "
+                                                "adapters (GET /v1/models lists them): that adapter runs at scale 1, "
+                                                "before any of extra_body's `loras`")
     n: int | None = Field(None, ge=1, le=MAX_IMAGES)
     size: str | None = Field(None, description="auto, or WIDTHxHEIGHT: multiples of 16 in 256-2048")
     quality: Quality | None = Field(None, description="high: exact tier; medium: fp8; low: fast tier; auto: default")
@@ -186,6 +188,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "black-forest-labs"
+    parent: str | None = None  # a LoRA adapter's card: the served model it runs on (vLLM's field for its adapters)
 
 
 class ModelList(BaseModel):

@@ -45,4 +45,8 @@ async def edits(request: Request):
 
 @router.get("/models", response_model=ModelList)
 async def models(request: Request):
-    return ModelList(data=[ModelCard(id=server(request).model_id, created=STARTED)])
+    """The served model, then each LoRA adapter a request may select by its name as `model` (with `parent`)."""
+    srv = server(request)
+    adapters = [ModelCard(id=name, created=STARTED, owned_by="lora", parent=srv.model_id)
+                for name in srv.service.lora_names()]
+    return ModelList(data=[ModelCard(id=srv.model_id, created=STARTED), *adapters])

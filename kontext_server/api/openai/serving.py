@@ -55,14 +55,17 @@ def resolved_quality(quality: str | None) -> str:
     return "high" if quality in (None, "auto") else quality
 
 
-def to_inference_request(body: ImageRequest, seed: int) -> InferenceRequest:
-    """The request the service runs (ValidationError with InferenceRequest's field names)."""
+def to_inference_request(body: ImageRequest, seed: int, adapter: str | None = None) -> InferenceRequest:
+    """The request the service runs (ValidationError with InferenceRequest's field names). `adapter`: the LoRA
+    adapter `model` selected (model_adapter), run at scale 1 before the adapters of extra_body's `loras`."""
     size = parse_size(body.size)
     extras = {name: getattr(body, name) for name in EXTRA_FIELDS}
     flags = {**TIERS[body.quality or "auto"],
              **{k: v for k, v in extras.items() if k in FLAG_TO_OPTIMIZATION and v is not None}}
     others = {k: v for k, v in extras.items() if k not in FLAG_TO_OPTIMIZATION}
     others["seed"] = seed
+    if adapter is not None:
+        others["loras"] = [{"name": adapter, "scale": 1.0}, *(others.get("loras") or [])]
     return InferenceRequest(prompt=body.prompt, width=size[0] if size else None, height=size[1] if size else None,
                             num_images=body.n or 1, output_format=body.output_format or "png", **others, **flags)
 
@@ -74,12 +77,27 @@ def validation_error(exc: ValidationError) -> JSONResponse:
     return errors.validation_response(errs)
 
 
+def model_adapter(srv: Server, model: str | None) -> str | None:
+    """What `model` selects: None for the served model (its id, or left out), else the name of a LoRA adapter of
+    GET /v1/models' list, which the request then runs (as vLLM serves its adapters under their own model names).
+    ModelNotFound for anything else."""
+    if model in (None, "", srv.model_id):
+        return None
+    adapters = srv.service.lora_names()
+    if model in adapters:
+        return model
+    also = f" and its LoRA adapters {', '.join(map(repr, adapters))}" if adapters else ""
+    raise ModelNotFound(f"model {model!r} does not exist here; this server serves {srv.model_id!r}{also} "
+                        f"(GET /v1/models)")
+
+
+class ModelNotFound(LookupError):
+    pass
+
+
 def check_request(srv: Server, body: ImageRequest) -> JSONResponse | None:
-    """What can be refused before any work: the model, the response format, the stream's options, readiness."""
-    if body.model not in (None, "", srv.model_id):
-        return errors.error_response(404, f"model {body.model!r} does not exist here; this server serves "
-                                          f"{srv.model_id!r} (GET /v1/models)", param="model",
-                                     code="model_not_found")
+    """What can be refused before any work (after the model): the response format, the stream's options,
+    readiness."""
     if body.response_format == "url" and (srv.output_store is None or body.stream):
         why = ("a stream sends b64_json images" if body.stream else
                "this server has no output store configured, so it cannot return URLs; use b64_json")
@@ -120,11 +138,16 @@ def plan_or_error(srv: Server, req: InferenceRequest, image):
 async def create_images(request: Request, body: ImageRequest, image_bytes: bytes | None, edit: bool) -> Response:
     """The whole route after parsing: checks, conversion, plan, the job, and the response (JSON or a stream)."""
     srv = server(request)
+    try:
+        adapter = model_adapter(srv, body.model)
+    except ModelNotFound as exc:
+        return errors.error_response(404, str(exc), param="model", code="model_not_found")
     refused = check_request(srv, body)
     if refused is not None:
         return refused
     try:
-        req = to_inference_request(body, body.seed if body.seed is not None else secrets.randbelow(MAX_SEED))
+        req = to_inference_request(body, body.seed if body.seed is not None else secrets.randbelow(MAX_SEED),
+                                   adapter)
     except ValidationError as exc:
         return validation_error(exc)
     image, refused = await decode_reference(image_bytes)

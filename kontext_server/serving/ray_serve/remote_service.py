@@ -18,6 +18,7 @@ import logging
 import time
 from types import SimpleNamespace
 
+from kontext_server.lora.library import selectable
 from kontext_server.request import DEFAULT_DPM_STEPS, InferenceRequest
 from kontext_server.service.config import ServiceConfig
 from kontext_server.service.service import plan_request
@@ -71,6 +72,13 @@ class RemoteService:
         return plan_request(req, image, self.registry, report["prepared"], report["device_info"],
                             warm_keys=(lambda: warm_keys) if report["new_shapes"] == "eager" else None,
                             offloaded=report.get("offloaded"))
+
+    def lora_names(self) -> list[str]:
+        """The adapters a request may select by name alone, from a replica's report of its library (every replica
+        reads the same --lora-dir)."""
+        report = self.board.any_report()
+        library = ((report or {}).get("health", {}).get("lora") or {}).get("library", {})
+        return selectable(library)
 
     def check_loras(self, req: InferenceRequest) -> None:
         """Nothing to check here: the ingress holds no adapters. Each replica checks a request's `loras` on its
