@@ -1,7 +1,8 @@
 """The playground page (/ui) in a real browser: headless system Chromium driven by Playwright against a live server
 with the tiny model and API keys. Without the key the page's API call is refused; with it, an uploaded image is
 edited, the progress bar reaches the end, the result, the timings and the optimisation report appear and the
-session's history holds the run. FLUX_PLAYGROUND_SCREENSHOT=1 saves docs/playground.png (so CI leaves the tree
+session's history holds the run; then one of the server's LoRA adapters (the page's picker, from GET /v1/models)
+runs at the scale given and is reported. FLUX_PLAYGROUND_SCREENSHOT=1 saves docs/playground.png (so CI leaves the tree
 alone). Playwright's own browser download is not used: the test launches the Chromium of the system (apt: chromium)
 and is skipped, saying so, only where there is none."""
 from __future__ import annotations
@@ -32,10 +33,11 @@ def test_the_page_loads_nothing_from_elsewhere():
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on this machine (Debian: apt-get install chromium); "
                                              ".ci/run installs it")
-def test_an_edit_from_the_page_in_a_headless_browser(cache_dir, tmp_path):
+def test_an_edit_from_the_page_in_a_headless_browser_then_with_an_adapter(cache_dir, tmp_path):
     from playwright.sync_api import sync_playwright
 
     from tests.helpers import png_b64
+    from tests.lora.adapters import make_library
 
     image = tmp_path / "car.png"
     import base64
@@ -43,7 +45,13 @@ def test_an_edit_from_the_page_in_a_headless_browser(cache_dir, tmp_path):
     image.write_bytes(base64.b64decode(png_b64(320, 256, (180, 40, 40))))
     keys = tmp_path / "keys.txt"
     keys.write_text(KEY + "\n")
-    with LiveServer(cache_dir, "--api-keys", str(keys)) as server, sync_playwright() as pw:
+    source = make_library(cache_dir, tmp_path / "adapters")
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    for name in ("style", "big"):  # big's rank is larger than the slots --lora-max-rank makes: not offered
+        shutil.copy(source / f"{name}.safetensors", loras)
+    with LiveServer(cache_dir, "--api-keys", str(keys), "--lora-dir", str(loras), "--lora-max-rank", "8") as server, \
+            sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -79,6 +87,20 @@ def test_an_edit_from_the_page_in_a_headless_browser(cache_dir, tmp_path):
             assert page.locator("#history li").count() == 1
             assert page.locator("#compare-inputs img").count() == 1
             assert "width and height as given" in page.text_content("#size-reason")
+            assert not any(row.startswith("lora") for row in ran)
+
+            # the server's adapters, from GET /v1/models: one picked at a scale runs and is reported
+            page.wait_for_selector("#lora-1 option[value=style]", state="attached", timeout=30_000)
+            assert page.locator("#lora-1 option").all_text_contents() == ["none", "style"]
+            page.select_option("#lora-1", "style")
+            page.fill("#lora-1-scale", "0.5")
+            page.click("#submit")
+            page.wait_for_function("document.querySelectorAll('#history li').length === 2", timeout=180_000)
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('done')",
+                                   timeout=180_000)
+            ran = page.locator("#optimizations tr").all_text_contents()
+            assert "lora stylescale 0.5rank 4" in ran, ran
+            assert page.get_attribute("#result", "src") != src  # same seed and input: the adapter changed it
             if os.environ.get("FLUX_PLAYGROUND_SCREENSHOT"):
                 page.screenshot(path=str(ROOT / "docs" / "playground.png"), full_page=True)
         finally:

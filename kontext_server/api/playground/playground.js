@@ -8,6 +8,7 @@ const FLAGS = ["use_compile", "use_qkv_fusion", "use_channels_last", "use_modula
   "use_flash_attention", "use_mxfp4", "use_dpm_solver", "use_cuda_graphs"];
 const TIER_NAMES = { high: "exact", medium: "fp8", low: "fast", auto: "default" };
 const MAX_IMAGES = 4;
+const MAX_LORAS = 3;  // adapters per request
 const PARTIALS = 3;
 const $ = (id) => document.getElementById(id);
 const state = { images: [], history: [] };  // images: {file, url}
@@ -58,6 +59,39 @@ function flagControls() {
   }
 }
 
+function loraControls(names) {
+  // One adapter picker and scale per slot; the section stays hidden when the server lists no adapter.
+  const box = $("lora-section");
+  box.replaceChildren();
+  box.hidden = names.length === 0;
+  for (let i = 1; i <= MAX_LORAS && names.length; i++) {
+    const label = document.createElement("label");
+    label.className = "lora";
+    label.textContent = "LoRA " + i + " and scale";
+    const sel = document.createElement("select");
+    sel.id = "lora-" + i;
+    for (const name of ["", ...names]) {
+      const o = document.createElement("option"); o.value = name; o.textContent = name || "none"; sel.append(o);
+    }
+    const scale = document.createElement("input");
+    Object.assign(scale, { id: "lora-" + i + "-scale", type: "number", min: -4, max: 4, step: 0.05, value: 1,
+      title: "scale, -4 to 4" });
+    const row = document.createElement("span");
+    row.append(sel, scale);
+    label.append(row);
+    box.append(label);
+  }
+}
+
+function loras() {
+  const out = [];
+  for (let i = 1; i <= MAX_LORAS; i++) {
+    const sel = $("lora-" + i);
+    if (sel && sel.value) out.push({ name: sel.value, scale: Number($("lora-" + i + "-scale").value || 1) });
+  }
+  return out;
+}
+
 function fields() {
   const out = { prompt: $("prompt").value, quality: $("tier").value, output_format: $("format").value,
     stream: true, partial_images: PARTIALS };
@@ -76,6 +110,7 @@ function fields() {
     const v = $("flag-" + flag).value;
     if (v !== "default") out[flag] = v === "on";
   }
+  if (loras().length) out.loras = loras();
   return out;
 }
 
@@ -86,7 +121,7 @@ function request(body) {
   }
   const form = new FormData();
   for (const im of state.images) form.append("image[]", im.file, im.file.name || "image.png");
-  for (const [k, v] of Object.entries(body)) form.append(k, String(v));
+  for (const [k, v] of Object.entries(body)) form.append(k, typeof v === "object" ? JSON.stringify(v) : String(v));
   return fetch("/v1/images/edits", { method: "POST", headers: headers(), body: form });
 }
 
@@ -139,7 +174,8 @@ function show(entry) {
     [{ text: k }, { text: Number(v).toFixed(1), cls: "num" }]) : []);
   fillTable("optimizations", rep ? Object.entries(rep.optimizations).map(([k, o]) =>
     [{ text: k, cls: o.applied ? "applied" : "not-applied" }, { text: o.applied ? "applied" : "off" },
-     { text: o.detail }]) : []);
+     { text: o.detail }]).concat((rep.loras || []).map((l) =>
+    [{ text: "lora " + l.name, cls: "applied" }, { text: "scale " + l.scale }, { text: "rank " + l.rank }])) : []);
 }
 
 function remember(entry) {
@@ -196,7 +232,11 @@ async function generate(ev) {
 async function loadModel() {
   try {
     const r = await fetch("/v1/models", { headers: headers() });
-    if (r.ok) { const m = await r.json(); $("model").textContent = m.data[0].id; }
+    if (r.ok) {
+      const m = await r.json();
+      $("model").textContent = m.data[0].id;
+      loraControls(m.data.filter((card) => card.parent).map((card) => card.id));  // the served model's adapters
+    }
     else if (r.status === 401) $("model").textContent = "enter the API key";
   } catch (_) { /* offline: the page still works once the server answers */ }
 }
