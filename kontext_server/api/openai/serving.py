@@ -77,6 +77,10 @@ def validation_error(exc: ValidationError) -> JSONResponse:
     return errors.validation_response(errs)
 
 
+class ModelNotFound(LookupError):
+    pass
+
+
 def model_adapter(srv: Server, model: str | None) -> str | None:
     """What `model` selects: None for the served model (its id, or left out), else the name of a LoRA adapter of
     GET /v1/models' list, which the request then runs (as vLLM serves its adapters under their own model names).
@@ -91,13 +95,9 @@ def model_adapter(srv: Server, model: str | None) -> str | None:
                         f"(GET /v1/models)")
 
 
-class ModelNotFound(LookupError):
-    pass
-
-
 def check_request(srv: Server, body: ImageRequest) -> JSONResponse | None:
-    """What can be refused before any work (after the model): the response format, the stream's options,
-    readiness."""
+    """What can be refused before any work: the response format, the stream's options, readiness (the model is
+    model_adapter's)."""
     if body.response_format == "url" and (srv.output_store is None or body.stream):
         why = ("a stream sends b64_json images" if body.stream else
                "this server has no output store configured, so it cannot return URLs; use b64_json")
@@ -138,13 +138,13 @@ def plan_or_error(srv: Server, req: InferenceRequest, image):
 async def create_images(request: Request, body: ImageRequest, image_bytes: bytes | None, edit: bool) -> Response:
     """The whole route after parsing: checks, conversion, plan, the job, and the response (JSON or a stream)."""
     srv = server(request)
-    try:
-        adapter = model_adapter(srv, body.model)
-    except ModelNotFound as exc:
-        return errors.error_response(404, str(exc), param="model", code="model_not_found")
     refused = check_request(srv, body)
     if refused is not None:
         return refused
+    try:  # after the readiness check: the adapters are known once the model (or a replica) is loaded
+        adapter = model_adapter(srv, body.model)
+    except ModelNotFound as exc:
+        return errors.error_response(404, str(exc), param="model", code="model_not_found")
     try:
         req = to_inference_request(body, body.seed if body.seed is not None else secrets.randbelow(MAX_SEED),
                                    adapter)
