@@ -144,13 +144,18 @@ def test_weights_split_into_row_pieces_and_launched_in_chunks_are_written_as_by_
         assert same(a, b)
 
 
-def test_the_merge_writes_with_the_kernel_straight_into_the_linears_storage_and_restores_it_bit_for_bit():
+def test_the_merge_writes_with_the_kernel_straight_into_the_linears_storage_and_restores_it_bit_for_bit(monkeypatch):
     """A fused q/k/v-like target (three parts of 32 rows; the adapter reaches two) and the two column halves of a
-    split proj_out, all in one launch, against the same targets written one by one with torchao's function."""
+    split proj_out, all in one launch of the tiled kernel (which sums in fp32, as the one-by-one path does: the
+    gemm-first default rounds the sum to bf16 first, tested above), against the same targets written one by one with
+    torchao's function."""
     from types import SimpleNamespace
 
+    from kontext_server.lora import fp8_merge
     from kontext_server.lora.fp8_merge import Fp8Merge, Target
     from kontext_server.lora.store import DeviceTarget
+
+    monkeypatch.setitem(fp8_merge.KERNEL, "gemm_first", False)
 
     def targets(quantiser):
         qkv_w, proj_w = weight((96, 512), seed=20), weight((64, 1024), seed=21)
