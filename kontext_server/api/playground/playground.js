@@ -110,7 +110,8 @@ function fields() {
     const v = $("flag-" + flag).value;
     if (v !== "default") out[flag] = v === "on";
   }
-  if (loras().length) out.loras = loras();
+  const picked = loras();
+  if (picked.length) out.loras = picked;
   return out;
 }
 
