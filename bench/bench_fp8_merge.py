@@ -9,9 +9,10 @@ Builds the transformer's block linears as the fp8 copy holds them (19 double blo
 their output projections, both MLPs; 38 single blocks: the fused q/k/v + MLP input, the two column halves of the
 split proj_out), bf16 weights quantised by the merge's own kernel in torchao's rounding, and two adapters per rank
 on every one of those linears. Times, per way of adding the updates (`gemm`: cuBLAS's addmm into scratch rows,
-then the one-pass quantisation; or the tiled kernel at BM rows x BK columns x warps):
-the switch between the two adapters (`Fp8Merge.apply`, synchronised: the host's issue time and the total) and the
-restore (`Fp8Merge.restore`, the one-pass kernel, the same for every config). Checks on the way: the restore gives
+then the one-pass quantisation; or the tiled kernel at BM rows x BK columns x warps; each with `-scalar` for the
+kernels without their 16-byte accesses): the switch between the two adapters (`Fp8Merge.apply`, synchronised: the
+host's issue time and the total) and the restore (`Fp8Merge.restore`, the one-pass kernel: the same for every config
+but a `-scalar` one). Checks on the way: the restore gives
 the copy back bit for bit, and a merged weight is the quantisation of W + s B A up to the GEMMs' summation order
 (the share of fp8 values that differ from torch's fp32 addmm). Weights and adapters are random: the time depends
 only on the shapes. What it leaves out of a real switch: the modulation table's slots, written on the host.
@@ -124,9 +125,10 @@ def timed(fn, sync) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="32,128")
-    p.add_argument("--configs", default="gemm,32x128x4,64x64x4,128x64x8",
+    p.add_argument("--configs", default="gemm,gemm-scalar,32x128x4,32x128x4-scalar",
                    help="`gemm` (cuBLAS's addmm into scratch rows, then the one-pass kernel) and tiles of "
-                        "merge_rows_fp8_kernel, BMxBKxWARPS")
+                        "merge_rows_fp8_kernel, BMxBKxWARPS; `-scalar`: the same with the kernels' 16-byte accesses "
+                        "off (fp8_weight_quant.VECTOR_ACCESS), restores included")
     p.add_argument("--restore-rows", default="4,8,16",
                    help="rows per program of the one-pass kernel to time a restore with (ONE_PASS_ROWS)")
     p.add_argument("--switches", type=int, default=8)
@@ -135,6 +137,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     from kontext_server.lora import fp8_merge
     from kontext_server.lora.fp8_merge import Fp8Merge
+    from optimizations.kernels import fp8_weight_quant
 
     device = "cpu" if a.small else "cuda"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
     targets, widths = build(linears, device)
     pristine = [(t.rows.view(torch.uint8).clone(), t.linear.weight_scale.clone()) for t in targets]
     merge = Fp8Merge(targets, {})
-    configs = {c: fp8_merge.kernel_from_spec(c) for c in a.configs.split(",")}
+    configs = {c: fp8_merge.kernel_from_spec(c.removesuffix("-scalar")) for c in a.configs.split(",")}
     default = dict(fp8_merge.KERNEL)
     out = {"tool": "bench/bench_fp8_merge.py", "argv": sys.argv[1:], "device": torch.cuda.get_device_name()
            if device == "cuda" else "cpu", "torch": torch.__version__, "linears": len(targets),
@@ -153,6 +156,7 @@ def main(argv=None) -> int:
         r = out["ranks"][rank] = {"configs": {}}
         for key, c in configs.items():
             fp8_merge.KERNEL.update(c)
+            fp8_weight_quant.VECTOR_ACCESS = not key.endswith("-scalar")
             try:
                 checked = check(targets, merge, pair[0], pristine)
                 switch, issue = [], []
@@ -171,6 +175,7 @@ def main(argv=None) -> int:
                 r["configs"][key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             finally:
                 fp8_merge.KERNEL.update(default)
+                fp8_weight_quant.VECTOR_ACCESS = True
             print(rank, key, r["configs"][key], flush=True)
     if not a.small:
         out["restore_by_rows"] = restore_by_rows(merge, pair[0], [int(x) for x in a.restore_rows.split(",")], sync)

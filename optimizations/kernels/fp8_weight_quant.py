@@ -21,6 +21,12 @@ Two roundings, chosen by SCALE_IN_WEIGHT_DTYPE:
 Every division is IEEE round-to-nearest (`div_rn`), as torch's are; the casts round to nearest even, as torch's do.
 The merge uses this kernel for a linear only where `quantize_weight_rows` reproduces the linear's stored bytes and
 scales exactly (checked at install): a difference in rounding can only make it unused, never wrong.
+Vector loads and stores: the addresses and sizes come from a table in memory, so Triton cannot see that they are
+aligned, and without a hint it loads a bf16 weight two bytes at a time and stores fp8 one byte at a time. A launch
+whose every segment is aligned (weight and fp8 pointers to ALIGN bytes, row strides and widths to ALIGN elements;
+FLUX's linears are) is compiled with ALIGNED and those hints (`tl.multiple_of`) and moves 16 bytes per access; any
+other launch runs without them (same values, narrower accesses). An update's tiles are not hinted: they are small,
+and Triton's pipeliner fails on a hinted A tile under a runtime rank mask.
 Limits: bf16 or fp16 weights and updates; rows with unit column stride; update ranks up to 256; at most MAX_UPDATES
 updates per segment. The merged values (not the restore) may differ from a torch addmm in the last bit of W's dtype
 where the GEMM's summation order differs.
@@ -42,6 +48,9 @@ ONE_PASS_ROWS = 8  # rows per program of restore_rows_fp8_kernel
 SCRATCH_BYTES = 1 << 30  # Launch(gemm_first=True): merged rows held at once before their quantisation is launched
 CHUNK_SEGMENTS = 64  # segments per launch: the GPU starts on the first ones while the host adds the rest
 SEGMENT_ROWS = 3072  # longer blocks of rows are split: a launch's programs then have like work
+ALIGN = 16  # an ALIGNED launch's pointers are multiples of ALIGN bytes, its strides and widths of ALIGN elements
+_ALIGN = tl.constexpr(ALIGN)  # the same, as the kernels see it
+VECTOR_ACCESS = True  # False: every launch without the alignment hints (bench/bench_fp8_merge.py compares)
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -68,12 +77,16 @@ def _merged_tile(w_ptr, w_stride, rows, rmask, cols, cmask, entry, scales_ptr, s
 
 
 @triton.jit
-def _segment(entry, DTYPE: tl.constexpr):
+def _segment(entry, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """A segment's fields from the table (Launch.add): weight, fp8 rows and scales pointers, the two row strides,
-    rows, columns."""
-    return (tl.load(entry).to(tl.pointer_type(DTYPE)), tl.load(entry + 1).to(tl.pointer_type(tl.float8e4nv)),
-            tl.load(entry + 2).to(tl.pointer_type(tl.float32)), tl.load(entry + 3), tl.load(entry + 4),
-            tl.load(entry + 5), tl.load(entry + 6))
+    rows, columns; with ALIGNED, what the loads and stores' widths depend on is hinted as a multiple of ALIGN."""
+    w_ptr, q_ptr = tl.load(entry).to(tl.pointer_type(DTYPE)), tl.load(entry + 1).to(tl.pointer_type(tl.float8e4nv))
+    w_stride, q_stride, k = tl.load(entry + 3), tl.load(entry + 4), tl.load(entry + 6)
+    if ALIGNED:
+        w_ptr, q_ptr = tl.multiple_of(w_ptr, _ALIGN), tl.multiple_of(q_ptr, _ALIGN)
+        w_stride, q_stride = tl.multiple_of(w_stride, _ALIGN), tl.multiple_of(q_stride, _ALIGN)
+        k = tl.multiple_of(k, _ALIGN)
+    return w_ptr, q_ptr, tl.load(entry + 2).to(tl.pointer_type(tl.float32)), w_stride, q_stride, tl.load(entry + 5), k
 
 
 @triton.jit
@@ -100,12 +113,12 @@ def _to_fp8(m, scale, inv, SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
 @triton.jit
 def merge_rows_fp8_kernel(table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
                           FIELDS: tl.constexpr, MAX_U: tl.constexpr, DTYPE: tl.constexpr,
-                          SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
+                          SCALE_IN_WEIGHT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """Grid (row blocks of the longest segment, segments): a program past its segment's rows does nothing."""
     row0 = tl.program_id(0) * BM
     seg = tl.program_id(1).to(tl.int64)
     entry = table_ptr + seg * FIELDS
-    w_ptr, q_ptr, s_ptr, w_stride, q_stride, n, k = _segment(entry, DTYPE)
+    w_ptr, q_ptr, s_ptr, w_stride, q_stride, n, k = _segment(entry, DTYPE, ALIGNED)
     k = tl.where(row0 < n, k, 0)  # no column to visit in a block past the rows
     n_updates = tl.load(entry + 7)
     rows = row0 + tl.arange(0, BM)
@@ -130,12 +143,13 @@ def merge_rows_fp8_kernel(table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constex
 
 @triton.jit
 def restore_rows_fp8_kernel(table_ptr, BLOCK: tl.constexpr, ROWS: tl.constexpr, FIELDS: tl.constexpr,
-                            DTYPE: tl.constexpr, SCALE_IN_WEIGHT_DTYPE: tl.constexpr):
+                            DTYPE: tl.constexpr, SCALE_IN_WEIGHT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """A launch with no update (a restore): grid (ROWS-row blocks of the longest segment, segments), each row held in
     registers: read once, written once (ROWS rows a program, so few programs find their segment already done). The
     same arithmetic as merge_rows_fp8_kernel's with no update."""
     row0 = tl.program_id(0) * ROWS
-    w_ptr, q_ptr, s_ptr, w_stride, q_stride, n, k = _segment(table_ptr + tl.program_id(1).to(tl.int64) * FIELDS, DTYPE)
+    w_ptr, q_ptr, s_ptr, w_stride, q_stride, n, k = _segment(table_ptr + tl.program_id(1).to(tl.int64) * FIELDS, DTYPE,
+                                                             ALIGNED)
     c = tl.arange(0, BLOCK)
     m = c < k
     for row in range(row0, tl.minimum(row0 + ROWS, n)):
@@ -153,6 +167,11 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def _aligned(*values: int) -> bool:
+    """Whether pointers (bytes) and strides or widths (elements) are all multiples of ALIGN: an ALIGNED launch's."""
+    return all(v % ALIGN == 0 for v in values)
 
 
 def add_low_rank(w: torch.Tensor, updates: list, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,6 +193,7 @@ class _Table:
         self.floats: list[float] = []
         self.rows = self.cols = self.rank = self.segments = 0  # the longest segment's rows, columns; the top rank
         self.scratch = 0  # bytes of the gemm-first way's scratch rows it holds
+        self.aligned = True  # every segment's pointers, strides and widths multiples of ALIGN (see the kernels)
         self.alive: list[torch.Tensor] = []  # what the table points into, until the launch is issued
 
 
@@ -237,6 +257,7 @@ class Launch:
             table.scratch += w.numel() * size
             self.scratch += w.numel() * size
         q_ptr, s_ptr = rows.data_ptr() + first * rows.stride(0), scale.data_ptr() + first * 4
+        table.aligned = table.aligned and _aligned(w_ptr, q_ptr, w.stride(0), rows.stride(0), k)
         for i in range(0, n, SEGMENT_ROWS):  # rows i.. of the block, as a segment of their own
             m = min(SEGMENT_ROWS, n - i)
             table.ints += [w_ptr + i * w.stride(0) * size, q_ptr + i * rows.stride(0), s_ptr + i * 4, w.stride(0),
@@ -264,14 +285,14 @@ class Launch:
             block = triton.next_power_of_2(t.cols)
             restore_rows_fp8_kernel[(-(-t.rows // ONE_PASS_ROWS), t.segments)](
                 table, BLOCK=block, ROWS=ONE_PASS_ROWS, FIELDS=FIELDS, DTYPE=dtype,
-                SCALE_IN_WEIGHT_DTYPE=self.rounding, num_warps=8 if block >= 4096 else 4)
+                SCALE_IN_WEIGHT_DTYPE=self.rounding, ALIGNED=t.aligned and VECTOR_ACCESS, num_warps=8 if block >= 4096 else 4)
         else:
             c = {**TILED, **(self.config or {})}
             scales = _to_device(torch.tensor(t.floats, dtype=torch.float32), self.device)
             r = max(16, triton.next_power_of_2(t.rank)) if t.rank else 16
             merge_rows_fp8_kernel[(-(-t.rows // c["BM"]), t.segments)](
                 table, scales, R=r, BM=c["BM"], BK=c["BK"], FIELDS=FIELDS, MAX_U=MAX_UPDATES, DTYPE=dtype,
-                SCALE_IN_WEIGHT_DTYPE=self.rounding, num_warps=c["num_warps"])
+                SCALE_IN_WEIGHT_DTYPE=self.rounding, ALIGNED=t.aligned and VECTOR_ACCESS, num_warps=c["num_warps"])
 
     def run(self) -> None:
         """Write every segment added since the last run. The tensors must stay alive until it has run (a model's

@@ -4,6 +4,8 @@ in for, torchao's row-wise float8 (the GPU's fp8 copy) and quantize_rows, on row
 one, with outliers; and where those two functions disagree, it follows the one it is asked for."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -240,3 +242,69 @@ def test_the_merge_kernel_is_checked_before_use_and_a_failing_one_leaves_merges_
     assert merge.restore() and launched == [False] and written == [True]  # the restore: the grouped launch
     assert torch.equal(target.rows.view(torch.uint8), pristine)
     assert merge.report()["merge_kernel"] == "RuntimeError: no kernel image"
+
+
+def test_a_launch_is_marked_aligned_only_where_every_segments_pointers_strides_and_width_are(monkeypatch):
+    """What decides the kernels' vector accesses (ALIGNED): a weight of FLUX's widths in fresh storage is aligned; a
+    column block one element in, or a width not a multiple of 16, makes its whole launch unaligned; the values are
+    the same either way."""
+    from optimizations.kernels import fp8_weight_quant
+
+    seen = []
+    real = fp8_weight_quant.Launch._launch
+    monkeypatch.setattr(fp8_weight_quant.Launch, "_launch", lambda self, t: seen.append(t.aligned) or real(self, t))
+    wide = weight((16, 3088), seed=30)
+    cases = {"aligned": [weight((16, 3072), seed=31)], "a column block one element in": [wide[:, 1:3073]],
+             "mixed": [weight((16, 3072), seed=31), wide[:, 1:3073]], "width 1000": [weight((8, 1000), seed=32)]}
+    expected = {"aligned": [True], "a column block one element in": [False], "mixed": [False],
+                "width 1000": [False]}
+    for name, ws in cases.items():
+        seen.clear()
+        for w, got in zip(ws, grouped([(w, []) for w in ws], "torchao")):
+            assert same(got, QUANTISERS["torchao"](w.contiguous())), name
+        assert seen == expected[name], name
+
+
+SM90_ACCESSES = """
+import json, re, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from optimizations.kernels import fp8_weight_quant as q
+names = ["BLOCK", "ROWS", "FIELDS", "DTYPE", "SCALE_IN_WEIGHT_DTYPE", "ALIGNED"]
+out = {}
+for aligned in (False, True):
+    src = ASTSource(fn=q.restore_rows_fp8_kernel, signature={"table_ptr": "*i64", **{n: "constexpr" for n in names}},
+                    constexprs=dict(zip(names, [4096, 8, q.FIELDS, tl.bfloat16, True, aligned])))
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
+    out[str(aligned)] = [sorted(set(re.findall(r"ld\\.global\\.(\\S+)", ptx))),
+                         sorted(set(re.findall(r"st\\.global\\.(\\S+)", ptx)))]
+print(json.dumps(out))
+"""
+
+
+def sm90_accesses() -> dict:
+    """{aligned: (global load widths, store widths)} in the one-pass kernel's PTX for an H100, compiled here (no GPU
+    needed) in a process of its own: Triton's interpreter, which the other tests run the kernels in, cannot
+    compile."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    done = subprocess.run([sys.executable, "-c", SM90_ACCESSES], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {k == "True": (set(v[0]), set(v[1])) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def test_an_aligned_launch_moves_sixteen_bytes_per_access_where_an_unaligned_one_moves_a_value_at_a_time():
+    """The point of ALIGNED: without the hints the bf16 weight is read two bytes and the fp8 rows written one byte
+    per instruction (the table's addresses are invisible to Triton); with them, 16 bytes (v4.b32)."""
+    accesses = sm90_accesses()
+    loads, stores = accesses[False]
+    assert "b16" in loads and "b8" in stores and "v4.b32" not in loads | stores
+    loads, stores = accesses[True]
+    assert "v4.b32" in loads and "v4.b32" in stores and "b16" not in loads and "b8" not in stores
