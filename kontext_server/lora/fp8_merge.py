@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -157,25 +158,38 @@ class Target:
         self.linear.weight_scale.copy_(s.reshape(self.linear.weight_scale.shape))
 
 
-def write_targets(jobs: list[tuple[Target, list]], grouped_merges: bool = True) -> None:
+def write_targets(jobs: list[tuple[Target, list]], grouped_merges: bool = True, arena: torch.Tensor | None = None,
+                  record: list | None = None) -> bool:
     """Write each (target, adapters) (no adapters: the base weight): the grouped targets in a few launches per rounding,
     the rest one by one; `grouped_merges=False`: those with adapters one by one too (the merge kernel failed its
-    check, `merge_kernel_problem`)."""
+    check, `merge_kernel_problem`). `arena`, `record`: the launches' (fp8_weight_quant.Launch): the grouped writes'
+    steps are appended to `record`. Returns whether replaying `record` (and writing the ungrouped ones again) would
+    write the same."""
     from optimizations.kernels.fp8_weight_quant import Launch
 
-    def grouped(t: Target, adapters) -> bool:
-        return t.grouped and (grouped_merges or not adapters)
-
+    replayable = True
     for rounding in ("triton_torchao", "triton_rows"):
-        group = [(t, adapters) for t, adapters in jobs if grouped(t, adapters) and t.quantiser == rounding]
+        group = [(t, adapters) for t, adapters in jobs if _grouped(t, adapters, grouped_merges)
+                 and t.quantiser == rounding]
         if group:
             launch = Launch(group[0][0].source.dtype, group[0][0].source.device, rounding == "triton_torchao",
-                            **KERNEL)
+                            **KERNEL, arena=arena, record=record)
             for t, adapters in group:
                 t.add_to(launch, adapters)
             launch.run()
+            replayable = replayable and launch.replayable
+    write_ungrouped(jobs, grouped_merges)
+    return replayable
+
+
+def _grouped(t: Target, adapters, grouped_merges: bool) -> bool:
+    return t.grouped and (grouped_merges or not adapters)
+
+
+def write_ungrouped(jobs: list[tuple[Target, list]], grouped_merges: bool) -> None:
+    """The jobs that write_targets leaves out of its launches, each written on its own."""
     for t, adapters in jobs:
-        if not grouped(t, adapters):
+        if not _grouped(t, adapters, grouped_merges):
             t.write(adapters)
 
 
@@ -228,14 +242,78 @@ def _fp8_linears(wrapper) -> list[Fp8Linear] | str:
 
 
 class Fp8Merge(MergedWeights):
-    """The targets of one fp8 copy (see the module docstring and merged_weights.py)."""
+    """The targets of one fp8 copy (see the module docstring and merged_weights.py).
+
+    Replays: a change of adapters is hundreds of segments to describe, and with the kernels fast the host's building
+    of their tables became most of a switch. So each write is recorded (fp8_weight_quant.Launch's `record`: its
+    addmms and its launches, their tables already on the device) and kept in an LRU of PLANS, keyed by what it wrote
+    (which targets, with which adapter objects at which scales, under which kernel settings); the same write again
+    is a replay of those steps (a new scale is a new plan). The gemm-first way's scratch rows go to one arena of
+    the merge's (SCRATCH_BYTES of device memory at most, allocated at its first write), so that a replay writes where
+    the recording did.
+    A plan holds the adapters' tensors, not the adapters: when a store drops an adapter (its object is collected),
+    every plan that used it is dropped with it, so its device memory is freed and a reload with new tensors is
+    recorded anew. Adapters that cannot be weakly referenced are never recorded. Contract: the targets' tensors (the
+    live model's weights) are not reallocated while the merge lives."""
+
+    PLANS = 8
 
     def __init__(self, targets: list[Target], kept: dict[str, int], merge_kernel_problem: str | None = None):
         super().__init__(targets, kept)
         self.merge_kernel_problem = merge_kernel_problem  # None, or why merges are written linear by linear
+        self.index = {id(t): i for i, t in enumerate(targets)}
+        self.plans: collections.OrderedDict = collections.OrderedDict()  # key -> recorded steps
+        self.arena: torch.Tensor | None = None
+        self.watched: set[int] = set()  # ids of the adapters whose collection drops their plans
+        self.replays = 0
 
     def _write(self, jobs: list[tuple[Target, list]]) -> None:
-        write_targets(jobs, self.merge_kernel_problem is None)
+        from optimizations.kernels import fp8_weight_quant
+
+        grouped_merges = self.merge_kernel_problem is None
+        key, adapters = self._plan_key(jobs)
+        plan = self.plans.get(key) if key is not None else None
+        if plan is not None:
+            self.plans.move_to_end(key)
+            for step in plan:
+                step()
+            write_ungrouped(jobs, grouped_merges)
+            self.replays += 1
+            return
+        grouped = [t for t in self.targets if t.grouped]
+        if self.arena is None and grouped and KERNEL.get("gemm_first"):
+            self.arena = fp8_weight_quant.scratch_arena(grouped[0].source.device, sum(
+                t.source.numel() * t.source.element_size() for t in grouped))
+        record: list = []
+        if write_targets(jobs, grouped_merges, self.arena, record) and key is not None:
+            self.plans[key] = record
+            for a in adapters:
+                if id(a) not in self.watched:
+                    self.watched.add(id(a))
+                    weakref.finalize(a, self._forget, id(a))
+            while len(self.plans) > self.PLANS:
+                self.plans.popitem(last=False)
+
+    def _plan_key(self, jobs: list[tuple[Target, list]]) -> tuple[tuple | None, list]:
+        """(what a write's plan is keyed by, the adapter objects in it), or (None, []) where it cannot be recorded
+        (an adapter that cannot be weakly referenced)."""
+        from optimizations.kernels import fp8_weight_quant as k
+
+        adapters: dict[int, object] = {}
+        for _, pairs in jobs:
+            for a, _ in pairs:
+                adapters.setdefault(id(a), a)
+        if any(not hasattr(type(a), "__weakref__") for a in adapters.values()):
+            return None, []
+        settings = (repr(KERNEL), k.VECTOR_ACCESS, k.ONE_PASS_ROWS, k.SCRATCH_BYTES, k.CHUNK_SEGMENTS, k.SEGMENT_ROWS)
+        key = (settings, tuple((self.index[id(t)], tuple((id(a), s) for a, s in pairs)) for t, pairs in jobs))
+        return key, list(adapters.values())
+
+    def _forget(self, adapter_id: int) -> None:
+        """Drop every plan that used the adapter whose object is being collected."""
+        self.watched.discard(adapter_id)
+        for key in [key for key in self.plans if any(adapter_id == a for _, pairs in key[1] for a, _ in pairs)]:
+            del self.plans[key]
 
     @classmethod
     @torch.no_grad()
@@ -293,4 +371,6 @@ class Fp8Merge(MergedWeights):
 
     def report(self) -> dict:
         return {**super().report(), "quantisers": dict(collections.Counter(t.quantiser for t in self.targets)),
-                "merge_kernel": "grouped" if self.merge_kernel_problem is None else self.merge_kernel_problem}
+                "merge_kernel": "grouped" if self.merge_kernel_problem is None else self.merge_kernel_problem,
+                "plans": len(self.plans), "replays": self.replays,
+                "scratch_mib": round(self.arena.numel() / 2**20, 1) if self.arena is not None else 0}

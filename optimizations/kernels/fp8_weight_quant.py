@@ -33,6 +33,7 @@ where the GEMM's summation order differs.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +46,8 @@ FIELDS = 8 + 5 * MAX_UPDATES  # int64s per segment in the table (see Launch.add)
 TILED = {"BM": 32, "BK": 128, "num_warps": 4}  # merge_rows_fp8_kernel's tile (bench/bench_fp8_merge.py compares)
 ONE_PASS_MAX_K = 16384  # restore_rows_fp8_kernel holds a row in registers
 ONE_PASS_ROWS = 8  # rows per program of restore_rows_fp8_kernel
-SCRATCH_BYTES = 1 << 30  # Launch(gemm_first=True): merged rows held at once before their quantisation is launched
+SCRATCH_BYTES = 1 << 29  # Launch(gemm_first=True): merged rows held at once before their quantisation is launched
+#                           (with an arena: the arena's size, see scratch_arena)
 CHUNK_SEGMENTS = 64  # segments per launch: the GPU starts on the first ones while the host adds the rest
 SEGMENT_ROWS = 3072  # longer blocks of rows are split: a launch's programs then have like work
 ALIGN = 16  # an ALIGNED launch's pointers are multiples of ALIGN bytes, its strides and widths of ALIGN elements
@@ -169,6 +171,10 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def _replay(step, _alive: list) -> None:
+    step()
+
+
 def _aligned(*values: int) -> bool:
     """Whether pointers (bytes) and strides or widths (elements) are all multiples of ALIGN: an ALIGNED launch's."""
     return all(v % ALIGN == 0 for v in values)
@@ -197,6 +203,12 @@ class _Table:
         self.alive: list[torch.Tensor] = []  # what the table points into, until the launch is issued
 
 
+def scratch_arena(device: torch.device, nbytes: int = SCRATCH_BYTES) -> torch.Tensor:
+    """Memory for Launch(arena=...) (at most SCRATCH_BYTES): the gemm-first way's merged rows go there, and a
+    recorded launch (`record`) writes into the same place each time it is replayed."""
+    return torch.empty(min(nbytes, SCRATCH_BYTES), dtype=torch.uint8, device=device)
+
+
 class Launch:
     """Tables of launches, built from addresses (no tensor views: a switch adds hundreds of segments, and the host's
     time is the switch's). `add` a block of rows of a weight and its updates; `run` writes them all.
@@ -204,20 +216,27 @@ class Launch:
     of two, for the one-pass kernel (a row of 3,072 is not held in a register block sized for 12,288); those with
     updates apart, for the tiled kernel. A segment longer than SEGMENT_ROWS rows is split, so that a launch's
     programs have like work. A group of CHUNK_SEGMENTS segments (or SCRATCH_BYTES of scratch rows held) is launched
-    as `add` fills it, so that the host's building of the rest overlaps the GPU's writing."""
+    as `add` fills it, so that the host's building of the rest overlaps the GPU's writing.
+    `record`: a list that gets every step issued (each addmm and each kernel launch, with its table already on the
+    device) as a callable; calling them again in order writes the same values again without building anything
+    (`replayable` says whether that holds: the scratch rows must be in an arena, not allocated per segment)."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device, scale_in_weight_dtype: bool,
-                 gemm_first: bool = False, config: dict | None = None, one_pass: bool = True):
+                 gemm_first: bool = False, config: dict | None = None, one_pass: bool = True,
+                 arena: torch.Tensor | None = None, record: list | None = None):
         """`gemm_first`: a segment's update is added by torch's addmm (cuBLAS) into a scratch copy of its rows as it
         is added, and the scratch rows are quantised by the one-pass kernel, instead of the tiled kernel computing
         the update itself. `config`: the tiled kernel's BM, BK, num_warps (tools compare them). `one_pass=False`:
-        the tiled kernel even with no update (tests)."""
+        the tiled kernel even with no update (tests). `arena` (scratch_arena): where the scratch rows go, reused
+        after each run (stream order keeps a launch's reads before the next rows' writes); else each segment's are
+        allocated. `record`: see the class docstring."""
         if dtype not in _TL_DTYPES:
             raise ValueError(f"weights in bf16 or fp16, not {dtype}")
         self.dtype, self.device, self.rounding = dtype, device, scale_in_weight_dtype
         self.gemm_first, self.config, self.one_pass = gemm_first, config, one_pass
         self.tables: dict[int, _Table] = {}  # 0: with updates (tiled); else the one-pass kernel's register block
         self.scratch = 0  # bytes of scratch rows held by the tables
+        self.arena, self.arena_used, self.record, self.replayable = arena, 0, record, True
 
     def add(self, source: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor, first: int, n: int,
             updates: list) -> None:
@@ -246,7 +265,10 @@ class Launch:
                                  f"{tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} {b.dtype}")
         size = source.element_size()
         if updates and self.gemm_first:  # the merged rows become the segment's weight, with no update left
-            w = add_low_rank(source[first:first + n], [(a[:, c:c + k], b, s) for a, c, b, s in updates])
+            args = (source[first:first + n], [(a[:, c:c + k], b, s) for a, c, b, s in updates])
+            w = add_low_rank(*args, out=self._scratch(n, k, size))
+            if self.record is not None:
+                self.record.append(functools.partial(add_low_rank, *args, out=w))
             w_ptr, updates = w.data_ptr(), []
         else:
             w, w_ptr = source, source.data_ptr() + first * source.stride(0) * size
@@ -276,23 +298,45 @@ class Launch:
             self._launch(self.tables.pop(key))
             self.scratch -= table.scratch
 
+    def _scratch(self, n: int, k: int, element_size: int) -> torch.Tensor | None:
+        """(n, k) rows of the arena for a segment's merged rows (after a run, if the arena is full), or None: the
+        addmm allocates them (no arena, or rows larger than it: then the launch cannot be replayed)."""
+        if self.arena is None:
+            self.replayable = False
+            return None
+        size = n * k * element_size
+        if size > self.arena.numel():
+            self.replayable = False
+            return None
+        if self.arena_used + size > self.arena.numel():
+            self.run()
+        start = self.arena_used
+        self.arena_used += -(-size // 256) * 256  # each segment's rows 256-byte aligned, as an allocation's are
+        return self.arena[start:start + size].view(self.dtype).view(n, k)
+
     def _launch(self, t: _Table) -> None:
         """One launch of the kernel for a table: the one-pass kernel for a table with no update, else the tiled
         one."""
         table = _to_device(torch.tensor(t.ints, dtype=torch.int64), self.device)
         dtype = _TL_DTYPES[self.dtype]
+        aligned = t.aligned and VECTOR_ACCESS
         if not t.rank and self.one_pass and t.cols <= ONE_PASS_MAX_K:
             block = triton.next_power_of_2(t.cols)
-            restore_rows_fp8_kernel[(-(-t.rows // ONE_PASS_ROWS), t.segments)](
-                table, BLOCK=block, ROWS=ONE_PASS_ROWS, FIELDS=FIELDS, DTYPE=dtype,
-                SCALE_IN_WEIGHT_DTYPE=self.rounding, ALIGNED=t.aligned and VECTOR_ACCESS, num_warps=8 if block >= 4096 else 4)
+            step = functools.partial(
+                restore_rows_fp8_kernel[(-(-t.rows // ONE_PASS_ROWS), t.segments)], table, BLOCK=block,
+                ROWS=ONE_PASS_ROWS, FIELDS=FIELDS, DTYPE=dtype, SCALE_IN_WEIGHT_DTYPE=self.rounding, ALIGNED=aligned,
+                num_warps=8 if block >= 4096 else 4)
         else:
             c = {**TILED, **(self.config or {})}
             scales = _to_device(torch.tensor(t.floats, dtype=torch.float32), self.device)
             r = max(16, triton.next_power_of_2(t.rank)) if t.rank else 16
-            merge_rows_fp8_kernel[(-(-t.rows // c["BM"]), t.segments)](
-                table, scales, R=r, BM=c["BM"], BK=c["BK"], FIELDS=FIELDS, MAX_U=MAX_UPDATES, DTYPE=dtype,
-                SCALE_IN_WEIGHT_DTYPE=self.rounding, ALIGNED=t.aligned and VECTOR_ACCESS, num_warps=c["num_warps"])
+            step = functools.partial(
+                merge_rows_fp8_kernel[(-(-t.rows // c["BM"]), t.segments)], table, scales, R=r, BM=c["BM"],
+                BK=c["BK"], FIELDS=FIELDS, MAX_U=MAX_UPDATES, DTYPE=dtype, SCALE_IN_WEIGHT_DTYPE=self.rounding,
+                ALIGNED=aligned, num_warps=c["num_warps"])
+        step()
+        if self.record is not None:  # with what its table points into, kept alive as long as the record is
+            self.record.append(functools.partial(_replay, step, t.alive))
 
     def run(self) -> None:
         """Write every segment added since the last run. The tensors must stay alive until it has run (a model's
@@ -300,7 +344,7 @@ class Launch:
         after its launch is issued, and reused only by work queued after it."""
         for t in self.tables.values():
             self._launch(t)
-        self.tables, self.scratch = {}, 0
+        self.tables, self.scratch, self.arena_used = {}, 0, 0
 
 
 @dataclass
