@@ -3,7 +3,8 @@
 linear of FLUX at its real shape, with the real merge code, for each way of adding the adapters' updates.
 
     python bench/bench_fp8_merge.py --ranks 32,128 --configs 32x128x4,64x64x4,64x128x8,128x64x8 --out merge.json
-    python bench/bench_fp8_merge.py --small          (CPU, Triton's interpreter: that it runs and is exact, no timing)
+    TRITON_INTERPRET=1 python bench/bench_fp8_merge.py --small   (CPU: that it runs and is exact, no timing)
+    TRITON_INTERPRET=1 python bench/bench_fp8_merge.py --host    (CPU: the host's part of a switch, built and replayed)
 
 Builds the transformer's block linears as the fp8 copy holds them (19 double blocks: fused q/k/v of image and text,
 their output projections, both MLPs; 38 single blocks: the fused q/k/v + MLP input, the two column halves of the
@@ -134,8 +135,17 @@ def main(argv=None) -> int:
                    help="rows per program of the one-pass kernel to time a restore with (ONE_PASS_ROWS)")
     p.add_argument("--switches", type=int, default=8)
     p.add_argument("--small", action="store_true", help="CPU: small shapes under Triton's interpreter, no timing")
+    p.add_argument("--host", action="store_true",
+                   help="CPU: the host's time for a gemm-first switch over FLUX's linears (small shapes, the kernels "
+                        "not run): built each time against replayed (Fp8Merge's plans)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    if a.host:
+        out = {"tool": "bench/bench_fp8_merge.py", "argv": sys.argv[1:], "host_ms": host_time(a.switches)}
+        print(json.dumps(out))
+        if a.out:
+            a.out.write_text(json.dumps(out, indent=1))
+        return 0
     from kontext_server.lora import fp8_merge
     from kontext_server.lora.fp8_merge import Fp8Merge
     from optimizations.kernels import fp8_weight_quant
@@ -187,6 +197,41 @@ def main(argv=None) -> int:
         a.out.write_text(json.dumps(out, indent=1))
     print(table(out))
     return 0
+
+
+def host_time(switches: int, double: int = DOUBLE, single: int = SINGLE) -> dict:
+    """Median milliseconds of the host's part of a switch between two adapters (rank 16) over FLUX's 266 block
+    linears (or those of `double` and `single` blocks) at small widths on the CPU, with the kernels' launches replaced by nothing (their tables are built and
+    copied; the addmms run, on the CPU): each switch built (no plan kept) against replayed."""
+    from kontext_server.lora import fp8_merge
+    from kontext_server.lora.fp8_merge import Fp8Merge
+    from optimizations.kernels import fp8_weight_quant
+
+    targets, widths = build(block_linears(32, 64, double, single), "cpu")  # quantised with the real kernel
+    pair = [adapter(targets, widths, 16, "cpu", seed) for seed in (1, 2)]
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    saved = (fp8_weight_quant.restore_rows_fp8_kernel, fp8_weight_quant.merge_rows_fp8_kernel, dict(fp8_merge.KERNEL))
+    fp8_weight_quant.restore_rows_fp8_kernel = fp8_weight_quant.merge_rows_fp8_kernel = NoLaunch()
+    fp8_merge.KERNEL.update(gemm_first=True, config=None)
+    res = {}
+    try:
+        for name, plans in (("built", 0), ("replayed", Fp8Merge.PLANS)):
+            merge = Fp8Merge(targets, {})
+            merge.PLANS = plans
+            times = []
+            for i in range(switches + 2):
+                ad = pair[i % 2]
+                times.append(timed(lambda: merge.apply((ad.name, i), [(ad, 1.0)]), lambda: None))
+            res[name] = round(statistics.median(times[2:]), 2)  # the first two record (or build) each adapter once
+    finally:
+        fp8_weight_quant.restore_rows_fp8_kernel, fp8_weight_quant.merge_rows_fp8_kernel = saved[:2]
+        fp8_merge.KERNEL.clear()
+        fp8_merge.KERNEL.update(saved[2])
+    return res
 
 
 def restores(merge, ad, key, n: int, sync) -> list[float]:

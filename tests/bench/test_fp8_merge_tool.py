@@ -32,3 +32,11 @@ def test_the_bench_merges_as_torch_does_and_restores_bit_for_bit_each_way(tmp_pa
             assert "error" not in c, (rank, tile, c)
             assert c["restore_bit_identical"] is True
             assert c["merged_fp8_values_differing_from_torch"] < 1e-3, (rank, tile, c)
+
+
+def test_the_host_mode_times_a_switch_built_and_replayed_and_the_replay_is_cheaper():
+    """--host: the host's part of a switch over FLUX's block linears (small widths, no kernel run; here four blocks'
+    worth), with each switch's launches built against replayed from the merge's recorded plans."""
+    host = tool.host_time(4, double=2, single=2)
+    assert set(host) == {"built", "replayed"}
+    assert 0 < host["replayed"] < host["built"], host
