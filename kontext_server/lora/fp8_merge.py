@@ -252,9 +252,9 @@ class Fp8Merge(MergedWeights):
     the merge's (SCRATCH_BYTES of device memory at most, allocated at its first write), so that a replay writes where
     the recording did.
     A plan holds the adapters' tensors, not the adapters: when a store drops an adapter (its object is collected),
-    every plan that used it is dropped with it, so its device memory is freed and a reload with new tensors is
-    recorded anew. Adapters that cannot be weakly referenced are never recorded. Contract: the targets' tensors (the
-    live model's weights) are not reallocated while the merge lives."""
+    every plan that used it is dropped at the next write, so its device memory is freed then and a reload with new
+    tensors is recorded anew. Adapters that cannot be weakly referenced are never recorded. Contract: the targets'
+    tensors (the live model's weights) are not reallocated while the merge lives."""
 
     PLANS = 8
 
@@ -265,12 +265,14 @@ class Fp8Merge(MergedWeights):
         self.plans: collections.OrderedDict = collections.OrderedDict()  # key -> recorded steps
         self.arena: torch.Tensor | None = None
         self.watched: set[int] = set()  # ids of the adapters whose collection drops their plans
+        self.collected: collections.deque = collections.deque()  # ids of those collected since the last write
         self.replays = 0
 
     def _write(self, jobs: list[tuple[Target, list]]) -> None:
         from optimizations.kernels import fp8_weight_quant
 
         grouped_merges = self.merge_kernel_problem is None
+        self._drop_collected()  # before any lookup: a collected adapter's id may be a new adapter's now
         key, adapters = self._plan_key(jobs)
         plan = self.plans.get(key) if key is not None else None
         if plan is not None:
@@ -310,10 +312,17 @@ class Fp8Merge(MergedWeights):
         return key, list(adapters.values())
 
     def _forget(self, adapter_id: int) -> None:
-        """Drop every plan that used the adapter whose object is being collected."""
-        self.watched.discard(adapter_id)
-        for key in [key for key in self.plans if any(adapter_id == a for _, pairs in key[1] for a, _ in pairs)]:
-            del self.plans[key]
+        """An adapter's object is being collected: its plans go, and with them their hold on its tensors. Only noted
+        here (a finalizer runs on whichever thread dropped the last reference) and done at the merge's next write,
+        on the worker's thread, before anything is looked up."""
+        self.collected.append(adapter_id)
+
+    def _drop_collected(self) -> None:
+        while self.collected:
+            adapter_id = self.collected.popleft()
+            self.watched.discard(adapter_id)
+            for key in [key for key in self.plans if any(adapter_id == a for _, pairs in key[1] for a, _ in pairs)]:
+                del self.plans[key]
 
     @classmethod
     @torch.no_grad()

@@ -2,8 +2,8 @@
 interpreter: the same adapters written again replay the recorded addmms and launches and give the same bytes, with
 the gemm-first way's scratch rows in the merge's arena even when a write needs several runs of it; a new scale is a
 new plan; plans are bounded; an adapter reloaded with new weights is recorded anew, and the plans of the old one go
-(with their hold on its tensors) when it is collected; adapters that cannot be weakly referenced are never recorded.
-"""
+(with their hold on its tensors) at the first write after it is collected; adapters that cannot be weakly
+referenced are never recorded."""
 from __future__ import annotations
 
 import gc
@@ -140,13 +140,13 @@ def test_an_adapter_reloaded_with_new_weights_is_recorded_anew_and_the_old_ones_
     merge.apply("style", [(old, 1.0)])
     merge.restore()
     assert len(merge.plans) == 2
-    del old
+    del old  # as a store drops an adapter it evicts, or reloads because its file changed
     gc.collect()
-    assert len(merge.plans) == 1  # the restore's stays
-    assert tensor() is None  # no plan kept the dropped adapter's weights alive
-    new = adapter(5, "style")  # the same name, other weights (e.g. the file changed and was loaded again)
+    new = adapter(5, "style")  # the same name, other weights
     merge.apply("style", [(new, 1.0)])
     assert merge.replays == 0
+    assert len(merge.plans) == 2  # the restore's and the new adapter's: the old one's went at this write
+    assert tensor() is None  # no plan kept the dropped adapter's weights alive
     reference = targets()
     fp8_merge.write_targets([(t, [(new, 1.0)]) for t in reference])
     assert all(torch.equal(x, y) for x, y in zip(held(ts), held(reference)))
