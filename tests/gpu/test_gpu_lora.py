@@ -195,3 +195,19 @@ def test_a_merged_exact_request_gives_the_fused_branchs_image_and_a_switch_captu
         out = run(svc, [(name, 1.0)])
         assert "cold_start" not in out.timings_ms and out.timings_ms.get("lora_switch") is not None
     assert captures(svc) == n, "a merged adapter switch captured a new CUDA graph"
+
+
+def test_a_replayed_fp8_merge_gives_the_recorded_merges_image_bit_for_bit(merged_svc):
+    """The same adapters again, after a base request restored the copy: the merge replays its recorded addmms and
+    launches (Fp8Merge's plans, the scratch rows in its arena) and the output is the first merge's exactly."""
+    svc = merged_svc
+    loras = [("light", 0.8), ("style", -0.3)]
+    first = run(svc, loras, **TIERS["fp8"]).latents
+    run(svc, **TIERS["fp8"])  # the base weights back
+    replays = svc.health()["lora"]["branch"]["fp8_merge"]["replays"]
+    again = run(svc, loras, **TIERS["fp8"])
+    assert again.timings_ms.get("lora_switch") is not None
+    merge = svc.health()["lora"]["branch"]["fp8_merge"]
+    print(f"fp8 merge plans: {merge['plans']}, replays {merge['replays']}, scratch {merge['scratch_mib']} MiB")
+    assert merge["replays"] == replays + 1 and merge["scratch_mib"] > 0
+    torch.testing.assert_close(again.latents, first, rtol=0, atol=0)
