@@ -105,6 +105,18 @@ def candidates(device: torch.device) -> list[str]:
     return [q for q in QUANTISERS if device.type == "cuda" or not q.startswith("triton")]
 
 
+class _Scale:
+    """An update's scale as a recorded write reads it: the request's scale for the adapter (cell[i]) times the
+    adapter's own, the product part_updates takes, read anew each time the write runs."""
+    __slots__ = ("cell", "i", "own")
+
+    def __init__(self, cell: list, i: int, own: float):
+        self.cell, self.i, self.own = cell, i, own
+
+    def __float__(self) -> float:
+        return self.cell[self.i] * self.own
+
+
 @dataclass
 class Target:
     """One fp8 linear to merge into: its weight rows and scales (views of the live storage), the exact weight it was
@@ -127,15 +139,18 @@ class Target:
         """Written by the one-launch kernel (with every other such target) rather than on its own."""
         return self.quantiser.startswith("triton") and self.linear.weight_scale.is_contiguous()
 
-    def add_to(self, launch, adapters) -> None:
+    def add_to(self, launch, adapters, cell: list | None = None) -> None:
         """Its rows to the kernel's launch, one segment per part of the slot with the updates of the adapters that
-        reach that part. `adapters`: [(DeviceAdapter, request scale)]."""
+        reach that part. `adapters`: [(DeviceAdapter, request scale)]; `cell`: a list whose i-th value stands for the
+        i-th adapter's request scale wherever the launch reads it (_Scale), so that a recording replays at others."""
         scale, c = self.linear.weight_scale.reshape(-1), self.cols.start or 0
         rows = self.rows
         for module, offset, size in self.slot.parts:
             if size:
-                launch.add(self.source, rows, scale, offset, size,
-                           [(t.a, c, t.b, s) for t, s in part_updates(adapters, module)])
+                updates = part_updates(adapters, module) if cell is None else [
+                    (t, _Scale(cell, i, t.scale)) for i, (a, _) in enumerate(adapters)
+                    if (t := a.targets.get(module)) is not None]
+                launch.add(self.source, rows, scale, offset, size, [(t.a, c, t.b, s) for t, s in updates])
 
     @torch.no_grad()
     def merged(self, adapters) -> torch.Tensor:
@@ -159,12 +174,12 @@ class Target:
 
 
 def write_targets(jobs: list[tuple[Target, list]], grouped_merges: bool = True, arena: torch.Tensor | None = None,
-                  record: list | None = None) -> bool:
+                  record: list | None = None, cell: list | None = None) -> bool:
     """Write each (target, adapters) (no adapters: the base weight): the grouped targets in a few launches per rounding,
     the rest one by one; `grouped_merges=False`: those with adapters one by one too (the merge kernel failed its
     check, `merge_kernel_problem`). `arena`, `record`: the launches' (fp8_weight_quant.Launch): the grouped writes'
-    steps are appended to `record`. Returns whether replaying `record` (and writing the ungrouped ones again) would
-    write the same."""
+    steps are appended to `record`; `cell`: Target.add_to's. Returns whether replaying `record` (and writing the
+    ungrouped ones again) would write the same."""
     from optimizations.kernels.fp8_weight_quant import Launch
 
     replayable = True
@@ -175,7 +190,7 @@ def write_targets(jobs: list[tuple[Target, list]], grouped_merges: bool = True, 
             launch = Launch(group[0][0].source.dtype, group[0][0].source.device, rounding == "triton_torchao",
                             **KERNEL, arena=arena, record=record)
             for t, adapters in group:
-                t.add_to(launch, adapters)
+                t.add_to(launch, adapters, cell)
             launch.run()
             replayable = replayable and launch.replayable
     write_ungrouped(jobs, grouped_merges)
@@ -247,10 +262,11 @@ class Fp8Merge(MergedWeights):
     Replays: a change of adapters is hundreds of segments to describe, and with the kernels fast the host's building
     of their tables became most of a switch. So each write is recorded (fp8_weight_quant.Launch's `record`: its
     addmms and its launches, their tables already on the device) and kept in an LRU of PLANS, keyed by what it wrote
-    (which targets, with which adapter objects at which scales, under which kernel settings); the same write again
-    is a replay of those steps (a new scale is a new plan). The gemm-first way's scratch rows go to one arena of
-    the merge's (SCRATCH_BYTES of device memory at most, allocated at its first write), so that a replay writes where
-    the recording did.
+    (which targets, with which adapter objects, under which kernel settings); the same write again is a replay of
+    those steps. The gemm-first way (the default) reads the request's scales when its addmms run, so a replay serves
+    any scales; the tiled kernel's scales are in its tables, so there a new scale is a new plan. The gemm-first
+    way's scratch rows go to one arena of the merge's (SCRATCH_BYTES of device memory at most, allocated at its
+    first write), so that a replay writes where the recording did.
     A plan holds the adapters' tensors, not the adapters: when a store drops an adapter (its object is collected),
     every plan that used it is dropped at the next write, so its device memory is freed then and a reload with new
     tensors is recorded anew. Adapters that cannot be weakly referenced are never recorded. Contract: the targets'
@@ -277,7 +293,10 @@ class Fp8Merge(MergedWeights):
         plan = self.plans.get(key) if key is not None else None
         if plan is not None:
             self.plans.move_to_end(key)
-            for step in plan:
+            steps, cell = plan
+            if cell is not None:  # this request's scales, where the recorded steps read them (gemm-first)
+                cell[:] = [s for _, s in adapters]
+            for step in steps:
                 step()
             write_ungrouped(jobs, grouped_merges)
             self.replays += 1
@@ -287,9 +306,10 @@ class Fp8Merge(MergedWeights):
             self.arena = fp8_weight_quant.scratch_arena(grouped[0].source.device, sum(
                 t.source.numel() * t.source.element_size() for t in grouped))
         record: list = []
-        if write_targets(jobs, grouped_merges, self.arena, record) and key is not None:
-            self.plans[key] = record
-            for a in adapters:
+        cell = [s for _, s in adapters] if key is not None and key[1] else None
+        if write_targets(jobs, grouped_merges, self.arena, record, cell) and key is not None:
+            self.plans[key] = (record, cell)
+            for a, _ in adapters:
                 if id(a) not in self.watched:
                     self.watched.add(id(a))
                     weakref.finalize(a, self._forget, id(a))
@@ -297,19 +317,21 @@ class Fp8Merge(MergedWeights):
                 self.plans.popitem(last=False)
 
     def _plan_key(self, jobs: list[tuple[Target, list]]) -> tuple[tuple | None, list]:
-        """(what a write's plan is keyed by, the adapter objects in it), or (None, []) where it cannot be recorded
-        (an adapter that cannot be weakly referenced)."""
+        """(what a write's plan is keyed by, the request's [(adapter, scale)]), or None for the key where the write
+        cannot be recorded (an adapter that cannot be weakly referenced; jobs with different adapter lists).
+        The gemm-first way reads the scales when it runs (_Scale): its key leaves them out, so a replay serves any
+        scales; the tiled kernel's are in its launch tables, so they are part of its key."""
         from optimizations.kernels import fp8_weight_quant as k
 
-        adapters: dict[int, object] = {}
-        for _, pairs in jobs:
-            for a, _ in pairs:
-                adapters.setdefault(id(a), a)
-        if any(not hasattr(type(a), "__weakref__") for a in adapters.values()):
-            return None, []
+        adapters = next((pairs for _, pairs in jobs if pairs), [])
+        if any(pairs and pairs is not adapters for _, pairs in jobs) \
+                or any(not hasattr(type(a), "__weakref__") for a, _ in adapters):
+            return None, adapters
+        scale_free = bool(KERNEL.get("gemm_first"))
         settings = (repr(KERNEL), k.VECTOR_ACCESS, k.ONE_PASS_ROWS, k.SCRATCH_BYTES, k.CHUNK_SEGMENTS, k.SEGMENT_ROWS)
-        key = (settings, tuple((self.index[id(t)], tuple((id(a), s) for a, s in pairs)) for t, pairs in jobs))
-        return key, list(adapters.values())
+        written = tuple((self.index[id(t)], bool(pairs)) for t, pairs in jobs)
+        held = tuple((id(a), None if scale_free else s) for a, s in adapters)
+        return (settings, scale_free, written, held), adapters
 
     def _forget(self, adapter_id: int) -> None:
         """An adapter's object is being collected: its plans go, and with them their hold on its tensors. Only noted
@@ -321,7 +343,7 @@ class Fp8Merge(MergedWeights):
         while self.collected:
             adapter_id = self.collected.popleft()
             self.watched.discard(adapter_id)
-            for key in [key for key in self.plans if any(adapter_id == a for _, pairs in key[1] for a, _ in pairs)]:
+            for key in [key for key in self.plans if any(adapter_id == a for a, _ in key[3])]:
                 del self.plans[key]
 
     @classmethod

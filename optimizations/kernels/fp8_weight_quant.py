@@ -183,12 +183,13 @@ def _aligned(*values: int) -> bool:
 def add_low_rank(w: torch.Tensor, updates: list, out: torch.Tensor | None = None) -> torch.Tensor:
     """W + sum s B A by cuBLAS, `updates` [(A (r, K), B (N, r), s)]: rounded once to W's dtype where there is one
     update; several are stacked into one GEMM, each B scaled first (in W's dtype, as LoRA slots hold it). `out`:
-    where to write it (e.g. a live weight's rows)."""
+    where to write it (e.g. a live weight's rows). Each s is read with float() when this runs (a recorded call may be
+    given scales that change between its runs)."""
     if len(updates) == 1:
         a, b, s = updates[0]
-        return torch.addmm(w, b, a, alpha=s, out=out)
-    return torch.addmm(w, torch.cat([b * s for _, b, s in updates], 1), torch.cat([a for a, _, _ in updates], 0),
-                       out=out)
+        return torch.addmm(w, b, a, alpha=float(s), out=out)
+    return torch.addmm(w, torch.cat([b * float(s) for _, b, s in updates], 1),
+                       torch.cat([a for a, _, _ in updates], 0), out=out)
 
 
 class _Table:

@@ -1,9 +1,9 @@
 """The fp8 merge's recorded writes (kontext_server/lora/fp8_merge.py, Fp8Merge's plans) on CPU, in Triton's
 interpreter: the same adapters written again replay the recorded addmms and launches and give the same bytes, with
-the gemm-first way's scratch rows in the merge's arena even when a write needs several runs of it; a new scale is a
-new plan; plans are bounded; an adapter reloaded with new weights is recorded anew, and the plans of the old one go
-(with their hold on its tensors) at the first write after it is collected; adapters that cannot be weakly
-referenced are never recorded."""
+the gemm-first way's scratch rows in the merge's arena even when a write needs several runs of it; another scale
+replays the same plan (gemm-first) or is a plan of its own (the tiled kernel); plans are bounded; an adapter
+reloaded with new weights is recorded anew, and the plans of the old one go (with their hold on its tensors) at the
+first write after it is collected; adapters that cannot be weakly referenced are never recorded."""
 from __future__ import annotations
 
 import gc
@@ -119,7 +119,23 @@ def test_rows_larger_than_the_arena_are_merged_all_the_same_but_not_recorded(mon
     assert len(merge.plans) == 0
 
 
-def test_another_scale_is_a_plan_of_its_own_and_the_plans_are_bounded(monkeypatch):
+def test_another_scale_replays_the_same_plan_at_that_scale_and_gives_a_fresh_merges_bytes():
+    """The gemm-first way reads the request's scales when its addmms run: one plan per set of adapters, any scales
+    (two adapters, so that each update's scale is the right adapter's)."""
+    ts = targets()
+    merge, a, b = Fp8Merge(ts, {}), adapter(3), adapter(8, "b")
+    merge.apply("1.0", [(a, 1.0), (b, 0.4)])
+    for scales in ((0.5, 0.4), (0.5, -1.2), (0.0, 0.9)):
+        merge.apply(str(scales), [(a, scales[0]), (b, scales[1])])
+        reference = targets()
+        fp8_merge.write_targets([(t, [(a, scales[0]), (b, scales[1])]) for t in reference])
+        assert all(torch.equal(x, y) for x, y in zip(held(ts), held(reference))), scales
+    assert merge.replays == 3 and len(merge.plans) == 1
+
+
+def test_with_the_tiled_kernel_another_scale_is_a_plan_of_its_own_and_the_plans_are_bounded(monkeypatch):
+    """The tiled kernel's scales are in its launch tables: there each scale is recorded apart, up to PLANS."""
+    monkeypatch.setitem(fp8_merge.KERNEL, "gemm_first", False)
     monkeypatch.setattr(Fp8Merge, "PLANS", 3)
     ts = targets()
     merge, a = Fp8Merge(ts, {}), adapter(3)
@@ -130,6 +146,8 @@ def test_another_scale_is_a_plan_of_its_own_and_the_plans_are_bounded(monkeypatc
     for scale in (0.25, 0.75, -0.5):
         merge.apply(str(scale), [(a, scale)])
     assert len(merge.plans) == 3 and merge.replays == 0
+    merge.apply("-0.5 again", [(a, -0.5)])
+    assert merge.replays == 1
 
 
 def test_an_adapter_reloaded_with_new_weights_is_recorded_anew_and_the_old_ones_plans_go_with_it():
