@@ -106,12 +106,16 @@ def candidates(device: torch.device) -> list[str]:
 
 
 class _Scale:
-    """An update's scale as a recorded write reads it: the request's scale for the adapter (cell[i]) times the
-    adapter's own, the product part_updates takes, read anew each time the write runs."""
+    """A request's scale for its i-th adapter as a recorded write reads it: cell[i], read anew each time the write
+    runs. Standing in for the request scale in part_updates, it becomes that update's scale: times the adapter's own
+    (`own`), the same product in the same order."""
     __slots__ = ("cell", "i", "own")
 
-    def __init__(self, cell: list, i: int, own: float):
+    def __init__(self, cell: list, i: int, own: float = 1.0):
         self.cell, self.i, self.own = cell, i, own
+
+    def __mul__(self, own: float) -> "_Scale":
+        return _Scale(self.cell, self.i, self.own * own)
 
     def __float__(self) -> float:
         return self.cell[self.i] * self.own
@@ -145,12 +149,12 @@ class Target:
         i-th adapter's request scale wherever the launch reads it (_Scale), so that a recording replays at others."""
         scale, c = self.linear.weight_scale.reshape(-1), self.cols.start or 0
         rows = self.rows
+        if cell is not None:
+            adapters = [(a, _Scale(cell, i)) for i, (a, _) in enumerate(adapters)]
         for module, offset, size in self.slot.parts:
             if size:
-                updates = part_updates(adapters, module) if cell is None else [
-                    (t, _Scale(cell, i, t.scale)) for i, (a, _) in enumerate(adapters)
-                    if (t := a.targets.get(module)) is not None]
-                launch.add(self.source, rows, scale, offset, size, [(t.a, c, t.b, s) for t, s in updates])
+                launch.add(self.source, rows, scale, offset, size,
+                           [(t.a, c, t.b, s) for t, s in part_updates(adapters, module)])
 
     @torch.no_grad()
     def merged(self, adapters) -> torch.Tensor:
@@ -301,10 +305,11 @@ class Fp8Merge(MergedWeights):
             write_ungrouped(jobs, grouped_merges)
             self.replays += 1
             return
-        grouped = [t for t in self.targets if t.grouped]
-        if self.arena is None and grouped and KERNEL.get("gemm_first"):
-            self.arena = fp8_weight_quant.scratch_arena(grouped[0].source.device, sum(
-                t.source.numel() * t.source.element_size() for t in grouped))
+        if self.arena is None and KERNEL.get("gemm_first"):
+            grouped = [t for t in self.targets if t.grouped]
+            if grouped:
+                self.arena = fp8_weight_quant.scratch_arena(grouped[0].source.device, sum(
+                    t.source.numel() * t.source.element_size() for t in grouped))
         record: list = []
         cell = [s for _, s in adapters] if key is not None and key[1] else None
         if write_targets(jobs, grouped_merges, self.arena, record, cell) and key is not None:
