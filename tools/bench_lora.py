@@ -458,15 +458,15 @@ def run(a, small: bool, backend: str | None) -> int:
                "merge_kernel": a.merge_kernel or "default",
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "cpu",
                "torch": torch.__version__, "block_linears": len(linears), "ranks": {}}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for rank in ranks:
         t0 = time.perf_counter()
         results["ranks"][str(rank)] = measure_rank(a, rank, linears, work, width, height, image)
         results["ranks"][str(rank)]["phase_s"] = round(time.perf_counter() - t0, 1)
         print(f"rank {rank}: {results['ranks'][str(rank)]['phase_s']} s", file=sys.stderr)
-    results["total_s"] = round(time.perf_counter() - t_start, 1)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+        results["total_s"] = round(time.perf_counter() - t_start, 1)
+        out.write_text(json.dumps(results, indent=1))  # after each rank: a run cut short keeps the ranks it finished
     print(table(results))
     print(f"\nJSON: {out}")
     return 0
