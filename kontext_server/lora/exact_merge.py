@@ -16,9 +16,9 @@ change that variant too. The merged weight differs from the branch's arithmetic 
 W + s B A against the branch's bf16 update added to the output); tools/bench_lora.py reports both against the
 same reference.
 Limits: the copies cost the covered weights' size again in device memory (about 17 GB for FLUX's block linears in
-bf16). `FLUX_LORA_EXACT_MERGE`: "auto" (the default) makes them only on a CUDA device with that much free (counted
-after the allocator's cache is emptied) and EXACT_MERGE_HEADROOM besides, for the activations; "1" always; "0"
-never. Without the copies the exact tier runs the branch.
+bf16). `FLUX_LORA_EXACT_MERGE`: "auto" (the default) makes them only on a CUDA device with that much free and
+EXACT_MERGE_HEADROOM besides, for the activations; "1" always; "0" never. Without the copies the exact tier runs
+the branch.
 """
 from __future__ import annotations
 
@@ -83,9 +83,6 @@ def decide(mode: str, nbytes: int, device) -> str | None:
     device = torch.device(device)
     if device.type != "cuda":
         return "auto: only on a CUDA device (FLUX_LORA_EXACT_MERGE=1 to force it)"
-    # What the allocator caches but no tensor holds is room too: the start-up's freed weights (QKV fusion, the fp8
-    # copy's quantisation) sit there, and the driver's count leaves them out. Handed back first, then counted.
-    torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     if free < nbytes + EXACT_MERGE_HEADROOM:
         return (f"auto: the copies need {nbytes / GIB:.1f} GiB and {EXACT_MERGE_HEADROOM / GIB:.0f} GiB must stay "
