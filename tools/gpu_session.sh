@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a GPU machine, from the repo root, with the wheels from tools/fetch_gpu_wheels.sh in .whl/:
 #   bash tools/gpu_session.sh tests                      # GPU tests (pytest -m gpu), figures in $OUT/gpu_checks.json
+#        (test files only, one process each; a -k selection: py -m pytest -q -m gpu -s FILE -k EXPR)
 #   bash tools/gpu_session.sh bench --workload edit-512  # stage table; markdown on stdout, JSON + PNG in $OUT
 #   bash tools/gpu_session.sh profile --workload t2i-1024 --optimizations all --flags --flags use_mxfp4=true
 #   bash tools/gpu_session.sh request --workload edit-512 --optimizations all --flags use_mxfp4=true  # whole request
