@@ -310,7 +310,7 @@ class Fp8Merge(MergedWeights):
             if grouped:
                 self.arena = fp8_weight_quant.scratch_arena(grouped[0].source.device, sum(
                     t.source.numel() * t.source.element_size() for t in grouped))
-        record: list = []
+        record = [] if key is not None else None  # a write that cannot be recorded builds no steps to replay
         cell = [s for _, s in adapters] if key is not None and key[1] else None
         if write_targets(jobs, grouped_merges, self.arena, record, cell) and key is not None:
             self.plans[key] = (record, cell)
