@@ -35,7 +35,7 @@ import collections
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -119,6 +119,14 @@ class _Scale:
 
     def __float__(self) -> float:
         return self.cell[self.i] * self.own
+
+
+class _PlanKey(NamedTuple):
+    """What a recorded write is keyed by (Fp8Merge._plan_key)."""
+    settings: tuple  # the kernels' settings
+    scale_free: bool  # the gemm-first way: its steps read the request's scales when they run
+    written: tuple  # (target index, with adapters) per target written
+    held: tuple  # (adapter id, its scale, or None where scale_free) per adapter
 
 
 @dataclass
@@ -311,7 +319,7 @@ class Fp8Merge(MergedWeights):
                 self.arena = fp8_weight_quant.scratch_arena(grouped[0].source.device, sum(
                     t.source.numel() * t.source.element_size() for t in grouped))
         record = [] if key is not None else None  # a write that cannot be recorded builds no steps to replay
-        cell = [s for _, s in adapters] if key is not None and key[1] else None
+        cell = [s for _, s in adapters] if key is not None and key.scale_free else None
         if write_targets(jobs, grouped_merges, self.arena, record, cell) and key is not None:
             self.plans[key] = (record, cell)
             for a, _ in adapters:
@@ -321,7 +329,7 @@ class Fp8Merge(MergedWeights):
             while len(self.plans) > self.PLANS:
                 self.plans.popitem(last=False)
 
-    def _plan_key(self, jobs: list[tuple[Target, list]]) -> tuple[tuple | None, list]:
+    def _plan_key(self, jobs: list[tuple[Target, list]]) -> tuple[_PlanKey | None, list]:
         """(what a write's plan is keyed by, the request's [(adapter, scale)]), or None for the key where the write
         cannot be recorded (an adapter that cannot be weakly referenced; jobs with different adapter lists).
         The gemm-first way reads the scales when it runs (_Scale): its key leaves them out, so a replay serves any
@@ -336,7 +344,7 @@ class Fp8Merge(MergedWeights):
         settings = (repr(KERNEL), k.VECTOR_ACCESS, k.ONE_PASS_ROWS, k.SCRATCH_BYTES, k.CHUNK_SEGMENTS, k.SEGMENT_ROWS)
         written = tuple((self.index[id(t)], bool(pairs)) for t, pairs in jobs)
         held = tuple((id(a), None if scale_free else s) for a, s in adapters)
-        return (settings, scale_free, written, held), adapters
+        return _PlanKey(settings, scale_free, written, held), adapters
 
     def _forget(self, adapter_id: int) -> None:
         """An adapter's object is being collected: its plans go, and with them their hold on its tensors. Only noted
@@ -348,7 +356,7 @@ class Fp8Merge(MergedWeights):
         while self.collected:
             adapter_id = self.collected.popleft()
             self.watched.discard(adapter_id)
-            for key in [key for key in self.plans if any(adapter_id == a for a, _ in key[3])]:
+            for key in [key for key in self.plans if any(adapter_id == a for a, _ in key.held)]:
                 del self.plans[key]
 
     @classmethod
