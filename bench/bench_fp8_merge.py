@@ -17,7 +17,8 @@ median of the later ones (the recorded plan replayed, as a server's switches bet
 restore (`Fp8Merge.restore`, the one-pass kernel: the same for every config but a `-scalar` one). Checks on the way:
 the restore gives the copy back bit for bit, and a merged weight is the quantisation of W + s B A up to the GEMMs'
 summation order (the share of fp8 values that differ from torch's fp32 addmm). Weights and adapters are random: the
-time depends only on the shapes. What it leaves out of a real switch: the modulation table's slots, written on the host.
+time depends only on the shapes. What it leaves out of a real switch: the modulation table's slots, written on the
+host.
 """
 from __future__ import annotations
 
@@ -201,8 +202,9 @@ def main(argv=None) -> int:
 
 def host_time(switches: int, double: int = DOUBLE, single: int = SINGLE) -> dict:
     """Median milliseconds of the host's part of a switch between two adapters (rank 16) over FLUX's 266 block
-    linears (or those of `double` and `single` blocks) at small widths on the CPU, with the kernels' launches replaced by nothing (their tables are built and
-    copied; the addmms run, on the CPU): each switch built (no plan kept) against replayed."""
+    linears (or those of `double` and `single` blocks) at small widths on the CPU, with the kernels' launches replaced
+    by nothing (their tables are built and copied; the addmms run, on the CPU): each switch built (no plan kept)
+    against replayed."""
     from kontext_server.lora import fp8_merge
     from kontext_server.lora.fp8_merge import Fp8Merge
     from optimizations.kernels import fp8_weight_quant
