@@ -83,8 +83,9 @@ class AppendedRows(torch.nn.Module):
         """Rows [start, stop) from the slot's A (at attach)."""
         raise NotImplementedError
 
-    def put(self, r0: int, t) -> None:
-        """One adapter target's rows (a DeviceTarget's `a`, or its column block) at slot row r0 (at a write)."""
+    def put(self, r0: int, t, writes) -> None:
+        """One adapter target's rows (a DeviceTarget's `a`, or its column block) at slot row r0 (at a write),
+        recorded in `writes` (batched_writes.SlotWrites)."""
         raise NotImplementedError
 
     @property
@@ -146,9 +147,9 @@ class LinearRows(AppendedRows):
         o = self.out_features
         self.weight[o + start:o + stop].copy_(a[start:stop, self.cols])
 
-    def put(self, r0: int, t) -> None:
+    def put(self, r0: int, t, writes) -> None:
         o = self.out_features
-        self.weight[o + r0:o + r0 + t.a.shape[0]].copy_(t.a[:, self.cols])
+        writes.copy(self.weight[o + r0:o + r0 + t.a.shape[0]], t.a[:, self.cols])
 
     @property
     def extra_nbytes(self) -> int:
@@ -207,11 +208,14 @@ class ScaledRows(AppendedRows):
         self._store(start, *quantize_rows(a[start:stop, self.cols]))
 
     @torch.no_grad()
-    def put(self, r0: int, t) -> None:
+    def put(self, r0: int, t, writes) -> None:
         key = (self.cols.start, self.cols.stop)
         if key not in t.fp8:  # once per loaded adapter and column block: a switch then only copies
             t.fp8[key] = quantize_rows(t.a[:, self.cols])
-        self._store(r0, *t.fp8[key])
+        q, s = t.fp8[key]
+        o, r = self.out_features, q.shape[0]
+        writes.copy(self.weight[o + r0:o + r0 + r], q)
+        writes.copy(self.weight_scale[0, o + r0:o + r0 + r], s.reshape(-1))
 
     def _store(self, r0: int, q: torch.Tensor, s: torch.Tensor) -> None:
         o, r = self.out_features, q.shape[0]

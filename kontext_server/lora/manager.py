@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kontext_server import settings
+from kontext_server.lora.batched_writes import SlotWrites
 from kontext_server.lora.exact_merge import ExactMerge
 from kontext_server.lora.fp8_merge import Fp8Merge
 from kontext_server.lora.library import AdapterFused, Library, LoraError, NeedsRestart
@@ -337,19 +338,21 @@ class LoraManager:
         """Put the adapters in the named slots (those that do not hold them at these scales); returns whether
         anything was written."""
         held = (tuple((a.name, a.stamp) for a in adapters), tuple(scales))
-        written = False
+        writes, changed = SlotWrites(), []
         for name in names:
             before = self._held.get(name)
             if before == held:
                 continue
-            self._held[name] = None  # unknown until the write is done (an error half-way leaves it so)
+            self._held[name] = None  # unknown until the writes are issued (an error half-way leaves it so)
             slot, weights = self.slots[name], before is None or before[0] != held[0]
             for i, (adapter, scale) in enumerate(zip(adapters, scales)):
-                slot.write(i, adapter.targets, scale, weights=weights)
+                slot.write(i, adapter.targets, scale, weights=weights, writes=writes)
+            changed.append(name)
+        writes.run()  # every slot's writes at once: a switch is bound by the host's issuing
+        for name in changed:
             self._held[name] = held
-            written = True
-        self.switches += written
-        return written
+        self.switches += bool(changed)
+        return bool(changed)
 
     def _activate_tables(self, active: tuple) -> None:
         """The modulation table's rows hold the modulation of the adapters they were filled with: refill on change."""

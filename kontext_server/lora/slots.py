@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kontext_server.lora.batched_writes import SlotWrites
 from kontext_server.lora.fused_rows import (AppendedRows, LinearRows, ScaledRows, append_rows,  # noqa: F401
                                             lora_up_add_)
 from kontext_server.request import MAX_LORAS_PER_REQUEST
@@ -122,14 +123,18 @@ class LoraSlot(torch.nn.Module):
 
     # ---- writing adapters (worker thread, between requests) ---------------------------------------------------------
     @torch.no_grad()
-    def write(self, i: int, targets: dict, scale: float, weights: bool = True) -> None:
+    def write(self, i: int, targets: dict, scale: float, weights: bool = True,
+              writes: SlotWrites | None = None) -> None:
         """Put adapter `targets` (module name -> DeviceTarget) in slot i at `scale`; weights=False: the scale only
         (B's columns are rewritten: B holds the scaled up-projection; A and its mirrors are kept). A's rows that the
         adapter does not fill keep what they held: their B columns are zero. A few small copies per part, and for
-        each mirror one or two more (the fp8 rows are quantised once per loaded adapter, not per switch): a switch
-        is host-bound, one launch per op."""
+        each mirror one or two more (the fp8 rows are quantised once per loaded adapter, not per switch). `writes`:
+        where to record them, for the caller to issue with every other slot's (a switch is host-bound); without it
+        they are issued here."""
+        own = writes is None
+        writes = SlotWrites() if own else writes
         r_start, r_stop = i * self.rows, (i + 1) * self.rows
-        self.B[:, r_start:r_stop].zero_()  # block-diagonal: each part's columns feed only its own outputs
+        writes.zero(self.B[:, r_start:r_stop])  # block-diagonal: each part's columns feed only its own outputs
         for p, (module, out_offset, out_size) in enumerate(self.parts):
             t = targets.get(module)
             if t is None:
@@ -137,10 +142,12 @@ class LoraSlot(torch.nn.Module):
             r0 = r_start + p * self.rank
             r = t.a.shape[0]
             if weights:
-                self.A[r0:r0 + r].copy_(t.a)
+                writes.copy(self.A[r0:r0 + r], t.a)
                 for m in self.mirrors:
-                    m.put(r0, t)
-            torch.mul(t.b, scale * t.scale, out=self.B[out_offset:out_offset + out_size, r0:r0 + r])
+                    m.put(r0, t, writes)
+            writes.scaled_copy(self.B[out_offset:out_offset + out_size, r0:r0 + r], t.b, scale * t.scale)
+        if own:
+            writes.run()
 
 
 # ---- the rows appended under a module's weight (the fused branch) ------------------------------------------------

@@ -11,7 +11,8 @@ the rounding that differs between them (on the fp8 copy, A's rows in e4m3). The 
 it recognises torchao's quantisation of every fp8 linear, a merged request stays as close to bf16 with the adapters
 as the fused branch, switches capture nothing, and the fp8 base afterwards is bit-identical to a server without
 adapters. The exact merge (FLUX_LORA_EXACT_MERGE, on by default where the device has room): a merged exact request
-gives the fused branch's image, its switches capture nothing, and the exact base afterwards is bit-identical.
+gives the fused branch's image, its switches capture nothing, and the exact base afterwards is bit-identical. A
+switch's batched slot writes (foreach ops) give on CUDA the values of the same writes issued one op each.
 """
 from __future__ import annotations
 
@@ -211,3 +212,9 @@ def test_a_replayed_fp8_merge_gives_the_recorded_merges_image_bit_for_bit(merged
     print(f"fp8 merge plans: {merge['plans']}, replays {merge['replays']}, scratch {merge['scratch_mib']} MiB")
     assert merge["replays"] == replays + 1 and merge["scratch_mib"] > 0
     torch.testing.assert_close(again.latents, first, rtol=0, atol=0)
+
+
+def test_batched_slot_writes_give_on_cuda_the_values_of_one_op_at_a_time(monkeypatch):
+    from tests.lora.test_batched_writes import check_batched_against_one_by_one
+
+    check_batched_against_one_by_one(monkeypatch, "cuda")
