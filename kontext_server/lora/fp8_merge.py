@@ -84,10 +84,22 @@ QUANTISERS: dict[str, Quantiser] = {"triton_torchao": _triton(True), "triton_row
 
 # How the grouped writes add the updates (optimizations/kernels/fp8_weight_quant.py's Launch): gemm_first (cuBLAS's
 # addmm into scratch rows, then the one-pass quantisation) or the tiled kernel; bench/bench_fp8_merge.py compares.
-# gemm_first by measurement: as fast as the tiled kernel's best tile at rank 32 and half its time at rank 128 (the
-# tiled kernel reads A again per tile of rows). It quantises W + s B A rounded to bf16 first, as the exact merge
-# writes it; the tiled kernel quantises the fp32 sum.
-KERNEL: dict = {"gemm_first": True, "config": None}
+# gemm_first None (the default): by the adapters' total rank, the tiled kernel up to TILED_MAX_RANK, gemm_first above.
+# By measurement: at rank 32 the tiled kernel's switch is a little faster (it reads W once and writes fp8 once, the
+# update computed in its tiles), at rank 128 it takes twice gemm_first's time (it reads A again per tile of rows).
+# gemm_first quantises W + s B A rounded to bf16 first, as the exact merge writes it; the tiled kernel quantises the
+# fp32 sum. Its tables hold the scales, so its recorded writes replay only for the same scales (gemm_first's read
+# them when they run). Tools set gemm_first True or False to force a way.
+KERNEL: dict = {"gemm_first": None, "config": None}
+TILED_MAX_RANK = 32
+
+
+def kernel_for(adapters: list) -> dict:
+    """Launch's gemm_first and config for a write of `adapters` [(adapter with .rank, scale)] (none: a restore)."""
+    if KERNEL.get("gemm_first") is not None:
+        return dict(KERNEL)
+    tiled = sum(a.rank for a, _ in adapters) <= TILED_MAX_RANK
+    return {"gemm_first": not tiled, "config": KERNEL.get("config")}
 
 
 def kernel_from_spec(spec: str) -> dict:
@@ -186,21 +198,23 @@ class Target:
 
 
 def write_targets(jobs: list[tuple[Target, list]], grouped_merges: bool = True, arena: torch.Tensor | None = None,
-                  record: list | None = None, cell: list | None = None) -> bool:
+                  record: list | None = None, cell: list | None = None, kernel: dict | None = None) -> bool:
     """Write each (target, adapters) (no adapters: the base weight): the grouped targets in a few launches per rounding,
     the rest one by one; `grouped_merges=False`: those with adapters one by one too (the merge kernel failed its
     check, `merge_kernel_problem`). `arena`, `record`: the launches' (fp8_weight_quant.Launch): the grouped writes'
-    steps are appended to `record`; `cell`: Target.add_to's. Returns whether replaying `record` (and writing the
-    ungrouped ones again) would write the same."""
+    steps are appended to `record`; `cell`: Target.add_to's; `kernel`: the way (kernel_for; default: for the jobs'
+    adapters). Returns whether replaying `record` (and writing the ungrouped ones again) would write the same."""
     from optimizations.kernels.fp8_weight_quant import Launch
 
+    if kernel is None:
+        kernel = kernel_for(next((pairs for _, pairs in jobs if pairs), []))
     replayable = True
     for rounding in ("triton_torchao", "triton_rows"):
         group = [(t, adapters) for t, adapters in jobs if _grouped(t, adapters, grouped_merges)
                  and t.quantiser == rounding]
         if group:
             launch = Launch(group[0][0].source.dtype, group[0][0].source.device, rounding == "triton_torchao",
-                            **KERNEL, arena=arena, record=record)
+                            **kernel, arena=arena, record=record)
             for t, adapters in group:
                 t.add_to(launch, adapters, cell)
             launch.run()
@@ -222,24 +236,30 @@ def write_ungrouped(jobs: list[tuple[Target, list]], grouped_merges: bool) -> No
 
 @torch.no_grad()
 def merge_kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if the grouped merge (KERNEL's way) runs here and merges a small weight with one update as torch's fp32
-    sum does (e4m3's rounding aside), else why not: checked at build, before any linear trusts it (a restore's kernel
-    is checked by `_matches` on every linear)."""
+    """None if the grouped merge (each way KERNEL lets kernel_for choose) runs here and merges a small weight with one
+    update as torch's fp32 sum does (e4m3's rounding aside), else why not: checked at build, before any linear trusts
+    it (a restore's kernel is checked by `_matches` on every linear)."""
     from optimizations.kernels.fp8_weight_quant import Segment, merge_weight_rows, quantize_weight_rows
 
     g = torch.Generator().manual_seed(0)
     w, a, b = ((torch.randn(*shape, generator=g) * std).to(dtype).to(device)
                for shape, std in (((48, 256), 0.02), ((16, 256), 0.1), ((48, 16), 0.05)))
-    try:
-        q = torch.empty(48, 256, dtype=torch.float8_e4m3fn, device=device)
-        s = torch.empty(48, dtype=torch.float32, device=device)
-        merge_weight_rows([Segment(w, q, s, [(a, b, 0.7)])], True, **KERNEL)
-        rq, rs = quantize_weight_rows(torch.addmm(w.float(), b.float(), a.float(), alpha=0.7).to(dtype), True)
-        got, ref = q.float() * s[:, None], rq.float() * rs.reshape(-1, 1)
-        err = ((got - ref).norm() / ref.norm()).item()
-    except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is reported, and the merge goes on without
-        return f"{type(exc).__name__}: {exc}"[:300]
-    return None if err < 0.01 else f"merged a test weight {err:.3f} away from torch's sum"
+    ways = [dict(KERNEL)] if KERNEL.get("gemm_first") is not None else \
+        [{**KERNEL, "gemm_first": True}, {**KERNEL, "gemm_first": False}]
+    for way in ways:
+        try:
+            # zeros, not empty: memory reused from the way checked before would hold its result
+            q = torch.zeros(48, 256, dtype=torch.float8_e4m3fn, device=device)
+            s = torch.zeros(48, dtype=torch.float32, device=device)
+            merge_weight_rows([Segment(w, q, s, [(a, b, 0.7)])], True, **way)
+            rq, rs = quantize_weight_rows(torch.addmm(w.float(), b.float(), a.float(), alpha=0.7).to(dtype), True)
+            got, ref = q.float() * s[:, None], rq.float() * rs.reshape(-1, 1)
+            err = ((got - ref).norm() / ref.norm()).item()
+        except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is reported, the merge goes on without
+            return f"{type(exc).__name__}: {exc}"[:300]
+        if not err < 0.01:  # NaN too
+            return f"merged a test weight {err:.3f} away from torch's sum"
+    return None
 
 
 def _matches(linear: Fp8Linear, source: torch.Tensor, quantiser: Quantiser) -> bool:
@@ -301,7 +321,7 @@ class Fp8Merge(MergedWeights):
 
         grouped_merges = self.merge_kernel_problem is None
         self._drop_collected()  # before any lookup: a collected adapter's id may be a new adapter's now
-        key, adapters = self._plan_key(jobs)
+        key, adapters, kernel = self._plan_key(jobs)
         plan = self.plans.get(key) if key is not None else None
         if plan is not None:
             self.plans.move_to_end(key)
@@ -313,14 +333,14 @@ class Fp8Merge(MergedWeights):
             write_ungrouped(jobs, grouped_merges)
             self.replays += 1
             return
-        if self.arena is None and KERNEL.get("gemm_first"):
+        if self.arena is None and kernel["gemm_first"]:
             grouped = [t for t in self.targets if t.grouped]
             if grouped:
                 self.arena = fp8_weight_quant.scratch_arena(grouped[0].source.device, sum(
                     t.source.numel() * t.source.element_size() for t in grouped))
         record = [] if key is not None else None  # a write that cannot be recorded builds no steps to replay
         cell = [s for _, s in adapters] if key is not None and key.scale_free else None
-        if write_targets(jobs, grouped_merges, self.arena, record, cell) and key is not None:
+        if write_targets(jobs, grouped_merges, self.arena, record, cell, kernel) and key is not None:
             self.plans[key] = (record, cell)
             for a, _ in adapters:
                 if id(a) not in self.watched:
@@ -329,22 +349,23 @@ class Fp8Merge(MergedWeights):
             while len(self.plans) > self.PLANS:
                 self.plans.popitem(last=False)
 
-    def _plan_key(self, jobs: list[tuple[Target, list]]) -> tuple[_PlanKey | None, list]:
-        """(what a write's plan is keyed by, the request's [(adapter, scale)]), or None for the key where the write
-        cannot be recorded (an adapter that cannot be weakly referenced; jobs with different adapter lists).
-        The gemm-first way reads the scales when it runs (_Scale): its key leaves them out, so a replay serves any
-        scales; the tiled kernel's are in its launch tables, so they are part of its key."""
+    def _plan_key(self, jobs: list[tuple[Target, list]]) -> tuple[_PlanKey | None, list, dict]:
+        """(what a write's plan is keyed by, the request's [(adapter, scale)], the way it is written: kernel_for), the
+        key None where the write cannot be recorded (an adapter that cannot be weakly referenced; jobs with different
+        adapter lists). The gemm-first way reads the scales when it runs (_Scale): its key leaves them out, so a replay
+        serves any scales; the tiled kernel's are in its launch tables, so they are part of its key."""
         from optimizations.kernels import fp8_weight_quant as k
 
         adapters = next((pairs for _, pairs in jobs if pairs), [])
+        kernel = kernel_for(adapters)
         if any(pairs and pairs is not adapters for _, pairs in jobs) \
                 or any(not hasattr(type(a), "__weakref__") for a, _ in adapters):
-            return None, adapters
-        scale_free = bool(KERNEL.get("gemm_first"))
-        settings = (repr(KERNEL), k.VECTOR_ACCESS, k.ONE_PASS_ROWS, k.SCRATCH_BYTES, k.CHUNK_SEGMENTS, k.SEGMENT_ROWS)
+            return None, adapters, kernel
+        scale_free = bool(kernel["gemm_first"])
+        settings = (repr(kernel), k.VECTOR_ACCESS, k.ONE_PASS_ROWS, k.SCRATCH_BYTES, k.CHUNK_SEGMENTS, k.SEGMENT_ROWS)
         written = tuple((self.index[id(t)], bool(pairs)) for t, pairs in jobs)
         held = tuple((id(a), None if scale_free else s) for a, s in adapters)
-        return _PlanKey(settings, scale_free, written, held), adapters
+        return _PlanKey(settings, scale_free, written, held), adapters, kernel
 
     def _forget(self, adapter_id: int) -> None:
         """An adapter's object is being collected: its plans go, and with them their hold on its tensors. Only noted

@@ -246,7 +246,7 @@ def test_a_weight_quantised_by_torchao_is_recognised_by_torchaos_own_function():
     merge = Fp8Merge([Target("m", linear, w, slot, slice(None), "torchao")], {})
     before = linear.weight_t.t().view(torch.uint8).clone()
     g = torch.Generator().manual_seed(1)
-    adapter = SimpleNamespace(targets={"m": DeviceTarget((torch.randn(16, 64, generator=g) * 0.05).to(DTYPE),
+    adapter = SimpleNamespace(rank=16, targets={"m": DeviceTarget((torch.randn(16, 64, generator=g) * 0.05).to(DTYPE),
                                                          (torch.randn(96, 16, generator=g) * 0.05).to(DTYPE), 1.0)})
     assert merge.apply("x", [(adapter, 1.0)]) and not torch.equal(linear.weight_t.t().view(torch.uint8), before)
     assert merge.restore() and torch.equal(linear.weight_t.t().view(torch.uint8), before)

@@ -47,7 +47,7 @@ def adapter(seed: int, name: str = "a", cls=DeviceAdapter):
                             (torch.randn(n, r, generator=g) * 0.05).to(torch.bfloat16), 0.5)
     parts = {"q": t(32, 512, 8), "v": t(32, 512, 8), "proj": t(64, 1024, 4)}
     if cls is SimpleNamespace:
-        return SimpleNamespace(name=name, targets=parts)
+        return SimpleNamespace(name=name, rank=8, targets=parts)
     return DeviceAdapter(name, 8, parts, (seed,), 0.0)
 
 
@@ -180,3 +180,37 @@ def test_adapters_that_cannot_be_weakly_referenced_are_written_each_time_without
     merge.apply("a again", [(a, 1.0)])
     assert built and merge.replays == 0 and all(torch.equal(x, y) for x, y in zip(held(ts), merged))
     assert len(merge.plans) == 1  # the restore's only
+
+
+@pytest.mark.parametrize("ranks, gemm_first", [((4,), False), ((32,), False), ((16, 16), False), ((16, 32), True),
+                                               ((64,), True), ((), False)])
+def test_by_default_the_tiled_kernel_writes_up_to_a_total_rank_of_32_and_gemm_first_above(monkeypatch, ranks,
+                                                                                            gemm_first):
+    """The measured switch: the tiled kernel a little faster at rank 32, twice as slow at 128 (fp8_merge.KERNEL)."""
+    monkeypatch.setitem(fp8_merge.KERNEL, "gemm_first", None)
+    adapters = [(SimpleNamespace(rank=r), 1.0) for r in ranks]
+    assert fp8_merge.kernel_for(adapters)["gemm_first"] is gemm_first
+    monkeypatch.setitem(fp8_merge.KERNEL, "gemm_first", not gemm_first)  # a tool's forced way wins
+    assert fp8_merge.kernel_for(adapters)["gemm_first"] is (not gemm_first)
+
+
+def test_by_default_a_rank_8_switch_is_tiled_keyed_by_its_scale_and_a_rank_64_one_is_gemm_first(monkeypatch):
+    """Each write is planned with its own way: the tiled one's plan holds the scale, gemm-first's does not, and only
+    gemm-first's writes take the scratch arena."""
+    monkeypatch.setitem(fp8_merge.KERNEL, "gemm_first", None)
+    ts = targets()
+    merge, small = Fp8Merge(ts, {}), adapter(3)
+    merge.apply("small", [(small, 0.5)])
+    (key,) = merge.plans
+    assert not key.scale_free and merge.arena is None
+    g = torch.Generator().manual_seed(9)
+
+    def part(n, k):
+        return DeviceTarget((torch.randn(64, k, generator=g) * 0.1).to(torch.bfloat16),
+                            (torch.randn(n, 64, generator=g) * 0.05).to(torch.bfloat16), 0.5)
+    large = DeviceAdapter("large", 64, {"q": part(32, 512), "v": part(32, 512), "proj": part(64, 1024)}, (9,), 0.0)
+    merge.apply("large", [(large, 0.5)])
+    assert [k.scale_free for k in merge.plans] == [False, True] and merge.arena is not None
+    reference = targets()
+    fp8_merge.write_targets([(t, [(large, 0.5)]) for t in reference])
+    assert all(torch.equal(x, y) for x, y in zip(held(ts), held(reference)))

@@ -176,7 +176,7 @@ def test_the_merge_writes_with_the_kernel_straight_into_the_linears_storage_and_
         def t(n, k, r):
             return DeviceTarget((torch.randn(r, k, generator=g) * 0.1).to(torch.bfloat16),
                                 (torch.randn(n, r, generator=g) * 0.05).to(torch.bfloat16), 0.5)
-        return SimpleNamespace(targets={"q": t(32, 512, 8), "v": t(32, 512, 8), "proj": t(64, 1024, 4)})
+        return SimpleNamespace(rank=8, targets={"q": t(32, 512, 8), "v": t(32, 512, 8), "proj": t(64, 1024, 4)})
 
     fast, slow = targets("triton_torchao"), targets("torchao")
     assert all(t.grouped for t in fast) and not any(t.grouped for t in slow)
@@ -226,7 +226,7 @@ def test_the_merge_kernel_is_checked_before_use_and_a_failing_one_leaves_merges_
     pristine = linear.weight_t.t().view(torch.uint8).clone()
     target = Target("m", linear, w, SimpleNamespace(name="m", parts=[("m", 0, 32)]), slice(None), "triton_torchao")
     g = torch.Generator().manual_seed(31)
-    adapter = SimpleNamespace(targets={"m": DeviceTarget((torch.randn(8, 256, generator=g) * 0.1).bfloat16(),
+    adapter = SimpleNamespace(rank=8, targets={"m": DeviceTarget((torch.randn(8, 256, generator=g) * 0.1).bfloat16(),
                                                          (torch.randn(32, 8, generator=g) * 0.05).bfloat16(), 1.0)})
     launched, written = [], []
     real_add, real_write = kernels.Launch.add, Target.write
