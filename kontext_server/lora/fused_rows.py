@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kontext_server.lora.batched_writes import SlotWrites
 from kontext_server.request import MAX_LORAS_PER_REQUEST
 from optimizations.fp8.linear import Fp8Linear, quantize_rows
 
@@ -85,7 +86,7 @@ class AppendedRows(torch.nn.Module):
 
     def put(self, r0: int, t, writes) -> None:
         """One adapter target's rows (a DeviceTarget's `a`, or its column block) at slot row r0 (at a write),
-        recorded in `writes` (batched_writes.SlotWrites)."""
+        recorded in `writes` (SlotWrites)."""
         raise NotImplementedError
 
     @property
@@ -205,22 +206,21 @@ class ScaledRows(AppendedRows):
 
     @torch.no_grad()
     def refresh(self, a: torch.Tensor, start: int, stop: int) -> None:
-        self._store(start, *quantize_rows(a[start:stop, self.cols]))
+        writes = SlotWrites()
+        self._store(start, *quantize_rows(a[start:stop, self.cols]), writes)
+        writes.run()
 
     @torch.no_grad()
     def put(self, r0: int, t, writes) -> None:
         key = (self.cols.start, self.cols.stop)
         if key not in t.fp8:  # once per loaded adapter and column block: a switch then only copies
             t.fp8[key] = quantize_rows(t.a[:, self.cols])
-        q, s = t.fp8[key]
+        self._store(r0, *t.fp8[key], writes)
+
+    def _store(self, r0: int, q: torch.Tensor, s: torch.Tensor, writes: SlotWrites) -> None:
         o, r = self.out_features, q.shape[0]
         writes.copy(self.weight[o + r0:o + r0 + r], q)
         writes.copy(self.weight_scale[0, o + r0:o + r0 + r], s.reshape(-1))
-
-    def _store(self, r0: int, q: torch.Tensor, s: torch.Tensor) -> None:
-        o, r = self.out_features, q.shape[0]
-        self.weight[o + r0:o + r0 + r].copy_(q)
-        self.weight_scale[0, o + r0:o + r0 + r].copy_(s.reshape(-1))
 
     @property
     def extra_nbytes(self) -> int:
