@@ -3,7 +3,8 @@
 linear of FLUX at its real shape, with the real merge code, for each way of adding the adapters' updates.
 
     python bench/bench_fp8_merge.py --ranks 32,128 --configs 32x128x4,64x64x4,64x128x8,128x64x8 --out merge.json
-    TRITON_INTERPRET=1 python bench/bench_fp8_merge.py --small   (CPU: that it runs and is exact, no timing)
+    TRITON_INTERPRET=1 python bench/bench_fp8_merge.py --small   (CPU: that it runs and is exact, no timing; the
+        interpreter computes bf16 as the GPU does: optimizations/kernels/interpreter.py)
     TRITON_INTERPRET=1 python bench/bench_fp8_merge.py --host    (CPU: the host's part of a switch, built and replayed)
 
 Builds the transformer's block linears as the fp8 copy holds them (19 double blocks: fused q/k/v of image and text,
@@ -141,6 +142,10 @@ def main(argv=None) -> int:
                         "not run): built each time against replayed (Fp8Merge's plans)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
+    if a.small or a.host:  # Triton's interpreter, made to round and multiply bf16 as the GPU does
+        from optimizations.kernels.interpreter import match_the_gpu
+
+        match_the_gpu()
     if a.host:
         out = {"tool": "bench/bench_fp8_merge.py", "argv": sys.argv[1:], "host_ms": host_time(a.switches)}
         print(json.dumps(out))

@@ -18,74 +18,16 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from optimizations.kernels.interpreter import match_the_gpu  # noqa: E402
 from tests.helpers import LiveServer  # noqa: E402
 
 # Without a GPU, our Triton kernels run in Triton's CPU interpreter (read when a kernel module is first imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def _round_interpreter_casts_like_the_gpu() -> None:
-    """Triton's interpreter (`_convert_float` in triton/runtime/interpreter.py, Triton 3.6-3.9) truncates fp32 ->
-    bf16 casts and rounds fp32 -> fp8 e4m3 without carrying a mantissa overflow into the exponent (127.97 becomes 64,
-    not 128). The GPU rounds both to nearest even (fp8 saturating at 448). Our kernels' tests compare roundings, so
-    under the interpreter these two casts are done by torch, which rounds as the GPU does; all else is Triton's."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    original = interpreter._convert_float
-    targets = {tl.bfloat16: (torch.bfloat16, torch.int16, np.uint16),
-               tl.float8e4nv: (torch.float8_e4m3fn, torch.uint8, np.uint8)}
-
-    def convert(data, input_dtype, output_dtype, rounding_mode):
-        if input_dtype == tl.float32 and output_dtype in targets and rounding_mode != interpreter._ir.ROUNDING_MODE.RTZ:
-            dtype, bits, np_bits = targets[output_dtype]
-            x = torch.from_numpy(np.ascontiguousarray(data).view(np.float32))
-            if dtype == torch.float8_e4m3fn:
-                x = x.clamp(-448.0, 448.0)  # the GPU's cvt.rn.satfinite; NaN stays NaN
-            return x.to(dtype).view(bits).numpy().view(np_bits).reshape(data.shape)
-        return original(data, input_dtype, output_dtype, rounding_mode)
-
-    interpreter._convert_float = convert
-
-
-_round_interpreter_casts_like_the_gpu()
-
-
-def _interpreter_dot_reads_bf16_as_numbers() -> None:
-    """Triton's interpreter (`create_dot`, Triton 3.9) keeps bf16 tiles as their raw 16-bit patterns (numpy has no
-    bf16) and multiplies those integers. The GPU multiplies the values, accumulating in fp32: so does this."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    builder = type(interpreter.interpreter_builder)
-    original = builder.create_dot
-
-    def values(h):
-        if h.dtype.scalar == tl.bfloat16:
-            return (h.data.astype(np.uint32) << 16).view(np.float32)
-        return h.data
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if tl.bfloat16 not in (a.dtype.scalar, b.dtype.scalar):
-            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
-        out = np.matmul(values(a), values(b), dtype=np.float32) + d.data
-        return interpreter.TensorHandle(out.astype(d.data.dtype), d.dtype.scalar)
-
-    builder.create_dot = create_dot
-
-
-_interpreter_dot_reads_bf16_as_numbers()
+# ...and computes as the GPU does where the interpreter does not (its casts to bf16 / fp8 and its bf16 dots): our
+# kernels' tests compare roundings.
+match_the_gpu()
 
 
 BENCH_TESTS = Path(__file__).parent / "bench"

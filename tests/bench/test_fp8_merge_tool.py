@@ -5,8 +5,13 @@ to compare."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import bench_fp8_merge as tool  # bench/ (pytest.ini's pythonpath)
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_kind_of_block_linear_is_a_target_with_its_parts_rows():
@@ -40,3 +45,15 @@ def test_the_host_mode_times_a_switch_built_and_replayed_and_the_replay_is_cheap
     host = tool.host_time(4, double=2, single=2)
     assert set(host) == {"built", "replayed"}
     assert 0 < host["replayed"] < host["built"], host
+
+
+def test_run_on_its_own_the_tools_cpu_mode_computes_the_tiled_kernel_as_the_gpu_does(tmp_path):
+    """Outside the tests' process (whose conftest patches Triton's interpreter), --small makes the interpreter multiply
+    bf16 values, not their bit patterns: the tiled kernel's merge is then torch's, as on the GPU."""
+    out = tmp_path / "merge.json"
+    subprocess.run([sys.executable, "bench/bench_fp8_merge.py", "--small", "--ranks", "8", "--configs", "32x32x4",
+                    "--out", str(out)], cwd=ROOT, env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin",
+                                                        "PYTHONPATH": str(ROOT)}, check=True, timeout=600,
+                   capture_output=True)
+    c = json.loads(out.read_text())["ranks"]["8"]["configs"]["32x32x4"]
+    assert c["merged_fp8_values_differing_from_torch"] < 1e-3, c
