@@ -246,19 +246,19 @@ def merge_kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None
                for shape, std in (((48, 256), 0.02), ((16, 256), 0.1), ((48, 16), 0.05)))
     ways = [dict(KERNEL)] if KERNEL.get("gemm_first") is not None else \
         [{**KERNEL, "gemm_first": True}, {**KERNEL, "gemm_first": False}]
-    for way in ways:
-        try:
+    try:
+        rq, rs = quantize_weight_rows(torch.addmm(w.float(), b.float(), a.float(), alpha=0.7).to(dtype), True)
+        ref = rq.float() * rs.reshape(-1, 1)
+        for way in ways:
             # zeros, not empty: memory reused from the way checked before would hold its result
             q = torch.zeros(48, 256, dtype=torch.float8_e4m3fn, device=device)
             s = torch.zeros(48, dtype=torch.float32, device=device)
             merge_weight_rows([Segment(w, q, s, [(a, b, 0.7)])], True, **way)
-            rq, rs = quantize_weight_rows(torch.addmm(w.float(), b.float(), a.float(), alpha=0.7).to(dtype), True)
-            got, ref = q.float() * s[:, None], rq.float() * rs.reshape(-1, 1)
-            err = ((got - ref).norm() / ref.norm()).item()
-        except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is reported, the merge goes on without
-            return f"{type(exc).__name__}: {exc}"[:300]
-        if not err < 0.01:  # NaN too
-            return f"merged a test weight {err:.3f} away from torch's sum"
+            err = ((q.float() * s[:, None] - ref).norm() / ref.norm()).item()
+            if not err < 0.01:  # NaN too
+                return f"merged a test weight {err:.3f} away from torch's sum"
+    except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is reported, and the merge goes on without
+        return f"{type(exc).__name__}: {exc}"[:300]
     return None
 
 
