@@ -43,7 +43,7 @@ import triton.language as tl
 MAX_UPDATES = 3
 MAX_RANK = 256
 FIELDS = 8 + 5 * MAX_UPDATES  # int64s per segment in the table (see Launch.add)
-TILED = {"BM": 32, "BK": 128, "num_warps": 4}  # merge_rows_fp8_kernel's tile (bench/bench_fp8_merge.py compares)
+TILED = {"BM": 64, "BK": 128, "num_warps": 4}  # merge_rows_fp8_kernel's tile (bench/bench_fp8_merge.py compares)
 ONE_PASS_MAX_K = 16384  # restore_rows_fp8_kernel holds a row in registers
 ONE_PASS_ROWS = 8  # rows per program of restore_rows_fp8_kernel
 SCRATCH_BYTES = 1 << 29  # Launch(gemm_first=True): merged rows held at once before their quantisation is launched
