@@ -146,6 +146,11 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
                                          "the server built no fp8 merge")
     if merged and merges["exact"] is None:
         out["exact_merge"] = "not timed: " + str(svc.lora.exact_merge_off)
+    untimed = [t for t in tiers if not any(p != "merged" or merges[t] is not None for p in paths)]
+    if untimed:  # every tier needs a branch with an adapter to time (its step, switch and fidelity rows)
+        raise SystemExit(f"--lora-paths {','.join(a.lora_paths)}: the {' and '.join(untimed)} tier has no branch to "
+                         f"time on this server ({out.get('exact_merge') or out.get('merged') or 'none built'}); "
+                         "add fused or unfused")
 
     def req(flags: dict, loras=(), steps=a.steps, seed=1):
         return InferenceRequest(prompt="make the car red", width=width, height=height, steps=steps, seed=seed,

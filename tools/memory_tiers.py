@@ -81,6 +81,29 @@ def sample_stacks(path: Path, every_s: float) -> None:
     threading.Thread(target=run, name="stack-sampler", daemon=True).start()
 
 
+def live_by_origin(snapshot: dict, top: int = 25) -> list[dict]:
+    """What holds the device's memory: the live blocks of a `torch.cuda.memory._snapshot()` summed by the innermost
+    frame of this repository (or of torch / diffusers / torchao when none is ours), largest first."""
+    mine = ("kontext_server/", "optimizations/", "patches/", "tools/")
+    sums: dict[str, list] = {}
+    for seg in snapshot.get("segments", []):
+        for block in seg.get("blocks", []):
+            if block.get("state") != "active_allocated":
+                continue
+            frames = block.get("frames") or []
+            ours = [f for f in frames if any(m in f.get("filename", "") for m in mine)]
+            f = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+            name = f.get("filename", "?")
+            cut = min((name.find(m) for m in mine if m in name), default=-1)
+            name = name[cut:] if cut >= 0 else "/".join(name.split("/")[-3:])  # ours from the repo root
+            where = f"{name}:{f['line']} {f['name']}"
+            s = sums.setdefault(where, [0, 0])
+            s[0] += block["size"]
+            s[1] += 1
+    rows = sorted(sums.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"where": w, "gib": round(b / 2**30, 3), "blocks": n} for w, (b, n) in rows]
+
+
 def run_child(a) -> dict:
     """One configuration in this process: limit, load, run every workload; returns the row."""
     import torch
@@ -97,6 +120,8 @@ def run_child(a) -> dict:
     cuda = device.startswith("cuda")
     if a.stacks_every:
         sample_stacks(Path(a.child_out).with_suffix(".stacks.txt"), a.stacks_every)
+    if a.memory_history and cuda:
+        torch.cuda.memory._record_memory_history(max_entries=200_000)  # each live block's allocating stack
     budget = None if a.budget == BASELINE else a.budget
     row: dict = {"budget": a.budget, "device": device, "tier_requested": a.tier, "workloads": {}}
     if cuda:
@@ -120,9 +145,14 @@ def run_child(a) -> dict:
         with host_memory.measure() as host:  # the host side of a budget: the model, pinned copies of what streams
             svc.load()
     except BaseException as exc:  # noqa: BLE001 - the row says why this budget could not load
-        row.update(load_error=f"{type(exc).__name__}: {str(exc)[:500]}", oom_at_load=is_oom(exc))
+        row.update(load_error=f"{type(exc).__name__}: {str(exc)[:500]}", oom_at_load=is_oom(exc),
+                   load_traceback=traceback.format_exception(exc)[-14:])
+        if a.memory_history and cuda:
+            row["live_at_load_error"] = live_by_origin(torch.cuda.memory._snapshot())
         return row
     row["load_s"] = round(time.perf_counter() - t0, 2)
+    if cuda:  # the start's own peak (a budget must hold at load too, not only per request)
+        row["load_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     row["host_memory_load"] = host_memory.summary(host.result)
     health = svc.health()
     tier = health.get("memory_tier")
@@ -174,6 +204,8 @@ def _child_argv(a, budget: str, out: Path) -> list[str]:
                         ("--cache-dir", a.cache_dir), ("--stacks-every", a.stacks_every)):
         if value is not None:
             argv += [flag, str(value)]
+    if a.memory_history:
+        argv.append("--memory-history")
     return argv
 
 
@@ -309,6 +341,9 @@ def main(argv=None) -> int:
     p.add_argument("--stacks-every", type=float, default=None,
                    help="seconds: each budget's process writes every thread's stack this often (sys._current_frames) "
                         "to a file beside --json-out, to show where a slow start spends its time")
+    p.add_argument("--memory-history", action="store_true",
+                   help="record the device's allocations (torch.cuda.memory._record_memory_history); a load that fails "
+                        "reports the live memory by the code that allocated it")
     p.add_argument("--json-out", help="write the result as JSON here (after each budget, and at the end)")
     p.add_argument("--plan", type=_names, default=None,
                    help="only print the tiers the planner chooses for the full model at these budgets")

@@ -63,6 +63,17 @@ def test_with_the_exact_merge_forced_the_benchmark_times_the_exact_tiers_merged_
     assert r["exact_merged_vs_branch"]["rel_latent_error"] < 1e-3  # one rounding of W + s B A against the branch's
 
 
+def test_merged_alone_on_a_server_without_the_exact_merge_stops_with_a_reason_instead_of_a_stopiteration(
+        cache_dir, tmp_path, monkeypatch):
+    from bench_lora import main
+
+    monkeypatch.setenv("FLUX_LORA_EXACT_MERGE", "0")
+    with pytest.raises(SystemExit, match="the exact tier has no branch to time.*add fused or unfused"):
+        main(["--model", "tiny", "--device", "cpu", "--small", "--ranks", "4", "--runs", "1", "--steps", "1",
+              "--lora-paths", "merged", "--cache-dir", str(cache_dir), "--work-dir", str(tmp_path / "work"),
+              "--out", str(tmp_path / "lora.json")])
+
+
 def test_the_merge_kernel_taken_from_a_merge_benchmark_is_its_fastest_exact_way_at_the_lowest_rank(tmp_path):
     from bench_lora import fastest_merge_kernel
 

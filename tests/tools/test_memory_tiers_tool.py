@@ -1,7 +1,8 @@
 """tools/memory_tiers.py runs end to end on a CPU with the tiny model, placed as the full model would be (--plan-sizes
 full): one process per budget and one for the unlimited baseline, a row per workload with the tier and the median,
 the ratio to the baseline; a budget that cannot load loses only its own row; --stacks-every keeps each process's
-sampled stacks beside the JSON. Its --plan table is the planner's."""
+sampled stacks beside the JSON; a failed load keeps its traceback, and with --memory-history the device memory
+still held by the code that allocated it. Its --plan table is the planner's."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ def test_the_memory_tiers_tool_measures_each_budget_in_its_own_process_and_keeps
     assert w["oom"] is False and w["total_ms_median"] > 0 and w["steps"] == 2 and w["vs_unlimited"] > 0
     assert w["memory_tier"]["transformer_offloaded"] and w["peak_allocated_gib"] is None  # a CPU: not measured
     assert "too small" in rows["1GB"]["load_error"] and not rows["1GB"]["workloads"]  # its own row only
+    assert "too small" in rows["1GB"]["load_traceback"][-1]  # and where it came from
     host = ten["host_memory_load"]  # the host side of the budget, measured over the load and after the requests
     assert host["peak_rss_gib"] >= host["rss_after_gib"] > 0 and host["method"].startswith("VmHWM")
     assert ten["host_rss_after_gib"] > 0
@@ -42,3 +44,19 @@ def test_the_plan_table_is_the_planners_for_the_full_model(capsys):
     assert "| 24GB | resident | offloaded (leaf level) | offloaded (block level) | whole |" in table
     assert "| 16GB | resident, modulation weights on the host |" in table
     assert "| 2GB |" in table and "too small" in table
+
+
+def test_live_memory_is_summed_by_the_innermost_frame_of_this_repository_largest_first():
+    def block(size, state, *files):
+        return {"size": size, "state": state,
+                "frames": [{"filename": f, "line": i, "name": "f"} for i, f in enumerate(files)]}
+    torch_file, ours = "/venv/torch/nn/modules/module.py", "/work/main/optimizations/low_precision.py"
+    snapshot = {"segments": [{"blocks": [
+        block(3 << 30, "active_allocated", torch_file, ours, "/work/main/kontext_server/service/service.py"),
+        block(1 << 30, "active_allocated", torch_file, ours),
+        block(2 << 30, "active_allocated", torch_file),
+        block(8 << 30, "inactive", ours),  # free: not held
+    ]}]}
+    rows = tool.live_by_origin(snapshot)
+    assert rows == [{"where": "optimizations/low_precision.py:1 f", "gib": 4.0, "blocks": 2},
+                    {"where": "nn/modules/module.py:0 f", "gib": 2.0, "blocks": 1}]
