@@ -63,20 +63,30 @@ def _use_full_sizes() -> None:
                                                                       warmup_sizes)
 
 
+def _stacks_text(me: int, start: float) -> str:
+    """Every other thread's stack now, as text. The frames are dropped on return: a frame kept until the next sample
+    keeps its locals alive after its function returns (a deepcopy's memo, holding a copy's replaced parameters,
+    kept a start's freed weights on the device and ran it out of memory)."""
+    frames = {t: f for t, f in sys._current_frames().items() if t != threading.get_ident()}
+    text = [f"--- {time.monotonic() - start:.1f} s\n"]
+    for tid, frame in frames.items():
+        text.append(f"thread {tid}{' (main)' if tid == me else ''}\n")
+        text.append("".join(traceback.format_stack(frame)[-12:]))
+    return "".join(text)
+
+
 def sample_stacks(path: Path, every_s: float) -> None:
     """Where a slow start spends its time: every other thread's stack, every `every_s` seconds, appended to `path` by
-    a daemon thread (sys._current_frames under the GIL; faulthandler's timer dumps without it and can crash)."""
+    a daemon thread (sys._current_frames under the GIL; faulthandler's timer dumps without it and can crash). No
+    frame is held between samples (_stacks_text)."""
     me, start = threading.get_ident(), time.monotonic()
 
     def run():
         while True:
             time.sleep(every_s)
-            frames = {t: f for t, f in sys._current_frames().items() if t != threading.get_ident()}
+            text = _stacks_text(me, start)
             with path.open("a") as f:
-                f.write(f"--- {time.monotonic() - start:.1f} s\n")
-                for tid, frame in frames.items():
-                    f.write(f"thread {tid}{' (main)' if tid == me else ''}\n")
-                    f.write("".join(traceback.format_stack(frame)[-12:]))
+                f.write(text)
 
     threading.Thread(target=run, name="stack-sampler", daemon=True).start()
 

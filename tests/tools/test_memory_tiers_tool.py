@@ -60,3 +60,28 @@ def test_live_memory_is_summed_by_the_innermost_frame_of_this_repository_largest
     rows = tool.live_by_origin(snapshot)
     assert rows == [{"where": "optimizations/low_precision.py:1 f", "gib": 4.0, "blocks": 2},
                     {"where": "nn/modules/module.py:0 f", "gib": 2.0, "blocks": 1}]
+
+
+def test_the_stack_sampler_holds_no_frame_between_samples_so_a_returned_functions_locals_are_freed(tmp_path):
+    """A frame kept from one sample to the next keeps its locals alive after its function returns: a start whose
+    deepcopy was sampled kept the copy's replaced weights on the device and ran out of memory."""
+    import time
+    import weakref
+
+    class Held:
+        pass
+
+    tool.sample_stacks(tmp_path / "stacks.txt", 1.0)
+    alive = []
+
+    def work():
+        obj = Held()
+        alive.append(weakref.ref(obj))
+        time.sleep(1.5)  # sampled once, at about 1 s
+
+    work()
+    deadline = time.monotonic() + 0.3  # well before the next sample, at about 2 s
+    while alive[0]() is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert alive[0]() is None  # freed on return, not at the next sample
+    assert "in work" in (tmp_path / "stacks.txt").read_text()  # it was sampled inside work()
