@@ -10,16 +10,16 @@ linear of FLUX at its real shape, with the real merge code, for each way of addi
 Builds the transformer's block linears as the fp8 copy holds them (19 double blocks: fused q/k/v of image and text,
 their output projections, both MLPs; 38 single blocks: the fused q/k/v + MLP input, the two column halves of the
 split proj_out), bf16 weights quantised by the merge's own kernel in torchao's rounding, and two adapters per rank
-on every one of those linears. Times, per way of adding the updates (`gemm`: cuBLAS's addmm into scratch rows,
-then the one-pass quantisation; or the tiled kernel at BM rows x BK columns x warps; each with `-scalar` for the
-kernels without their 16-byte accesses): the switch between the two adapters (`Fp8Merge.apply`, synchronised: the
-host's issue time and the total), both the first write of an adapter (its launches built and recorded) and the
-median of the later ones (the recorded plan replayed, as a server's switches between loaded adapters are), and the
-restore (`Fp8Merge.restore`, the one-pass kernel: the same for every config but a `-scalar` one). Checks on the way:
-the restore gives the copy back bit for bit, and a merged weight is the quantisation of W + s B A up to the GEMMs'
-summation order (the share of fp8 values that differ from torch's fp32 addmm). Weights and adapters are random: the
-time depends only on the shapes. What it leaves out of a real switch: the modulation table's slots, written on the
-host.
+on every one of those linears. Times, per way of adding the updates (`gemm`: cuBLAS's addmm into scratch rows, then
+the one-pass quantisation; `gemm-u`: s B A alone into them, W added by the one-pass kernel; or the tiled kernel at
+BM rows x BK columns x warps; each with `-scalar` for the kernels without their 16-byte accesses): the switch
+between the two adapters (`Fp8Merge.apply`, synchronised: the host's issue time and the total), both the first write
+of an adapter (its launches built and recorded) and the median of the later ones (the recorded plan replayed, as a
+server's switches between loaded adapters are), and the restore (`Fp8Merge.restore`, the one-pass kernel: the same
+for every config but a `-scalar` one). Checks on the way: the restore gives the copy back bit for bit, and a merged
+weight is the quantisation of W + s B A up to the GEMMs' summation order (the share of fp8 values that differ from
+torch's fp32 addmm). Weights and adapters are random: the time depends only on the shapes. What it leaves out of a
+real switch: the modulation table's slots, written on the host.
 """
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ranks", default="32,128")
     p.add_argument("--configs", default="gemm,gemm-scalar,32x128x4,32x128x4-scalar",
-                   help="`gemm` (cuBLAS's addmm into scratch rows, then the one-pass kernel) and tiles of "
+                   help="`gemm` (cuBLAS's addmm into scratch rows, then the one-pass kernel), `gemm-u` (cuBLAS "
+                        "writes s B A alone, the one-pass kernel adds W) and tiles of "
                         "merge_rows_fp8_kernel, BMxBKxWARPS; `-scalar`: the same with the kernels' 16-byte accesses "
                         "off (fp8_weight_quant.VECTOR_ACCESS), restores included")
     p.add_argument("--restore-rows", default="4,8,16",
@@ -140,6 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--host", action="store_true",
                    help="CPU: the host's time for a gemm-first switch over FLUX's linears (small shapes, the kernels "
                         "not run): built each time against replayed (Fp8Merge's plans)")
+    p.add_argument("--profile", default=None, metavar="CONFIG",
+                   help="one of --configs: after its timing at each rank, two replayed switches under torch's "
+                        "profiler, each kernel's total device time and count in the JSON (`profile`)")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     if a.small or a.host:  # Triton's interpreter, made to round and multiply bf16 as the GPU does
@@ -185,6 +189,8 @@ def main(argv=None) -> int:
                     elif i > 1:  # replays of the recorded writes (Fp8Merge's plans)
                         switch.append(ms)
                         issue.append(merge.last_issue_ms)
+                if key == a.profile:
+                    r.setdefault("profile", {})[key] = profile_switches(merge, pair, key, device)
                 restore = [] if a.small else restores(merge, pair[0], key, 4, sync)
                 r["configs"][key] = {**checked, **first, **({"switch_ms_median": round(statistics.median(switch), 2),
                                                             "issue_ms_median": round(statistics.median(issue), 2),
@@ -203,6 +209,28 @@ def main(argv=None) -> int:
         a.out.write_text(json.dumps(out, indent=1))
     print(table(out))
     return 0
+
+
+def profile_switches(merge, pair, key: str, device: str, switches: int = 2, top: int = 12) -> dict:
+    """Where a replayed switch's device time goes: `switches` switches under torch.profiler, the kernels (or on a
+    CPU the ops) with the most self time, summed over them, per switch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(2):  # both adapters recorded before the profile: it sees replays only
+        merge.apply((pair[i % 2].name, key), [(pair[i % 2], 1.0)])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(switches):
+            merge.apply((pair[i % 2].name, key), [(pair[i % 2], 1.0)])
+        if device == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    events.sort(key=lambda e: -getattr(e, attr))
+    total = sum(getattr(e, attr) for e in events)
+    return {"per_switch_ms": round(total / 1000 / switches, 2), "time": attr,
+            "top": [{"name": e.key[:120], "ms_per_switch": round(getattr(e, attr) / 1000 / switches, 3),
+                     "calls_per_switch": e.count / switches} for e in events[:top]]}
 
 
 def host_time(switches: int, double: int = DOUBLE, single: int = SINGLE) -> dict:
@@ -266,7 +294,7 @@ def restore_by_rows(merge, ad, rows: list[int], sync) -> dict:
 
 
 def table(out: dict) -> str:
-    rows = ["| rank | kernel (gemm, or tile BMxBKxwarps) | switch, replayed (ms) | host issue (ms) | "
+    rows = ["| rank | kernel (gemm, gemm-u, or tile BMxBKxwarps) | switch, replayed (ms) | host issue (ms) | "
             "first switch, built (ms) | its host issue (ms) | restore (ms) | merged values off torch's | "
             "restore exact |", "|---|---|---|---|---|---|---|---|---|"]
     for rank, r in out["ranks"].items():

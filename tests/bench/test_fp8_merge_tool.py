@@ -57,3 +57,15 @@ def test_run_on_its_own_the_tools_cpu_mode_computes_the_tiled_kernel_as_the_gpu_
                    capture_output=True)
     c = json.loads(out.read_text())["ranks"]["8"]["configs"]["32x32x4"]
     assert c["merged_fp8_values_differing_from_torch"] < 1e-3, c
+
+
+def test_the_profile_of_a_way_lists_where_its_replayed_switches_spend_their_time(tmp_path):
+    """--profile CONFIG: two replayed switches of that way under torch's profiler (on a CPU its ops' own time; on a GPU
+    each kernel's), the largest first."""
+    out = tmp_path / "merge.json"
+    assert tool.main(["--small", "--ranks", "4", "--configs", "gemm", "--profile", "gemm", "--out", str(out)]) == 0
+    prof = json.loads(out.read_text())["ranks"]["4"]["profile"]["gemm"]
+    assert prof["time"] == "self_cpu_time_total" and prof["per_switch_ms"] > 0
+    times = [row["ms_per_switch"] for row in prof["top"]]
+    assert times == sorted(times, reverse=True) and len(times) > 1
+    assert all(row["calls_per_switch"] > 0 for row in prof["top"])
