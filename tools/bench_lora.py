@@ -405,7 +405,7 @@ def main(argv=None) -> int:
                         "has a merge, its default; left out, the tool's server builds neither merge); each is a "
                         "ratio against the same server's steps without an adapter")
     p.add_argument("--merge-kernel", default=None,
-                   help="how the fp8 merge adds the updates: gemm, a tile BMxBKxWARPS, or a JSON file of "
+                   help="how the fp8 merge adds the updates: gemm, gemm-u, a tile BMxBKxWARPS, or a JSON file of "
                         "bench/bench_fp8_merge.py (its fastest exact way at the lowest rank); default: the server's")
     p.add_argument("--branch-rows", type=int, default=128,
                    help="activation rows per layer for the fp8 branch error (default 128)")

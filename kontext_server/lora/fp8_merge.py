@@ -89,8 +89,10 @@ QUANTISERS: dict[str, Quantiser] = {"triton_torchao": _triton(True), "triton_row
 # update computed in its tiles), at rank 128 it takes 1.6-1.9 times gemm_first's (it reads A again per tile of rows).
 # gemm_first quantises W + s B A rounded to bf16 first, as the exact merge writes it; the tiled kernel quantises the
 # fp32 sum. Its tables hold the scales, so its recorded writes replay only for the same scales (gemm_first's read
-# them when they run). Tools set gemm_first True or False to force a way.
-KERNEL: dict = {"gemm_first": None, "config": None}
+# them when they run). Tools set gemm_first True or False to force a way. update_rows (gemm_first only, off until
+# measured): cuBLAS writes s B A alone and the one-pass kernel adds W (no copy of W into the scratch rows; s B A is
+# rounded to bf16 before the sum).
+KERNEL: dict = {"gemm_first": None, "config": None, "update_rows": False}
 TILED_MAX_RANK = 32
 
 
@@ -99,18 +101,19 @@ def kernel_for(adapters: list) -> dict:
     if KERNEL.get("gemm_first") is not None:
         return dict(KERNEL)
     tiled = sum(a.rank for a, _ in adapters) <= TILED_MAX_RANK
-    return {"gemm_first": not tiled, "config": KERNEL.get("config")}
+    return {"gemm_first": not tiled, "config": KERNEL.get("config"), "update_rows": KERNEL.get("update_rows", False)}
 
 
 def kernel_from_spec(spec: str) -> dict:
-    """KERNEL's value for a tool's spelling of it: `gemm` (gemm_first) or a tile of the tiled kernel, BMxBKxWARPS."""
-    if spec == "gemm":
-        return {"gemm_first": True, "config": None}
+    """KERNEL's value for a tool's spelling of it: `gemm` (gemm_first), `gemm-u` (gemm_first with update_rows) or a
+    tile of the tiled kernel, BMxBKxWARPS."""
+    if spec in ("gemm", "gemm-u"):
+        return {"gemm_first": True, "config": None, "update_rows": spec == "gemm-u"}
     try:
         bm, bk, warps = (int(x) for x in spec.split("x"))
     except ValueError:
-        raise ValueError(f"a merge kernel: gemm or BMxBKxWARPS (e.g. 64x64x4), not {spec!r}") from None
-    return {"gemm_first": False, "config": {"BM": bm, "BK": bk, "num_warps": warps}}
+        raise ValueError(f"a merge kernel: gemm, gemm-u or BMxBKxWARPS (e.g. 64x64x4), not {spec!r}") from None
+    return {"gemm_first": False, "config": {"BM": bm, "BK": bk, "num_warps": warps}, "update_rows": False}
 
 
 def candidates(device: torch.device) -> list[str]:
@@ -255,7 +258,7 @@ def merge_kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None
             s = torch.zeros(48, dtype=torch.float32, device=device)
             merge_weight_rows([Segment(w, q, s, [(a, b, 0.7)])], True, **way)
             err = ((q.float() * s[:, None] - ref).norm() / ref.norm()).item()
-            if not err < 0.01:  # NaN too
+            if not err < 0.02:  # NaN too (update_rows' own rounding of s B A: 1-2% on this weight, its U near W's size)
                 return f"merged a test weight {err:.3f} away from torch's sum"
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is reported, and the merge goes on without
         return f"{type(exc).__name__}: {exc}"[:300]

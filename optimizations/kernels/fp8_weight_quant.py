@@ -11,8 +11,10 @@ some in fp32), a dozen launches each: the switch was bound by the host's launche
 covers many segments (a table of their addresses; up to CHUNK_SEGMENTS). Two kernels: with no update (a restore),
 `restore_rows_fp8_kernel` holds each row in registers, read once and written once; with updates,
 `merge_rows_fp8_kernel` reads each tile of rows twice (the amax, then the write; the update's small GEMM recomputed
-by a tensor-core dot). `Launch(gemm_first=True)` is the other way to add updates: cuBLAS's addmm into scratch rows,
-then the one-pass kernel.
+by a tensor-core dot). `Launch(gemm_first=True)` is the other way to add updates: cuBLAS's addmm writes W + s B A
+into scratch rows, which the one-pass kernel quantises; with `update_rows=True` cuBLAS writes s B A alone and the
+one-pass kernel adds W as it quantises (W read once: torch's addmm into other rows first copies W there; s B A is then
+rounded to W's dtype on its own, before the sum).
 
 Two roundings, chosen by SCALE_IN_WEIGHT_DTYPE:
 - True, torchao's (`Float8Tensor.from_hp` with PerRow on its torch path): scale = amax / 448 rounded to the weight's
@@ -29,7 +31,7 @@ other launch runs without them (same values, narrower accesses). An update's til
 and Triton's pipeliner fails on a hinted A tile under a runtime rank mask.
 Limits: bf16 or fp16 weights and updates; rows with unit column stride; update ranks up to 256; at most MAX_UPDATES
 updates per segment. The merged values (not the restore) may differ from a torch addmm in the last bit of W's dtype
-where the GEMM's summation order differs.
+where the GEMM's summation order differs, and with gemm-first where s B A's own rounding to W's dtype moves the sum.
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ FIELDS = 8 + 5 * MAX_UPDATES  # int64s per segment in the table (see Launch.add)
 TILED = {"BM": 64, "BK": 128, "num_warps": 4}  # merge_rows_fp8_kernel's tile (bench/bench_fp8_merge.py compares)
 ONE_PASS_MAX_K = 16384  # restore_rows_fp8_kernel holds a row in registers
 ONE_PASS_ROWS = 8  # rows per program of restore_rows_fp8_kernel
-SCRATCH_BYTES = 1 << 29  # Launch(gemm_first=True): merged rows held at once before their quantisation is launched
-#                           (with an arena: the arena's size, see scratch_arena)
+SCRATCH_BYTES = 1 << 29  # Launch(gemm_first=True): merged (or update) rows held at once before their quantisation
+#                           is launched (with an arena: the arena's size, see scratch_arena)
 CHUNK_SEGMENTS = 64  # segments per launch: the GPU starts on the first ones while the host adds the rest
 SEGMENT_ROWS = 3072  # longer blocks of rows are split: a launch's programs then have like work
 ALIGN = 16  # an ALIGNED launch's pointers are multiples of ALIGN bytes, its strides and widths of ALIGN elements
@@ -148,14 +150,21 @@ def restore_rows_fp8_kernel(table_ptr, BLOCK: tl.constexpr, ROWS: tl.constexpr, 
                             DTYPE: tl.constexpr, SCALE_IN_WEIGHT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """A launch with no update (a restore): grid (ROWS-row blocks of the longest segment, segments), each row held in
     registers: read once, written once (ROWS rows a program, so few programs find their segment already done). The
-    same arithmetic as merge_rows_fp8_kernel's with no update."""
+    same arithmetic as merge_rows_fp8_kernel's with no update. A segment with update rows U (the gemm-first way's
+    s B A, fields 8 and 9: address and row stride) writes Q(W + U) instead, W + U rounded to W's dtype."""
     row0 = tl.program_id(0) * ROWS
-    w_ptr, q_ptr, s_ptr, w_stride, q_stride, n, k = _segment(table_ptr + tl.program_id(1).to(tl.int64) * FIELDS, DTYPE,
-                                                             ALIGNED)
+    entry = table_ptr + tl.program_id(1).to(tl.int64) * FIELDS
+    w_ptr, q_ptr, s_ptr, w_stride, q_stride, n, k = _segment(entry, DTYPE, ALIGNED)
+    u_addr, u_stride = tl.load(entry + 8), tl.load(entry + 9)  # the gemm-first way's update rows (0: none)
+    u_ptr = u_addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        u_ptr, u_stride = tl.multiple_of(u_ptr, _ALIGN), tl.multiple_of(u_stride, _ALIGN)
     c = tl.arange(0, BLOCK)
     m = c < k
     for row in range(row0, tl.minimum(row0 + ROWS, n)):
         w = tl.load(w_ptr + row * w_stride + c, mask=m, other=0.0).to(tl.float32)
+        if u_addr != 0:  # W + U, rounded once to W's dtype, as _merged_tile's sum is
+            w = (w + tl.load(u_ptr + row * u_stride + c, mask=m, other=0.0).to(tl.float32)).to(DTYPE).to(tl.float32)
         scale = _row_scale(tl.max(tl.abs(w), axis=0), DTYPE, SCALE_IN_WEIGHT_DTYPE)
         tl.store(q_ptr + row * q_stride + c, _to_fp8(w, scale, tl.math.div_rn(1.0, scale), SCALE_IN_WEIGHT_DTYPE),
                  mask=m)
@@ -178,6 +187,18 @@ def _replay(step, _alive: list) -> None:
 def _aligned(*values: int) -> bool:
     """Whether pointers (bytes) and strides or widths (elements) are all multiples of ALIGN: an ALIGNED launch's."""
     return all(v % ALIGN == 0 for v in values)
+
+
+def low_rank_update(updates: list, out: torch.Tensor) -> torch.Tensor:
+    """sum s B A by cuBLAS into `out` (N, K), `updates` [(A (r, K), B (N, r), s)], rounded once to out's dtype where
+    there is one update (several: stacked as add_low_rank stacks them). No W is read: the gemm-first way's one-pass
+    kernel adds it, which saves the copy of W into the output that torch's addmm makes before its GEMM. Each s is read
+    with float() when this runs."""
+    if len(updates) == 1:
+        a, b, s = updates[0]
+        return torch.addmm(out, b, a, beta=0, alpha=float(s), out=out)  # beta 0: out's old values are not read
+    return torch.mm(torch.cat([b * float(s) for _, b, s in updates], 1), torch.cat([a for a, _, _ in updates], 0),
+                    out=out)
 
 
 def add_low_rank(w: torch.Tensor, updates: list, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -224,17 +245,18 @@ class Launch:
 
     def __init__(self, dtype: torch.dtype, device: torch.device, scale_in_weight_dtype: bool,
                  gemm_first: bool = False, config: dict | None = None, one_pass: bool = True,
-                 arena: torch.Tensor | None = None, record: list | None = None):
+                 arena: torch.Tensor | None = None, record: list | None = None, update_rows: bool = False):
         """`gemm_first`: a segment's update is added by torch's addmm (cuBLAS) into a scratch copy of its rows as it
         is added, and the scratch rows are quantised by the one-pass kernel, instead of the tiled kernel computing
-        the update itself. `config`: the tiled kernel's BM, BK, num_warps (tools compare them). `one_pass=False`:
-        the tiled kernel even with no update (tests). `arena` (scratch_arena): where the scratch rows go, reused
-        after each run (stream order keeps a launch's reads before the next rows' writes); else each segment's are
-        allocated. `record`: see the class docstring."""
+        the update itself. `update_rows` (with gemm_first): the scratch rows get s B A alone and the one-pass kernel
+        adds W (rows up to ONE_PASS_MAX_K long; longer ones as without it). `config`: the tiled kernel's BM, BK,
+        num_warps (tools compare them). `one_pass=False`: the tiled kernel even with no update (tests). `arena`
+        (scratch_arena): where the scratch rows go, reused after each run (stream order keeps a launch's reads
+        before the next rows' writes); else each segment's are allocated. `record`: see the class docstring."""
         if dtype not in _TL_DTYPES:
             raise ValueError(f"weights in bf16 or fp16, not {dtype}")
         self.dtype, self.device, self.rounding = dtype, device, scale_in_weight_dtype
-        self.gemm_first, self.config, self.one_pass = gemm_first, config, one_pass
+        self.gemm_first, self.config, self.one_pass, self.update_rows = gemm_first, config, one_pass, update_rows
         self.tables: dict[int, _Table] = {}  # 0: with updates (tiled); else the one-pass kernel's register block
         self.scratch = 0  # bytes of scratch rows held by the tables
         self.arena, self.arena_used, self.record, self.replayable = arena, 0, record, True
@@ -265,22 +287,34 @@ class Launch:
                 raise ValueError(f"an update: unit column strides, in {self.dtype}, rank <= {MAX_RANK}; got A "
                                  f"{tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} {b.dtype}")
         size = source.element_size()
-        if updates and self.gemm_first:  # the merged rows become the segment's weight, with no update left
-            args = (source[first:first + n], [(a[:, c:c + k], b, s) for a, c, b, s in updates])
-            w = add_low_rank(*args, out=self._scratch(n, k, size))
+        one_pass = self.one_pass and k <= ONE_PASS_MAX_K
+        u = None  # the gemm-first way's update rows, which the one-pass kernel adds to W
+        if updates and self.gemm_first:
+            ups, out = [(a[:, c:c + k], b, s) for a, c, b, s in updates], self._scratch(n, k, size)
+            if one_pass and self.update_rows:  # s B A alone into scratch rows; W is read once, by the kernel
+                out = torch.empty(n, k, dtype=self.dtype, device=self.device) if out is None else out
+                u = low_rank_update(ups, out=out)
+                step = functools.partial(low_rank_update, ups, out=u)
+                w, w_ptr = source, source.data_ptr() + first * source.stride(0) * size
+            else:  # W + s B A into scratch rows, quantised as a weight
+                w = add_low_rank(source[first:first + n], ups, out=out)
+                step = functools.partial(add_low_rank, source[first:first + n], ups, out=w)
+                w_ptr = w.data_ptr()
             if self.record is not None:
-                self.record.append(functools.partial(add_low_rank, *args, out=w))
-            w_ptr, updates = w.data_ptr(), []
+                self.record.append(step)
+            updates = []
         else:
             w, w_ptr = source, source.data_ptr() + first * source.stride(0) * size
-        key = triton.next_power_of_2(k) if not updates and self.one_pass and k <= ONE_PASS_MAX_K else 0
+        key = triton.next_power_of_2(k) if not updates and one_pass else 0
         table = self.tables.setdefault(key, _Table())
-        table.alive += [w, rows, scale] + [t for a, _, b, _ in updates for t in (a, b)]
-        if w is not source:
-            table.scratch += w.numel() * size
-            self.scratch += w.numel() * size
+        table.alive += [w, rows, scale] + [t for a, _, b, _ in updates for t in (a, b)] + ([u] if u is not None else [])
+        held = u if u is not None else (w if w is not source else None)  # scratch rows this segment holds
+        if held is not None:
+            table.scratch += held.numel() * size
+            self.scratch += held.numel() * size
         q_ptr, s_ptr = rows.data_ptr() + first * rows.stride(0), scale.data_ptr() + first * 4
-        table.aligned = table.aligned and _aligned(w_ptr, q_ptr, w.stride(0), rows.stride(0), k)
+        table.aligned = table.aligned and _aligned(w_ptr, q_ptr, w.stride(0), rows.stride(0), k) \
+            and (u is None or _aligned(u.data_ptr(), u.stride(0)))
         for i in range(0, n, SEGMENT_ROWS):  # rows i.. of the block, as a segment of their own
             m = min(SEGMENT_ROWS, n - i)
             table.ints += [w_ptr + i * w.stride(0) * size, q_ptr + i * rows.stride(0), s_ptr + i * 4, w.stride(0),
@@ -289,7 +323,9 @@ class Launch:
                 table.ints += [a.data_ptr() + c * size, a.stride(0), b.data_ptr() + i * b.stride(0) * size,
                                b.stride(0), a.shape[0]]
                 table.rank = max(table.rank, a.shape[0])
-            table.ints += [0] * (FIELDS - 8 - 5 * len(updates))
+            if u is not None:  # fields 8 and 9 of a segment with no update: its update rows (restore_rows_fp8_kernel)
+                table.ints += [u.data_ptr() + i * u.stride(0) * size, u.stride(0)]
+            table.ints += [0] * (FIELDS - 8 - 5 * len(updates) - (2 if u is not None else 0))
             table.floats += [float(u[3]) for u in updates] + [0.0] * (MAX_UPDATES - len(updates))
             table.rows, table.cols = max(table.rows, m), max(table.cols, k)
             table.segments += 1

@@ -3,7 +3,8 @@ interpreter: the same adapters written again replay the recorded addmms and laun
 the gemm-first way's scratch rows in the merge's arena even when a write needs several runs of it; another scale
 replays the same plan (gemm-first) or is a plan of its own (the tiled kernel); plans are bounded; an adapter
 reloaded with new weights is recorded anew, and the plans of the old one go (with their hold on its tensors) at the
-first write after it is collected; adapters that cannot be weakly referenced are never recorded."""
+first write after it is collected; adapters that cannot be weakly referenced are never recorded. Gemm-first runs
+both of its ways (the merged rows, or the update rows with W added by the kernel)."""
 from __future__ import annotations
 
 import gc
@@ -56,9 +57,12 @@ def held(ts) -> list[torch.Tensor]:
             for t in ts]
 
 
-@pytest.fixture(autouse=True)
-def gemm_first(monkeypatch):
+@pytest.fixture(autouse=True, params=[False, True], ids=["addmm", "update-rows"])
+def gemm_first(monkeypatch, request):
+    """Gemm-first, both ways: W + s B A into the scratch rows, or s B A alone (update_rows) with W added by the
+    kernel; the recorded writes replay either."""
     monkeypatch.setitem(fp8_merge.KERNEL, "gemm_first", True)
+    monkeypatch.setitem(fp8_merge.KERNEL, "update_rows", request.param)
 
 
 def launches_built(monkeypatch) -> list:

@@ -88,7 +88,8 @@ def test_the_merge_kernel_taken_from_a_merge_benchmark_is_its_fastest_exact_way_
         "32": {"configs": {"gemm": way(30.0), "64x64x4": way(40.0), "32x128x4": way(20.0, exact=False),
                            "128x64x8": way(10.0, off=0.2), "16x16x1": {"error": "OutOfResources"}}}}}))
     assert fastest_merge_kernel(str(bench)) == "gemm"
-    assert kernel_from_spec("gemm") == {"gemm_first": True, "config": None}
+    assert kernel_from_spec("gemm") == {"gemm_first": True, "config": None, "update_rows": False}
+    assert kernel_from_spec("gemm-u") == {"gemm_first": True, "config": None, "update_rows": True}
     assert kernel_from_spec("64x32x8")["config"] == {"BM": 64, "BK": 32, "num_warps": 8}
     with pytest.raises(ValueError, match="BMxBKxWARPS"):
         kernel_from_spec("fast")
