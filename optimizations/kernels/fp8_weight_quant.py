@@ -288,13 +288,13 @@ class Launch:
                                  f"{tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} {b.dtype}")
         size = source.element_size()
         one_pass = self.one_pass and k <= ONE_PASS_MAX_K
-        u = None  # the gemm-first way's update rows, which the one-pass kernel adds to W
+        added = None  # update_rows: the gemm-first way's s B A rows, which the one-pass kernel adds to W
         if updates and self.gemm_first:
             ups, out = [(a[:, c:c + k], b, s) for a, c, b, s in updates], self._scratch(n, k, size)
             if one_pass and self.update_rows:  # s B A alone into scratch rows; W is read once, by the kernel
                 out = torch.empty(n, k, dtype=self.dtype, device=self.device) if out is None else out
-                u = low_rank_update(ups, out=out)
-                step = functools.partial(low_rank_update, ups, out=u)
+                added = low_rank_update(ups, out=out)
+                step = functools.partial(low_rank_update, ups, out=added)
                 w, w_ptr = source, source.data_ptr() + first * source.stride(0) * size
             else:  # W + s B A into scratch rows, quantised as a weight
                 w = add_low_rank(source[first:first + n], ups, out=out)
@@ -307,14 +307,14 @@ class Launch:
             w, w_ptr = source, source.data_ptr() + first * source.stride(0) * size
         key = triton.next_power_of_2(k) if not updates and one_pass else 0
         table = self.tables.setdefault(key, _Table())
-        table.alive += [w, rows, scale] + [t for a, _, b, _ in updates for t in (a, b)] + ([u] if u is not None else [])
-        held = u if u is not None else (w if w is not source else None)  # scratch rows this segment holds
+        table.alive += [w, rows, scale] + [t for a, _, b, _ in updates for t in (a, b)] + [added] * (added is not None)
+        held = added if added is not None else (w if w is not source else None)  # scratch rows this segment holds
         if held is not None:
             table.scratch += held.numel() * size
             self.scratch += held.numel() * size
         q_ptr, s_ptr = rows.data_ptr() + first * rows.stride(0), scale.data_ptr() + first * 4
         table.aligned = table.aligned and _aligned(w_ptr, q_ptr, w.stride(0), rows.stride(0), k) \
-            and (u is None or _aligned(u.data_ptr(), u.stride(0)))
+            and (added is None or _aligned(added.data_ptr(), added.stride(0)))
         for i in range(0, n, SEGMENT_ROWS):  # rows i.. of the block, as a segment of their own
             m = min(SEGMENT_ROWS, n - i)
             table.ints += [w_ptr + i * w.stride(0) * size, q_ptr + i * rows.stride(0), s_ptr + i * 4, w.stride(0),
@@ -323,9 +323,9 @@ class Launch:
                 table.ints += [a.data_ptr() + c * size, a.stride(0), b.data_ptr() + i * b.stride(0) * size,
                                b.stride(0), a.shape[0]]
                 table.rank = max(table.rank, a.shape[0])
-            if u is not None:  # fields 8 and 9 of a segment with no update: its update rows (restore_rows_fp8_kernel)
-                table.ints += [u.data_ptr() + i * u.stride(0) * size, u.stride(0)]
-            table.ints += [0] * (FIELDS - 8 - 5 * len(updates) - (2 if u is not None else 0))
+            if added is not None:  # fields 8 and 9 of a segment with no update: rows to add (restore_rows_fp8_kernel)
+                table.ints += [added.data_ptr() + i * added.stride(0) * size, added.stride(0)]
+            table.ints += [0] * (FIELDS - 8 - 5 * len(updates) - (2 if added is not None else 0))
             table.floats += [float(u[3]) for u in updates] + [0.0] * (MAX_UPDATES - len(updates))
             table.rows, table.cols = max(table.rows, m), max(table.cols, k)
             table.segments += 1
