@@ -12,7 +12,9 @@ it recognises torchao's quantisation of every fp8 linear, a merged request stays
 as the fused branch, switches capture nothing, and the fp8 base afterwards is bit-identical to a server without
 adapters. The exact merge (FLUX_LORA_EXACT_MERGE, on by default where the device has room): a merged exact request
 gives the fused branch's image, its switches capture nothing, and the exact base afterwards is bit-identical. A
-switch's batched slot writes (foreach ops) give on CUDA the values of the same writes issued one op each.
+switch's batched slot writes (foreach ops) give on CUDA the values of the same writes issued one op each. The fp8
+merge's update-rows way (gemm-u, off by default) writes on CUDA what its torch reference gives, and its replay the
+same bytes.
 """
 from __future__ import annotations
 
@@ -218,3 +220,41 @@ def test_batched_slot_writes_give_on_cuda_the_values_of_one_op_at_a_time(monkeyp
     from tests.lora.test_batched_writes import check_batched_against_one_by_one
 
     check_batched_against_one_by_one(monkeypatch, "cuda")
+
+
+@pytest.mark.parametrize("rounding", ["torchao", "quantize_rows"])
+def test_the_update_rows_way_merges_on_cuda_as_its_torch_reference_and_replays_bit_for_bit(rounding):
+    """cuBLAS writes s B A into scratch rows and the compiled one-pass kernel adds W (the CPU tests run Triton's
+    interpreter); one, two and three updates per weight, the last stacked into one GEMM."""
+    from optimizations.kernels.fp8_weight_quant import Launch
+    from tests.optimizations.test_fp8_weight_quant import QUANTISERS, segment_rows, update_rows_reference, weight
+
+    parts, outs = [], []
+    for i, (n, k) in enumerate([(48, 3072), (8, 1000), (40, 2048)]):
+        w = weight((n, k), seed=10 + i)
+        parts.append((w, [(*segment_rows(n, k, 3 * i + j), s) for j, s in enumerate((1.0, -0.7, 0.35)[:i + 1])]))
+    record: list = []
+    launch = Launch(torch.bfloat16, torch.device("cuda"), rounding == "torchao", gemm_first=True, update_rows=True,
+                    record=record)
+    for w, ups in parts:
+        q = torch.zeros(w.shape, dtype=torch.float8_e4m3fn, device="cuda")
+        s = torch.zeros(w.shape[0], dtype=torch.float32, device="cuda")
+        launch.add(w.cuda(), q, s, 0, w.shape[0], [(a.cuda(), 0, b.cuda(), sc) for a, b, sc in ups])
+        outs.append((q, s))
+    launch.run()
+    torch.cuda.synchronize()
+    written = [(q.clone(), s.clone()) for q, s in outs]
+    for (w, ups), (q, s) in zip(parts, written):
+        own = update_rows_reference(w, ups, rounding)[0]
+        differ = (q.cpu().float() != own.float()).float().mean().item()
+        print(f"{rounding} {tuple(w.shape)} {len(ups)} update(s): {differ:.5f} of fp8 values off torch's")
+        assert differ < 2e-3, differ
+        assert not torch.equal(q.cpu().view(torch.uint8), QUANTISERS[rounding](w)[0].view(torch.uint8))
+    for q, s in outs:
+        q.zero_()
+        s.zero_()
+    for step in record:  # the recorded GEMMs and launch again: the same bytes
+        step()
+    torch.cuda.synchronize()
+    for (q, s), (q0, s0) in zip(outs, written):
+        assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
