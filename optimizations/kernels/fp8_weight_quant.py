@@ -147,24 +147,29 @@ def merge_rows_fp8_kernel(table_ptr, scales_ptr, R: tl.constexpr, BM: tl.constex
 
 @triton.jit
 def restore_rows_fp8_kernel(table_ptr, BLOCK: tl.constexpr, ROWS: tl.constexpr, FIELDS: tl.constexpr,
-                            DTYPE: tl.constexpr, SCALE_IN_WEIGHT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+                            DTYPE: tl.constexpr, SCALE_IN_WEIGHT_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                            ADD: tl.constexpr = False):
     """A launch with no update (a restore): grid (ROWS-row blocks of the longest segment, segments), each row held in
     registers: read once, written once (ROWS rows a program, so few programs find their segment already done). The
     same arithmetic as merge_rows_fp8_kernel's with no update. A segment with update rows U (the gemm-first way's
-    s B A, fields 8 and 9: address and row stride) writes Q(W + U) instead, W + U rounded to W's dtype."""
+    s B A, fields 8 and 9: address and row stride) writes Q(W + U) instead, W + U rounded to W's dtype; only a launch
+    compiled with ADD reads those fields (a restore's is the kernel as it was without them)."""
     row0 = tl.program_id(0) * ROWS
     entry = table_ptr + tl.program_id(1).to(tl.int64) * FIELDS
     w_ptr, q_ptr, s_ptr, w_stride, q_stride, n, k = _segment(entry, DTYPE, ALIGNED)
-    u_addr, u_stride = tl.load(entry + 8), tl.load(entry + 9)  # the gemm-first way's update rows (0: none)
-    u_ptr = u_addr.to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        u_ptr, u_stride = tl.multiple_of(u_ptr, _ALIGN), tl.multiple_of(u_stride, _ALIGN)
+    if ADD:
+        u_addr, u_stride = tl.load(entry + 8), tl.load(entry + 9)  # the gemm-first way's update rows (0: none)
+        u_ptr = u_addr.to(tl.pointer_type(DTYPE))
+        if ALIGNED:
+            u_ptr, u_stride = tl.multiple_of(u_ptr, _ALIGN), tl.multiple_of(u_stride, _ALIGN)
     c = tl.arange(0, BLOCK)
     m = c < k
     for row in range(row0, tl.minimum(row0 + ROWS, n)):
         w = tl.load(w_ptr + row * w_stride + c, mask=m, other=0.0).to(tl.float32)
-        if u_addr != 0:  # W + U, rounded once to W's dtype, as _merged_tile's sum is
-            w = (w + tl.load(u_ptr + row * u_stride + c, mask=m, other=0.0).to(tl.float32)).to(DTYPE).to(tl.float32)
+        if ADD:
+            if u_addr != 0:  # W + U, rounded once to W's dtype, as _merged_tile's sum is
+                u = tl.load(u_ptr + row * u_stride + c, mask=m, other=0.0).to(tl.float32)
+                w = (w + u).to(DTYPE).to(tl.float32)
         scale = _row_scale(tl.max(tl.abs(w), axis=0), DTYPE, SCALE_IN_WEIGHT_DTYPE)
         tl.store(q_ptr + row * q_stride + c, _to_fp8(w, scale, tl.math.div_rn(1.0, scale), SCALE_IN_WEIGHT_DTYPE),
                  mask=m)
@@ -222,6 +227,7 @@ class _Table:
         self.rows = self.cols = self.rank = self.segments = 0  # the longest segment's rows, columns; the top rank
         self.scratch = 0  # bytes of the gemm-first way's scratch rows it holds
         self.aligned = True  # every segment's pointers, strides and widths multiples of ALIGN (see the kernels)
+        self.added = False  # a segment has update rows to add (Launch(update_rows=True)): the one-pass kernel's ADD
         self.alive: list[torch.Tensor] = []  # what the table points into, until the launch is issued
 
 
@@ -325,6 +331,7 @@ class Launch:
                 table.rank = max(table.rank, a.shape[0])
             if added is not None:  # fields 8 and 9 of a segment with no update: rows to add (restore_rows_fp8_kernel)
                 table.ints += [added.data_ptr() + i * added.stride(0) * size, added.stride(0)]
+                table.added = True
             table.ints += [0] * (FIELDS - 8 - 5 * len(updates) - (2 if added is not None else 0))
             table.floats += [float(u[3]) for u in updates] + [0.0] * (MAX_UPDATES - len(updates))
             table.rows, table.cols = max(table.rows, m), max(table.cols, k)
@@ -362,7 +369,7 @@ class Launch:
             step = functools.partial(
                 restore_rows_fp8_kernel[(-(-t.rows // ONE_PASS_ROWS), t.segments)], table, BLOCK=block,
                 ROWS=ONE_PASS_ROWS, FIELDS=FIELDS, DTYPE=dtype, SCALE_IN_WEIGHT_DTYPE=self.rounding, ALIGNED=aligned,
-                num_warps=8 if block >= 4096 else 4)
+                ADD=t.added, num_warps=8 if block >= 4096 else 4)
         else:
             c = {**TILED, **(self.config or {})}
             scales = _to_device(torch.tensor(t.floats, dtype=torch.float32), self.device)

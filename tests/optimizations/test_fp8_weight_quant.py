@@ -291,21 +291,21 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from optimizations.kernels import fp8_weight_quant as q
-names = ["BLOCK", "ROWS", "FIELDS", "DTYPE", "SCALE_IN_WEIGHT_DTYPE", "ALIGNED"]
+names = ["BLOCK", "ROWS", "FIELDS", "DTYPE", "SCALE_IN_WEIGHT_DTYPE", "ALIGNED", "ADD"]
 out = {}
-for aligned in (False, True):
+for aligned, add in ((False, False), (True, False), (False, True), (True, True)):
     src = ASTSource(fn=q.restore_rows_fp8_kernel, signature={"table_ptr": "*i64", **{n: "constexpr" for n in names}},
-                    constexprs=dict(zip(names, [4096, 8, q.FIELDS, tl.bfloat16, True, aligned])))
+                    constexprs=dict(zip(names, [4096, 8, q.FIELDS, tl.bfloat16, True, aligned, add])))
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["ptx"]
-    out[str(aligned)] = [sorted(set(re.findall(r"ld\\.global\\.(\\S+)", ptx))),
+    out[f"{aligned} {add}"] = [sorted(set(re.findall(r"ld\\.global\\.(\\S+)", ptx))),
                          sorted(set(re.findall(r"st\\.global\\.(\\S+)", ptx)))]
 print(json.dumps(out))
 """
 
 
 def sm90_accesses() -> dict:
-    """{aligned: (global load widths, store widths)} in the one-pass kernel's PTX for an H100, compiled here (no GPU
-    needed) in a process of its own: Triton's interpreter, which the other tests run the kernels in, cannot
+    """{(aligned, add): (global load widths, store widths)} in the one-pass kernel's PTX for an H100, compiled here
+    (no GPU needed) in a process of its own: Triton's interpreter, which the other tests run the kernels in, cannot
     compile."""
     import json
     import os
@@ -317,14 +317,17 @@ def sm90_accesses() -> dict:
     done = subprocess.run([sys.executable, "-c", SM90_ACCESSES], capture_output=True, text=True, env=env, timeout=300,
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr[-2000:]
-    return {k == "True": (set(v[0]), set(v[1])) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+    return {tuple(x == "True" for x in k.split()): (set(v[0]), set(v[1]))
+            for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
 def test_an_aligned_launch_moves_sixteen_bytes_per_access_where_an_unaligned_one_moves_a_value_at_a_time():
     """The point of ALIGNED: without the hints the bf16 weight is read two bytes and the fp8 rows written one byte
-    per instruction (the table's addresses are invisible to Triton); with them, 16 bytes (v4.b32)."""
+    per instruction (the table's addresses are invisible to Triton); with them, 16 bytes (v4.b32). The same with
+    ADD (update rows added to W: the gemm-first way's update_rows), whose rows are read as W's are."""
     accesses = sm90_accesses()
-    loads, stores = accesses[False]
-    assert "b16" in loads and "b8" in stores and "v4.b32" not in loads | stores
-    loads, stores = accesses[True]
-    assert "v4.b32" in loads and "v4.b32" in stores and "b16" not in loads and "b8" not in stores
+    for add in (False, True):
+        loads, stores = accesses[(False, add)]
+        assert "b16" in loads and "b8" in stores and "v4.b32" not in loads | stores, add
+        loads, stores = accesses[(True, add)]
+        assert "v4.b32" in loads and "v4.b32" in stores and "b16" not in loads and "b8" not in stores, add
