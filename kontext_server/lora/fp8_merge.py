@@ -101,7 +101,7 @@ def kernel_for(adapters: list) -> dict:
     if KERNEL.get("gemm_first") is not None:
         return dict(KERNEL)
     tiled = sum(a.rank for a, _ in adapters) <= TILED_MAX_RANK
-    return {"gemm_first": not tiled, "config": KERNEL.get("config"), "update_rows": KERNEL.get("update_rows", False)}
+    return {**KERNEL, "gemm_first": not tiled}
 
 
 def kernel_from_spec(spec: str) -> dict:

@@ -202,8 +202,7 @@ def low_rank_update(updates: list, out: torch.Tensor) -> torch.Tensor:
     if len(updates) == 1:
         a, b, s = updates[0]
         return torch.addmm(out, b, a, beta=0, alpha=float(s), out=out)  # beta 0: out's old values are not read
-    return torch.mm(torch.cat([b * float(s) for _, b, s in updates], 1), torch.cat([a for a, _, _ in updates], 0),
-                    out=out)
+    return torch.mm(*_stacked(updates), out=out)
 
 
 def add_low_rank(w: torch.Tensor, updates: list, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -214,8 +213,13 @@ def add_low_rank(w: torch.Tensor, updates: list, out: torch.Tensor | None = None
     if len(updates) == 1:
         a, b, s = updates[0]
         return torch.addmm(w, b, a, alpha=float(s), out=out)
-    return torch.addmm(w, torch.cat([b * float(s) for _, b, s in updates], 1),
-                       torch.cat([a for a, _, _ in updates], 0), out=out)
+    return torch.addmm(w, *_stacked(updates), out=out)
+
+
+def _stacked(updates: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several updates [(A, B, s)] as one GEMM's operands: [s1 B1 | s2 B2 ...] (each s B rounded to B's dtype) and
+    [A1; A2 ...]."""
+    return torch.cat([b * float(s) for _, b, s in updates], 1), torch.cat([a for a, _, _ in updates], 0)
 
 
 class _Table:
