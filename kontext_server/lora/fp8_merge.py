@@ -258,7 +258,9 @@ def merge_kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None
             s = torch.zeros(48, dtype=torch.float32, device=device)
             merge_weight_rows([Segment(w, q, s, [(a, b, 0.7)])], True, **way)
             err = ((q.float() * s[:, None] - ref).norm() / ref.norm()).item()
-            if not err < 0.02:  # NaN too (update_rows' own rounding of s B A: 1-2% on this weight, its U near W's size)
+            # NaN fails too; update_rows rounds s B A on its own: about 1% on this weight (0.97% on the CPU), whose
+            # update is near W's size, so it gets 2% where the other ways keep 1%
+            if not err < (0.02 if way.get("update_rows") else 0.01):
                 return f"merged a test weight {err:.3f} away from torch's sum"
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is reported, and the merge goes on without
         return f"{type(exc).__name__}: {exc}"[:300]
