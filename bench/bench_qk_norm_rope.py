@@ -3,8 +3,8 @@ ops, at FLUX's shapes, on a GPU.
 
 Per workload: a double block (text rows from the context projection, 512 tokens) and a single block (text already in
 the sequence), bf16, inputs as views of one fused to_qkv output (row stride 3 x 3072). The reference is diffusers'
-own sequence (chunk, torch RMSNorm, concatenation, apply_rotary_emb, q/k/v made contiguous in the (batch, heads,
-seq, head_dim) layout attention takes) compiled by torch.compile.
+own sequence (chunk, torch RMSNorm, concatenation, apply_rotary_emb, q/k/v made contiguous in the (batch, seq,
+heads, head_dim) layout the kernel writes and cuDNN attention takes as strided views) compiled by torch.compile.
 Prints microseconds per call and the bandwidth over the bytes that must move (q/k/v read once, written once), for
 several tile shapes. Usage: python bench/bench_qk_norm_rope.py [--out results.json]
 """
@@ -38,7 +38,7 @@ def reference(qkv_img, qkv_txt, wq, wk, wq_t, wk_t, cos, sin):
         v = torch.cat([ev, v], 1)
     q = apply_rotary_emb(q, (cos, sin), sequence_dim=1)
     k = apply_rotary_emb(k, (cos, sin), sequence_dim=1)
-    return tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))
+    return tuple(t.contiguous() for t in (q, k, v))  # (batch, seq, heads, head_dim) memory, as the kernel writes
 
 
 def main() -> None:
@@ -73,7 +73,7 @@ def main() -> None:
                     return qk_norm_rope.launch(kernel, *img, *txt, w[0], w[1], *wt, cos, sin, HEADS, 1e-6,
                                                block_t=bt, num_warps=nw)
                 got = call()
-                err = max(float((g.transpose(1, 2).float() - r.float()).abs().max()) for g, r in zip(got, want))
+                err = max(float((g.float() - r.float()).abs().max()) for g, r in zip(got, want))
                 row[f"kernel_{bt}x{nw}_us"] = round(1000 * bench(call), 1)
                 row[f"kernel_{bt}x{nw}_maxdiff"] = err
             best = min((k for k in row if k.startswith("kernel_") and k.endswith("_us")), key=row.get)

@@ -7,7 +7,9 @@ kernels for RoPE (which reads each element's pair partner), the concatenations a
 of an fp8 step at edit-512 on an H100 against ~1.2 ms to read q, k, v once and write them once (BENCHMARKS.md,
 2026-11-22 profile). Here one program takes BLOCK_T tokens of one head: it reads the q, k and v rows straight from
 the projections' outputs (fused to_qkv views or separate tensors; text rows from the context projections), and
-writes q, k, v once, in the (batch, heads, seq, head_dim) memory layout SDPA takes.
+writes q, k, v once, in (batch, seq, heads, head_dim) memory. With cuDNN SDPA the processor calls it on
+(batch, heads, seq, head_dim) views of that memory itself (diffusers' cuDNN backend would make them contiguous), and
+cuDNN writes its output in the same layout, so neither q, k, v nor the attention output is copied around the call.
 
 Numerics follow the eager code: torch.nn.RMSNorm (fp32 math, one rounding to the model's dtype), then diffusers'
 apply_rotary_emb (fp32 math, one rounding). Lossless in the sense of the other fusions (float reordering only); tests
@@ -50,17 +52,19 @@ def launch(kernel, q_img, k_img, v_img, q_txt, k_txt, v_txt, wq_img, wk_img, wq_
         raise ValueError("text q/k/v must share strides")
     if cos.shape != (s, d) or cos.dtype != torch.float32:
         raise ValueError(f"rotary cos/sin must be float32 of shape ({s}, {d}), got {tuple(cos.shape)} {cos.dtype}")
-    # Written in (batch, heads, seq, head_dim) memory, the layout cuDNN / flash attention take after diffusers'
-    # permute; returned as (batch, seq, heads, head_dim) views. Written in that shape's own contiguous layout, inductor
-    # copied all three again before attention (1.96 ms per step at edit-512 on an H100).
-    out = [torch.empty((b, heads, s, d), dtype=q_img.dtype, device=q_img.device) for _ in range(3)]
+    # Written in (batch, seq, heads, head_dim) memory: the processor hands SDPA (batch, heads, seq, head_dim) views of
+    # it, and cuDNN writes its output in the query's layout, so the output reaches the out-projection as
+    # (batch, seq, heads * head_dim) rows without a copy. (Written in (batch, heads, seq, head_dim) memory, as before,
+    # inductor copied the attention output into that layout: 57 permute copies per step.)
+    out = [torch.empty((b, s, heads, d), dtype=q_img.dtype, device=q_img.device) for _ in range(3)]
     txt = (q_txt, k_txt, v_txt) if has_txt else (q_img, k_img, v_img)  # unread when there is no text source
     w_txt = (wq_txt, wk_txt) if has_txt else (wq_img, wk_img)
     grid = (triton_cdiv(s, block_t), heads, b)
     kernel[grid](q_img, k_img, v_img, *txt, wq_img, wk_img, *w_txt, cos.contiguous(), sin.contiguous(), *out,
-                 s, s_txt, heads, q_img.stride(0), q_img.stride(1), txt[0].stride(0), txt[0].stride(1), eps,
+                 s, s_txt, q_img.stride(0), q_img.stride(1), txt[0].stride(0), txt[0].stride(1),
+                 out[0].stride(0), out[0].stride(1), out[0].stride(2), eps,
                  D=d, BLOCK_T=block_t, HAS_TXT=has_txt, num_warps=num_warps)
-    return tuple(o.transpose(1, 2) for o in out)
+    return tuple(out)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -117,11 +121,14 @@ class FusedQKNormRopeProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
         query, key, value, n_txt = qkv_for_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
-                                    parallel_config=self._parallel_config)
+        if self._attention_backend == AttentionBackendName._NATIVE_CUDNN and self._parallel_config is None:
+            out = cudnn_attention(query, key, value, attention_mask)
+        else:
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,
+                                        parallel_config=self._parallel_config)
         return self.project_out(attn, out.to(query.dtype), n_txt)
 
     def project_out(self, attn, out: torch.Tensor, n_txt: int | None):
@@ -136,6 +143,19 @@ class FusedQKNormRopeProcessor:
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
         encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
         return hidden_states, encoder_hidden_states
+
+
+def cudnn_attention(query, key, value, attn_mask=None):
+    """diffusers' `_native_cudnn` backend (torch's SDPA, cuDNN only) without its `.contiguous()` on the inputs:
+    (batch, seq, heads, head_dim) in and out. cuDNN takes the strided (batch, heads, seq, head_dim) views and allocates
+    its output in the query's layout, so the result is (batch, seq, heads, head_dim) memory: flattening the heads for
+    the out-projection is a view. Under context parallelism para-attn intercepts this SDPA call as it does diffusers'."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask=attn_mask)
+    return out.transpose(1, 2)
 
 
 def _rms_norm_eps(norm, dtype: torch.dtype) -> float | None:

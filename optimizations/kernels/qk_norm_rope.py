@@ -34,8 +34,8 @@ def _norm_rope(x_img, x_txt, w_img_ptr, w_txt_ptr, off_img, off_txt, m_img, m_tx
 
 @triton.jit
 def qk_norm_rope_kernel(q_img, k_img, v_img, q_txt, k_txt, v_txt, wq_img, wk_img, wq_txt, wk_txt, cos_ptr, sin_ptr,
-                        q_out, k_out, v_out, S, S_txt, H, img_bs, img_rs, txt_bs, txt_rs, eps,
-                        D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_TXT: tl.constexpr):
+                        q_out, k_out, v_out, S, S_txt, img_bs, img_rs, txt_bs, txt_rs, out_bs, out_ts, out_hs,
+                        eps, D: tl.constexpr, BLOCK_T: tl.constexpr, HAS_TXT: tl.constexpr):
     pid_t, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # token in the concatenated [text, image] sequence
     d = tl.arange(0, D)
@@ -48,7 +48,7 @@ def qk_norm_rope_kernel(q_img, k_img, v_img, q_txt, k_txt, v_txt, wq_img, wk_img
     cs = t[:, None] * D + d[None, :]
     cos_e, cos_o = tl.split(tl.reshape(tl.load(cos_ptr + cs, mask=t_ok[:, None], other=0.0), (BLOCK_T, D // 2, 2)))
     sin_e, sin_o = tl.split(tl.reshape(tl.load(sin_ptr + cs, mask=t_ok[:, None], other=0.0), (BLOCK_T, D // 2, 2)))
-    out = ((b * H + h) * S + t)[:, None] * D + d[None, :]  # (batch, heads, seq, head_dim) memory: SDPA's layout
+    out = (b * out_bs + h * out_hs + t * out_ts)[:, None] + d[None, :]  # the launch's layout; head_dim stride 1
     m_out = t_ok[:, None]
     q = _norm_rope(q_img, q_txt, wq_img, wq_txt, off_img, off_txt, m_img, m_txt, is_txt, d, cos_e, cos_o, sin_e,
                    sin_o, eps, BLOCK_T, D, HAS_TXT)

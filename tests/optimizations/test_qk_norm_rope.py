@@ -95,7 +95,7 @@ def test_kernel_rounds_like_the_eager_code(tiny_transformer, block, device):
         q, k, v, n_txt = qk_norm_rope.qkv_for_attention(attn, kw["hidden_states"], kw["encoder_hidden_states"],
                                                         kw["image_rotary_emb"])
         rq, rk, rv = reference_qkv(attn, **kw)
-    assert q.dtype == torch.bfloat16 and q.transpose(1, 2).is_contiguous() and q.shape == rq.shape
+    assert q.dtype == torch.bfloat16 and q.is_contiguous() and q.shape == rq.shape  # (batch, seq, heads, head_dim)
     assert torch.equal(v, rv)
     assert n_txt == (None if kw["encoder_hidden_states"] is None else kw["encoder_hidden_states"].shape[1])
     for got, want in ((q, rq), (k, rk)):
@@ -114,6 +114,43 @@ def test_fused_processor_matches_diffusers_processor_in_bf16(tiny_transformer):
             got = attn(**kw)
         for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             assert g.shape == w.shape and g.dtype == w.dtype == torch.bfloat16
+            assert float((g.float() - w.float()).norm() / w.float().norm()) < 3e-2
+
+
+def test_with_cudnn_the_attention_output_reaches_the_out_projection_without_a_copy(tiny_transformer, monkeypatch):
+    """The cuDNN backend gets (batch, heads, seq, head_dim) views of the kernel's (batch, seq, heads, head_dim) memory,
+    and its output (allocated in the query's layout, as torch's cuDNN op does) is the memory the out-projection reads.
+    CPU has no cuDNN attention: SDPA is replaced by math attention that allocates its output as cuDNN does."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    seen = []
+
+    def cudnn_like_sdpa(q, k, v, attn_mask=None, **kw):
+        seen.append(q.transpose(1, 2).is_contiguous() and not q.is_contiguous())
+        w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, -1)
+        out = torch.empty_like(q)  # empty_like keeps q's layout: cuDNN's alloc_with_matching_layout
+        out.copy_(w @ v.float())
+        seen.append(out.untyped_storage().data_ptr())
+        return out
+
+    for block in ("transformer_blocks", "single_transformer_blocks"):
+        attn, kw = _bf16_attention(tiny_transformer, block)
+        with torch.no_grad():
+            want = attn(**kw)
+            attn.set_processor(qk_norm_rope.FusedQKNormRopeProcessor())
+            attn.processor._attention_backend = AttentionBackendName._NATIVE_CUDNN
+            read = []
+            out_proj = attn.to_out[0] if block == "transformer_blocks" else None
+            if out_proj is not None:
+                out_proj.register_forward_pre_hook(lambda m, a: read.append(a[0].untyped_storage().data_ptr()))
+            seen.clear()
+            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", cudnn_like_sdpa)
+            got = attn(**kw)
+            monkeypatch.undo()
+        assert seen[0] is True  # strided views, not copies
+        storage = got.untyped_storage().data_ptr() if out_proj is None else read[0]
+        assert storage == seen[1]  # the attention's own output memory, not a copy of it
+        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             assert float((g.float() - w.float()).norm() / w.float().norm()) < 3e-2
 
 
