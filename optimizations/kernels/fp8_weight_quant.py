@@ -265,6 +265,9 @@ class Launch:
         before the next rows' writes); else each segment's are allocated. `record`: see the class docstring."""
         if dtype not in _TL_DTYPES:
             raise ValueError(f"weights in bf16 or fp16, not {dtype}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current device, as tensors' .device say
+            device = torch.device("cuda", torch.cuda.current_device())
         self.dtype, self.device, self.rounding = dtype, device, scale_in_weight_dtype
         self.gemm_first, self.config, self.one_pass, self.update_rows = gemm_first, config, one_pass, update_rows
         self.tables: dict[int, _Table] = {}  # 0: with updates (tiled); else the one-pass kernel's register block
