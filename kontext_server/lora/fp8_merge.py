@@ -82,26 +82,24 @@ QUANTISERS: dict[str, Quantiser] = {"triton_torchao": _triton(True), "triton_row
                                     "quantize_rows": quantize_rows}
 
 
-# How the grouped writes add the updates (optimizations/kernels/fp8_weight_quant.py's Launch): gemm_first (cuBLAS's
-# addmm into scratch rows, then the one-pass quantisation) or the tiled kernel; bench/bench_fp8_merge.py compares.
-# gemm_first None (the default): by the adapters' total rank, the tiled kernel up to TILED_MAX_RANK, gemm_first above.
-# By measurement: at rank 32 the tiled kernel's switch is the faster (it reads W once and writes fp8 once, the
-# update computed in its tiles), at rank 128 it takes 1.6-1.9 times gemm_first's (it reads A again per tile of rows).
-# gemm_first quantises W + s B A rounded to bf16 first, as the exact merge writes it; the tiled kernel quantises the
-# fp32 sum. Its tables hold the scales, so its recorded writes replay only for the same scales (gemm_first's read
-# them when they run). Tools set gemm_first True or False to force a way. update_rows (gemm_first only, off until
-# measured): cuBLAS writes s B A alone and the one-pass kernel adds W (no copy of W into the scratch rows; s B A is
-# rounded to bf16 before the sum).
+# How the grouped writes add the updates (optimizations/kernels/fp8_weight_quant.py's Launch); bench/bench_fp8_merge.py
+# compares the ways:
+# - update_rows (DEFAULT_WAY, at every rank): cuBLAS writes s B A alone into scratch rows, and the one-pass kernel adds
+#   W as it quantises, so W is read once, by the kernel. The fastest switch measured, at rank 32 and at 128. s B A is
+#   rounded to bf16 before the sum.
+# - gemm_first alone: addmm(W, B, A) into the scratch rows (torch copies W there first), then the one-pass kernel:
+#   W + s B A rounded to bf16 once, as the exact merge writes it.
+# - the tiled kernel: the update computed in its tiles and the fp32 sum quantised; it reads A again per tile of rows,
+#   so it slows with the rank. Its tables hold the scales: its recorded writes replay only for the same scales (the
+#   gemm-first ways read them when they run).
+# KERNEL's gemm_first None means DEFAULT_WAY; tools force a way (kernel_from_spec).
 KERNEL: dict = {"gemm_first": None, "config": None, "update_rows": False}
-TILED_MAX_RANK = 32
+DEFAULT_WAY: dict = {"gemm_first": True, "config": None, "update_rows": True}
 
 
-def kernel_for(adapters: list) -> dict:
-    """Launch's gemm_first and config for a write of `adapters` [(adapter with .rank, scale)] (none: a restore)."""
-    if KERNEL.get("gemm_first") is not None:
-        return dict(KERNEL)
-    tiled = sum(a.rank for a, _ in adapters) <= TILED_MAX_RANK
-    return {**KERNEL, "gemm_first": not tiled}
+def merge_way() -> dict:
+    """Launch's gemm_first, config and update_rows for a write: KERNEL where a tool forced a way, else DEFAULT_WAY."""
+    return dict(KERNEL) if KERNEL.get("gemm_first") is not None else dict(DEFAULT_WAY)
 
 
 def kernel_from_spec(spec: str) -> dict:
@@ -205,12 +203,11 @@ def write_targets(jobs: list[tuple[Target, list]], grouped_merges: bool = True, 
     """Write each (target, adapters) (no adapters: the base weight): the grouped targets in a few launches per rounding,
     the rest one by one; `grouped_merges=False`: those with adapters one by one too (the merge kernel failed its
     check, `merge_kernel_problem`). `arena`, `record`: the launches' (fp8_weight_quant.Launch): the grouped writes'
-    steps are appended to `record`; `cell`: Target.add_to's; `kernel`: the way (kernel_for; default: for the jobs'
-    adapters). Returns whether replaying `record` (and writing the ungrouped ones again) would write the same."""
+    steps are appended to `record`; `cell`: Target.add_to's; `kernel`: the way (default: merge_way()). Returns whether replaying `record` (and writing the ungrouped ones again) would write the same."""
     from optimizations.kernels.fp8_weight_quant import Launch
 
     if kernel is None:
-        kernel = kernel_for(next((pairs for _, pairs in jobs if pairs), []))
+        kernel = merge_way()
     replayable = True
     for rounding in ("triton_torchao", "triton_rows"):
         group = [(t, adapters) for t, adapters in jobs if _grouped(t, adapters, grouped_merges)
@@ -239,7 +236,7 @@ def write_ungrouped(jobs: list[tuple[Target, list]], grouped_merges: bool) -> No
 
 @torch.no_grad()
 def merge_kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if the grouped merge (each way KERNEL lets kernel_for choose) runs here and merges a small weight with one
+    """None if the grouped merge (the way merge_way gives) runs here and merges a small weight with one
     update as torch's fp32 sum does (e4m3's rounding aside), else why not: checked at build, before any linear trusts
     it (a restore's kernel is checked by `_matches` on every linear)."""
     from optimizations.kernels.fp8_weight_quant import Segment, merge_weight_rows, quantize_weight_rows
@@ -247,8 +244,7 @@ def merge_kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None
     g = torch.Generator().manual_seed(0)
     w, a, b = ((torch.randn(*shape, generator=g) * std).to(dtype).to(device)
                for shape, std in (((48, 256), 0.02), ((16, 256), 0.1), ((48, 16), 0.05)))
-    ways = [dict(KERNEL)] if KERNEL.get("gemm_first") is not None else \
-        [{**KERNEL, "gemm_first": True}, {**KERNEL, "gemm_first": False}]
+    ways = [merge_way()]
     try:
         rq, rs = quantize_weight_rows(torch.addmm(w.float(), b.float(), a.float(), alpha=0.7).to(dtype), True)
         ref = rq.float() * rs.reshape(-1, 1)
@@ -355,14 +351,14 @@ class Fp8Merge(MergedWeights):
                 self.plans.popitem(last=False)
 
     def _plan_key(self, jobs: list[tuple[Target, list]]) -> tuple[_PlanKey | None, list, dict]:
-        """(what a write's plan is keyed by, the request's [(adapter, scale)], the way it is written: kernel_for), the
+        """(what a write's plan is keyed by, the request's [(adapter, scale)], the way it is written: merge_way), the
         key None where the write cannot be recorded (an adapter that cannot be weakly referenced; jobs with different
         adapter lists). The gemm-first way reads the scales when it runs (_Scale): its key leaves them out, so a replay
         serves any scales; the tiled kernel's are in its launch tables, so they are part of its key."""
         from optimizations.kernels import fp8_weight_quant as k
 
         adapters = next((pairs for _, pairs in jobs if pairs), [])
-        kernel = kernel_for(adapters)
+        kernel = merge_way()
         if any(pairs and pairs is not adapters for _, pairs in jobs) \
                 or any(not hasattr(type(a), "__weakref__") for a, _ in adapters):
             return None, adapters, kernel

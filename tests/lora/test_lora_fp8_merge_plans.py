@@ -186,27 +186,26 @@ def test_adapters_that_cannot_be_weakly_referenced_are_written_each_time_without
     assert len(merge.plans) == 1  # the restore's only
 
 
-@pytest.mark.parametrize("ranks, gemm_first", [((4,), False), ((32,), False), ((16, 16), False), ((16, 32), True),
-                                               ((64,), True), ((), False)])
-def test_by_default_the_tiled_kernel_writes_up_to_a_total_rank_of_32_and_gemm_first_above(monkeypatch, ranks,
-                                                                                            gemm_first):
-    """The measured switch: the tiled kernel the faster at rank 32, 1.6-1.9 times as slow at 128 (fp8_merge.KERNEL)."""
-    monkeypatch.setitem(fp8_merge.KERNEL, "gemm_first", None)
-    adapters = [(SimpleNamespace(rank=r), 1.0) for r in ranks]
-    assert fp8_merge.kernel_for(adapters)["gemm_first"] is gemm_first
-    monkeypatch.setitem(fp8_merge.KERNEL, "gemm_first", not gemm_first)  # a tool's forced way wins
-    assert fp8_merge.kernel_for(adapters)["gemm_first"] is (not gemm_first)
+@pytest.mark.parametrize("forced", [None, "gemm", "64x128x4"])
+def test_by_default_every_write_is_gemm_first_with_update_rows_and_a_tools_forced_way_wins(monkeypatch, forced):
+    """The measured switch: update_rows the fastest at rank 32 and at 128 (fp8_merge.DEFAULT_WAY)."""
+    monkeypatch.setattr(fp8_merge, "KERNEL", fp8_merge.kernel_from_spec(forced) if forced else
+                        {"gemm_first": None, "config": None, "update_rows": False})
+    way = fp8_merge.merge_way()
+    assert way == (fp8_merge.kernel_from_spec(forced) if forced else
+                   {"gemm_first": True, "config": None, "update_rows": True})
 
 
-def test_by_default_a_rank_8_switch_is_tiled_keyed_by_its_scale_and_a_rank_64_one_is_gemm_first(monkeypatch):
-    """Each write is planned with its own way: the tiled one's plan holds the scale, gemm-first's does not, and only
-    gemm-first's writes take the scratch arena."""
+def test_by_default_switches_of_any_rank_are_scale_free_plans_in_the_scratch_arena(monkeypatch):
+    """The default way reads the request's scales when it runs: a rank-8 and a rank-64 switch are each one plan that
+    leaves the scale out of its key, and both take the scratch arena; a replay at another scale writes what a fresh
+    merge at that scale writes."""
     monkeypatch.setitem(fp8_merge.KERNEL, "gemm_first", None)
     ts = targets()
     merge, small = Fp8Merge(ts, {}), adapter(3)
     merge.apply("small", [(small, 0.5)])
     (key,) = merge.plans
-    assert not key.scale_free and merge.arena is None
+    assert key.scale_free and merge.arena is not None
     g = torch.Generator().manual_seed(9)
 
     def part(n, k):
@@ -214,7 +213,13 @@ def test_by_default_a_rank_8_switch_is_tiled_keyed_by_its_scale_and_a_rank_64_on
                             (torch.randn(n, 64, generator=g) * 0.05).to(torch.bfloat16), 0.5)
     large = DeviceAdapter("large", 64, {"q": part(32, 512), "v": part(32, 512), "proj": part(64, 1024)}, (9,), 0.0)
     merge.apply("large", [(large, 0.5)])
-    assert [k.scale_free for k in merge.plans] == [False, True] and merge.arena is not None
+    assert [k.scale_free for k in merge.plans] == [True, True]
+    merge.apply("small", [(small, -0.25)])
+    assert merge.replays == 1
+    reference = targets()
+    fp8_merge.write_targets([(t, [(small, -0.25)]) for t in reference])
+    assert all(torch.equal(x, y) for x, y in zip(held(ts), held(reference)))
+    merge.apply("large", [(large, 0.5)])
     reference = targets()
     fp8_merge.write_targets([(t, [(large, 0.5)]) for t in reference])
     assert all(torch.equal(x, y) for x, y in zip(held(ts), held(reference)))
