@@ -225,12 +225,21 @@ def profile_switches(merge, pair, key: str, device: str, switches: int = 2, top:
         if device == "cuda":
             torch.cuda.synchronize()
     attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    events = timed_events(prof.key_averages(), attr)
     events.sort(key=lambda e: -getattr(e, attr))
     total = sum(getattr(e, attr) for e in events)
     return {"per_switch_ms": round(total / 1000 / switches, 2), "time": attr,
             "top": [{"name": e.key[:120], "ms_per_switch": round(getattr(e, attr) / 1000 / switches, 3),
                      "calls_per_switch": e.count / switches} for e in events[:top]]}
+
+
+def timed_events(events, attr: str) -> list:
+    """The events that carry `attr`'s time once. On a GPU only the device's own (kernels, copies, memsets): the ops
+    and runtime calls that launched them (aten::addmm, cuLaunchKernelEx) report the same device time again."""
+    from torch.autograd import DeviceType
+
+    cuda = attr == "self_device_time_total"
+    return [e for e in events if getattr(e, attr, 0) > 0 and (not cuda or e.device_type == DeviceType.CUDA)]
 
 
 def host_time(switches: int, double: int = DOUBLE, single: int = SINGLE) -> dict:

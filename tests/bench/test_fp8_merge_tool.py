@@ -69,3 +69,19 @@ def test_the_profile_of_a_way_lists_where_its_replayed_switches_spend_their_time
     times = [row["ms_per_switch"] for row in prof["top"]]
     assert times == sorted(times, reverse=True) and len(times) > 1
     assert all(row["calls_per_switch"] > 0 for row in prof["top"])
+
+
+def test_on_a_gpu_the_profile_counts_each_kernels_time_once_not_again_under_the_op_that_launched_it():
+    """torch's profiler gives aten::addmm (a CPU op) the device time of the GEMM it launched, which is also listed as
+    the kernel: summing both counted the GEMMs twice."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    events = [SimpleNamespace(key="aten::addmm", self_device_time_total=7.5, device_type=DeviceType.CPU),
+              SimpleNamespace(key="nvjet_sm90", self_device_time_total=7.4, device_type=DeviceType.CUDA),
+              SimpleNamespace(key="cuLaunchKernelEx", self_device_time_total=0.1, device_type=DeviceType.CPU),
+              SimpleNamespace(key="Memset (Device)", self_device_time_total=0.2, device_type=DeviceType.CUDA),
+              SimpleNamespace(key="idle", self_device_time_total=0.0, device_type=DeviceType.CUDA)]
+    assert [e.key for e in tool.timed_events(events, "self_device_time_total")] == ["nvjet_sm90", "Memset (Device)"]
+    assert len(tool.timed_events(events, "self_cpu_time_total")) == 0  # no CPU time on these: none kept
