@@ -149,7 +149,8 @@ def cudnn_attention(query, key, value, attn_mask=None):
     """diffusers' `_native_cudnn` backend (torch's SDPA, cuDNN only) without its `.contiguous()` on the inputs:
     (batch, seq, heads, head_dim) in and out. cuDNN takes the strided (batch, heads, seq, head_dim) views and allocates
     its output in the query's layout, so the result is (batch, seq, heads, head_dim) memory: flattening the heads for
-    the out-projection is a view. Under context parallelism para-attn intercepts this SDPA call as it does diffusers'."""
+    the out-projection is a view. Under context parallelism para-attn intercepts this SDPA call as it does
+    diffusers'."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):

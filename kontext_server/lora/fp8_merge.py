@@ -203,7 +203,8 @@ def write_targets(jobs: list[tuple[Target, list]], grouped_merges: bool = True, 
     """Write each (target, adapters) (no adapters: the base weight): the grouped targets in a few launches per rounding,
     the rest one by one; `grouped_merges=False`: those with adapters one by one too (the merge kernel failed its
     check, `merge_kernel_problem`). `arena`, `record`: the launches' (fp8_weight_quant.Launch): the grouped writes'
-    steps are appended to `record`; `cell`: Target.add_to's; `kernel`: the way (default: merge_way()). Returns whether replaying `record` (and writing the ungrouped ones again) would write the same."""
+    steps are appended to `record`; `cell`: Target.add_to's; `kernel`: the way (default: merge_way()). Returns
+    whether replaying `record` (and writing the ungrouped ones again) would write the same."""
     from optimizations.kernels.fp8_weight_quant import Launch
 
     if kernel is None:
@@ -236,8 +237,8 @@ def write_ungrouped(jobs: list[tuple[Target, list]], grouped_merges: bool) -> No
 
 @torch.no_grad()
 def merge_kernel_problem(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if the grouped merge (the way merge_way gives) runs here and merges a small weight with one
-    update as torch's fp32 sum does (e4m3's rounding aside), else why not: checked at build, before any linear trusts
+    """None if the grouped merge (the way merge_way gives) runs here and merges a small weight with one update as
+    torch's fp32 sum does (e4m3's rounding aside), else why not: checked at build, before any linear trusts
     it (a restore's kernel is checked by `_matches` on every linear)."""
     from optimizations.kernels.fp8_weight_quant import Segment, merge_weight_rows, quantize_weight_rows
 
