@@ -210,9 +210,13 @@ LORA_FP8_MERGE = EnvVar("FLUX_LORA_FP8_MERGE", "1", "switch",
                         "do, instead of being merged into the fp8 copy's weights (re-quantised from the exact weights "
                         "when the adapters change, restored bit for bit after): the branch costs every step, the "
                         "merge only a change of adapters (BENCHMARKS.md)")
+ATTENTION_SEQ_MAJOR = EnvVar("FLUX_ATTENTION_SEQ_MAJOR", "0", "switch",
+                             "1: the fused q/k norm + RoPE kernel writes q, k, v in (batch, seq, heads, head_dim) "
+                             "memory and cuDNN attention runs on strided views of it, so its output reaches the "
+                             "out-projection without a permute copy; off until measured on a GPU")
 # Switches that change the compiled code: each is part of the compile-cache key and the benchmark's record.
 CODE_SWITCHES = (FP8_SPLIT_PROJ_OUT, FP8_FUSED_GELU, FP8_FUSED_NORM, FP8_PLAIN_LINEARS, BF16_GELU_EPILOGUE,
-                 BF16_SPLIT_PROJ_OUT, LORA_FUSED_BRANCH)
+                 BF16_SPLIT_PROJ_OUT, LORA_FUSED_BRANCH, ATTENTION_SEQ_MAJOR)
 
 # ---- read or set for libraries -------------------------------------------------------------------------------------
 HF_TOKEN = EnvVar("HF_TOKEN", None, "library", "Hugging Face token for the gated FLUX.1-Kontext-dev repository")

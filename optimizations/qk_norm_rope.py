@@ -7,9 +7,11 @@ kernels for RoPE (which reads each element's pair partner), the concatenations a
 of an fp8 step at edit-512 on an H100 against ~1.2 ms to read q, k, v once and write them once (BENCHMARKS.md,
 2026-11-22 profile). Here one program takes BLOCK_T tokens of one head: it reads the q, k and v rows straight from
 the projections' outputs (fused to_qkv views or separate tensors; text rows from the context projections), and
-writes q, k, v once, in (batch, seq, heads, head_dim) memory. With cuDNN SDPA the processor calls it on
-(batch, heads, seq, head_dim) views of that memory itself (diffusers' cuDNN backend would make them contiguous), and
-cuDNN writes its output in the same layout, so neither q, k, v nor the attention output is copied around the call.
+writes q, k, v once, in the (batch, heads, seq, head_dim) memory SDPA takes after diffusers' permute. Its output
+comes back in that layout too, and inductor copies it into (batch, seq, heads * head_dim) rows for the out-projection.
+With FLUX_ATTENTION_SEQ_MAJOR=1 (off until measured on a GPU) the kernel writes (batch, seq, heads, head_dim) memory
+instead and the processor calls cuDNN SDPA on (batch, heads, seq, head_dim) views of it itself (diffusers' cuDNN
+backend would make them contiguous); cuDNN writes its output in the query's layout, so that copy goes.
 
 Numerics follow the eager code: torch.nn.RMSNorm (fp32 math, one rounding to the model's dtype), then diffusers'
 apply_rotary_emb (fp32 math, one rounding). Lossless in the sense of the other fusions (float reordering only); tests
@@ -20,6 +22,9 @@ from __future__ import annotations
 import functools
 
 import torch
+
+from kontext_server import settings
+from optimizations.compiling.cache import switched_off
 
 # Tokens per program and warps: a program holds BLOCK_T x head_dim values of q, k and v for one head.
 # Chosen with bench/bench_qk_norm_rope.py on an H100 (BENCHMARKS.md).
@@ -34,9 +39,9 @@ def _kernel():
 
 
 def launch(kernel, q_img, k_img, v_img, q_txt, k_txt, v_txt, wq_img, wk_img, wq_txt, wk_txt, cos, sin,
-           heads: int, eps: float, block_t: int = BLOCK_T, num_warps: int = NUM_WARPS):
+           heads: int, eps: float, block_t: int = BLOCK_T, num_warps: int = NUM_WARPS, seq_major: bool = False):
     """Run `kernel` (the Triton kernel, or torch.library's wrap_triton of it) and return q, k, v of shape
-    (batch, seq, heads, head_dim). q/k/v_img: (batch, image seq, heads * head_dim) views sharing one set of strides
+    (batch, seq, heads, head_dim), in (batch, heads, seq, head_dim) memory or, `seq_major`, their own. q/k/v_img: (batch, image seq, heads * head_dim) views sharing one set of strides
     (last stride 1); *_txt likewise for the text tokens, or None (single blocks: text is already in the sequence)."""
     b, s_img, inner = q_img.shape
     d = inner // heads
@@ -52,11 +57,12 @@ def launch(kernel, q_img, k_img, v_img, q_txt, k_txt, v_txt, wq_img, wk_img, wq_
         raise ValueError("text q/k/v must share strides")
     if cos.shape != (s, d) or cos.dtype != torch.float32:
         raise ValueError(f"rotary cos/sin must be float32 of shape ({s}, {d}), got {tuple(cos.shape)} {cos.dtype}")
-    # Written in (batch, seq, heads, head_dim) memory: the processor hands SDPA (batch, heads, seq, head_dim) views of
-    # it, and cuDNN writes its output in the query's layout, so the output reaches the out-projection as
-    # (batch, seq, heads * head_dim) rows without a copy. (Written in (batch, heads, seq, head_dim) memory, as before,
-    # inductor copied the attention output into that layout: 57 permute copies per step.)
-    out = [torch.empty((b, s, heads, d), dtype=q_img.dtype, device=q_img.device) for _ in range(3)]
+    # Written in (batch, heads, seq, head_dim) memory, the layout cuDNN / flash attention take after diffusers'
+    # permute. Written in the returned shape's own contiguous layout, diffusers' backend copied all three again before
+    # attention (1.96 ms per step at edit-512 on an H100), unless the processor calls SDPA itself (`seq_major`).
+    shape = (b, s, heads, d) if seq_major else (b, heads, s, d)
+    out = [torch.empty(shape, dtype=q_img.dtype, device=q_img.device) for _ in range(3)]
+    out = [o if seq_major else o.transpose(1, 2) for o in out]  # (batch, seq, heads, head_dim) views
     txt = (q_txt, k_txt, v_txt) if has_txt else (q_img, k_img, v_img)  # unread when there is no text source
     w_txt = (wq_txt, wk_txt) if has_txt else (wq_img, wk_img)
     grid = (triton_cdiv(s, block_t), heads, b)
@@ -82,15 +88,15 @@ def _op():
     def qk_norm_rope(q_img: torch.Tensor, k_img: torch.Tensor, v_img: torch.Tensor, q_txt: torch.Tensor | None,
                      k_txt: torch.Tensor | None, v_txt: torch.Tensor | None, wq_img: torch.Tensor,
                      wk_img: torch.Tensor, wq_txt: torch.Tensor | None, wk_txt: torch.Tensor | None,
-                     cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float
+                     cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float, seq_major: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return launch(wrap_triton(kernel), q_img, k_img, v_img, q_txt, k_txt, v_txt, wq_img, wk_img, wq_txt,
-                      wk_txt, cos, sin, heads, eps)
+                      wk_txt, cos, sin, heads, eps, seq_major=seq_major)
 
     return qk_norm_rope
 
 
-def qkv_for_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+def qkv_for_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb, seq_major: bool = False):
     """What FluxAttnProcessor computes before its attention call, by the fused kernel: q, k, v of shape
     (batch, text + image seq, heads, head_dim), normalised and rotated, and the number of text tokens in front (None
     when the text is already in the sequence: single blocks). Needs the op registered (`_op()`). The inputs may be
@@ -105,7 +111,8 @@ def qkv_for_attention(attn, hidden_states, encoder_hidden_states, image_rotary_e
     q, k, v = torch.ops.flux_kontext.qk_norm_rope(
         q, k, v, eq if has_txt else None, ek if has_txt else None, ev if has_txt else None,
         attn.norm_q.weight, attn.norm_k.weight, attn.norm_added_q.weight if has_txt else None,
-        attn.norm_added_k.weight if has_txt else None, cos, sin, attn.heads, _rms_norm_eps(attn.norm_q, q.dtype))
+        attn.norm_added_k.weight if has_txt else None, cos, sin, attn.heads, _rms_norm_eps(attn.norm_q, q.dtype),
+        seq_major)
     return q, k, v, (eq.shape[1] if has_txt else None)
 
 
@@ -118,13 +125,16 @@ class FusedQKNormRopeProcessor:
 
     def __init__(self):
         _op()  # registers torch.ops.flux_kontext.qk_norm_rope
+        self.seq_major = not switched_off(settings.ATTENTION_SEQ_MAJOR)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
         from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 
-        query, key, value, n_txt = qkv_for_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-        if self._attention_backend == AttentionBackendName._NATIVE_CUDNN and self._parallel_config is None:
+        query, key, value, n_txt = qkv_for_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                                     self.seq_major)
+        if self.seq_major and self._attention_backend == AttentionBackendName._NATIVE_CUDNN \
+                and self._parallel_config is None:
             out = cudnn_attention(query, key, value, attention_mask)
         else:
             out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, backend=self._attention_backend,

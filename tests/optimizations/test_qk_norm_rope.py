@@ -95,7 +95,7 @@ def test_kernel_rounds_like_the_eager_code(tiny_transformer, block, device):
         q, k, v, n_txt = qk_norm_rope.qkv_for_attention(attn, kw["hidden_states"], kw["encoder_hidden_states"],
                                                         kw["image_rotary_emb"])
         rq, rk, rv = reference_qkv(attn, **kw)
-    assert q.dtype == torch.bfloat16 and q.is_contiguous() and q.shape == rq.shape  # (batch, seq, heads, head_dim)
+    assert q.dtype == torch.bfloat16 and q.transpose(1, 2).is_contiguous() and q.shape == rq.shape
     assert torch.equal(v, rv)
     assert n_txt == (None if kw["encoder_hidden_states"] is None else kw["encoder_hidden_states"].shape[1])
     for got, want in ((q, rq), (k, rk)):
@@ -117,15 +117,21 @@ def test_fused_processor_matches_diffusers_processor_in_bf16(tiny_transformer):
             assert float((g.float() - w.float()).norm() / w.float().norm()) < 3e-2
 
 
-def test_with_cudnn_the_attention_output_reaches_the_out_projection_without_a_copy(tiny_transformer, monkeypatch):
-    """The cuDNN backend gets (batch, heads, seq, head_dim) views of the kernel's (batch, seq, heads, head_dim) memory,
-    and its output (allocated in the query's layout, as torch's cuDNN op does) is the memory the out-projection reads.
+@pytest.mark.parametrize("seq_major", ["0", "1"])
+def test_seq_major_cudnn_attention_hands_its_output_to_the_out_projection_without_a_copy(tiny_transformer,
+                                                                                         monkeypatch, seq_major):
+    """FLUX_ATTENTION_SEQ_MAJOR=1: cuDNN gets (batch, heads, seq, head_dim) views of the kernel's (batch, seq, heads,
+    head_dim) memory, and its output (allocated in the query's layout, as torch's cuDNN op does) is the memory the
+    out-projection reads. Off (the default), diffusers' backend gets contiguous inputs and the output is copied.
     CPU has no cuDNN attention: SDPA is replaced by math attention that allocates its output as cuDNN does."""
     from diffusers.models.attention_dispatch import AttentionBackendName
 
+    monkeypatch.setenv("FLUX_ATTENTION_SEQ_MAJOR", seq_major)
+    on = seq_major == "1"
     seen = []
 
-    def cudnn_like_sdpa(q, k, v, attn_mask=None, **kw):
+    def cudnn_like_sdpa(query, key, value, attn_mask=None, **kw):
+        q, k, v = query, key, value
         seen.append(q.transpose(1, 2).is_contiguous() and not q.is_contiguous())
         w = torch.softmax((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5, -1)
         out = torch.empty_like(q)  # empty_like keeps q's layout: cuDNN's alloc_with_matching_layout
@@ -144,12 +150,12 @@ def test_with_cudnn_the_attention_output_reaches_the_out_projection_without_a_co
             if out_proj is not None:
                 out_proj.register_forward_pre_hook(lambda m, a: read.append(a[0].untyped_storage().data_ptr()))
             seen.clear()
-            monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", cudnn_like_sdpa)
-            got = attn(**kw)
-            monkeypatch.undo()
-        assert seen[0] is True  # strided views, not copies
+            with monkeypatch.context() as m:
+                m.setattr(torch.nn.functional, "scaled_dot_product_attention", cudnn_like_sdpa)
+                got = attn(**kw)
+        assert seen[0] is on  # strided views of the kernel's memory, not copies
         storage = got.untyped_storage().data_ptr() if out_proj is None else read[0]
-        assert storage == seen[1]  # the attention's own output memory, not a copy of it
+        assert (storage == seen[1]) is on  # the attention's own output memory, not a copy of it
         for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
             assert float((g.float() - w.float()).norm() / w.float().norm()) < 3e-2
 
