@@ -459,6 +459,8 @@ def fastest_merge_kernel(path: str) -> str:
 
 
 def run(a, small: bool, backend: str | None) -> int:
+    from kontext_server.lora.fp8_merge import merge_way
+
     ranks = [int(r) for r in (a.ranks or ("4,8" if small else "32,128")).split(",")]
     if small:
         a.width, a.height = a.width or 256, a.height or 256
@@ -470,7 +472,7 @@ def run(a, small: bool, backend: str | None) -> int:
     results = {"tool": "tools/bench_lora.py", "argv": a.argv, "model": a.model,
                "workload": a.workload, "width": width, "height": height, "edit": image is not None,
                "steps": a.steps, "runs": a.runs, "compile_backend": backend or "inductor",
-               "merge_kernel": a.merge_kernel or "default",
+               "merge_kernel": a.merge_kernel or "default", "merge_way": merge_way(),
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() and a.device != "cpu" else "cpu",
                "torch": torch.__version__, "block_linears": len(linears), "ranks": {}}
     out = Path(a.out)

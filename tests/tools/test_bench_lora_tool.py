@@ -13,13 +13,17 @@ from optimizations.compile import Compile
 def test_the_lora_benchmark_runs_on_the_tiny_model_and_writes_its_figures(cache_dir, tmp_path):
     from bench_lora import main  # tools/ (pytest.ini's pythonpath)
 
+    from kontext_server.lora import fp8_merge
+
     kwargs = Compile._kwargs
     out = tmp_path / "lora.json"
     assert main(["--model", "tiny", "--device", "cpu", "--small", "--ranks", "4", "--runs", "1", "--steps", "1",
                  "--switches", "2", "--optimizations", "qkv_fusion,modulation_table", "--cache-dir", str(cache_dir),
                  "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
     assert Compile._kwargs is kwargs  # the tool's compile backend is undone
-    r = json.loads(out.read_text())["ranks"]["4"]
+    report = json.loads(out.read_text())
+    assert report["merge_kernel"] == "default" and report["merge_way"] == fp8_merge.DEFAULT_WAY  # what "default" was
+    r = report["ranks"]["4"]
     exact = r["tiers"]["exact"]
     assert exact["step_ms_without"] > 0 and exact["step_ms_with"] > 0 and "overhead_pct" in exact
     # both branches timed in the one server, each against the same steps without an adapter
