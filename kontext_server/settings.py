@@ -87,9 +87,11 @@ CP_FAIL_AT = EnvVar("FLUX_CP_FAIL_AT", None, "model",
                     "after its first step (or inside its first transformer call)",
                     documented=False)
 LORA_DIR = EnvVar("FLUX_LORA_DIR", None, "lora",
-                  "directory of LoRA adapters: each .safetensors file one adapter, named by its stem (read at start-up)")
+                  "directory of LoRA adapters: each .safetensors file one adapter, named by its stem "
+                  "(read at start-up)")
 LORA_PRELOAD = EnvVar("FLUX_LORA_PRELOAD", None, "lora", "adapters loaded onto the device at start-up, comma-separated")
-MAX_LORAS = EnvVar("FLUX_MAX_LORAS", "8", "lora", "adapters kept loaded on the device (least recently used leave first)")
+MAX_LORAS = EnvVar("FLUX_MAX_LORAS", "8", "lora",
+                   "adapters kept loaded on the device (least recently used leave first)")
 LORA_MAX_RANK = EnvVar("FLUX_LORA_MAX_RANK", None, "lora",
                        "rank of the adapter slots (default: the largest rank in the directory); larger adapters: 422")
 LORA_FUSE = EnvVar("FLUX_LORA_FUSE", None, "lora",
@@ -119,7 +121,7 @@ RATE_LIMIT = EnvVar("FLUX_RATE_LIMIT", None, "server",
 METRICS_KEY_REQUIRED = EnvVar("FLUX_METRICS_KEY_REQUIRED", "0", "server", "1: /metrics needs an API key too")
 SERVED_MODEL_NAME = EnvVar("FLUX_SERVED_MODEL_NAME", None, "server",
                            "the model id of the /v1 routes (GET /v1/models, a request's model); default: --model")
-# ---- async jobs, outputs, URL inputs, webhooks ------------------------------------------------------------------------
+# ---- async jobs, outputs, URL inputs, webhooks -----------------------------------------------------------------------
 DATA_DIR = EnvVar("FLUX_DATA_DIR", None, "jobs",
                   "the job store (SQLite), stored outputs and the URL-signing key (default: <cache dir>-data beside "
                   "the cache directory); one server per directory")
@@ -180,15 +182,16 @@ REPLICA_CPUS = EnvVar("FLUX_REPLICA_CPUS", None, "ray",
 REPLICA_GPUS = EnvVar("FLUX_REPLICA_GPUS", None, "ray",
                       "GPUs per replica (default: 1 where the cluster has GPUs, else 0)")
 
-# ---- start-up ---------------------------------------------------------------------------------------------------------
+# ---- start-up --------------------------------------------------------------------------------------------------------
 BYTECODE_CACHE = EnvVar("FLUX_BYTECODE_CACHE", "1", "start-up",
                         "0: do not keep Python's bytecode under the cache directory on images that do not keep it")
 SHOW_LIBRARY_NOISE = EnvVar("FLUX_SHOW_LIBRARY_NOISE", "0", "start-up",
-                            "1: show the known-harmless library messages the server drops at start-up (docs/operations.md)")
+                            "1: show the known-harmless library messages the server drops at start-up "
+                            "(docs/operations.md)")
 CUBLASLT_NO_WORKSPACE = EnvVar("FLUX_CUBLASLT_NO_WORKSPACE", "1", "start-up",
                                "0: keep torch's cuBLASLt workspace (the server sets CUBLASLT_WORKSPACE_SIZE=0)")
 
-# ---- A/B switches of code the compiled graphs contain (all on unless "0"; part of the compile-cache key) --------------
+# ---- A/B switches of code the compiled graphs contain (all on unless "0"; part of the compile-cache key) -------------
 AOT_REGIONS = EnvVar("FLUX_AOT_REGIONS", "1", "switch",
                      "0: compiled blocks are traced by dynamo on every start instead of saved whole")
 AOT_VAE = EnvVar("FLUX_AOT_VAE", "1", "switch", "0: the VAE is compiled by dynamo instead of saved whole")

@@ -41,8 +41,9 @@ def _kernel():
 def launch(kernel, q_img, k_img, v_img, q_txt, k_txt, v_txt, wq_img, wk_img, wq_txt, wk_txt, cos, sin,
            heads: int, eps: float, block_t: int = BLOCK_T, num_warps: int = NUM_WARPS, seq_major: bool = False):
     """Run `kernel` (the Triton kernel, or torch.library's wrap_triton of it) and return q, k, v of shape
-    (batch, seq, heads, head_dim), in (batch, heads, seq, head_dim) memory or, `seq_major`, their own. q/k/v_img: (batch, image seq, heads * head_dim) views sharing one set of strides
-    (last stride 1); *_txt likewise for the text tokens, or None (single blocks: text is already in the sequence)."""
+    (batch, seq, heads, head_dim), in (batch, heads, seq, head_dim) memory or, `seq_major`, their own. q/k/v_img:
+    (batch, image seq, heads * head_dim) views sharing one set of strides (last stride 1); *_txt likewise for the
+    text tokens, or None (single blocks: text is already in the sequence)."""
     b, s_img, inner = q_img.shape
     d = inner // heads
     has_txt = q_txt is not None

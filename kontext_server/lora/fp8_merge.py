@@ -271,7 +271,8 @@ def _matches(linear: Fp8Linear, source: torch.Tensor, quantiser: Quantiser) -> b
         log.debug("fp8 merge: a quantiser failed: %s", exc)
         return False
     rows, scale = linear.weight_t.t(), linear.weight_scale
-    return q.shape == rows.shape and q.dtype == rows.dtype and torch.equal(q.view(torch.uint8), rows.view(torch.uint8)) \
+    return q.shape == rows.shape and q.dtype == rows.dtype \
+        and torch.equal(q.view(torch.uint8), rows.view(torch.uint8)) \
         and torch.equal(s.reshape(-1).float(), scale.reshape(-1))
 
 
