@@ -1,4 +1,5 @@
-"""Small shared helpers: image codec (decode untrusted input safely, encode output), stage timing and CUDA-event timing."""
+"""Small shared helpers: image codec (decode untrusted input safely, encode output), stage timing and CUDA-event
+timing."""
 from __future__ import annotations
 
 import base64
@@ -130,8 +131,9 @@ PNG_TEXT_KEYS = {"ImageDescription": "Description"}
 def encode_image_bytes(img: Image.Image, fmt: str, quality: int = DEFAULT_QUALITY,
                        metadata: dict[str, str] | None = None, png_compress_level: int = PNG_COMPRESS_LEVEL) -> bytes:
     """The image as a png / jpeg / webp file; `quality` (0-100) applies to jpeg and webp only, `png_compress_level`
-    (zlib 0-9) to png only. PNG in modes L / RGB / RGBA goes through kontext_server/png_writer.py, the rest through PIL. `metadata` (EXIF tag names of EXIF_TAGS -> text) is written as EXIF in every format and,
-    in PNG, also as text chunks, with `Source` (the model) and a `Comment` saying the image is AI-generated."""
+    (zlib 0-9) to png only. PNG in modes L / RGB / RGBA goes through kontext_server/png_writer.py, the rest through
+    PIL. `metadata` (EXIF tag names of EXIF_TAGS -> text) is written as EXIF in every format and, in PNG, also as
+    text chunks, with `Source` (the model) and a `Comment` saying the image is AI-generated."""
     pil_fmt = OUTPUT_FORMATS[fmt]
     if pil_fmt == "PNG" and img.mode in png_writer.MODES:
         return png_writer.encode_png(img, png_compress_level, text=png_text(metadata),

@@ -138,7 +138,8 @@ def main() -> None:
             worst = max(r.get("err_over_bf16", 0) for r in rows.values())
             errs = " / ".join(str(rows[k]["rel_err"]) if k in rows else "-" for k in INPUTS)
             ok = "yes" if worst <= 2.0 and ms < base and cname != "bf16-cudnn" else "no"
-            print(f"| {name} | {cname} | {ms} ({rows['flat']['tflops']}) | {base / ms:.2f}x | {errs} | {worst} | {ok} |")
+            print(f"| {name} | {cname} | {ms} ({rows['flat']['tflops']}) | {base / ms:.2f}x | "
+                  f"{errs} | {worst} | {ok} |")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 

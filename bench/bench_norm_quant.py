@@ -81,7 +81,8 @@ def main() -> None:
                 kernels.norm_modulate_quant_kernel, a, t, d, mod, 3, 4, gate, 1e-6)}
             for nr, nw in NORM_TILES:  # the padded layout before it
                 calls[f"padded_{nr}x{nw}"] = lambda nr=nr, nw=nw: padded_layouts.launch_norm_modulate_quant_padded(
-                    padded_layouts.norm_modulate_quant_padded_kernel, a, t, d, mod, 3, 4, gate, 1e-6, rows=nr, num_warps=nw)
+                    padded_layouts.norm_modulate_quant_padded_kernel, a, t, d, mod, 3, 4, gate, 1e-6,
+                    rows=nr, num_warps=nw)
             for tile, call in calls.items():
                 q, s, _ = call()
                 row[f"kernel_{tile}_us"] = round(1000 * bench(call), 1)

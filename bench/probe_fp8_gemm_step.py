@@ -1,4 +1,5 @@
-"""The fp8 copy's (or the bf16 transformer's) GEMMs of one transformer step, captured in a CUDA graph: time per step and memsets per GEMM.
+"""The fp8 copy's (or the bf16 transformer's) GEMMs of one transformer step, captured in a CUDA graph: time per step
+and memsets per GEMM.
 
 Each fp8 GEMM in the step is a torch._scaled_mm (row-wise scales, bf16 out) that cuBLASLt runs, and the step's
 profile shows one memset beside each of them (BENCHMARKS.md): 266 per step at edit-512. Every extra node in the graph
@@ -78,7 +79,8 @@ def main() -> None:
     g.replay()
     torch.cuda.synchronize()
     times = [cuda_ms(g.replay) for _ in range(7)]
-    result = {"workload": args.workload, "dtype": args.dtype, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    result = {"workload": args.workload, "dtype": args.dtype, "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__,
               "CUBLASLT_WORKSPACE_SIZE": settings.CUBLASLT_WORKSPACE_SIZE.get() or "(default)",
               "gemms_per_step": len(calls), "graph_ms_per_step": round(statistics.median(times), 3),
               "graph_ms_min_max": [round(min(times), 3), round(max(times), 3)],

@@ -133,8 +133,8 @@ def main(argv=None) -> int:
               "inductor_flags": a.inductor_flags, "load_and_first_request_s": round(ready_s, 1),
               "clock_fields": sampler.fields, "phases": phases}
     print(f"\n{a.workload} (L={seq}) on {svc.device_info.name}; applied: {', '.join(applied)}")
-    print("\n| phase | calls | median ms (min-max) | first 5 | last 20 | SM MHz median (min-max) | power W median (max) "
-          "| temp C max | power-cap share |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| phase | calls | median ms (min-max) | first 5 | last 20 | SM MHz median (min-max) "
+          "| power W median (max) | temp C max | power-cap share |\n|---|---|---|---|---|---|---|---|---|")
     for name, ph in phases.items():
         c = ph["clocks"]
         sm, pw, tc = c.get("sm_mhz"), c.get("power_w"), c.get("temp_c")

@@ -56,7 +56,8 @@ def main(argv=None) -> dict:
         report(res, a.out)
         return res
     c = calls[0]
-    res["args"] = {k: describe(c[k]) for k in ("q", "k", "v", "attn_mask")} | {"kw": {k: str(v) for k, v in c["kw"].items()}}
+    res["args"] = ({k: describe(c[k]) for k in ("q", "k", "v", "attn_mask")}
+                   | {"kw": {k: str(v) for k, v in c["kw"].items()}})
     q, k, v, m = c["q"], c["k"], c["v"], c["attn_mask"]
     with torch.inference_mode():
         ref = real(q.float(), k.float(), v.float(), attn_mask=None if m is None else m.float(), **c["kw"])

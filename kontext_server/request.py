@@ -99,8 +99,10 @@ class InferenceRequest(BaseModel):
                                      description="1-4 reference images (base64, data URLs or http(s) URLs) instead "
                                                  "of `image`: the first sets the output's aspect ratio, all are seen "
                                                  "by the model")
-    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Multiple of 16; default from the input image")
-    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, description="Multiple of 16; default from the input image")
+    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE,
+                              description="Multiple of 16; default from the input image")
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE,
+                               description="Multiple of 16; default from the input image")
     aspect_ratio: str | None = Field(None, pattern=ASPECT_PATTERN,
                                      description="W:H between 21:9 and 9:21, or match_input_image; instead of "
                                                  "width / height")

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_flux_variable_named_in_the_code_is_declared():
     declared = {v.name for v in settings.all_vars()}
-    sources = [p for d in ("kontext_server", "optimizations", "patches", "tools", "bench") for p in (ROOT / d).rglob("*.py")]
+    sources = [p for d in ("kontext_server", "optimizations", "patches", "tools", "bench")
+               for p in (ROOT / d).rglob("*.py")]
     named = set()
     for path in sources + [ROOT / "utils.py", ROOT / "flux_kontext_optimized.py"]:
         named |= set(re.findall(r"\bFLUX_[A-Z0-9_]+\b", path.read_text()))

@@ -2,7 +2,8 @@
 """Where a whole request's time goes: the GPU's busy and idle time, and the host phase that left it idle.
 
     python tools/profile_request.py --model synthetic-full --workload edit-512 \
-        --optimizations qkv_fusion,channels_last,modulation_table,compile,attention,low_precision,dpm_solver,cuda_graphs \
+        --optimizations \
+        qkv_fusion,channels_last,modulation_table,compile,attention,low_precision,dpm_solver,cuda_graphs \
         --flags use_mxfp4=true use_dpm_solver=true use_cuda_graphs=true
 
 The stage table's `glue` column is the request's wall time minus the device time of its stages. It says how much,

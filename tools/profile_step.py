@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Where one denoising step's time goes: torch profiler over real transformer calls, summarised by kernel kind.
 
-    python tools/profile_step.py --model synthetic-full --workload edit-1024 --optimizations qkv_fusion,attention,compile
+    python tools/profile_step.py --model synthetic-full --workload edit-1024 \
+        --optimizations qkv_fusion,attention,compile
     python tools/profile_step.py --model synthetic-full --workload t2i-1024 --optimizations all --flags use_mxfp4=true
 
 It prepares the given optimisations, runs one warm-up generation through FluxService (compile / capture happen

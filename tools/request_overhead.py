@@ -128,8 +128,8 @@ def main(argv=None) -> int:
         result["device"] = health.get("device", {}).get("name") if isinstance(health.get("device"), dict) \
             else health.get("device")
         for kind in a.inputs.split(","):
-            body = {"prompt": "make the sky golden", "width": width, "height": height, "seed": 7, "output_format": "png",
-                    **flags, **({"steps": a.steps} if a.steps else {})}
+            body = {"prompt": "make the sky golden", "width": width, "height": height, "seed": 7,
+                    "output_format": "png", **flags, **({"steps": a.steps} if a.steps else {})}
             if edit:
                 img = noise_image(width, height) if kind == "noise" else test_image(width, height)
                 body["image"] = png_b64(img)

@@ -66,8 +66,8 @@ class JobMetrics:
     """The asynchronous jobs' families (kontext_server.jobstore), in `registry`: the local server's Metrics and the
     Ray Serve ingress's (which holds the job store there) both have them."""
 
-    FAMILIES = ("flux_jobs", "flux_job_queue_depth", "flux_jobs_submitted", "flux_jobs_finished", "flux_job_age_seconds",
-                "flux_webhook_deliveries")
+    FAMILIES = ("flux_jobs", "flux_job_queue_depth", "flux_jobs_submitted", "flux_jobs_finished",
+                "flux_job_age_seconds", "flux_webhook_deliveries")
 
     def __init__(self, r: CollectorRegistry):
         self.jobs = Gauge("flux_jobs", "Jobs in the job store by status (pending, running, ready, error)",

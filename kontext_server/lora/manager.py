@@ -101,7 +101,7 @@ class LoraManager:
         self.switches = 0
         self.last_switch_ms: float | None = None
 
-    # ---- start-up ------------------------------------------------------------------------------------------------------
+    # ---- start-up ----------------------------------------------------------------------------------------------------
     @classmethod
     def create(cls, config, transformer: torch.nn.Module, device: str) -> "LoraManager":
         """Scan --lora-dir against the transformer as loaded, and fuse --lora-fuse into it (before any optimisation)."""
@@ -232,7 +232,7 @@ class LoraManager:
             except LoraError as exc:
                 raise LoraConfigError(f"--lora-preload: {exc}") from None
 
-    # ---- per request -----------------------------------------------------------------------------------------------------
+    # ---- per request -------------------------------------------------------------------------------------------------
     def check(self, specs) -> None:
         """Before the request is queued (event loop): names known, files not found bad at start-up, not the fused one.
         Raises the first adapter's LoraError with `index` set (its position in `loras`)."""
@@ -363,7 +363,7 @@ class LoraManager:
                 state.reset()
             self._active = active
 
-    # ---- /health -----------------------------------------------------------------------------------------------------------
+    # ---- /health -----------------------------------------------------------------------------------------------------
     def library_report(self) -> dict[str, dict]:
         """/health's `lora.library`: each adapter start-up found, with its rank and target count, or why it cannot
         run, or `fused` (library.selectable() reads it, here and on a Ray Serve ingress from a replica's report)."""

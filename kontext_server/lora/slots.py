@@ -285,7 +285,7 @@ def is_fused(wrapper) -> bool:
     return getattr(wrapper, "appended", None) is not None
 
 
-# ---- where a module name lands in a transformer variant ----------------------------------------------------------------
+# ---- where a module name lands in a transformer variant --------------------------------------------------------------
 @dataclass(frozen=True)
 class Placement:
     group: str  # the slot's name: the module that computes it in the optimised model (e.g. ...attn.to_qkv)

@@ -41,6 +41,7 @@ def build_tiny_t5_tokenizer():
     from transformers import T5Tokenizer
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + c, -3.0) for c in string.ascii_lowercase] + [(c, -4.0) for c in string.ascii_letters + string.digits]
+    pieces += ([("▁" + c, -3.0) for c in string.ascii_lowercase]
+               + [(c, -4.0) for c in string.ascii_letters + string.digits])
     pieces += [("▁" + w, -1.0) for w in ("the", "a", "car", "red", "cat", "make", "photo", "of", "blue", "dog")]
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)

@@ -283,7 +283,8 @@ class Runner:
                                 references=len(as_references(image)),
                                 cache_threshold=stats.threshold if stats is not None else None)
 
-    def _run(self, run: RunContext, seed: int, should_stop, on_step: Callable[[StepEvent], None] | None = None) -> tuple:
+    def _run(self, run: RunContext, seed: int, should_stop,
+             on_step: Callable[[StepEvent], None] | None = None) -> tuple:
         timer = StageTimer(cuda=self.components.device_info.is_cuda)
         call = run.call_kwargs
         extra: list = []

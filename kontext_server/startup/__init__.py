@@ -9,8 +9,8 @@ _done = False
 
 def prepare_process() -> None:
     """Drop the libraries' known-harmless start-up messages, keep Python's bytecode under the cache directory where
-    the image does not, and run cuBLASLt without a workspace: call first thing in an entry point, before torch, diffusers and fastapi are imported. Once per
-    process; later calls do nothing."""
+    the image does not, and run cuBLASLt without a workspace: call first thing in an entry point, before torch,
+    diffusers and fastapi are imported. Once per process; later calls do nothing."""
     global _done
     if _done:
         return

@@ -324,7 +324,8 @@ def _b64_just_over_bytes() -> str:
     return base64.b64encode(b"\0" * (utils.MAX_IMAGE_BYTES + 3)).decode()
 
 
-@pytest.mark.parametrize("make", [_b64_over_string_limit, _b64_just_over_bytes], ids=["b64-too-long", "decoded-too-big"])
+@pytest.mark.parametrize("make", [_b64_over_string_limit, _b64_just_over_bytes],
+                         ids=["b64-too-long", "decoded-too-big"])
 def test_image_over_size_limit_is_413(client, make):
     image = make()
     assert len(json.dumps({**OK, "image": image})) < ServerSettings().max_body_bytes  # the image limit answers
@@ -719,9 +720,11 @@ def test_true_cfg_runs_two_transformer_passes_per_step_and_changes_the_output(ti
 
 
 def test_errors_teach_what_to_send(client):
-    r = client.post("/inference", content="prompt=a red car", headers={"content-type": "application/x-www-form-urlencoded"})
+    r = client.post("/inference", content="prompt=a red car",
+                    headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 422 and "Content-Type: application/json" in r.json()["message"]
-    r = client.post("/inference", json=dict(BASE, prompt="x", num_inference_steps=4, input_image="abc", use_complie=True))
+    r = client.post("/inference",
+                    json=dict(BASE, prompt="x", num_inference_steps=4, input_image="abc", use_complie=True))
     assert r.status_code == 422
     message = r.json()["message"]
     for wrong, right in (("num_inference_steps", "steps"), ("input_image", "image"), ("use_complie", "use_compile")):

@@ -41,8 +41,10 @@ def test_nvidia_smi_lines_parse_into_numbers_and_reasons():
 
 def test_samples_summarise_per_window():
     sampler = gpu_clocks.ClockSampler()
-    sampler.samples = [(1.0, {"sm_mhz": 1980.0, "sw_power_cap": False}), (2.0, {"sm_mhz": 1700.0, "sw_power_cap": True}),
-                       (3.0, {"sm_mhz": 1600.0, "sw_power_cap": True}), (9.0, {"sm_mhz": 1980.0, "sw_power_cap": False})]
+    sampler.samples = [(1.0, {"sm_mhz": 1980.0, "sw_power_cap": False}),
+                       (2.0, {"sm_mhz": 1700.0, "sw_power_cap": True}),
+                       (3.0, {"sm_mhz": 1600.0, "sw_power_cap": True}),
+                       (9.0, {"sm_mhz": 1980.0, "sw_power_cap": False})]
     w = sampler.window(1.5, 3.5)
     assert w == {"samples": 2, "sm_mhz": {"median": 1650.0, "min": 1600.0, "max": 1700.0}, "sw_power_cap_share": 1.0}
     assert sampler.window(4, 5) == {"samples": 0}

@@ -75,9 +75,9 @@ def test_fp8_copy_uses_the_fused_gelu_quantisation(full_service):
 
 
 def test_fp8_gemms_run_without_a_cublaslt_memset():
-    """kontext_server/startup/cublaslt_workspace.py: CUBLASLT_WORKSPACE_SIZE=0 is set before the first GEMM (here by conftest,
-    in the server by service.py), and cuBLASLt then runs torch._scaled_mm without the memset it launches per call
-    with a workspace (one per fp8 GEMM in the step's profile before)."""
+    """kontext_server/startup/cublaslt_workspace.py: CUBLASLT_WORKSPACE_SIZE=0 is set before the first GEMM (here by
+    conftest, in the server by service.py), and cuBLASLt then runs torch._scaled_mm without the memset it launches per
+    call with a workspace (one per fp8 GEMM in the step's profile before)."""
     from kontext_server.startup import cublaslt_workspace
     from torch.profiler import ProfilerActivity, profile
 
@@ -190,8 +190,8 @@ def test_cuda_graph_output_equals_eager(full_service):
     assert torch.equal(graph.latents, again.latents)
     assert diff == 0.0  # same kernels, same order: replay is bit-identical to eager
     # the text encoders were replayed too (one graph each: prompts are padded to a fixed length)
-    assert {a: len(r.graphs) for a, r in full_service.registry["cuda_graphs"].text_encoders.items()} == {"text_encoder": 1,
-                                                                                       "text_encoder_2": 1}
+    assert ({a: len(r.graphs) for a, r in full_service.registry["cuda_graphs"].text_encoders.items()}
+            == {"text_encoder": 1, "text_encoder_2": 1})
 
 
 def test_edit_with_graphed_vae_matches_eager_exactly(full_service):

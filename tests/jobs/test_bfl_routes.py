@@ -69,7 +69,8 @@ def test_get_result_of_an_unknown_id_answers_task_not_found(client):
 def test_a_pending_job_cancelled_never_runs_and_a_running_one_stops_at_its_next_step(client):
     running = submit(client, seed=1, **SLOW)["id"]
     waiting = submit(client, seed=2, **FAST)["id"]
-    seen = []  # the running job's progress before the cancel (an Error answer carries none: the poll below may see none)
+    # the running job's progress before the cancel (an Error answer carries none: the poll below may see none)
+    seen = []
 
     def started():
         seen.append(client.get("/v1/get_result", params={"id": running}).json()["progress"] or 0)

@@ -89,7 +89,8 @@ def to_kohya(sd: dict, rank: int, alpha: float) -> dict:
         pre = f"transformer_blocks.{i}."
         for module, kohya in KOHYA_DOUBLE.items():
             if pre + module + ".lora_A.weight" in sd:
-                put(f"double_blocks_{i}_{kohya}", sd[pre + module + ".lora_A.weight"], sd[pre + module + ".lora_B.weight"])
+                put(f"double_blocks_{i}_{kohya}", sd[pre + module + ".lora_A.weight"],
+                    sd[pre + module + ".lora_B.weight"])
                 used |= {pre + module + ".lora_A.weight", pre + module + ".lora_B.weight"}
         for kohya, parts in KOHYA_DOUBLE_QKV.items():
             keys = [pre + p for p in parts]
@@ -103,7 +104,8 @@ def to_kohya(sd: dict, rank: int, alpha: float) -> dict:
         pre = f"single_transformer_blocks.{i}."
         for module, kohya in KOHYA_SINGLE.items():
             if pre + module + ".lora_A.weight" in sd:
-                put(f"single_blocks_{i}_{kohya}", sd[pre + module + ".lora_A.weight"], sd[pre + module + ".lora_B.weight"])
+                put(f"single_blocks_{i}_{kohya}", sd[pre + module + ".lora_A.weight"],
+                    sd[pre + module + ".lora_B.weight"])
                 used |= {pre + module + ".lora_A.weight", pre + module + ".lora_B.weight"}
     assert used == set(sd), f"no kohya name for {sorted(set(sd) - used)[:3]}"
     return out

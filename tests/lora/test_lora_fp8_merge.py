@@ -49,7 +49,8 @@ def is_table(slot_name: str) -> bool:
     return ".norm" in slot_name or slot_name.startswith("norm_out")
 
 
-def test_the_merge_takes_every_fp8_linear_an_adapter_reaches_and_leaves_the_bf16_modulation_linears_their_branch(merged):
+def test_the_merge_takes_every_fp8_linear_an_adapter_reaches_and_leaves_the_bf16_modulation_linears_their_branch(
+        merged):
     manager, _, _ = merged
     assert manager.path == "merged"
     report = manager.health()["branch"]["fp8_merge"]

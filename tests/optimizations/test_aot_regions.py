@@ -235,8 +235,8 @@ def test_source_check_compares_the_inlined_lines_with_their_recorded_hash():
     digest = hashlib.sha256("".join(lines).encode()).hexdigest()
 
     def entry(checksum):
-        src = SimpleNamespace(module="optimizations.compiling.aot_regions", firstlineno=first, lastlineno=first + len(lines),
-                              checksum=checksum)
+        src = SimpleNamespace(module="optimizations.compiling.aot_regions", firstlineno=first,
+                              lastlineno=first + len(lines), checksum=checksum)
         return SimpleNamespace(source_info=lambda: SimpleNamespace(inlined_sources=[src]))
 
     assert aot_regions._sources_unchanged(entry(digest)) is None

@@ -12,7 +12,8 @@ from kontext_server.models import sources
 from optimizations.caching.first_block_cache import CacheStats, FirstBlockCache
 from tests.optimizations.fbc_cases import CALLS, CASES, STEPS
 
-HIGH = 10.0  # rel diff of first-block residuals on the tiny random model is far below this: every call after the first skips
+# rel diff of first-block residuals on the tiny random model is far below this: every call after the first skips
+HIGH = 10.0
 
 
 

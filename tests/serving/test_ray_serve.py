@@ -4,8 +4,9 @@ behind the ingress, real HTTP through Serve's proxy.
 Covers: /health's replica count; 30 concurrent requests all answered 200 by both replicas (the `replica` field and
 X-Replica); the same bytes as the local server for the same seed and flags (text-to-image and edit); strict 422 and
 validation errors from the ingress; GET /benchmark on a replica; /metrics labelled by replica; a client that goes away
-cancels its generation on the replica; overload answered 429 with Retry-After and no other 5xx; one replica killed mid-load: every request answered once (200, or 503
-replica_lost with Retry-After), /health's count drops and recovers with a new replica.
+cancels its generation on the replica; overload answered 429 with Retry-After and no other 5xx; one replica killed
+mid-load: every request answered once (200, or 503 replica_lost with Retry-After), /health's count drops and
+recovers with a new replica.
 
 Ray starts once for the module (about 20 s with the replicas' loading) and is shut down after it. The parts that need
 no cluster (retry rules, options, config files): test_ray_parts.py.
@@ -304,7 +305,8 @@ def test_overload_is_429_with_retry_after_never_another_5xx(ray_app):
     results = asyncio.run(main())
     statuses = Counter(s for s, _, _ in results)
     assert set(statuses) <= {200, 429}, statuses
-    assert statuses[429] >= n - (REPLICAS * 2 + MAX_QUEUE), statuses  # at least all that found no room (the holders took some)
+    # at least all that found no room (the holders took some)
+    assert statuses[429] >= n - (REPLICAS * 2 + MAX_QUEUE), statuses
     assert statuses[200] >= MAX_QUEUE // 2, statuses  # what was queued is served once the replicas are free
     for i, (status, headers, body) in enumerate(results):
         check_one_answer(i, status, headers, body)

@@ -1,4 +1,5 @@
-"""The bytecode cache (kontext_server/startup/bytecode_cache.py): where Python's compiled imports go when the image would not keep them.
+"""The bytecode cache (kontext_server/startup/bytecode_cache.py): where Python's compiled imports go when the image
+would not keep them.
 
 Each case runs in a fresh interpreter (sys.pycache_prefix and sys.dont_write_bytecode are process-wide), importing
 a package made for the test, so what is asserted is where its .pyc files really land.

@@ -1,5 +1,5 @@
-"""kontext_server/startup/cublaslt_workspace.py: the server sets CUBLASLT_WORKSPACE_SIZE=0 before torch exists, and never overrides the
-operator. Each case runs in a fresh interpreter, since the module keeps its decision per process."""
+"""kontext_server/startup/cublaslt_workspace.py: the server sets CUBLASLT_WORKSPACE_SIZE=0 before torch exists, and
+never overrides the operator. Each case runs in a fresh interpreter, since the module keeps its decision per process."""
 import json
 import os
 import subprocess

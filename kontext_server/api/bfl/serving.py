@@ -35,8 +35,8 @@ from kontext_server.request import FLAG_TO_OPTIMIZATION, MAX_SEED, InferenceRequ
 from kontext_server.service import StrictError
 from utils import ImageInputError
 
-RENAMED = {"guidance_scale": "guidance", "image": "input_image"}
-REFERENCE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")  # BFL's multi-reference  # InferenceRequest's names -> this route's
+RENAMED = {"guidance_scale": "guidance", "image": "input_image"}  # InferenceRequest's names -> this route's
+REFERENCE_FIELDS = ("input_image", "input_image_2", "input_image_3", "input_image_4")  # BFL's multi-reference
 MODERATION = "none: this server runs no moderation model; safety_tolerance is recorded, not enforced"
 
 

@@ -5,8 +5,9 @@ FormError naming the part at fault. The images are file parts named `image`, or 
 list), repeated for several references (the first sets the output's aspect ratio); every other part is a text
 field, validated afterwards as ImageRequest (pydantic turns "4" and "true" into 4 and True).
 Refused, with the reason: a fifth image, a `mask` or `markup` part (it edits by instruction: describe the change in
-the prompt), a field given twice, a file in a text field, a body that is not multipart. Limits: Starlette's parser with at most 8 files, 200 fields and 1 MiB per text field; the whole body is
-bounded by the app's body-size limit before this reads it.
+the prompt), a field given twice, a file in a text field, a body that is not multipart. Limits: Starlette's parser
+with at most 8 files, 200 fields and 1 MiB per text field; the whole body is bounded by the app's body-size limit
+before this reads it.
 """
 from __future__ import annotations
 
