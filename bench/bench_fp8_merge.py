@@ -171,6 +171,7 @@ def main(argv=None) -> int:
     out = {"tool": "bench/bench_fp8_merge.py", "argv": sys.argv[1:], "device": torch.cuda.get_device_name()
            if device == "cuda" else "cpu", "torch": torch.__version__, "linears": len(targets),
            "weights_gib": round(sum(t.source.numel() for t in targets) * 2 / 2**30, 2), "default": default,
+           "default_way": fp8_merge.merge_way(),
            "ranks": {}}
     for rank in map(int, a.ranks.split(",")):
         pair = [adapter(targets, widths, rank, device, seed) for seed in (1, 2)]

@@ -31,6 +31,9 @@ def test_the_bench_merges_as_torch_does_and_restores_bit_for_bit_each_way(tmp_pa
     assert tool.main(["--small", "--ranks", "20", "--configs", "gemm,32x32x4-scalar", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["linears"] == 11  # 8 of a double block, 3 of a single one
+    from kontext_server.lora.fp8_merge import DEFAULT_WAY
+
+    assert result["default_way"] == DEFAULT_WAY  # what the server runs when no way is forced
     assert set(result["ranks"]["20"]["configs"]) == {"gemm", "32x32x4-scalar"}
     for rank in ("20",):
         for tile, c in result["ranks"][rank]["configs"].items():
