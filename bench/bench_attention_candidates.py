@@ -37,11 +37,11 @@ def qk(s: int, gain: float, bias: float, gen) -> tuple[torch.Tensor, torch.Tenso
     offset (times the channel's weight) to every key."""
     out = []
     for is_key in (False, True):
-        x = torch.randn(1, s, HEADS, HEAD_DIM, device="cuda", generator=gen)
-        w = gain * (1 + 0.3 * torch.randn(HEAD_DIM, device="cuda", generator=gen)).abs()
+        x = torch.randn(1, s, HEADS, HEAD_DIM, device=gen.device, generator=gen)
+        w = gain * (1 + 0.3 * torch.randn(HEAD_DIM, device=gen.device, generator=gen)).abs()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         if is_key and bias:
-            x = x + bias * torch.randn(HEADS, HEAD_DIM, device="cuda", generator=gen)
+            x = x + bias * torch.randn(HEADS, HEAD_DIM, device=gen.device, generator=gen)
         out.append((x * w).to(torch.bfloat16))
     return out[0], out[1]
 
