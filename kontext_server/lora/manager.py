@@ -45,6 +45,18 @@ from optimizations.compiling.cache import switched_off
 log = logging.getLogger("flux.lora")
 
 
+def set_plain(module: torch.nn.Module, **values) -> None:
+    """Set attributes the module already holds as plain values (not parameters, buffers or submodules), without
+    nn.Module.__setattr__, which checks each value against the module's parameters, buffers and submodules first. A
+    request sets a few on every slot before and after it runs (hundreds of slots on FLUX), on the switch's host path.
+    Dynamo guards on the values, however they were set. A name the module does not hold plainly is refused."""
+    d = module.__dict__
+    for name, value in values.items():
+        if name not in d:
+            raise AttributeError(f"{type(module).__name__} has no plain attribute {name!r}")
+        d[name] = value
+
+
 @dataclass
 class Applied:
     """What a request ran: its adapters (name, scale, rank), load and switch milliseconds, its graph key."""
@@ -296,9 +308,9 @@ class LoraManager:
                 switched = self._write(adapters, scales, list(self.slots))
                 if merge is not None:
                     switched = merge.restore() or switched
+            fused = self.branch == "fused"
             for name, slot in self.slots.items():
-                slot.k = 0 if merging and name in merge.merged_slots else k
-                slot.fused = self.branch == "fused"
+                set_plain(slot, k=0 if merging and name in merge.merged_slots else k, fused=fused)
             self._activate_tables(active)
             if switched:
                 if str(self.device).startswith("cuda"):
@@ -309,9 +321,9 @@ class LoraManager:
                           self._graph_key(k, merging, precision))
         finally:
             for slot in self.slots.values():
-                slot.k = 0
+                set_plain(slot, k=0)
             for m, _ in self.table_hooks:
-                m.table_branch = None
+                set_plain(m, table_branch=None)
 
     def _restore(self, merge) -> float | None:
         """A tier's base weights back before its request without adapters; the milliseconds, or None if they were
@@ -357,7 +369,7 @@ class LoraManager:
     def _activate_tables(self, active: tuple) -> None:
         """The modulation table's rows hold the modulation of the adapters they were filled with: refill on change."""
         for m, slot in self.table_hooks:
-            m.table_branch = slot.table_delta if active else None
+            set_plain(m, table_branch=slot.table_delta if active else None)
         if active != self._active:
             for state in self.tables:
                 state.reset()

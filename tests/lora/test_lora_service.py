@@ -128,3 +128,30 @@ def test_with_the_fused_branch_switched_off_no_rows_are_appended_and_the_side_br
         svc.lora.set_path("fused")
     torch.testing.assert_close(latents(svc, [("style", 1.0)]).latents,
                                latents(lora_service, [("style", 1.0)]).latents, rtol=1e-5, atol=1e-5)
+
+
+def test_a_request_sets_the_slots_switches_without_module_setattr_and_leaves_them_off(lora_service, monkeypatch):
+    """k, fused and the table hooks' branch are set on every slot before and after each request: hundreds of slots on
+    FLUX, so they are written as plain attributes (manager.set_plain), not through nn.Module.__setattr__'s checks."""
+    calls = []
+    original = torch.nn.Module.__setattr__
+
+    def counting(self, name, value):
+        if name in ("k", "fused", "table_branch"):
+            calls.append(name)
+        original(self, name, value)
+
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", counting)
+    seen = {}
+    with lora_service.lora.applied([InferenceRequest(prompt="x", loras=[{"name": "light", "scale": 1.0}]).loras[0]]):
+        seen = {n: (s.k, s.fused) for n, s in lora_service.lora.slots.items()}
+        hooks = [m.table_branch for m, _ in lora_service.lora.table_hooks]
+    assert calls == []
+    assert {k for k, _ in seen.values()} == {1} and all(f for _, f in seen.values())
+    assert hooks and all(h is not None for h in hooks)  # light is on the modulation linears: their table hooks run it
+    assert all(s.k == 0 for s in lora_service.lora.slots.values())
+    assert all(m.table_branch is None for m, _ in lora_service.lora.table_hooks)
+    from kontext_server.lora.manager import set_plain
+
+    with pytest.raises(AttributeError, match="no plain attribute 'A'"):
+        set_plain(next(iter(lora_service.lora.slots.values())), A=None)  # a buffer: never bypassed
