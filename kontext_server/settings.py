@@ -216,7 +216,8 @@ LORA_FP8_MERGE = EnvVar("FLUX_LORA_FP8_MERGE", "1", "switch",
 ATTENTION_SEQ_MAJOR = EnvVar("FLUX_ATTENTION_SEQ_MAJOR", "0", "switch",
                              "1: the fused q/k norm + RoPE kernel writes q, k, v in (batch, seq, heads, head_dim) "
                              "memory and cuDNN attention runs on strided views of it, so its output reaches the "
-                             "out-projection without a permute copy; off until measured on a GPU")
+                             "out-projection without a permute copy; off: on an H100 it removed the copy, but no time "
+                             "that an A/B could tell from noise (BENCHMARKS.md)")
 # Switches that change the compiled code: each is part of the compile-cache key and the benchmark's record.
 CODE_SWITCHES = (FP8_SPLIT_PROJ_OUT, FP8_FUSED_GELU, FP8_FUSED_NORM, FP8_PLAIN_LINEARS, BF16_GELU_EPILOGUE,
                  BF16_SPLIT_PROJ_OUT, LORA_FUSED_BRANCH, ATTENTION_SEQ_MAJOR)

@@ -9,9 +9,10 @@ of an fp8 step at edit-512 on an H100 against ~1.2 ms to read q, k, v once and w
 the projections' outputs (fused to_qkv views or separate tensors; text rows from the context projections), and
 writes q, k, v once, in the (batch, heads, seq, head_dim) memory SDPA takes after diffusers' permute. Its output
 comes back in that layout too, and inductor copies it into (batch, seq, heads * head_dim) rows for the out-projection.
-With FLUX_ATTENTION_SEQ_MAJOR=1 (off until measured on a GPU) the kernel writes (batch, seq, heads, head_dim) memory
-instead and the processor calls cuDNN SDPA on (batch, heads, seq, head_dim) views of it itself (diffusers' cuDNN
-backend would make them contiguous); cuDNN writes its output in the query's layout, so that copy goes.
+With FLUX_ATTENTION_SEQ_MAJOR=1 (off: no reliable gain measured on an H100) the kernel writes (batch, seq, heads,
+head_dim) memory instead and the processor calls cuDNN SDPA on (batch, heads, seq, head_dim) views of it itself
+(diffusers' cuDNN backend would make them contiguous); cuDNN writes its output in the query's layout, so that copy
+goes.
 
 Numerics follow the eager code: torch.nn.RMSNorm (fp32 math, one rounding to the model's dtype), then diffusers'
 apply_rotary_emb (fp32 math, one rounding). Lossless in the sense of the other fusions (float reordering only); tests
