@@ -38,8 +38,11 @@ per tier, active adapter count and branch; --lora-paths fused halves them), then
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import gc
 import json
+import pstats
 import statistics
 import sys
 import tempfile
@@ -205,6 +208,8 @@ def measure_rank(a, rank: int, linears: dict, work: Path, width: int, height: in
         for _, _, path in rows(tier)[1:]:
             merge = merges[tier] if path == "merged" else None
             by_path[path] = time_switches(svc, run, flags, names, path, a.switches, merge)
+            if a.profile_switches:
+                by_path[path]["host_profile"] = profile_switches(svc, run, flags, names, path, a.switches)
             if merge is not None:  # a request of the tier without adapters after one with: the weights restored
                 restores, issued = [], []
                 for i in range(a.switches):
@@ -261,6 +266,43 @@ def device_memory(device) -> dict | None:
             "reserved": round(torch.cuda.memory_reserved(device) / gib, 2),
             "peak_allocated": round(torch.cuda.max_memory_allocated(device) / gib, 2),
             "peak_reserved": round(torch.cuda.max_memory_reserved(device) / gib, 2)}
+
+
+def profile_switches(svc, run, flags: dict, names: list, path: str, n: int, top: int = 25) -> dict:
+    """n more switches between adapters A and B on `path`, with cProfile on only while the manager switches (from
+    entering `applied` to its yield, the synchronisation included, as `lora_switch` times it): per switch, the
+    profiled wall time, and the functions with the most cumulative time (file:line(name), calls, tottime and cumtime
+    per switch). Where `torch.cuda.synchronize` takes much of it, the GPU's work is what a switch waits for; else the
+    host's."""
+    manager, prof, entered = svc.lora, cProfile.Profile(), []
+    original = manager.applied
+
+    @contextlib.contextmanager
+    def profiled(*args, **kw):
+        cm = original(*args, **kw)
+        t0 = time.perf_counter()
+        prof.enable()
+        try:
+            value = cm.__enter__()
+        finally:
+            prof.disable()
+            entered.append((time.perf_counter() - t0) * 1000)
+        with contextlib.ExitStack() as stack:
+            stack.push(cm)
+            yield value
+
+    manager.applied = profiled
+    try:
+        switched = [run(flags, (names[(i + 1) % 2],), path, steps=1).timings_ms.get("lora_switch") for i in range(n)]
+    finally:
+        del manager.applied  # the class's method again
+    stats = pstats.Stats(prof)
+    rows = sorted(stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)[:top]
+    return {"switches": n, "switch_ms": [None if t is None else round(t, 2) for t in switched],
+            "profiled_ms_per_switch": round(sum(entered) / n, 2),
+            "top_cumulative": [{"function": f"{Path(f).name}:{line}({name})", "calls_per_switch": round(nc / n, 1),
+                                "tottime_ms": round(tt / n * 1000, 3), "cumtime_ms": round(ct / n * 1000, 3)}
+                               for (f, line, name), (_, nc, tt, ct, _) in rows]}
 
 
 def time_switches(svc, run, flags: dict, names: list, path: str, n: int, merge=None) -> dict:
@@ -407,6 +449,9 @@ def main(argv=None) -> int:
     p.add_argument("--merge-kernel", default=None,
                    help="how the fp8 merge adds the updates: gemm, gemm-u, a tile BMxBKxWARPS, or a JSON file of "
                         "bench/bench_fp8_merge.py (its fastest exact way at the lowest rank); default: the server's")
+    p.add_argument("--profile-switches", action="store_true",
+                   help="after each path's timed switches, as many again under cProfile (only the manager's switch): "
+                        "where a switch's time goes, host or GPU (the JSON's host_profile)")
     p.add_argument("--branch-rows", type=int, default=128,
                    help="activation rows per layer for the fp8 branch error (default 128)")
     p.add_argument("--small", action="store_true",

@@ -19,7 +19,7 @@ def test_the_lora_benchmark_runs_on_the_tiny_model_and_writes_its_figures(cache_
     out = tmp_path / "lora.json"
     assert main(["--model", "tiny", "--device", "cpu", "--small", "--ranks", "4", "--runs", "1", "--steps", "1",
                  "--switches", "2", "--optimizations", "qkv_fusion,modulation_table", "--cache-dir", str(cache_dir),
-                 "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
+                 "--work-dir", str(tmp_path / "work"), "--profile-switches", "--out", str(out)]) == 0
     assert Compile._kwargs is kwargs  # the tool's compile backend is undone
     report = json.loads(out.read_text())
     assert report["merge_kernel"] == "default" and report["merge_way"] == fp8_merge.DEFAULT_WAY  # what "default" was
@@ -40,6 +40,13 @@ def test_the_lora_benchmark_runs_on_the_tiny_model_and_writes_its_figures(cache_
     switch = r["switch"]["exact"]
     assert len(switch["switch_ms"]) == 2 and all(ms >= 0 for ms in switch["switch_ms"])
     assert switch["dynamo_graphs_compiled_during_switches"] == 0 and switch["cold_starts_during_switches"] == 0
+    # --profile-switches: only the manager's switch was profiled, each profiled request did switch, and the profile
+    # holds the slots' writes
+    prof = switch["paths"]["fused"]["host_profile"]
+    assert prof["switches"] == 2 and all(ms is not None and ms > 0 for ms in prof["switch_ms"])
+    functions = {row["function"].split("(")[-1].rstrip(")") for row in prof["top_cumulative"]}
+    assert {"_write", "write", "run"} <= functions and "generate" not in functions
+    assert 0 < prof["profiled_ms_per_switch"] < 10 * max(switch["switch_ms"])
     assert set(r["first_load_ms"]) == {"r4a", "r4b"} and all(v > 0 for v in r["first_load_ms"].values())
     assert r["adapter_effect_bf16"]["rel_latent_error"] > 0
     assert r["fp8"].startswith("not prepared")  # no fp8 tier on a CPU: said, not silently left out
