@@ -21,8 +21,9 @@ service's own request path:
   recording the switch (`lora_switch`: the slot writes, the fp8 copy's appended rows included, and on the merged
   path the merge, synchronised) and counting dynamo's compiled graphs and the CUDA graphs captured (targets:
   <= 50 ms, no recompile, no capture); on the merged path also the restore a request of the tier without adapters
-  pays after one with them; on the others also the same switches with the slots' zeros and copies issued one op each
-  instead of as foreach ops (lora/batched_writes.py);
+  pays after one with them; on the others also the same switches written afresh, without the recorded plans a switch
+  back to earlier adapters replays (lora/switch_plans.py), with the zeros and copies batched as foreach ops and one
+  op each (lora/batched_writes.py);
 - reports each adapter's first load (`lora_load`: read, validate, copy to the device);
 - fidelity: fp8 + adapter against bf16 + adapter (the exact tier's branch) with the same seed, per branch (and fp8
   against bf16 without an adapter, for comparison), the exact merge against that branch, and how far the adapter
@@ -318,13 +319,18 @@ def time_switches(svc, run, flags: dict, names: list, path: str, n: int, merge=N
             issued.append(merge.last_issue_ms)
         colds += "cold_start" in r.timings_ms
     extra = {"merge_issue_ms_median": round(statistics.median(issued), 2)} if issued else {}
-    if merge is None:  # the same switches with the slots' zeros and copies issued one op each (batched_writes)
-        batched_writes.FOREACH = False
+    if merge is None:  # the same switches written afresh (no recorded plan), batched and one op each
+        plans = svc.lora.plans
+        plans.enabled = False
         try:
+            fresh = [run(flags, (names[(i + 1) % 2],), path, steps=1).timings_ms.get("lora_switch", float("nan"))
+                     for i in range(n)]
+            batched_writes.FOREACH = False
             each = [run(flags, (names[(i + 1) % 2],), path, steps=1).timings_ms.get("lora_switch", float("nan"))
                     for i in range(n)]
         finally:
-            batched_writes.FOREACH = True
+            batched_writes.FOREACH, plans.enabled = True, True
+        extra["switch_ms_median_fresh"] = round(statistics.median(fresh), 2)
         extra["switch_ms_median_one_op_each"] = round(statistics.median(each), 2)
     return {"switch_ms": [round(t, 2) for t in times], "switch_ms_median": round(statistics.median(times), 2), **extra,
             "dynamo_graphs_compiled_during_switches": dynamo_graphs() - graphs,
@@ -542,8 +548,9 @@ def table(results: dict) -> str:
         for tier, t in r["tiers"].items():
             s = r["switch"][tier]
             for path, p in t["paths"].items():
-                each = s.get("switch_ms_median_one_op_each")
-                switch = (f"{s['switch_ms_median']}{f' (one op each: {each})' if each is not None else ''} | "
+                each, fresh = s.get("switch_ms_median_one_op_each"), s.get("switch_ms_median_fresh")
+                afresh = f" (afresh: {fresh}, one op each: {each})" if each is not None else ""
+                switch = (f"{s['switch_ms_median']}{afresh} | "
                           f"{s['dynamo_graphs_compiled_during_switches']} | "
                           f"{s['cuda_graphs_captured_during_switches']}") if path == s["path"] else "| |"
                 rows.append(f"| {rank} | {tier} | {path} | {t['step_ms_without']} | {p['step_ms_with']} | "

@@ -45,8 +45,8 @@ class SlotWrites:
         self.scaled.append((dst, src, float(scale)))
 
     @torch.no_grad()
-    def run(self) -> None:
-        """Issue everything recorded, then forget it."""
+    def run(self, keep: bool = False) -> None:
+        """Issue everything recorded, then forget it (`keep`: hold it, to be issued again: switch_plans.py)."""
         if FOREACH:
             if self.zeros:
                 torch._foreach_zero_(self.zeros)
@@ -59,7 +59,8 @@ class SlotWrites:
                 d.copy_(s)
         for d, s, scale in self.scaled:
             torch.mul(s, scale, out=d)
-        self.__init__()
+        if not keep:
+            self.__init__()
 
 
 def _same_shape(dst: torch.Tensor, src: torch.Tensor) -> None:

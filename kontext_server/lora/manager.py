@@ -40,6 +40,7 @@ from kontext_server.lora.fp8_merge import Fp8Merge
 from kontext_server.lora.library import AdapterFused, Library, LoraError, NeedsRestart
 from kontext_server.lora.slots import SLOTS, LoraSlot, Placement, is_fused, place, shape_of, wrap
 from kontext_server.lora.store import AdapterStore
+from kontext_server.lora.switch_plans import SwitchPlans
 from optimizations.compiling.cache import switched_off
 
 log = logging.getLogger("flux.lora")
@@ -111,6 +112,7 @@ class LoraManager:
         self._held: dict[str, tuple | None] = {}
         self._active: tuple = ()  # what the tables were last filled with
         self.switches = 0
+        self.plans = SwitchPlans(device)  # recorded switches, replayed when the same adapters come back
         self.last_switch_ms: float | None = None
 
     # ---- start-up ----------------------------------------------------------------------------------------------------
@@ -348,23 +350,28 @@ class LoraManager:
 
     def _write(self, adapters, scales, names: list[str]) -> bool:
         """Put the adapters in the named slots (those that do not hold them at these scales); returns whether
-        anything was written."""
+        anything was written. The same switch as one before replays its recorded writes (switch_plans.py)."""
         held = (tuple((a.name, a.stamp) for a in adapters), tuple(scales))
-        writes, changed = SlotWrites(), []
+        changed = []  # (slot name, whether its weights change or only its scales)
         for name in names:
             before = self._held.get(name)
-            if before == held:
-                continue
+            if before != held:
+                changed.append((name, before is None or before[0] != held[0]))
+        if not changed:
+            return False
+        for name, _ in changed:
             self._held[name] = None  # unknown until the writes are issued (an error half-way leaves it so)
-            slot, weights = self.slots[name], before is None or before[0] != held[0]
-            for i, (adapter, scale) in enumerate(zip(adapters, scales)):
-                slot.write(i, adapter.targets, scale, weights=weights, writes=writes)
-            changed.append(name)
-        writes.run()  # every slot's writes at once: a switch is bound by the host's issuing
-        for name in changed:
+        key = self.plans.key(adapters, held, changed)
+        if not self.plans.replay(key):
+            writes = SlotWrites()
+            for name, weights in changed:
+                for i, (adapter, scale) in enumerate(zip(adapters, scales)):
+                    self.slots[name].write(i, adapter.targets, scale, weights=weights, writes=writes)
+            self.plans.record(key, writes, adapters)  # every slot's writes at once: a switch is bound by the host
+        for name, _ in changed:
             self._held[name] = held
-        self.switches += bool(changed)
-        return bool(changed)
+        self.switches += 1
+        return True
 
     def _activate_tables(self, active: tuple) -> None:
         """The modulation table's rows hold the modulation of the adapters they were filled with: refill on change."""
@@ -409,6 +416,7 @@ class LoraManager:
                 else {"off": self.exact_merge_off}},
             "loaded_mib": round(self.store.nbytes / 2**20, 2),
             "loads": self.store.loads, "evictions": self.store.evictions, "switches": self.switches,
+            "switch_plans": self.plans.report(),
             "compile": "blocks compiled by dynamo in place (one graph per active adapter count and branch)"
             if self.targets else "no slots",
         }

@@ -14,7 +14,7 @@ adapters. The exact merge (FLUX_LORA_EXACT_MERGE, on by default where the device
 gives the fused branch's image, its switches capture nothing, and the exact base afterwards is bit-identical. A
 switch's batched slot writes (foreach ops) give on CUDA the values of the same writes issued one op each. The fp8
 merge's update-rows way (gemm-u, the default) writes on CUDA what its torch reference gives, and its replay the same
-bytes.
+bytes. A recorded switch replayed as a CUDA graph (FLUX_LORA_SWITCH_GRAPHS=1) leaves the slots as fresh writes do.
 """
 from __future__ import annotations
 
@@ -268,3 +268,35 @@ def test_the_update_rows_way_merges_on_cuda_as_its_torch_reference_and_replays_b
     torch.cuda.synchronize()
     for (q, s), (q0, s0) in zip(outs, written):
         assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8)) and torch.equal(s, s0)
+
+
+def test_a_switch_replayed_as_a_cuda_graph_leaves_the_slots_as_fresh_writes_and_the_same_image(fused_svc):
+    """FLUX_LORA_SWITCH_GRAPHS=1 (switch_plans.py): the first switch to a set records and captures its writes, the
+    next ones replay the graph; the slots then hold exactly what fresh writes leave, and a request its image."""
+    from tests.lora.test_switch_plans import fresh, slot_memory
+
+    svc, manager = fused_svc, fused_svc.lora
+    tier = TIERS["exact"]
+    run(svc, [("style", 1.0)], **tier)
+    run(svc, [("light", 0.5)], **tier)
+    style, light = (manager._load(n, frozenset())[0] for n in ("style", "light"))
+    want_style, want_light = fresh(manager, [style], [1.0]), fresh(manager, [light], [0.5])
+    image = run(svc, [("light", 0.5)], **tier).latents
+    manager.plans.plans.clear()
+    manager.plans.graphs = True
+    try:
+        for _ in range(3):
+            manager._write([style], [1.0], list(manager.slots))
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(slot_memory(manager), want_style, strict=True))
+            manager._write([light], [0.5], list(manager.slots))
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(slot_memory(manager), want_light, strict=True))
+        assert all(p.graph is not None for p in manager.plans.plans.values()) and manager.plans.replays >= 4
+        torch.testing.assert_close(run(svc, [("light", 0.5)], **tier).latents, image, rtol=0, atol=0)
+        switched = run(svc, [("style", 1.0)], **tier)
+        assert switched.timings_ms.get("lora_switch") is not None
+        print(f"switch with the writes replayed as a CUDA graph: {switched.timings_ms['lora_switch']:.2f} ms")
+    finally:
+        manager.plans.graphs = False
+        manager.plans.plans.clear()

@@ -39,13 +39,15 @@ def test_the_lora_benchmark_runs_on_the_tiny_model_and_writes_its_figures(cache_
     assert err["fused_vs_output_median"] < 0.01
     switch = r["switch"]["exact"]
     assert len(switch["switch_ms"]) == 2 and all(ms >= 0 for ms in switch["switch_ms"])
+    assert switch["switch_ms_median_fresh"] > 0 and switch["switch_ms_median_one_op_each"] > 0
+    assert r["health_lora"]["switch_plans"]["enabled"] is True  # written afresh only for that comparison
     assert switch["dynamo_graphs_compiled_during_switches"] == 0 and switch["cold_starts_during_switches"] == 0
     # --profile-switches: only the manager's switch was profiled, each profiled request did switch, and the profile
-    # holds the slots' writes
+    # holds the slots' writes (replayed: both adapters' switches were recorded by then)
     prof = switch["paths"]["fused"]["host_profile"]
     assert prof["switches"] == 2 and all(ms is not None and ms > 0 for ms in prof["switch_ms"])
     functions = {row["function"].split("(")[-1].rstrip(")") for row in prof["top_cumulative"]}
-    assert {"_write", "write", "run"} <= functions and "generate" not in functions
+    assert {"_write", "replay", "run"} <= functions and "generate" not in functions
     assert 0 < prof["profiled_ms_per_switch"] < 10 * max(switch["switch_ms"])
     assert set(r["first_load_ms"]) == {"r4a", "r4b"} and all(v > 0 for v in r["first_load_ms"].values())
     assert r["adapter_effect_bf16"]["rel_latent_error"] > 0
