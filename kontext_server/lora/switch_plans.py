@@ -16,6 +16,7 @@ Limits: an adapter that cannot be weakly referenced is never recorded (written a
 from __future__ import annotations
 
 import collections
+import logging
 import weakref
 
 import torch
@@ -24,6 +25,7 @@ from kontext_server import settings
 from kontext_server.lora.batched_writes import SlotWrites
 
 PLANS = 32
+log = logging.getLogger("flux.lora")
 
 
 class Plan:
@@ -86,7 +88,12 @@ class SwitchPlans:
         writes.run(keep=True)
         plan = Plan(writes)
         if self.graphs:
-            plan.capture(self.device)
+            try:
+                plan.capture(self.device)
+            except Exception as exc:  # noqa: BLE001 - the writes ran already: the switch stands without a graph
+                log.warning("LoRA switch graphs off: capturing a switch's writes failed: %s: %s",
+                            type(exc).__name__, exc)
+                self.graphs = False
         self.plans[key] = plan
         self.recorded += 1
         for a in adapters:

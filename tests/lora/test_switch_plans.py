@@ -87,3 +87,20 @@ def test_the_plans_kept_are_bounded(service, monkeypatch):
     for scale in (0.1, 0.2, 0.3, 0.4):
         manager._write([style], [scale], list(manager.slots))
     assert len(manager.plans.plans) == 2
+
+
+def test_a_graph_capture_that_fails_leaves_the_switch_written_and_turns_the_graphs_off(service, caplog):
+    manager = service.lora
+    style, light = (manager._load(n, frozenset())[0] for n in ("style", "light"))
+    want = fresh(manager, [light], [0.6])
+    manager._write([style], [1.0], list(manager.slots))
+    manager.plans.plans.clear()
+    manager.plans.graphs = True  # on a CPU the capture itself fails
+    try:
+        with caplog.at_level("WARNING", logger="flux.lora"):
+            assert manager._write([light], [0.6], list(manager.slots))
+        assert manager.plans.graphs is False and "capturing a switch's writes failed" in caplog.text
+        assert all(torch.equal(a, b) for a, b in zip(slot_memory(manager), want, strict=True))
+        assert len(manager.plans.plans) == 1  # kept, to be replayed without a graph
+    finally:
+        manager.plans.graphs = False
