@@ -262,6 +262,7 @@ class LoraManager:
 
     def _load(self, name: str, pinned: frozenset):
         adapter, ms = self.store.get(name, pinned)
+        self.plans.drop_collected()  # an adapter the store let go of: its plans' hold on its memory goes now
         missing = [m for m in adapter.targets if m not in self.placements]
         if missing:
             raise NeedsRestart(name, f"it targets {len(missing)} module(s) no adapter had when the server started "

@@ -9,8 +9,8 @@ a replay is one launch instead of one per block (off by default: not yet measure
 Contract: a plan is keyed by everything its writes depend on: the adapters (their objects, names and stamps), the
 request's scales, and which slots are written with which of their parts (weights and scales, or the scales only). A
 replay issues exactly the recorded ops, so the slots end bit for bit as a fresh write leaves them. A plan holds its
-adapters' tensors: it is dropped once the store lets go of one of its adapters (a finalizer notes it, the next
-switch drops it, on the worker's thread), and the least recently used go beyond `PLANS`.
+adapters' tensors: it is dropped once the store lets go of one of its adapters (a finalizer notes it; the manager's
+next load or switch drops it, on the worker's thread), and the least recently used go beyond `PLANS`.
 Limits: an adapter that cannot be weakly referenced is never recorded (written afresh each time).
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ class SwitchPlans:
 
     def replay(self, key: tuple | None) -> bool:
         """Issue the plan recorded under `key`; False where there is none (the caller writes afresh and `record`s)."""
-        self._drop_collected()
+        self.drop_collected()
         plan = self.plans.get(key) if key is not None and self.enabled else None
         if plan is None:
             return False
@@ -103,7 +103,9 @@ class SwitchPlans:
         while len(self.plans) > PLANS:
             self.plans.popitem(last=False)
 
-    def _drop_collected(self) -> None:
+    def drop_collected(self) -> None:
+        """Drop the plans of adapters collected since (the manager calls it after each load: an evicted adapter's
+        memory is freed before the request's next load)."""
         while self.collected:
             adapter_id = self.collected.popleft()
             self.watched.discard(adapter_id)

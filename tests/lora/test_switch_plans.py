@@ -104,3 +104,18 @@ def test_a_graph_capture_that_fails_leaves_the_switch_written_and_turns_the_grap
         assert len(manager.plans.plans) == 1  # kept, to be replayed without a graph
     finally:
         manager.plans.graphs = False
+
+
+def test_an_evicted_adapters_memory_is_freed_by_the_next_load_not_held_by_its_plan(cache_dir, lora_dir):
+    import weakref
+
+    svc = make_service(cache_dir, lora_dir=lora_dir, lora_max_rank=8, max_loras=1)
+    manager = svc.lora
+    latents(svc, [("style", 1.0)])
+    assert len(manager.plans.plans) == 1
+    style = manager.store.loaded["style"]
+    tensors = [weakref.ref(t.a) for t in style.targets.values()]
+    del style
+    manager._load("light", frozenset())  # evicts style: its plan and tensors go now, before any write
+    assert manager.plans.plans == {}
+    assert all(ref() is None for ref in tensors)
