@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import attention_recipe_fidelity as tool
+from tests.optimizations.test_qk_norm_rope import _bf16_attention, tiny_transformer  # noqa: F401 - a fixture
 
 
 def test_a_recipe_replaces_diffusers_attention_only_inside_the_context_and_counts_its_calls():
@@ -26,6 +27,26 @@ def test_a_recipe_replaces_diffusers_attention_only_inside_the_context_and_count
     exact = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
     torch.testing.assert_close(out.float(), exact.transpose(1, 2), rtol=0, atol=1e-2)  # up to bf16's rounding
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
+
+
+@pytest.mark.parametrize("block", ["transformer_blocks", "single_transformer_blocks"])
+def test_the_fused_qk_norm_rope_processor_runs_the_recipe_in_place_of_its_attention(tiny_transformer, block):
+    """The GPU tiers' processor (optimizations/qk_norm_rope.py, its kernel in Triton's interpreter here) reaches
+    attention through the same dispatch function, so a recipe replaces it there too."""
+    from optimizations import qk_norm_rope
+
+    attn, kw = _bf16_attention(tiny_transformer, block)
+    attn.set_processor(qk_norm_rope.FusedQKNormRopeProcessor())
+    calls = []
+    with torch.no_grad():
+        want = attn(**kw)
+        with tool.attention_replaced(tool.recipes()["int8-block"], calls):
+            got = attn(**kw)
+    assert calls == [kw["hidden_states"].shape[1] + (0 if kw["encoder_hidden_states"] is None
+                                                     else kw["encoder_hidden_states"].shape[1])]
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        err = float((g.float() - w.float()).norm() / w.float().norm())
+        assert 0 < err < 0.2  # int8 Q.K^T moved it, by int8's order, not more
 
 
 def test_the_tool_reports_every_recipe_against_the_servers_own_attention_on_the_tiny_model(cache_dir, tmp_path):
