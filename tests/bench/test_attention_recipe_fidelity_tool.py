@@ -30,7 +30,7 @@ def test_a_recipe_replaces_diffusers_attention_only_inside_the_context_and_count
 
 
 @pytest.mark.parametrize("block", ["transformer_blocks", "single_transformer_blocks"])
-def test_the_fused_qk_norm_rope_processor_runs_the_recipe_in_place_of_its_attention(tiny_transformer, block):
+def test_the_fused_qk_norm_rope_processor_runs_the_recipe_in_place_of_its_attention(tiny_transformer, block):  # noqa: F811
     """The GPU tiers' processor (optimizations/qk_norm_rope.py, its kernel in Triton's interpreter here) reaches
     attention through the same dispatch function, so a recipe replaces it there too."""
     from optimizations import qk_norm_rope
