@@ -4,6 +4,8 @@ Each recipe of sim_attention_quant_error.py (SageAttention-style roundings appli
 server's attention for one request. Its image and latents are then compared with the same server's own output at
 the same seed, beside `fp32` (exact attention, output rounded to bf16) and `bf16` (the simulated bf16 kernel). Those
 two show how far a different but equally precise kernel moves the result: the floor any recipe is judged against.
+On a GPU the real kernels of bench_attention_candidates.py run the same way (`kernel:` rows: sageattention 1.0.6,
+cuDNN fp8 on smoothed K, FlashAttention-2 in bf16 as a second exact kernel), where their packages are installed.
 The request runs eagerly (no compile, no CUDA graphs, so the replacement takes effect), on the fast tier's fp8 GEMMs
 and DPM-Solver++ where the server prepared them. The replacement is diffusers' `dispatch_attention_fn`, which both
 diffusers' Flux processor and the fused q/k norm + RoPE processor call (the seq-major switch's own cuDNN call is not
@@ -40,6 +42,15 @@ def recipes() -> dict:
     return {"fp32": lambda q, k, v: sim.attend(q, k, v, ident, ident), **sim.recipes()}
 
 
+def kernels() -> dict:
+    """`kernel:NAME` -> fn(q, k, v) on (batch, seq, heads, head_dim) bf16: the real candidates this GPU can run (not
+    the bf16 cuDNN kernel: it is the server's own)."""
+    from bench_attention_candidates import candidates
+
+    return {f"kernel:{name}": fn for name, (fn, _) in candidates().items()
+            if name in ("bf16-flash", "sage-int8", "cudnn-fp8-smooth")}
+
+
 def per_head(fn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """A one-head recipe over (batch, seq, heads, head_dim) tensors, in the query's dtype."""
     out = torch.empty_like(query)
@@ -50,9 +61,10 @@ def per_head(fn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) ->
 
 
 @contextlib.contextmanager
-def attention_replaced(fn, calls: list):
-    """diffusers' dispatch_attention_fn replaced by fn (q, k, v as (batch, seq, heads, head_dim)) for the duration;
-    each call appends to `calls`. A mask or a parallel config is refused: the recipes have neither."""
+def attention_replaced(fn, calls: list, whole: bool = False):
+    """diffusers' dispatch_attention_fn replaced by fn for the duration: a one-head recipe (per_head), or with `whole`
+    a function of (batch, seq, heads, head_dim) q, k, v; each call appends to `calls`. A mask or a parallel config
+    is refused: the recipes have neither."""
     import diffusers.models.attention_dispatch as dispatch
     import diffusers.models.transformers.transformer_flux as flux
 
@@ -62,7 +74,7 @@ def attention_replaced(fn, calls: list):
         if attn_mask is not None or parallel_config is not None:
             raise ValueError("an attention recipe takes neither a mask nor a parallel config")
         calls.append(query.shape[1])
-        return per_head(fn, query, key, value)
+        return fn(query, key, value).to(query.dtype) if whole else per_head(fn, query, key, value)
 
     dispatch.dispatch_attention_fn = flux.dispatch_attention_fn = replaced
     try:
@@ -75,7 +87,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_and_workload_args(p, "edit-512")
     p.set_defaults(optimizations=None)
-    p.add_argument("--recipes", default=None, help=f"comma list (default all: {','.join(recipes())})")
+    p.add_argument("--recipes", default=None,
+                   help=f"comma list (default all: {','.join(recipes())}, and on a GPU the kernel: rows)")
     p.add_argument("--steps", type=int, default=None, help="default: the scheduler's (14 with DPM-Solver++)")
     p.add_argument("--seed", type=int, default=3)
     p.add_argument("--cache-dir", default=None)
@@ -83,10 +96,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     a.optimizations = a.optimizations or (GPU_OPTIMIZATIONS if a.device.startswith("cuda") else CPU_OPTIMIZATIONS)
-    chosen = (a.recipes or ",".join(recipes())).split(",")
-    unknown = [r for r in chosen if r not in recipes()]
+    table = {**recipes(), **(kernels() if a.device.startswith("cuda") else {})}
+    chosen = (a.recipes or ",".join(table)).split(",")
+    unknown = [r for r in chosen if r not in table]
     if unknown:
-        raise SystemExit(f"--recipes: unknown {unknown}; known: {list(recipes())}")
+        raise SystemExit(f"--recipes: unknown {unknown}; known here: {list(table)}")
     width, height, image = workload_request(a)
     svc = FluxService(ServiceConfig(model=a.model, device=a.device, optimizations=a.optimizations,
                                     compile_vae=False, cache_dir=Path(a.cache_dir) if a.cache_dir else None))
@@ -102,24 +116,28 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "workload": a.workload, "width": width, "height": height,
            "prepared": sorted(svc.prepared), "flags": flags, "seed": a.seed,
            "reference": "the server's own attention", "recipes": {}}
-    table = recipes()
     for name in chosen:
         calls: list = []
         t0 = time.perf_counter()
-        with attention_replaced(table[name], calls):
-            result = svc.generate(req, image)
-        row = {"attention_calls": len(calls), "sequence": calls[0] if calls else None,
-               "s": round(time.perf_counter() - t0, 1), **fidelity.fidelity(reference, result)}
+        try:
+            with attention_replaced(table[name], calls, whole=name.startswith("kernel:")):
+                result = svc.generate(req, image)
+        except Exception as exc:  # noqa: BLE001 - one recipe failing must not lose the others
+            row = {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "attention_calls": len(calls)}
+        else:
+            row = {"attention_calls": len(calls), "sequence": calls[0] if calls else None,
+                   "s": round(time.perf_counter() - t0, 1), **fidelity.fidelity(reference, result)}
         out["recipes"][name] = row
         print(json.dumps({"recipe": name, **row}), flush=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
-    floor = max(out["recipes"].get(n, {}).get("rel_latent_error", 0) for n in ("fp32", "bf16"))
-    print("| recipe | attention calls | rel. latent error | PSNR (dB) | over the exact kernels' floor |")
+    floor = max(out["recipes"].get(n, {}).get("rel_latent_error", 0) for n in ("fp32", "bf16", "kernel:bf16-flash"))
+    print("| recipe | attention calls | rel. latent error | PSNR (dB) or error | over the exact kernels' floor |")
     print("|---|---|---|---|---|")
     for name, row in out["recipes"].items():
         err = row.get("rel_latent_error")
         over = f"{err / floor:.1f}x" if err is not None and floor else "-"
-        print(f"| {name} | {row['attention_calls']} | {err} | {row.get('psnr_db', 'identical')} | {over} |")
+        shown = row.get("psnr_db", "identical") if "error" not in row else row["error"]
+        print(f"| {name} | {row['attention_calls']} | {err} | {shown} | {over} |")
     return 0
 
 

@@ -27,6 +27,10 @@ def test_a_recipe_replaces_diffusers_attention_only_inside_the_context_and_count
     exact = torch.nn.functional.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)))
     torch.testing.assert_close(out.float(), exact.transpose(1, 2), rtol=0, atol=1e-2)  # up to bf16's rounding
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    whole = []  # a kernel of the whole (batch, seq, heads, head_dim) tensors, its output cast to the query's dtype
+    with tool.attention_replaced(lambda q_, k_, v_: torch.zeros(q_.shape, dtype=torch.float32), whole, whole=True):
+        zeros = dispatch.dispatch_attention_fn(q, k, v)
+    assert whole == [40] and zeros.dtype == torch.bfloat16 and not zeros.any()
 
 
 @pytest.mark.parametrize("block", ["transformer_blocks", "single_transformer_blocks"])
@@ -60,3 +64,16 @@ def test_the_tool_reports_every_recipe_against_the_servers_own_attention_on_the_
     assert all(r["attention_calls"] > 0 for r in rows.values())  # the replacement ran, in every block
     # exact fp32 attention moves the result less than 8-bit Q.K^T with fp8 P.V
     assert 0 <= rows["fp32"]["rel_latent_error"] < rows["int8-block+fp8pv"]["rel_latent_error"]
+
+
+def test_a_recipe_that_fails_is_reported_and_the_others_still_run(cache_dir, tmp_path, monkeypatch):
+    def broken(q, k, v):
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(tool, "recipes", lambda: {"broken": broken, "fp32": tool.sim.recipes()["bf16"]})
+    out = tmp_path / "r.json"
+    assert tool.main(["--model", "tiny", "--device", "cpu", "--width", "256", "--height", "256", "--steps", "1",
+                      "--cache-dir", str(cache_dir), "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["recipes"]
+    assert rows["broken"] == {"error": "RuntimeError: no kernel for this shape", "attention_calls": 1}
+    assert rows["fp32"]["attention_calls"] > 0 and "rel_latent_error" in rows["fp32"]
