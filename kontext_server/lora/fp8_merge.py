@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import collections
 import logging
-import weakref
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 
+from kontext_server.lora.adapter_plans import AdapterPlans
 from kontext_server.lora.merged_weights import MergedWeights, exact_weights, part_updates
 from optimizations.fp8.linear import Fp8Linear, quantize_rows
 from optimizations.fusions.split_proj_out import SplitProjOut
@@ -312,21 +312,17 @@ class Fp8Merge(MergedWeights):
         super().__init__(targets, kept)
         self.merge_kernel_problem = merge_kernel_problem  # None, or why merges are written linear by linear
         self.index = {id(t): i for i, t in enumerate(targets)}
-        self.plans: collections.OrderedDict = collections.OrderedDict()  # key -> recorded steps
+        self.plans = AdapterPlans(lambda key: [a for a, _ in key.held])  # key -> (recorded steps, scale cell)
         self.arena: torch.Tensor | None = None
-        self.watched: set[int] = set()  # ids of the adapters whose collection drops their plans
-        self.collected: collections.deque = collections.deque()  # ids of those collected since the last write
         self.replays = 0
 
     def _write(self, jobs: list[tuple[Target, list]]) -> None:
         from optimizations.kernels import fp8_weight_quant
 
         grouped_merges = self.merge_kernel_problem is None
-        self._drop_collected()  # before any lookup: a collected adapter's id may be a new adapter's now
         key, adapters, kernel = self._plan_key(jobs)
-        plan = self.plans.get(key) if key is not None else None
+        plan = self.plans.lookup(key)
         if plan is not None:
-            self.plans.move_to_end(key)
             steps, cell = plan
             if cell is not None:  # this request's scales, where the recorded steps read them (gemm-first)
                 cell[:] = [s for _, s in adapters]
@@ -343,13 +339,7 @@ class Fp8Merge(MergedWeights):
         record = [] if key is not None else None  # a write that cannot be recorded builds no steps to replay
         cell = [s for _, s in adapters] if key is not None and key.scale_free else None
         if write_targets(jobs, grouped_merges, self.arena, record, cell, kernel) and key is not None:
-            self.plans[key] = (record, cell)
-            for a, _ in adapters:
-                if id(a) not in self.watched:
-                    self.watched.add(id(a))
-                    weakref.finalize(a, self._forget, id(a))
-            while len(self.plans) > self.PLANS:
-                self.plans.popitem(last=False)
+            self.plans.keep(key, (record, cell), [a for a, _ in adapters], self.PLANS)
 
     def _plan_key(self, jobs: list[tuple[Target, list]]) -> tuple[_PlanKey | None, list, dict]:
         """(what a write's plan is keyed by, the request's [(adapter, scale)], the way it is written: merge_way), the
@@ -368,19 +358,6 @@ class Fp8Merge(MergedWeights):
         written = tuple((self.index[id(t)], bool(pairs)) for t, pairs in jobs)
         held = tuple((id(a), None if scale_free else s) for a, s in adapters)
         return _PlanKey(settings, scale_free, written, held), adapters, kernel
-
-    def _forget(self, adapter_id: int) -> None:
-        """An adapter's object is being collected: its plans go, and with them their hold on its tensors. Only noted
-        here (a finalizer runs on whichever thread dropped the last reference) and done at the merge's next write,
-        on the worker's thread, before anything is looked up."""
-        self.collected.append(adapter_id)
-
-    def _drop_collected(self) -> None:
-        while self.collected:
-            adapter_id = self.collected.popleft()
-            self.watched.discard(adapter_id)
-            for key in [key for key in self.plans if any(adapter_id == a for a, _ in key.held)]:
-                del self.plans[key]
 
     @classmethod
     @torch.no_grad()

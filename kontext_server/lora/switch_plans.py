@@ -9,19 +9,18 @@ a replay is one launch instead of one per block (off by default: not yet measure
 Contract: a plan is keyed by everything its writes depend on: the adapters (their objects, names and stamps), the
 request's scales, and which slots are written with which of their parts (weights and scales, or the scales only). A
 replay issues exactly the recorded ops, so the slots end bit for bit as a fresh write leaves them. A plan holds its
-adapters' tensors: it is dropped once the store lets go of one of its adapters (a finalizer notes it; the manager's
-next load or switch drops it, on the worker's thread), and the least recently used go beyond `PLANS`.
+adapters' tensors: it is dropped once the store lets go of one of its adapters (adapter_plans.py; the manager's
+next load or switch drops it), and the least recently used go beyond `PLANS`.
 Limits: an adapter that cannot be weakly referenced is never recorded (written afresh each time).
 """
 from __future__ import annotations
 
-import collections
 import logging
-import weakref
 
 import torch
 
 from kontext_server import settings
+from kontext_server.lora.adapter_plans import AdapterPlans
 from kontext_server.lora.batched_writes import SlotWrites
 
 PLANS = 32
@@ -56,9 +55,7 @@ class SwitchPlans:
     def __init__(self, device):
         self.device = device
         self.graphs = str(device).startswith("cuda") and not settings.LORA_SWITCH_GRAPHS.off()
-        self.plans: collections.OrderedDict[tuple, Plan] = collections.OrderedDict()
-        self.collected: collections.deque[int] = collections.deque()
-        self.watched: set[int] = set()
+        self.plans = AdapterPlans(lambda key: key[0])  # key -> Plan; key[0]: the adapters' ids
         self.recorded = self.replays = 0
         self.enabled = True  # False: every switch writes afresh (tools compare the two in one server)
 
@@ -71,11 +68,9 @@ class SwitchPlans:
 
     def replay(self, key: tuple | None) -> bool:
         """Issue the plan recorded under `key`; False where there is none (the caller writes afresh and `record`s)."""
-        self.drop_collected()
-        plan = self.plans.get(key) if key is not None and self.enabled else None
+        plan = self.plans.lookup(key if self.enabled else None)
         if plan is None:
             return False
-        self.plans.move_to_end(key)
         plan.replay()
         self.replays += 1
         return True
@@ -94,23 +89,13 @@ class SwitchPlans:
                 log.warning("LoRA switch graphs off: capturing a switch's writes failed: %s: %s",
                             type(exc).__name__, exc)
                 self.graphs = False
-        self.plans[key] = plan
+        self.plans.keep(key, plan, adapters, PLANS)
         self.recorded += 1
-        for a in adapters:
-            if id(a) not in self.watched:
-                self.watched.add(id(a))
-                weakref.finalize(a, self.collected.append, id(a))
-        while len(self.plans) > PLANS:
-            self.plans.popitem(last=False)
 
     def drop_collected(self) -> None:
         """Drop the plans of adapters collected since (the manager calls it after each load: an evicted adapter's
         memory is freed before the request's next load)."""
-        while self.collected:
-            adapter_id = self.collected.popleft()
-            self.watched.discard(adapter_id)
-            for key in [k for k in self.plans if adapter_id in k[0]]:
-                del self.plans[key]
+        self.plans.drop_collected()
 
     def report(self) -> dict:
         return {"plans": len(self.plans), "recorded": self.recorded, "replays": self.replays,
