@@ -43,6 +43,7 @@ import contextlib
 import cProfile
 import gc
 import json
+import math
 import pstats
 import statistics
 import sys
@@ -269,6 +270,13 @@ def device_memory(device) -> dict | None:
             "peak_reserved": round(torch.cuda.max_memory_reserved(device) / gib, 2)}
 
 
+def alternating_switches(run, flags: dict, names: list, path: str, n: int) -> list:
+    """n requests alternating between adapters B and A on `path` (one step each): each one's `lora_switch` (NaN where
+    it switched nothing)."""
+    return [run(flags, (names[(i + 1) % 2],), path, steps=1).timings_ms.get("lora_switch", float("nan"))
+            for i in range(n)]
+
+
 def profile_switches(svc, run, flags: dict, names: list, path: str, n: int, top: int = 25) -> dict:
     """n more switches between adapters A and B on `path`, with cProfile on only while the manager switches (from
     entering `applied` to its yield, the synchronisation included, as `lora_switch` times it): per switch, the
@@ -294,12 +302,12 @@ def profile_switches(svc, run, flags: dict, names: list, path: str, n: int, top:
 
     manager.applied = profiled
     try:
-        switched = [run(flags, (names[(i + 1) % 2],), path, steps=1).timings_ms.get("lora_switch") for i in range(n)]
+        switched = alternating_switches(run, flags, names, path, n)
     finally:
         del manager.applied  # the class's method again
     stats = pstats.Stats(prof)
     rows = sorted(stats.stats.items(), key=lambda kv: kv[1][3], reverse=True)[:top]
-    return {"switches": n, "switch_ms": [None if t is None else round(t, 2) for t in switched],
+    return {"switches": n, "switch_ms": [None if math.isnan(t) else round(t, 2) for t in switched],
             "profiled_ms_per_switch": round(sum(entered) / n, 2),
             "top_cumulative": [{"function": f"{Path(f).name}:{line}({name})", "calls_per_switch": round(nc / n, 1),
                                 "tottime_ms": round(tt / n * 1000, 3), "cumtime_ms": round(ct / n * 1000, 3)}
@@ -323,11 +331,9 @@ def time_switches(svc, run, flags: dict, names: list, path: str, n: int, merge=N
         plans = svc.lora.plans
         plans.enabled = False
         try:
-            fresh = [run(flags, (names[(i + 1) % 2],), path, steps=1).timings_ms.get("lora_switch", float("nan"))
-                     for i in range(n)]
+            fresh = alternating_switches(run, flags, names, path, n)
             batched_writes.FOREACH = False
-            each = [run(flags, (names[(i + 1) % 2],), path, steps=1).timings_ms.get("lora_switch", float("nan"))
-                    for i in range(n)]
+            each = alternating_switches(run, flags, names, path, n)
         finally:
             batched_writes.FOREACH, plans.enabled = True, True
         extra["switch_ms_median_fresh"] = round(statistics.median(fresh), 2)
