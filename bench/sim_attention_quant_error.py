@@ -41,19 +41,20 @@ def token_amax(x: torch.Tensor, block: int | None) -> torch.Tensor:
     return m[:, None]
 
 
+def block_scale(x: torch.Tensor, block: int | None, top: float) -> torch.Tensor:
+    """(S, 1): the scale that maps each block's |x| max to `top` (INT8 or E4M3)."""
+    return (token_amax(x, block) / top).clamp(min=1e-12)
+
+
 def fake_int8(x: torch.Tensor, block: int | None) -> torch.Tensor:
     """x (S, D) fp32 rounded to int8 with one scale per `block` tokens (None: one per token), back in fp32."""
-    scale = (token_amax(x, block) / INT8).clamp(min=1e-12)
+    scale = block_scale(x, block, INT8)
     return torch.round(x / scale).clamp(-INT8, INT8) * scale
 
 
 def fake_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x / scale rounded to float8 e4m3 (saturating at 448), times scale."""
     return (x / scale).clamp(-E4M3, E4M3).to(torch.float8_e4m3fn).float() * scale
-
-
-def block_scale(x: torch.Tensor, block: int) -> torch.Tensor:
-    return (token_amax(x, block) / E4M3).clamp(min=1e-12)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p_round, v_round) -> torch.Tensor:
@@ -73,12 +74,16 @@ def recipes() -> dict:
     v8 = lambda v: fake_e4m3(v, (v.abs().amax(0, keepdim=True) / E4M3).clamp(min=1e-12))  # noqa: E731 - per channel
     smooth = lambda k: k - k.mean(0, keepdim=True)  # noqa: E731
 
+    # how Q and K are rounded: Q per 128 tokens and K per 64 (SageAttention's blocks), or per token
+    rounding = {"int8-block": (lambda q: fake_int8(q, 128), lambda k: fake_int8(k, 64)),
+                "int8-token": (lambda q: fake_int8(q, None), lambda k: fake_int8(k, None)),
+                "fp8-block": (lambda q: fake_e4m3(q, block_scale(q, 128, E4M3)),
+                              lambda k: fake_e4m3(k, block_scale(k, 64, E4M3)))}
+
     def qk8(q, k, mode):
-        k = smooth(k)
-        if mode == "fp8-block":
-            return fake_e4m3(q, block_scale(q, 128)), fake_e4m3(k, block_scale(k, 64))
-        return (fake_int8(q, 128), fake_int8(k, 64)) if mode == "int8-block" else (fake_int8(q, None),
-                                                                                   fake_int8(k, None))
+        round_q, round_k = rounding[mode]
+        return round_q(q), round_k(smooth(k))
+
     out = {"bf16": lambda q, k, v: attend(q, k, v, bf16, ident), "bf16+fp8pv": lambda q, k, v: attend(q, k, v, p8, v8)}
     for mode in ("int8-block", "int8-token", "fp8-block"):
         out[mode] = lambda q, k, v, m=mode: attend(*qk8(q, k, m), v, fp16 if m == "int8-block" else bf16, ident)
