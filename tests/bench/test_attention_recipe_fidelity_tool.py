@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import attention_recipe_fidelity as tool
-from tests.optimizations.test_qk_norm_rope import _bf16_attention, tiny_transformer  # noqa: F401 - a fixture
+from tests.optimizations.test_qk_norm_rope import _bf16_attention, output_pairs
+from tests.optimizations.test_qk_norm_rope import tiny_transformer  # noqa: F401 - a fixture
 
 
 def test_a_recipe_replaces_diffusers_attention_only_inside_the_context_and_counts_its_calls():
@@ -48,7 +49,7 @@ def test_the_fused_qk_norm_rope_processor_runs_the_recipe_in_place_of_its_attent
             got = attn(**kw)
     assert calls == [kw["hidden_states"].shape[1] + (0 if kw["encoder_hidden_states"] is None
                                                      else kw["encoder_hidden_states"].shape[1])]
-    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+    for g, w in output_pairs(got, want):
         err = float((g.float() - w.float()).norm() / w.float().norm())
         assert 0 < err < 0.2  # int8 Q.K^T moved it, by int8's order, not more
 

@@ -62,6 +62,12 @@ def _bf16_attention(tiny_transformer, block: str, device: str = "cpu"):
     return attn, dict(hidden_states=to_bf16(hidden), encoder_hidden_states=to_bf16(text), image_rotary_emb=rope)
 
 
+
+def output_pairs(got, want) -> list:
+    """An attention module's outputs paired: (image, text) for the double blocks, one tensor for the single ones."""
+    return list(zip(*((x if isinstance(x, tuple) else (x,)) for x in (got, want)), strict=True))
+
+
 def reference_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
     """diffusers 0.42.1 FluxAttnProcessor's q, k, v just before its attention call."""
     from diffusers.models.embeddings import apply_rotary_emb
@@ -112,7 +118,7 @@ def test_fused_processor_matches_diffusers_processor_in_bf16(tiny_transformer):
             want = attn(**kw)
             attn.set_processor(qk_norm_rope.FusedQKNormRopeProcessor())
             got = attn(**kw)
-        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        for g, w in output_pairs(got, want):
             assert g.shape == w.shape and g.dtype == w.dtype == torch.bfloat16
             assert float((g.float() - w.float()).norm() / w.float().norm()) < 3e-2
 
@@ -156,7 +162,7 @@ def test_seq_major_cudnn_attention_hands_its_output_to_the_out_projection_withou
         assert seen[0] is on  # strided views of the kernel's memory, not copies
         storage = got.untyped_storage().data_ptr() if out_proj is None else read[0]
         assert (storage == seen[1]) is on  # the attention's own output memory, not a copy of it
-        for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        for g, w in output_pairs(got, want):
             assert float((g.float() - w.float()).norm() / w.float().norm()) < 3e-2
 
 
