@@ -108,10 +108,10 @@ _RUNTIME = _Runtime()
 @torch.library.custom_op("flux_kontext::sdpa_fp8", mutates_args=())
 def sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor, descale_k: torch.Tensor,
              descale_v: torch.Tensor, scale_o: torch.Tensor) -> torch.Tensor:
-    """Non-causal attention of fp8 e4m3 q, k, v of shape (batch, seq, heads, head_dim); returns fp8 O in the same
-    layout, O_true = O * (1 / scale_o). descale_* and scale_o: fp32 tensors of one element."""
+    """Non-causal attention of fp8 e4m3 q, k, v of shape (batch, seq, heads, head_dim), any strides; returns a
+    contiguous fp8 O of that shape, O_true = O * (1 / scale_o). descale_* and scale_o: fp32 tensors of one element."""
     if q.device.type != "cuda":
-        return _sdpa_fp8_reference(q, k, v, descale_q, descale_k, descale_v, scale_o)
+        return _sdpa_fp8_reference(q, k, v, descale_q, descale_k, descale_v, scale_o).contiguous()
     cudnn, why = cudnn_frontend_status()
     if cudnn is None:
         raise RuntimeError(why)
@@ -130,7 +130,8 @@ def sdpa_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch
 
 @sdpa_fp8.register_fake
 def _(q, k, v, descale_q, descale_k, descale_v, scale_o):
-    return torch.empty_like(q)
+    # contiguous, as both real paths return, whatever q's strides (a view into a fused qkv projection has others)
+    return q.new_empty(q.shape)
 
 
 def _sdpa_fp8_reference(q, k, v, descale_q, descale_k, descale_v, scale_o) -> torch.Tensor:

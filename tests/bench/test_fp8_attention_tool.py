@@ -40,3 +40,23 @@ def test_dynamic_v_scale_uses_the_whole_fp8_range():
     assert q.dtype == torch.float8_e4m3fn
     assert float(q.float().abs().max()) == FP8_MAX
     torch.testing.assert_close(q.float() * descale, v, rtol=0.07, atol=1e-3)
+
+
+def test_fp8_attention_op_gives_under_compile_the_contiguous_output_it_gives_eagerly_whatever_the_input_strides():
+    # the server hands attention (batch, seq, heads, head_dim) views of head-major tensors, or of one fused qkv
+    # projection; the real kernel returns a contiguous O, so the fake must too, or inductor's output stride check
+    # fails the request (it did on the GPU when the fake copied q's strides)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    g = torch.Generator().manual_seed(2)
+    b, s, h, d = 1, 32, 2, 16
+    head_major = torch.randn(3, b, h, s, d, generator=g).to(torch.float8_e4m3fn).transpose(2, 3)
+    fused = torch.randn(b, s, 3 * h * d, generator=g).to(torch.float8_e4m3fn)
+    scales = [torch.full((1,), x) for x in (0.05, 0.05, 0.05, 1.0)]
+    for q8, k8, v8 in (tuple(head_major), tuple(t.unflatten(-1, (h, d)) for t in fused.chunk(3, dim=-1))):
+        assert not q8.is_contiguous()
+        real = torch.ops.flux_kontext.sdpa_fp8(q8, k8, v8, *scales)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = torch.ops.flux_kontext.sdpa_fp8(*(mode.from_tensor(t) for t in (q8, k8, v8, *scales)))
+        assert (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype)
+        assert real.is_contiguous()
