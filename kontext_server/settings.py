@@ -214,9 +214,9 @@ LORA_FP8_MERGE = EnvVar("FLUX_LORA_FP8_MERGE", "1", "switch",
                         "when the adapters change, restored bit for bit after): the branch costs every step, the "
                         "merge only a change of adapters (BENCHMARKS.md)")
 LORA_SWITCH_GRAPHS = EnvVar("FLUX_LORA_SWITCH_GRAPHS", "0", "switch",
-                            "1: on a GPU, a LoRA switch recorded once (the same adapters and scales as an earlier one) "
-                            "replays its slot writes as one CUDA graph instead of one launch per block; off until "
-                            "measured")
+                            "1: on a GPU, a LoRA switch recorded once (the same adapters as an earlier one) replays "
+                            "its slot writes as one CUDA graph per set of scales instead of one launch per block; off "
+                            "until its GPU test has run")
 ATTENTION_SEQ_MAJOR = EnvVar("FLUX_ATTENTION_SEQ_MAJOR", "0", "switch",
                              "1: the fused q/k norm + RoPE kernel writes q, k, v in (batch, seq, heads, head_dim) "
                              "memory and cuDNN attention runs on strided views of it, so its output reaches the "

@@ -4,13 +4,14 @@ Why: a switch writes a few small blocks per targeted module (zero a slot's B col
 copy and scale B's), hundreds over FLUX's blocks, and it is bound by the host: one Python op per write costs a call
 and a dispatch each. torch's foreach ops take each kind of write as one list in one call.
 
-Contract: `zero`, `copy` and `scaled_copy` only record (the views must stay valid until `run`); `run` issues every
-zero, then every copy, then every scaled copy, in that order, on the current stream. Writes of one kind must not
-overlap each other (a slot's blocks never do); a zeroed block may be overwritten by the others. The zeros and copies
-go as two foreach ops; each scaled copy stays one torch.mul(src, s, out=dst): torch's foreach multiply by a list of
-Python scalars does not compute as torch.mul does on every backend (on the CPU, in bf16, its values differ), and
-B must hold exactly the scaled up-projection. `FOREACH = False` issues the zeros and copies one op each instead (tools
-compare the two in one run).
+Contract: `zero`, `copy` and `scaled_copy` only record (the views must stay valid until `run`); `run(scales)` issues
+every zero, then every copy, then every scaled copy, in that order, on the current stream. A scaled copy names the
+request's adapter it belongs to and its own factor, and takes that adapter's scale when issued, so recorded writes
+can be issued again at other scales (switch_plans.py). Writes of one kind must not overlap each other (a slot's blocks
+never do); a zeroed block may be overwritten by the others. The zeros and copies go as two foreach ops; each scaled
+copy stays one torch.mul(src, s, out=dst): torch's foreach multiply by a list of Python scalars does not compute as
+torch.mul does on every backend (on the CPU, in bf16, its values differ), and B must hold exactly the scaled
+up-projection. `FOREACH = False` issues the zeros and copies one op each instead (tools compare the two in one run).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class SlotWrites:
         self.zeros: list[torch.Tensor] = []
         self.dst: list[torch.Tensor] = []
         self.src: list[torch.Tensor] = []
-        self.scaled: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        self.scaled: list[tuple[torch.Tensor, torch.Tensor, int, float]] = []
 
     def __len__(self) -> int:
         return len(self.zeros) + len(self.dst) + len(self.scaled)
@@ -39,14 +40,15 @@ class SlotWrites:
         self.dst.append(dst)
         self.src.append(src)
 
-    def scaled_copy(self, dst: torch.Tensor, src: torch.Tensor, scale: float) -> None:
-        """dst = src * scale."""
+    def scaled_copy(self, dst: torch.Tensor, src: torch.Tensor, adapter: int, factor: float) -> None:
+        """dst = src * (scales[adapter] * factor), with the scales `run` is given."""
         _same_shape(dst, src)
-        self.scaled.append((dst, src, float(scale)))
+        self.scaled.append((dst, src, adapter, float(factor)))
 
     @torch.no_grad()
-    def run(self, keep: bool = False) -> None:
-        """Issue everything recorded, then forget it (`keep`: hold it, to be issued again: switch_plans.py)."""
+    def run(self, scales=(), keep: bool = False) -> None:
+        """Issue everything recorded, the scaled copies at `scales` (indexed by each copy's adapter), then forget it
+        (`keep`: hold it, to be issued again, at any scales: switch_plans.py)."""
         if FOREACH:
             if self.zeros:
                 torch._foreach_zero_(self.zeros)
@@ -57,8 +59,8 @@ class SlotWrites:
                 t.zero_()
             for d, s in zip(self.dst, self.src):
                 d.copy_(s)
-        for d, s, scale in self.scaled:
-            torch.mul(s, scale, out=d)
+        for d, s, adapter, factor in self.scaled:
+            torch.mul(s, scales[adapter] * factor, out=d)
         if not keep:
             self.__init__()
 

@@ -351,7 +351,8 @@ class LoraManager:
 
     def _write(self, adapters, scales, names: list[str]) -> bool:
         """Put the adapters in the named slots (those that do not hold them at these scales); returns whether
-        anything was written. The same switch as one before replays its recorded writes (switch_plans.py)."""
+        anything was written. The same switch as one before, at any scales, replays its recorded writes
+        (switch_plans.py)."""
         held = (tuple((a.name, a.stamp) for a in adapters), tuple(scales))
         changed = []  # (slot name, whether its weights change or only its scales)
         for name in names:
@@ -362,13 +363,13 @@ class LoraManager:
             return False
         for name, _ in changed:
             self._held[name] = None  # unknown until the writes are issued (an error half-way leaves it so)
-        key = self.plans.key(adapters, held, changed)
-        if not self.plans.replay(key):
+        key = self.plans.key(adapters, held[0], changed)
+        if not self.plans.replay(key, held[1]):
             writes = SlotWrites()
             for name, weights in changed:
                 for i, (adapter, scale) in enumerate(zip(adapters, scales)):
                     self.slots[name].write(i, adapter.targets, scale, weights=weights, writes=writes)
-            self.plans.record(key, writes, adapters)  # every slot's writes at once: a switch is bound by the host
+            self.plans.record(key, writes, adapters, held[1])  # every slot's writes at once: a switch is host-bound
         for name, _ in changed:
             self._held[name] = held
         self.switches += 1

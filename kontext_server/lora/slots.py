@@ -125,7 +125,8 @@ class LoraSlot(torch.nn.Module):
     @torch.no_grad()
     def write(self, i: int, targets: dict, scale: float, weights: bool = True,
               writes: SlotWrites | None = None) -> None:
-        """Put adapter `targets` (module name -> DeviceTarget) in slot i at `scale`; weights=False: the scale only
+        """Put adapter `targets` (module name -> DeviceTarget) in slot i at `scale` (with `writes`, the scale comes
+        with their `run`: recorded writes are issued again at other scales); weights=False: the scale only
         (B's columns are rewritten: B holds the scaled up-projection; A and its mirrors are kept). A's rows that the
         adapter does not fill keep what they held: their B columns are zero. A few small copies per part, and for
         each mirror one or two more (the fp8 rows are quantised once per loaded adapter, not per switch). `writes`:
@@ -145,9 +146,9 @@ class LoraSlot(torch.nn.Module):
                 writes.copy(self.A[r0:r0 + r], t.a)
                 for m in self.mirrors:
                     m.put(r0, t, writes)
-            writes.scaled_copy(self.B[out_offset:out_offset + out_size, r0:r0 + r], t.b, scale * t.scale)
+            writes.scaled_copy(self.B[out_offset:out_offset + out_size, r0:r0 + r], t.b, i, t.scale)
         if own:
-            writes.run()
+            writes.run({i: scale})
 
 
 # ---- the rows appended under a module's weight (the fused branch) ------------------------------------------------

@@ -272,7 +272,8 @@ def test_the_update_rows_way_merges_on_cuda_as_its_torch_reference_and_replays_b
 
 def test_a_switch_replayed_as_a_cuda_graph_leaves_the_slots_as_fresh_writes_and_the_same_image(fused_svc):
     """FLUX_LORA_SWITCH_GRAPHS=1 (switch_plans.py): the first switch to a set records and captures its writes, the
-    next ones replay the graph; the slots then hold exactly what fresh writes leave, and a request its image."""
+    next ones replay the graph (at other scales, a graph of their own); the slots then hold exactly what fresh writes
+    leave, and a request its image."""
     from tests.lora.test_switch_plans import fresh, slot_memory
 
     svc, manager = fused_svc, fused_svc.lora
@@ -280,6 +281,7 @@ def test_a_switch_replayed_as_a_cuda_graph_leaves_the_slots_as_fresh_writes_and_
     run(svc, [("style", 1.0)], **tier)
     run(svc, [("light", 0.5)], **tier)
     style, light = (manager._load(n, frozenset())[0] for n in ("style", "light"))
+    want_light_other = fresh(manager, [light], [0.9])
     want_style, want_light = fresh(manager, [style], [1.0]), fresh(manager, [light], [0.5])
     image = run(svc, [("light", 0.5)], **tier).latents
     manager.plans.plans.clear()
@@ -292,7 +294,11 @@ def test_a_switch_replayed_as_a_cuda_graph_leaves_the_slots_as_fresh_writes_and_
             manager._write([light], [0.5], list(manager.slots))
             torch.cuda.synchronize()
             assert all(torch.equal(a, b) for a, b in zip(slot_memory(manager), want_light, strict=True))
-        assert all(p.graph is not None for p in manager.plans.plans.values()) and manager.plans.replays >= 4
+        assert all(p.graphs for p in manager.plans.plans.values()) and manager.plans.replays >= 4
+        for scale, want in ((0.9, want_light_other), (0.5, want_light)):  # other scales: their own graph
+            manager._write([light], [scale], list(manager.slots))
+            torch.cuda.synchronize()
+            assert all(torch.equal(a, b) for a, b in zip(slot_memory(manager), want, strict=True))
         torch.testing.assert_close(run(svc, [("light", 0.5)], **tier).latents, image, rtol=0, atol=0)
         switched = run(svc, [("style", 1.0)], **tier)
         assert switched.timings_ms.get("lora_switch") is not None

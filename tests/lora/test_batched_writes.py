@@ -35,10 +35,10 @@ def issue_writes(foreach: bool, monkeypatch, device: str = "cpu") -> list[torch.
     w = SlotWrites()
     w.zero(b[:, 0:12])
     w.copy(a[0:8], src_a)
-    w.scaled_copy(b[:, 0:8], src_b, 0.37)
-    w.scaled_copy(b[:, 16:24], src_b, -1.5)
+    w.scaled_copy(b[:, 0:8], src_b, 0, 0.5)  # adapter 0's scale x 0.5
+    w.scaled_copy(b[:, 16:24], src_b, 1, -1.5)
     assert len(w) == 4
-    w.run()
+    w.run((0.74, 1.0))
     assert len(w) == 0  # forgotten once issued
     return [a, b, src_b]
 
@@ -92,6 +92,7 @@ def test_a_switch_that_fails_while_its_writes_are_recorded_leaves_every_slot_as_
         raise RuntimeError("a write that fails")
 
     monkeypatch.setattr(failing, "write", fail)
+    manager.plans.plans.clear()  # written afresh, not replayed from an earlier test's switch to `light`
     with pytest.raises(RuntimeError, match="a write that fails"):
         latents(service, [("light", 1.0)])
     assert all(torch.equal(s.A, before[n][0]) and torch.equal(s.B, before[n][1]) for n, s in manager.slots.items())

@@ -1,5 +1,5 @@
 """Recorded switches (switch_plans.py): the same adapters again replay the first switch's writes and leave every slot
-bit for bit as a fresh write does; a plan is keyed by the scales too, and goes when the store lets go of one of its
+bit for bit as a fresh write does, at the same or other scales; a plan goes when the store lets go of one of its
 adapters (CPU, tiny; the CUDA-graph capture of a plan is a GPU test)."""
 from __future__ import annotations
 
@@ -56,14 +56,18 @@ def test_switching_back_replays_the_recorded_writes_and_leaves_the_slots_as_a_fr
     assert report["plans"] >= 2 and report["replays"] == manager.plans.replays and report["cuda_graphs"] is False
 
 
-def test_other_scales_are_another_plan_and_a_replay_after_them_writes_the_first_scales_again(service):
+def test_the_same_adapters_at_other_scales_replay_the_plan_and_leave_the_slots_as_a_fresh_write_at_them(service):
     manager = service.lora
     style = manager._load("style", frozenset())[0]
-    want = fresh(manager, [style], [0.25])
-    manager._write([style], [-1.0], list(manager.slots))  # the scales only: a plan of its own
-    assert len(manager.plans.plans) == 2
-    assert manager._write([style], [0.25], list(manager.slots))
-    assert all(torch.equal(a, b) for a, b in zip(slot_memory(manager), want, strict=True))
+    want = {scale: fresh(manager, [style], [scale]) for scale in (0.6, -1.0, 0.25)}  # ends holding 0.25, one plan
+    recorded, replays = manager.plans.recorded, manager.plans.replays
+    manager._write([style], [-1.0], list(manager.slots))  # the scales only: recorded once
+    assert all(torch.equal(a, b) for a, b in zip(slot_memory(manager), want[-1.0], strict=True))
+    for scale in (0.6, 0.25, -1.0):  # the same slots at other scales: replayed, whatever the scale
+        assert manager._write([style], [scale], list(manager.slots))
+        assert all(torch.equal(a, b) for a, b in zip(slot_memory(manager), want[scale], strict=True))
+    assert (manager.plans.recorded - recorded, manager.plans.replays - replays) == (1, 3)
+    assert len(manager.plans.plans) == 2  # the whole write and the scales-only write
 
 
 def test_a_plan_goes_when_the_store_lets_go_of_its_adapter(cache_dir, lora_dir):
@@ -83,9 +87,9 @@ def test_a_plan_goes_when_the_store_lets_go_of_its_adapter(cache_dir, lora_dir):
 def test_the_plans_kept_are_bounded(service, monkeypatch):
     monkeypatch.setattr(switch_plans, "PLANS", 2)
     manager = service.lora
-    style = manager._load("style", frozenset())[0]
-    for scale in (0.1, 0.2, 0.3, 0.4):
-        manager._write([style], [scale], list(manager.slots))
+    style, light = (manager._load(n, frozenset())[0] for n in ("style", "light"))
+    for adapters in ([style], [light], [style, light], [light, style]):
+        manager._write(adapters, [0.5] * len(adapters), list(manager.slots))
     assert len(manager.plans.plans) == 2
 
 
